@@ -1,0 +1,45 @@
+# `make test` sets up everything on a fresh machine (virtualenv, control-plane binaries) and runs
+# lint, import contracts, the CRD drift check and every test, unit and cluster.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: all venv testbin lint crd test unit demo clean-cluster
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+venv: $(STAMP)
+
+# Control-plane binaries, built once into ~/.cache/moe-operator (see hack/README.md).
+testbin:
+	bash hack/build-testbin.sh >/dev/null
+
+lint: venv
+	$(VENV)/bin/ruff check operator worker tests bench hack
+	$(VENV)/bin/lint-imports
+
+# Regenerate the CRD from the pydantic models (CI fails if this changes anything).
+crd: venv
+	$(VENV)/bin/moe crd > crds/moedeployment.yaml
+
+unit: venv lint
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test: venv testbin lint
+	bash hack/system-deps.sh
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv testbin
+	bash hack/system-deps.sh
+	$(PY) -m moe_operator.demo
+
+clean-cluster: venv
+	$(VENV)/bin/moe cluster down

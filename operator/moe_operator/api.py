@@ -1,0 +1,428 @@
+"""The MoEDeployment API: pydantic models are the one source of truth.
+
+`moe crd` turns these models into the CRD's OpenAPI schema (see `crd.py`); the same models parse
+a spec inside the operator and in `moe plan`. Rules the API server can check are written twice,
+once as CEL for `kubectl apply` and once as a pydantic validator for offline use, and a test
+feeds the same invalid specs to both.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "serving.moe.dev"
+VERSION = "v1alpha1"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ["moed"]
+
+Pos = Annotated[int, Field(ge=1)]
+NonNeg = Annotated[int, Field(ge=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+# A Kubernetes resource quantity such as 16Gi or 500m.
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
+
+class SpecError(ValueError):
+    """A spec that breaks a rule; `field` is the dotted path users write in YAML."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid"
+    )
+    # CEL rules for the CRD: dicts with `rule`, `message` and optionally `fieldPath`, `reason`.
+    cel: ClassVar[list[dict[str, str]]] = []
+
+
+class Architecture(_Model):
+    """Model architecture in Hugging Face DeepSeek-V3 `config.json` terms; defaults are DeepSeek-V3."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.nRoutedExperts % self.nGroup == 0",
+         "message": "nGroup must divide nRoutedExperts", "fieldPath": ".nGroup"},
+        {"rule": "self.topkGroup <= self.nGroup",
+         "message": "topkGroup must be <= nGroup", "fieldPath": ".topkGroup"},
+        {"rule": "self.numExpertsPerTok <= self.nRoutedExperts",
+         "message": "numExpertsPerTok must be <= nRoutedExperts", "fieldPath": ".numExpertsPerTok"},
+        {"rule": "self.numExpertsPerTok <= (self.nRoutedExperts / self.nGroup) * self.topkGroup",
+         "message": "numExpertsPerTok must be <= (nRoutedExperts / nGroup) * topkGroup: the top-k "
+                    "experts are chosen inside topkGroup groups",
+         "fieldPath": ".numExpertsPerTok"},
+        {"rule": "self.firstKDenseReplace < self.numHiddenLayers",
+         "message": "firstKDenseReplace must be < numHiddenLayers (at least one MoE layer)",
+         "fieldPath": ".firstKDenseReplace"},
+        {"rule": "self == oldSelf",
+         "message": "model.architecture is immutable; create a new MoEDeployment instead"},
+    ]
+
+    vocab_size: Pos = Field(129280, description="Vocabulary size (vocab_size).")
+    hidden_size: Pos = Field(7168, description="Hidden size (hidden_size).")
+    intermediate_size: Pos = Field(18432, description="Dense MLP width of the first layers (intermediate_size).")
+    moe_intermediate_size: Pos = Field(2048, description="Width of one routed or shared expert (moe_intermediate_size).")
+    num_hidden_layers: Pos = Field(61, description="Transformer layers (num_hidden_layers).")
+    first_k_dense_replace: NonNeg = Field(3, description="Leading layers with a dense MLP instead of MoE (first_k_dense_replace).")
+    num_attention_heads: Pos = Field(128, description="MLA attention heads (num_attention_heads).")
+    q_lora_rank: NonNeg = Field(1536, description="MLA query low-rank dimension; 0 means no query compression (q_lora_rank).")
+    kv_lora_rank: Pos = Field(512, description="MLA latent KV dimension, cached per token per layer (kv_lora_rank).")
+    qk_nope_head_dim: Pos = Field(128, description="Per-head query/key dimension without rotary embedding (qk_nope_head_dim).")
+    qk_rope_head_dim: Pos = Field(64, description="Per-head query/key rotary dimension, shared key part cached (qk_rope_head_dim).")
+    v_head_dim: Pos = Field(128, description="Per-head value dimension (v_head_dim).")
+    n_routed_experts: Pos = Field(256, description="Routed experts per MoE layer (n_routed_experts).")
+    n_shared_experts: NonNeg = Field(1, description="Shared experts per MoE layer, run on every rank (n_shared_experts).")
+    num_experts_per_tok: Pos = Field(8, description="Routed experts each token selects (num_experts_per_tok).")
+    n_group: Pos = Field(8, description="Expert groups for group-limited routing (n_group).")
+    topk_group: Pos = Field(4, description="Groups each token may route into (topk_group).")
+    routed_scaling_factor: float = Field(2.5, gt=0, description="Scale applied to the normalised routing weights (routed_scaling_factor).")
+    max_position_embeddings: Pos = Field(163840, description="Longest context the rotary embedding is configured for (max_position_embeddings).")
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> Architecture:
+        """Take the fields we model from a Hugging Face `config.json`; ignore the rest."""
+        names = set(cls.model_fields)
+        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+
+    @model_validator(mode="after")
+    def _check(self) -> Architecture:
+        f = "spec.model.architecture"
+        if self.n_routed_experts % self.n_group:
+            raise SpecError(f"{f}.nGroup", "nGroup must divide nRoutedExperts")
+        if self.topk_group > self.n_group:
+            raise SpecError(f"{f}.topkGroup", "topkGroup must be <= nGroup")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise SpecError(f"{f}.numExpertsPerTok", "numExpertsPerTok must be <= nRoutedExperts")
+        if self.num_experts_per_tok > self.n_routed_experts // self.n_group * self.topk_group:
+            raise SpecError(f"{f}.numExpertsPerTok",
+                            "numExpertsPerTok must be <= (nRoutedExperts / nGroup) * topkGroup")
+        if self.first_k_dense_replace >= self.num_hidden_layers:
+            raise SpecError(f"{f}.firstKDenseReplace", "firstKDenseReplace must be < numHiddenLayers")
+        return self
+
+
+class Checkpoint(_Model):
+    """Where the safetensors checkpoint lives: a PersistentVolumeClaim or a host path, plus a sub-path."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "has(self.pvcName) != has(self.hostPath)",
+         "message": "set exactly one of checkpoint.pvcName and checkpoint.hostPath"},
+    ]
+
+    pvc_name: str | None = Field(None, min_length=1, max_length=253, description="PersistentVolumeClaim holding the checkpoint (mounted read-only).")
+    host_path: str | None = Field(None, pattern=r"^/", max_length=4096, description="Absolute host path of the checkpoint directory (single-node and local clusters).")
+    sub_path: str = Field("", max_length=4096, description="Directory inside the volume that holds config.json and *.safetensors.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Checkpoint:
+        if (self.pvc_name is None) == (self.host_path is None):
+            raise SpecError("spec.model.checkpoint", "set exactly one of checkpoint.pvcName and checkpoint.hostPath")
+        return self
+
+
+class ModelSource(_Model):
+    """The model to serve: checkpoint, architecture and precision."""
+
+    checkpoint: Checkpoint = Field(description="Checkpoint location.")
+    architecture: Architecture = Field(default_factory=Architecture, description="Architecture; immutable after creation.")
+    precision: Literal["fp8", "bf16"] = Field("fp8", description="Routed expert weight precision: fp8 (128x128 block scales) or bf16.")
+
+
+class Parallelism(_Model):
+    """How one EP group is split over GPUs, and how many groups run."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.expertParallelSize >= 16 || self.allowSmallExpertParallel",
+         "message": "expertParallelSize must be >= 16 (large expert parallelism); set allowSmallExpertParallel for smaller groups",
+         "fieldPath": ".expertParallelSize"},
+        {"rule": "!has(self.attentionDataParallel) || self.attentionDataParallel * self.attentionTensorParallel == self.expertParallelSize",
+         "message": "attentionDataParallel * attentionTensorParallel must equal expertParallelSize",
+         "fieldPath": ".attentionDataParallel"},
+        {"rule": "self.expertParallelSize % self.attentionTensorParallel == 0",
+         "message": "attentionTensorParallel must divide expertParallelSize",
+         "fieldPath": ".attentionTensorParallel"},
+    ]
+
+    expert_parallel_size: Pos = Field(288, description="GPUs in one expert-parallel group (one pod per GPU). With one expert per GPU it must equal routed + redundant experts.")
+    max_experts_per_gpu: Pos = Field(1, description="Most experts one GPU hosts per MoE layer; 1 is the large-EP layout.")
+    redundant_experts: NonNeg = Field(32, description="Extra physical expert slots per layer that hold replicas of hot experts.")
+    attention_data_parallel: Pos | None = Field(None, description="Attention data-parallel degree; default expertParallelSize / attentionTensorParallel.")
+    attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree inside one data-parallel attention group.")
+    replicas: Pos = Field(1, description="Independent EP groups serving the same model.")
+    allow_small_expert_parallel: bool = Field(False, description="Allow expertParallelSize below 16 (tests and tiny demos).")
+
+    @property
+    def attention_dp(self) -> int:
+        return self.attention_data_parallel or self.expert_parallel_size // self.attention_tensor_parallel
+
+    @model_validator(mode="after")
+    def _check(self) -> Parallelism:
+        f = "spec.parallelism"
+        if self.expert_parallel_size < 16 and not self.allow_small_expert_parallel:
+            raise SpecError(f"{f}.expertParallelSize", "expertParallelSize must be >= 16 (large expert parallelism); set allowSmallExpertParallel for smaller groups")
+        if (self.attention_data_parallel is not None
+                and self.attention_data_parallel * self.attention_tensor_parallel != self.expert_parallel_size):
+            raise SpecError(f"{f}.attentionDataParallel", "attentionDataParallel * attentionTensorParallel must equal expertParallelSize")
+        if self.expert_parallel_size % self.attention_tensor_parallel:
+            raise SpecError(f"{f}.attentionTensorParallel", "attentionTensorParallel must divide expertParallelSize")
+        return self
+
+
+class TopologyKeys(_Model):
+    """Node label keys that name each topology level; a node without the label is its own domain."""
+
+    nvlink_domain: str = Field("moe.dev/nvlink-domain", min_length=1, max_length=317, description="Label naming the NVLink domain; default: each node is its own domain.")
+    rack: str = Field("moe.dev/rack", min_length=1, max_length=317, description="Label naming the rack.")
+    zone: str = Field("topology.kubernetes.io/zone", min_length=1, max_length=317, description="Label naming the zone.")
+
+
+class Toleration(_Model):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches all taints.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; empty matches all.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class Placement(_Model):
+    """Where rank pods may go and how the planner spreads them."""
+
+    gpu_resource: str = Field("nvidia.com/gpu", min_length=1, max_length=253, description="Extended resource name of a GPU; each rank pod requests one.")
+    gpus_per_node: Pos = Field(8, description="GPUs per node the planner assumes when a node does not report allocatable GPUs.")
+    topology_keys: TopologyKeys = Field(default_factory=TopologyKeys, description="Label keys for NVLink domain, rack and zone.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Only nodes with all these labels are used.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for rank pods; tainted nodes are used only when tolerated.")
+    strategy: Literal["TopologyAware", "RoundRobin"] = Field("TopologyAware", description="TopologyAware aligns expert groups with nodes and balances per-node ingress; RoundRobin is the naive baseline.")
+
+
+class LoadBalancing(_Model):
+    """Load-driven expert replication."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.cooldownSeconds >= self.intervalSeconds",
+         "message": "cooldownSeconds must be >= intervalSeconds", "fieldPath": ".cooldownSeconds"},
+        {"rule": "self.windowSeconds >= self.intervalSeconds",
+         "message": "windowSeconds must be >= intervalSeconds", "fieldPath": ".windowSeconds"},
+    ]
+
+    enabled: bool = Field(False, description="Rebalance expert replicas from measured per-expert load.")
+    prometheus_url: str | None = Field(None, pattern=r"^https?://", max_length=2048, description="Prometheus HTTP API base URL; when unset the operator scrapes the ranks' /metrics directly.")
+    window_seconds: Pos = Field(60, description="Window over which per-expert load is measured.")
+    interval_seconds: Pos = Field(15, description="How often load is evaluated.")
+    imbalance_threshold: float = Field(1.3, gt=1.0, description="Rebalance when max rank load / mean rank load stays above this for a window.")
+    cooldown_seconds: Pos = Field(300, description="Minimum time between rebalances, and before extra GPUs are released.")
+    max_replicas_per_expert: Pos = Field(4, description="Most physical copies of one logical expert.")
+    max_extra_gpus: NonNeg = Field(0, description="GPUs scale-out may add beyond expertParallelSize.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoadBalancing:
+        f = "spec.loadBalancing"
+        if self.cooldown_seconds < self.interval_seconds:
+            raise SpecError(f"{f}.cooldownSeconds", "cooldownSeconds must be >= intervalSeconds")
+        if self.window_seconds < self.interval_seconds:
+            raise SpecError(f"{f}.windowSeconds", "windowSeconds must be >= intervalSeconds")
+        return self
+
+
+class EnvVar(_Model):
+    """An environment variable for the worker container."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", description="Variable name.")
+    value: str = Field("", max_length=32768, description="Value.")
+
+
+class Resources(_Model):
+    """Worker container resources besides the GPU (quantities as strings)."""
+
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(default_factory=dict, description="Requests, e.g. cpu: '16', memory: 200Gi.")
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(default_factory=dict, description="Limits.")
+
+
+class Worker(_Model):
+    """The rank container."""
+
+    image: str = Field("ghcr.io/moe-operator/worker:0.1.0", min_length=1, max_length=1024, description="Worker image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
+    resources: Resources = Field(default_factory=Resources, description="CPU and memory for each rank pod.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=128, description="Extra environment variables.")
+    shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the /dev/shm memory volume.")
+
+
+class Serving(_Model):
+    """Ports the front rank serves on (KServe v2 HTTP and gRPC) and every rank's metrics port."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && self.grpcPort != self.metricsPort",
+         "message": "httpPort, grpcPort and metricsPort must differ"},
+    ]
+
+    http_port: Port = Field(8080, description="KServe v2 HTTP port.")
+    grpc_port: Port = Field(8081, description="KServe v2 gRPC port.")
+    metrics_port: Port = Field(9400, description="Prometheus /metrics port on every rank.")
+    model_name: str = Field("moe", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name in KServe v2 URLs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Serving:
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise SpecError("spec.serving", "httpPort, grpcPort and metricsPort must differ")
+        return self
+
+
+class MoEDeploymentSpec(_Model):
+    """Desired state of one MoE model deployment."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.parallelism.maxExpertsPerGpu != 1 || self.parallelism.expertParallelSize == "
+                 "self.model.architecture.nRoutedExperts + self.parallelism.redundantExperts",
+         "message": "with maxExpertsPerGpu 1, parallelism.expertParallelSize must equal "
+                    "model.architecture.nRoutedExperts + parallelism.redundantExperts",
+         "fieldPath": ".parallelism.expertParallelSize"},
+        {"rule": "self.parallelism.expertParallelSize * self.parallelism.maxExpertsPerGpu >= "
+                 "self.model.architecture.nRoutedExperts + self.parallelism.redundantExperts",
+         "message": "parallelism.expertParallelSize * maxExpertsPerGpu must hold nRoutedExperts + redundantExperts",
+         "fieldPath": ".parallelism.maxExpertsPerGpu"},
+        {"rule": "self.loadBalancing.maxReplicasPerExpert <= self.parallelism.expertParallelSize",
+         "message": "loadBalancing.maxReplicasPerExpert must be <= parallelism.expertParallelSize",
+         "fieldPath": ".loadBalancing.maxReplicasPerExpert"},
+    ]
+
+    model: ModelSource = Field(description="The model: checkpoint, architecture, precision.")
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="Expert, attention and replica parallelism.")
+    placement: Placement = Field(default_factory=Placement, description="Node selection and topology-aware placement.")
+    load_balancing: LoadBalancing = Field(default_factory=LoadBalancing, description="Load-driven expert replication.")
+    worker: Worker = Field(default_factory=Worker, description="The rank container.")
+    serving: Serving = Field(default_factory=Serving, description="Serving and metrics ports.")
+
+    @property
+    def physical_experts(self) -> int:
+        return self.model.architecture.n_routed_experts + self.parallelism.redundant_experts
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEDeploymentSpec:
+        p, a = self.parallelism, self.model.architecture
+        if p.max_experts_per_gpu == 1 and p.expert_parallel_size != self.physical_experts:
+            raise SpecError("spec.parallelism.expertParallelSize",
+                            f"with maxExpertsPerGpu 1, parallelism.expertParallelSize must equal "
+                            f"model.architecture.nRoutedExperts + parallelism.redundantExperts "
+                            f"({a.n_routed_experts} + {p.redundant_experts} = {self.physical_experts}), "
+                            f"got {p.expert_parallel_size}")
+        if p.expert_parallel_size * p.max_experts_per_gpu < self.physical_experts:
+            raise SpecError("spec.parallelism.maxExpertsPerGpu",
+                            "parallelism.expertParallelSize * maxExpertsPerGpu must hold nRoutedExperts + redundantExperts")
+        if self.load_balancing.max_replicas_per_expert > p.expert_parallel_size:
+            raise SpecError("spec.loadBalancing.maxReplicasPerExpert",
+                            "loadBalancing.maxReplicasPerExpert must be <= parallelism.expertParallelSize")
+        return self
+
+
+# --- status -------------------------------------------------------------------------------------
+
+PHASES = ("Pending", "Placing", "Starting", "Ready", "Degraded", "Failed")
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(description="Condition type: Placed, Ready, Progressing, Degraded, MetricsAvailable.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field("", description="RFC 3339 time of the last status change.")
+    observed_generation: int = Field(0, description="The .metadata.generation this condition was computed for.")
+
+
+class HotExpert(_Model):
+    """A logical expert that has replicas."""
+
+    layer: int = Field(description="MoE layer index (0-based among MoE layers).")
+    expert: int = Field(description="Logical expert id.")
+    replicas: int = Field(description="Physical copies.")
+
+
+class Prediction(_Model):
+    """The performance model's estimate for this deployment (see `moe plan`)."""
+
+    hardware: str = Field("", description="Hardware profile used.")
+    memory_per_gpu_gib: float = Field(0.0, description="Predicted memory use per GPU, GiB.")
+    decode_tokens_per_second_per_gpu: float = Field(0.0, description="Predicted decode output tokens/s per GPU.")
+    time_per_output_token_ms: float = Field(0.0, description="Predicted time per output token, ms.")
+
+
+class MoEDeploymentStatus(_Model):
+    """Observed state, written only by the operator."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore")
+
+    phase: Literal["Pending", "Placing", "Starting", "Ready", "Degraded", "Failed"] | None = Field(None, description="Pending, Placing, Starting, Ready, Degraded or Failed.")
+    observed_generation: int | None = Field(None, description="The .metadata.generation the status describes.")
+    conditions: list[Condition] = Field(default_factory=list, description="Placed, Ready, Progressing, Degraded.")
+    ready_ranks: int | None = Field(None, description="Rank pods Ready.")
+    total_ranks: int | None = Field(None, description="Rank pods wanted (all EP groups).")
+    ready: str | None = Field(None, description="readyRanks/totalRanks, for kubectl get.")
+    nodes_used: int | None = Field(None, description="Distinct nodes hosting rank pods.")
+    expert_map_generation: int | None = Field(None, description="Generation of the expert map the ranks serve.")
+    imbalance: float | None = Field(None, description="Max rank load / mean rank load over the last window (1.0 is perfect).")
+    hot_experts: list[HotExpert] = Field(default_factory=list, description="Experts that currently have replicas, hottest first (at most 32 listed).")
+    last_rebalance_time: str | None = Field(None, description="When the expert map last changed because of load.")
+    last_rebalance_reason: str | None = Field(None, description="Why it changed.")
+    reason: str | None = Field(None, description="Why the deployment is not Ready, in words.")
+    prediction: Prediction | None = Field(None, description="Performance model estimate.")
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = ""
+    namespace: str | None = None
+    generation: int | None = None
+
+
+class MoEDeployment(BaseModel):
+    """A whole MoEDeployment object as written in YAML."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    api_version: str = Field(f"{GROUP}/{VERSION}", alias="apiVersion")
+    kind: Literal["MoEDeployment"] = "MoEDeployment"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: MoEDeploymentSpec
+
+
+def parse_spec(spec: dict[str, Any]) -> MoEDeploymentSpec:
+    """Parse a spec dict; raise SpecError naming the field for the first problem."""
+    try:
+        return MoEDeploymentSpec.model_validate(spec)
+    except ValidationError as e:
+        raise spec_error_from(e, prefix="spec") from None
+
+
+def parse_deployment(obj: dict[str, Any]) -> MoEDeployment:
+    try:
+        return MoEDeployment.model_validate(obj)
+    except ValidationError as e:
+        raise spec_error_from(e, prefix="") from None
+
+
+def spec_error_from(e: ValidationError, prefix: str) -> SpecError:
+    err = e.errors()[0]
+    ctx = err.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, SpecError):
+        return inner
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    return SpecError(field, err["msg"])

@@ -1,0 +1,91 @@
+"""Invalid MoEDeployment specs, each with the field its error must name.
+
+Used twice: by the unit tests against the pydantic models and by the cluster tests against the
+real API server (OpenAPI + CEL in the generated CRD), so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec() -> dict:
+    """The spec of manifests/tiny-ep16.yaml."""
+    return yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"]
+
+
+def _set(d: dict, path: str, value) -> None:
+    *head, last = path.split(".")
+    for k in head:
+        d = d.setdefault(k, {})
+    if value is _DELETE:
+        d.pop(last, None)
+    else:
+        d[last] = value
+
+
+_DELETE = object()
+
+# (case id, {dotted path in spec: value}, field path the error must name)
+CASES: list[tuple[str, dict, str]] = [
+    ("ep-below-16", {"parallelism.expertParallelSize": 8, "parallelism.redundantExperts": 0,
+                     "model.architecture.nRoutedExperts": 8, "model.architecture.nGroup": 4},
+     "spec.parallelism.expertParallelSize"),
+    ("ep-not-experts-plus-redundant", {"parallelism.expertParallelSize": 20}, "spec.parallelism.expertParallelSize"),
+    ("packed-too-small", {"parallelism.maxExpertsPerGpu": 2, "parallelism.expertParallelSize": 4,
+                          "parallelism.allowSmallExpertParallel": True}, "spec.parallelism.maxExpertsPerGpu"),
+    ("ngroup-not-dividing", {"model.architecture.nGroup": 5}, "spec.model.architecture.nGroup"),
+    ("topk-group-above-ngroup", {"model.architecture.topkGroup": 5}, "spec.model.architecture.topkGroup"),
+    ("topk-above-experts", {"model.architecture.numExpertsPerTok": 13}, "spec.model.architecture.numExpertsPerTok"),
+    ("topk-above-group-budget", {"model.architecture.numExpertsPerTok": 7, "model.architecture.topkGroup": 2},
+     "spec.model.architecture.numExpertsPerTok"),
+    ("no-moe-layer", {"model.architecture.firstKDenseReplace": 4}, "spec.model.architecture.firstKDenseReplace"),
+    ("attention-dp-tp-mismatch", {"parallelism.attentionDataParallel": 8}, "spec.parallelism.attentionDataParallel"),
+    ("attention-tp-not-dividing", {"parallelism.attentionTensorParallel": 3},
+     "spec.parallelism.attentionTensorParallel"),
+    ("hidden-zero", {"model.architecture.hiddenSize": 0}, "spec.model.architecture.hiddenSize"),
+    ("layers-negative", {"model.architecture.numHiddenLayers": -1}, "spec.model.architecture.numHiddenLayers"),
+    ("kv-lora-zero", {"model.architecture.kvLoraRank": 0}, "spec.model.architecture.kvLoraRank"),
+    ("scaling-factor-zero", {"model.architecture.routedScalingFactor": 0},
+     "spec.model.architecture.routedScalingFactor"),
+    ("shared-negative", {"model.architecture.nSharedExperts": -1}, "spec.model.architecture.nSharedExperts"),
+    ("precision-unknown", {"model.precision": "int4"}, "spec.model.precision"),
+    ("checkpoint-two-sources", {"model.checkpoint.pvcName": "weights"}, "spec.model.checkpoint"),
+    ("checkpoint-no-source", {"model.checkpoint.hostPath": _DELETE}, "spec.model.checkpoint"),
+    ("checkpoint-relative-path", {"model.checkpoint.hostPath": "relative/dir"}, "spec.model.checkpoint.hostPath"),
+    ("redundant-negative", {"parallelism.redundantExperts": -1}, "spec.parallelism.redundantExperts"),
+    ("replicas-zero", {"parallelism.replicas": 0}, "spec.parallelism.replicas"),
+    ("gpus-per-node-zero", {"placement.gpusPerNode": 0}, "spec.placement.gpusPerNode"),
+    ("strategy-unknown", {"placement.strategy": "Random"}, "spec.placement.strategy"),
+    ("toleration-operator", {"placement.tolerations": [{"key": "a", "operator": "Maybe"}]},
+     "spec.placement.tolerations[0].operator"),
+    ("threshold-not-above-one", {"loadBalancing.imbalanceThreshold": 0.9}, "spec.loadBalancing.imbalanceThreshold"),
+    ("prometheus-url-scheme", {"loadBalancing.prometheusUrl": "prometheus:9090"},
+     "spec.loadBalancing.prometheusUrl"),
+    ("cooldown-below-interval", {"loadBalancing.cooldownSeconds": 2}, "spec.loadBalancing.cooldownSeconds"),
+    ("window-below-interval", {"loadBalancing.windowSeconds": 2},
+     "spec.loadBalancing.windowSeconds"),
+    ("replicas-per-expert-above-ep", {"loadBalancing.maxReplicasPerExpert": 17},
+     "spec.loadBalancing.maxReplicasPerExpert"),
+    ("extra-gpus-negative", {"loadBalancing.maxExtraGpus": -2}, "spec.loadBalancing.maxExtraGpus"),
+    ("shm-size-not-quantity", {"worker.shmSize": "lots"}, "spec.worker.shmSize"),
+    ("cpu-request-not-quantity", {"worker.resources": {"requests": {"cpu": "many"}}},
+     "spec.worker.resources.requests.cpu"),
+    ("env-name-invalid", {"worker.env": [{"name": "1BAD", "value": "x"}]}, "spec.worker.env[0].name"),
+    ("ports-collide", {"serving.grpcPort": 8080}, "spec.serving"),
+    ("port-out-of-range", {"serving.httpPort": 70000}, "spec.serving.httpPort"),
+    ("model-name-invalid", {"serving.modelName": "my model"}, "spec.serving.modelName"),
+    ("unknown-field", {"parallelism.expertParallelism": 16}, "spec.parallelism.expertParallelism"),
+]
+
+
+def invalid_spec(changes: dict) -> dict:
+    spec = copy.deepcopy(tiny_spec())
+    for path, value in changes.items():
+        _set(spec, path, value)
+    return spec

@@ -1,0 +1,91 @@
+"""The generated CRD in a real API server: manifests accepted, invalid specs rejected by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO, wait_for
+from invalid_specs import CASES, invalid_spec, tiny_spec
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "serving.moe.dev", "v1alpha1", "moedeployments"
+
+
+@pytest.fixture(scope="module")
+def custom(api_client, crd_installed):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api_client)
+
+
+def body(name: str, spec: dict) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MoEDeployment", "metadata": {"name": name}, "spec": spec}
+
+
+def test_every_manifest_is_accepted(kubectl, namespace, crd_installed):
+    paths = sorted((REPO / "manifests").glob("*.yaml"))
+    assert len(paths) >= 2
+    for p in paths:
+        kubectl("apply", "-n", namespace, "--server-side", "-f", str(p))
+    out = kubectl("get", "moed", "-n", namespace, "-o", "json")
+    names = {i["metadata"]["name"] for i in json.loads(out.stdout)["items"]}
+    assert names == {yaml.safe_load(p.read_text())["metadata"]["name"] for p in paths}
+    # Defaults from the schema are applied by the API server.
+    got = json.loads(kubectl("get", "moed", "deepseek-v3-ep320", "-n", namespace, "-o", "json").stdout)
+    assert got["spec"]["model"]["architecture"]["nRoutedExperts"] == 256
+    assert got["spec"]["placement"]["topologyKeys"]["rack"] == "moe.dev/rack"
+
+
+def test_invalid_specs_are_rejected_naming_the_field(custom, namespace):
+    from kubernetes import client
+
+    failures = []
+    for case, changes, field in CASES:
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                   body(f"bad-{case}", invalid_spec(changes)),
+                                                   field_validation="Strict")
+            failures.append(f"{case}: accepted")
+        except client.ApiException as e:
+            msg = json.loads(e.body).get("message", e.body)
+            if e.status not in (400, 422) or field not in msg:
+                failures.append(f"{case}: HTTP {e.status}, expected {field!r} in: {msg}")
+    assert not failures, "\n".join(failures)
+    assert len(CASES) >= 25
+
+
+def test_architecture_is_immutable(custom, namespace):
+    from kubernetes import client
+
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body("imm", tiny_spec()))
+    patch = {"spec": {"model": {"architecture": {"hiddenSize": 256}}}}
+    with pytest.raises(client.ApiException) as e:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "imm", patch)
+    assert e.value.status == 422
+    assert "spec.model.architecture" in e.value.body and "immutable" in e.value.body
+    # Other fields still change.
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "imm",
+                                          {"spec": {"loadBalancing": {"imbalanceThreshold": 1.5}}})
+
+
+def test_kubectl_explain_shows_descriptions(kubectl, crd_installed):
+    def explained():
+        out = kubectl("explain", "moedeployment.spec.parallelism", check=False)
+        return out.returncode == 0 and out.stdout
+
+    text = wait_for(explained, 30, "kubectl explain to see the CRD")
+    assert "expertParallelSize" in text and "GPUs in one expert-parallel group" in text
+    assert "redundantExperts" in text and "maxExpertsPerGpu" in text
+
+
+def test_kubectl_get_moed_shows_the_columns(kubectl, custom, namespace):
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body("cols", tiny_spec()))
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "cols", {
+        "status": {"phase": "Ready", "ready": "16/16", "readyRanks": 16, "totalRanks": 16, "imbalance": 1.12}})
+    out = kubectl("get", "moed", "cols", "-n", namespace).stdout.splitlines()
+    assert out[0].split() == ["NAME", "PHASE", "EP", "READY", "IMBALANCE", "AGE"]
+    assert out[1].split()[:5] == ["cols", "Ready", "16", "16/16", "1.12"]
