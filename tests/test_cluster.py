@@ -19,7 +19,7 @@ def gpu_pod(name: str, node: str) -> dict:
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}},
             "containers": [{"name": "rank", "image": "example.invalid/worker:0",
-                            "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+                            "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
         },
     }
 

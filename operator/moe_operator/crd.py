@@ -94,9 +94,11 @@ def model_schema(model: type[BaseModel], defaults: bool = True) -> dict[str, Any
         elif not defaults:
             pass
         elif field.default_factory is not None:
-            # Nested objects default to {} so that their own field defaults are applied too.
+            # A nested object defaults to its fully defaulted value: the API server checks CEL
+            # rules against defaults, so `{}` would fail rules that read the object's fields.
             default = field.default_factory()
-            s["default"] = {} if isinstance(default, BaseModel) else default
+            s["default"] = (default.model_dump(by_alias=True, exclude_none=True)
+                            if isinstance(default, BaseModel) else default)
         elif field.default is not None:
             s["default"] = field.default
         props[alias] = s

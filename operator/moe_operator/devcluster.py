@@ -9,6 +9,7 @@ directory, `~/.cache/moe-operator/cluster` unless `MOE_CLUSTER_DIR` says otherwi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -178,12 +179,6 @@ def up(quiet: bool = False) -> Cluster:
     subprocess.run(["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")],
                    check=True, capture_output=True)
     (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
-    c.kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: moe-local, cluster: {{server: '{c.server}', insecure-skip-tls-verify: true}}}}]\n"
-        f"users: [{{name: admin, user: {{token: '{token}'}}}}]\n"
-        "contexts: [{name: moe-local, context: {cluster: moe-local, user: admin}}]\n"
-        "current-context: moe-local\n")
     kc = str(c.kubeconfig)
     b = str(bin_dir)
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
@@ -204,6 +199,14 @@ def up(quiet: bool = False) -> Cluster:
         # Large EP groups create hundreds of pods at once; do not throttle the operator.
         "--max-requests-inflight=1600", "--max-mutating-requests-inflight=800"])
     _wait("kube-apiserver /readyz", lambda: c.get("/readyz", timeout=2)[0] == 200, 180, c, "kube-apiserver")
+    # The API server made its own CA and serving cert in --cert-dir; clients verify against it.
+    ca = base64.b64encode((d / "pki" / "apiserver.crt").read_bytes()).decode()
+    c.kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: moe-local, cluster: {{server: '{c.server}', certificate-authority-data: '{ca}'}}}}]\n"
+        f"users: [{{name: admin, user: {{token: '{token}'}}}}]\n"
+        "contexts: [{name: moe-local, context: {cluster: moe-local, user: admin}}]\n"
+        "current-context: moe-local\n")
     common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
               "--leader-elect=false", "--bind-address=127.0.0.1"]
     _spawn(c, "kube-controller-manager", [
