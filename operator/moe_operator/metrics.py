@@ -1,0 +1,16 @@
+"""The operator's own Prometheus metrics (served on /metrics by `main`)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter("moe_operator_reconciles_total", "Reconcile passes run.")
+RECONCILE_ERRORS = Counter("moe_operator_reconcile_errors_total", "Reconcile passes that failed.")
+RECONCILE_SECONDS = Histogram("moe_operator_reconcile_duration_seconds", "Duration of one reconcile pass.",
+                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+PLAN_SECONDS = Histogram("moe_operator_plan_duration_seconds", "Placement planner run time.",
+                         buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+REPLANS = Counter("moe_operator_replans_total", "Plans replaced while running, by reason.", ["reason"])
+REBALANCES = Counter("moe_operator_rebalances_total", "Load-driven expert-map changes.", ["deployment"])
+IMBALANCE = Gauge("moe_operator_imbalance_ratio", "Measured max/mean rank load per deployment.",
+                  ["namespace", "deployment"])
+EXPERT_MAP_GENERATION = Gauge("moe_operator_expert_map_generation", "Expert-map generation published.",
+                              ["namespace", "deployment"])

@@ -1,0 +1,397 @@
+"""Reconcile one MoEDeployment: read the world, plan, apply, observe, write status.
+
+Level-triggered and idempotent: every pass starts from what the API server says (the plan lives in
+a ConfigMap, never only in memory), so the operator can be killed anywhere and a restarted one
+continues where the old one stopped without duplicates: pod names are deterministic and creation
+tolerates "already exists".
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import api, metrics, resources
+from .kube import Kube, KubeError
+from .placement import MoEShape, PlacementError, Plan, RankSlot
+from .placement import plan as make_plan
+from .resources import Owner
+from .topology import Topology, TopologyLabels
+
+log = logging.getLogger(__name__)
+
+# Condition types (each True when ...)
+PLACED = "Placed"            # every EP group has a plan that fits the schedulable GPUs
+READY = "Ready"              # every rank pod of every group is Ready
+PROGRESSING = "Progressing"  # rank pods are being created, replaced or rolled out
+DEGRADED = "Degraded"        # the deployment was Ready and some ranks are not (node loss, failed rank)
+
+# A pod the scheduler cannot place for this long makes its node count as unusable for a re-plan.
+UNSCHEDULABLE_GRACE_S = 10.0
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def shape_of(spec: api.MoEDeploymentSpec) -> MoEShape:
+    a = spec.model.architecture
+    return MoEShape(moe_layers=a.moe_layers, n_routed_experts=a.n_routed_experts, n_group=a.n_group,
+                    topk_group=a.topk_group, num_experts_per_tok=a.num_experts_per_tok)
+
+
+def keep_rank_numbers(new: Plan, previous: Plan | None) -> Plan:
+    """Renumber `new`'s ranks so that a node that hosted rank r before still hosts rank r.
+
+    Pods are named by rank and pinned to a node, so a rank that changes node means a new pod.
+    The planner numbers ranks in topology order; after a node loss that would shift every later
+    rank. Matching by node keeps every surviving pod where it is.
+    """
+    if previous is None or previous.num_ranks != new.num_ranks:
+        return new
+    prev_by_node: dict[str, list[int]] = {}
+    for r in previous.ranks:
+        prev_by_node.setdefault(r.node, []).append(r.rank)
+    order = [-1] * new.num_ranks  # order[new rank] = final rank number
+    taken: set[int] = set()
+    for r in new.ranks:
+        olds = prev_by_node.get(r.node)
+        if olds:
+            order[r.rank] = olds.pop(0)
+            taken.add(order[r.rank])
+    free = iter(i for i in range(new.num_ranks) if i not in taken)
+    for i in range(new.num_ranks):
+        if order[i] < 0:
+            order[i] = next(free)
+    inv = np.argsort(order)  # inv[final rank] = new rank
+    ranks = tuple(RankSlot(rank=k, node=new.ranks[int(j)].node, gpu=new.ranks[int(j)].gpu) for k, j in enumerate(inv))
+    return Plan(ranks=ranks, expert_map=new.expert_map[:, inv, :], metrics=new.metrics, shape=new.shape)
+
+
+def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str, message: str,
+                  generation: int) -> list[dict]:
+    """Return conditions with `type_` set; lastTransitionTime changes only when status changes."""
+    st = status if isinstance(status, str) else ("True" if status else "False")
+    out = [dict(c) for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    ltt = old["lastTransitionTime"] if old and old.get("status") == st and old.get("lastTransitionTime") else now_iso()
+    out.append({"type": type_, "status": st, "reason": reason, "message": message,
+                "lastTransitionTime": ltt, "observedGeneration": generation})
+    order = {PLACED: 0, READY: 1, PROGRESSING: 2, DEGRADED: 3}
+    return sorted(out, key=lambda c: order.get(c["type"], 9))
+
+
+def pod_ready(pod: dict) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def pod_unschedulable_since(pod: dict) -> float | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            ts = c.get("lastTransitionTime")
+            if ts:
+                return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(
+                    tzinfo=datetime.timezone.utc).timestamp()
+            return time.time()
+    return None
+
+
+@dataclass
+class Outcome:
+    """What one pass decided: the status to write and the events to post."""
+
+    status: dict[str, Any]
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    requeue_after: float = 5.0
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, workers: int = 32):
+        self.kube = kube
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-apply")
+
+    # ------------------------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> Outcome | None:
+        """One full pass. Returns None when the deployment no longer exists."""
+        t0 = time.perf_counter()
+        obj = self.kube.get("MoEDeployment", name, namespace)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            out = self._reconcile(obj)
+        except KubeError as e:
+            metrics.RECONCILE_ERRORS.inc()
+            log.warning("reconcile %s/%s: %s", namespace, name, e)
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+            metrics.RECONCILES.inc()
+        self._write_status(obj, out)
+        return out
+
+    def _write_status(self, obj: dict, out: Outcome) -> None:
+        meta = obj["metadata"]
+        old = obj.get("status") or {}
+        new = {**out.status}
+        if any(old.get(k) != v for k, v in new.items()):
+            self.kube.patch_status("MoEDeployment", meta["name"], meta["namespace"], new)
+        for type_, reason, message in out.events:
+            self.kube.event(obj, type_, reason, message)
+
+    # ------------------------------------------------------------------------------------
+    def _reconcile(self, obj: dict) -> Outcome:
+        meta = obj["metadata"]
+        gen = int(meta.get("generation") or 0)
+        old_status = obj.get("status") or {}
+        conds = list(old_status.get("conditions") or [])
+        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+        try:
+            spec = api.parse_spec(obj.get("spec") or {})
+        except api.SpecError as e:
+            conds = set_condition(conds, PLACED, False, "InvalidSpec", str(e), gen)
+            conds = set_condition(conds, READY, False, "InvalidSpec", str(e), gen)
+            return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": str(e)},
+                           events=[("Warning", "InvalidSpec", str(e))] if old_status.get("reason") != str(e) else [],
+                           requeue_after=60)
+
+        ep, groups = spec.parallelism.expert_parallel_size, spec.parallelism.replicas
+        total = ep * groups
+        sel = f"{resources.L_DEPLOYMENT}={owner.name}"
+        own_pods = {p["metadata"]["name"]: p for p in self.kube.list("Pod", owner.namespace, labels=sel)}
+        own_uids = {p["metadata"]["uid"] for p in own_pods.values()}
+        node_sel = ",".join(f"{k}={v}" for k, v in spec.placement.node_selector.items()) or None
+        nodes = self.kube.list("Node", labels=node_sel)
+        busy = [p for p in self.kube.list("Pod", fields="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed")
+                if p["metadata"]["uid"] not in own_uids]
+        tk = spec.placement.topology_keys
+        topo = Topology.from_nodelist(
+            {"items": nodes}, labels=TopologyLabels(nvlink_domain=tk.nvlink_domain, rack=tk.rack, zone=tk.zone),
+            gpu_resource=spec.placement.gpu_resource,
+            tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations],
+            pods={"items": busy})
+
+        events: list[tuple[str, str, str]] = []
+        shape = shape_of(spec)
+        plans: list[Plan] = []
+        generations: list[int] = []
+        used_by_other_groups: dict[str, int] = {}
+        replanned_reasons: list[str] = []
+        for g in range(groups):
+            cm = self.kube.get("ConfigMap", resources.plan_configmap_name(owner, g), owner.namespace)
+            prev, prev_gen = None, 0
+            if cm:
+                try:
+                    prev = Plan.from_json(cm["data"]["plan.json"])
+                    prev_gen = int(cm["data"].get("generation", "0"))
+                except (PlacementError, KeyError, ValueError) as e:
+                    events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({e}); re-planning"))
+            group_topo = _minus(topo, used_by_other_groups)
+            why = self._replan_reason(prev, spec, shape, group_topo, own_pods, owner, g)
+            if why is None:
+                new = prev
+            else:
+                t1 = time.perf_counter()
+                try:
+                    new = make_plan(shape, group_topo, load=None if prev is None else _prev_load(prev, shape),
+                                    previous=prev if prev is not None and prev.num_ranks == ep else None,
+                                    redundant=spec.parallelism.expert_parallel_size * spec.parallelism.max_experts_per_gpu
+                                    - shape.n_routed_experts if spec.parallelism.max_experts_per_gpu > 1
+                                    else spec.parallelism.redundant_experts,
+                                    max_experts_per_gpu=spec.parallelism.max_experts_per_gpu)
+                except PlacementError as e:
+                    return self._pending(owner, old_status, conds, gen, total, topo, g, ep, str(e), events)
+                metrics.PLAN_SECONDS.observe(time.perf_counter() - t1)
+                if new.num_ranks != ep:
+                    return self._pending(owner, old_status, conds, gen, total, topo, g, ep,
+                                         f"planner used {new.num_ranks} ranks, expected {ep}", events)
+                new = keep_rank_numbers(new, prev)
+                prev_gen += 1
+                if prev is not None:
+                    metrics.REPLANS.labels(reason=why.split(":")[0]).inc()
+                    replanned_reasons.append(f"group {g}: {why}")
+                moved = new.metrics.get("moved_experts")
+                msg = f"group {g}: expert map generation {prev_gen} ({why})" + (
+                    f", {moved} expert copies moved" if moved is not None else "")
+                events.append(("Normal", "Planned", msg))
+                self.kube.apply(resources.plan_configmap(owner, g, new, prev_gen))
+            for r in new.ranks:
+                used_by_other_groups[r.node] = used_by_other_groups.get(r.node, 0) + 1
+            plans.append(new)
+            generations.append(prev_gen)
+
+        # Shared objects (idempotent server-side apply).
+        for o in (resources.headless_service(owner, spec), resources.client_service(owner, spec),
+                  resources.pod_disruption_budget(owner)):
+            self.kube.apply(o)
+
+        progressing = self._sync_pods(owner, spec, plans, own_pods, events)
+
+        # Observe.
+        ready = sum(1 for g, p in enumerate(plans) for r in range(p.num_ranks)
+                    if (pod := own_pods.get(resources.pod_name(owner, g, r))) is not None and pod_ready(pod)
+                    and pod["spec"].get("nodeName") == p.ranks[r].node
+                    and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == resources.pod_spec_hash(spec))
+        nodes_used = len({r.node for p in plans for r in p.ranks})
+        conds = set_condition(conds, PLACED, True, "Planned",
+                              f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
+        was_ready = old_status.get("phase") in ("Ready", "Degraded")
+        if ready == total:
+            phase, reason = "Ready", None
+        elif was_ready:
+            phase = "Degraded"
+            reason = "; ".join(replanned_reasons) or f"{total - ready} of {total} ranks not ready"
+        else:
+            phase, reason = "Starting", f"{ready}/{total} ranks ready"
+        conds = set_condition(conds, READY, ready == total, "AllRanksReady" if ready == total else "RanksNotReady",
+                              f"{ready}/{total} ranks ready", gen)
+        conds = set_condition(conds, PROGRESSING, bool(progressing), "Reconciling" if progressing else "Stable",
+                              progressing or "all rank pods match the plan", gen)
+        conds = set_condition(conds, DEGRADED, phase == "Degraded",
+                              "RanksLost" if phase == "Degraded" else "AsExpected", reason or "", gen)
+        if old_status.get("phase") != phase:
+            events.append(("Normal" if phase in ("Ready", "Starting") else "Warning", phase,
+                           reason or f"{ready}/{total} ranks ready"))
+        status = {
+            "phase": phase, "observedGeneration": gen, "conditions": conds, "readyRanks": ready,
+            "totalRanks": total, "ready": f"{ready}/{total}", "nodesUsed": nodes_used,
+            "expertMapGeneration": max(generations), "reason": reason,
+        }
+        return Outcome(status, events, requeue_after=1.0 if progressing else 10.0)
+
+    # ------------------------------------------------------------------------------------
+    def _replan_reason(self, prev: Plan | None, spec: api.MoEDeploymentSpec, shape: MoEShape, topo: Topology,
+                       own_pods: dict[str, dict], owner: Owner, group: int) -> str | None:
+        """Why the stored plan cannot stay, or None when it can."""
+        if prev is None:
+            return "initial placement"
+        if prev.num_ranks != spec.parallelism.expert_parallel_size or prev.num_layers != shape.moe_layers:
+            return "size changed"
+        free = {n.name: n.gpus for n in topo.nodes}
+        per_node: dict[str, int] = {}
+        for r in prev.ranks:
+            per_node[r.node] = per_node.get(r.node, 0) + 1
+        lost = sorted(n for n in per_node if n not in free)
+        if lost:
+            skipped = dict(topo.skipped)
+            detail = ", ".join(f"{n} ({skipped.get(n, 'gone')})" for n in lost[:5])
+            return f"node lost: {detail}"
+        short = sorted(n for n, k in per_node.items() if k > free[n])
+        if short:
+            return f"GPUs taken: {', '.join(short[:5])}"
+        now = time.time()
+        for r in prev.ranks:
+            pod = own_pods.get(resources.pod_name(owner, group, r.rank))
+            since = pod_unschedulable_since(pod) if pod else None
+            if since is not None and now - since > UNSCHEDULABLE_GRACE_S:
+                return f"unschedulable: rank {r.rank} on {r.node}"
+        return None
+
+    def _pending(self, owner: Owner, old_status: dict, conds: list[dict], gen: int, total: int, topo: Topology,
+                 group: int, ep: int, err: str, events: list) -> Outcome:
+        have = topo.num_slots
+        why = f"needs {total} GPUs, {have} schedulable"
+        skipped = topo.describe_skipped()
+        if skipped:
+            why += f": {skipped}"
+        if "needs" not in err:
+            why += f" (group {group}: {err})"
+        conds = set_condition(conds, PLACED, False, "InsufficientGPUs", why, gen)
+        conds = set_condition(conds, READY, False, "NotPlaced", why, gen)
+        if old_status.get("reason") != why:
+            events.append(("Warning", "InsufficientGPUs", why))
+        return Outcome({"phase": "Pending", "observedGeneration": gen, "conditions": conds, "reason": why,
+                        "totalRanks": total, "readyRanks": 0, "ready": f"0/{total}"}, events, requeue_after=10)
+
+    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan], own_pods: dict[str, dict],
+                   events: list) -> str:
+        """Create missing pods, replace moved/failed ones, roll out spec changes group by group.
+
+        Returns a description of what is in progress ('' when every pod matches the plan).
+        """
+        h = resources.pod_spec_hash(spec)
+        wanted: dict[str, tuple[int, int]] = {}
+        for g, p in enumerate(plans):
+            for r in range(p.num_ranks):
+                wanted[resources.pod_name(owner, g, r)] = (g, r)
+        to_delete: list[dict] = []
+        to_create: list[dict] = []
+        notes: list[str] = []
+        stale_groups = set()
+        for name, pod in own_pods.items():
+            if name not in wanted:
+                to_delete.append(pod)
+                continue
+            g, _ = wanted[name]
+            if (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) != h:
+                stale_groups.add(g)
+        for name, (g, r) in wanted.items():
+            pod = own_pods.get(name)
+            node = plans[g].ranks[r].node
+            if pod is None:
+                if g in stale_groups:
+                    continue  # the group restarts as a whole: create after every old rank is gone
+                to_create.append(resources.rank_pod(owner, spec, plans[g], g, r, h))
+                continue
+            if pod["metadata"].get("deletionTimestamp"):
+                notes.append(f"{name} terminating")
+                continue
+            phase = (pod.get("status") or {}).get("phase")
+            assigned = pod["spec"].get("nodeName") or _affinity_node(pod)
+            if g in stale_groups:
+                to_delete.append(pod)
+            elif assigned != node:
+                to_delete.append(pod)
+                events.append(("Normal", "RankMoved", f"{name}: {assigned} -> {node}"))
+            elif phase in ("Failed", "Succeeded"):
+                to_delete.append(pod)
+                events.append(("Warning", "RankFailed", f"{name} on {node} ended ({phase}); recreating it"))
+        for g in sorted(stale_groups):
+            events.append(("Normal", "RollingOut", f"group {g}: spec changed, restarting its ranks together"))
+        if to_delete:
+            list(self.pool.map(lambda p: self.kube.delete("Pod", p["metadata"]["name"], owner.namespace,
+                                                          uid=p["metadata"]["uid"]), to_delete))
+            notes.append(f"{len(to_delete)} rank pod(s) replaced")
+        if to_create:
+            list(self.pool.map(self.kube.create, to_create))
+            notes.append(f"{len(to_create)} rank pod(s) created")
+        return "; ".join(notes)
+
+
+def _affinity_node(pod: dict) -> str | None:
+    try:
+        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        return terms[0]["matchFields"][0]["values"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _minus(topo: Topology, used: dict[str, int]) -> Topology:
+    """The topology with GPUs claimed by other EP groups of the same deployment taken out."""
+    if not used:
+        return topo
+    from dataclasses import replace
+
+    nodes = []
+    skipped = list(topo.skipped)
+    for n in topo.nodes:
+        free = n.gpus - used.get(n.name, 0)
+        if free > 0:
+            nodes.append(replace(n, gpus=free, used=n.used + used.get(n.name, 0)))
+        else:
+            skipped.append((n.name, "used by another EP group of this deployment"))
+    return Topology(nodes=tuple(nodes), skipped=tuple(skipped))
+
+
+def _prev_load(prev: Plan, shape: MoEShape) -> Any:
+    """Without measurements, keep the previous replica layout's implied popularity (uniform here)."""
+    return None

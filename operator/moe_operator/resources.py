@@ -1,0 +1,231 @@
+"""Pure builders: (spec, plan) -> the Kubernetes objects of one MoEDeployment. No client, no I/O.
+
+Per EP group g of deployment D:
+- a ConfigMap `D-g<g>-plan` with the plan (ranks, expert map) and its generation;
+- one Pod per rank `D-g<g>-r<rank>`, pinned to the planned node by required node affinity;
+and per deployment a headless Service `D-ranks` (rendezvous and per-pod DNS), a client Service `D`
+(front ranks: KServe v2 HTTP and gRPC) and a PodDisruptionBudget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import api
+from .placement import Plan
+
+MANAGER = "moe-operator"  # the one server-side-apply field manager
+DIST_PORT = 29500  # torch.distributed rendezvous on rank 0
+PLAN_MOUNT = "/etc/moe/plan"
+MODEL_MOUNT = "/models"
+
+L_NAME = "app.kubernetes.io/name"
+L_INSTANCE = "app.kubernetes.io/instance"
+L_MANAGED = "app.kubernetes.io/managed-by"
+L_DEPLOYMENT = "moe.dev/deployment"
+L_GROUP = "moe.dev/group"
+L_RANK = "moe.dev/rank"
+L_FRONT = "moe.dev/front"
+A_SPEC_HASH = "moe.dev/spec-hash"
+A_GENERATION = "moe.dev/expert-map-generation"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The MoEDeployment every object is owned by (garbage collection deletes them with it)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def ref(self) -> dict[str, Any]:
+        return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": self.name,
+                "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def group_labels(owner: Owner, group: int | None = None) -> dict[str, str]:
+    out = {L_NAME: "moe-worker", L_INSTANCE: owner.name, L_MANAGED: MANAGER, L_DEPLOYMENT: owner.name}
+    if group is not None:
+        out[L_GROUP] = str(group)
+    return out
+
+
+def pod_name(owner: Owner, group: int, rank: int) -> str:
+    return f"{owner.name}-g{group}-r{rank}"
+
+
+def plan_configmap_name(owner: Owner, group: int) -> str:
+    return f"{owner.name}-g{group}-plan"
+
+
+def headless_service_name(owner: Owner) -> str:
+    return f"{owner.name}-ranks"
+
+
+def pod_spec_hash(spec: api.MoEDeploymentSpec) -> str:
+    """Hash of everything that needs the rank processes restarted when it changes.
+
+    Not the expert map (ranks switch maps live) and not load-balancing settings.
+    """
+    relevant = {
+        "model": spec.model.model_dump(mode="json"),
+        "parallelism": spec.parallelism.model_dump(mode="json", exclude={"replicas"}),
+        "worker": spec.worker.model_dump(mode="json"),
+        "serving": spec.serving.model_dump(mode="json"),
+        "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
+        "gpuResource": spec.placement.gpu_resource,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _meta(name: str, owner: Owner, labels: dict[str, str], annotations: dict[str, str] | None = None) -> dict:
+    m: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": labels,
+                         "ownerReferences": [owner.ref()]}
+    if annotations:
+        m["annotations"] = annotations
+    return m
+
+
+def plan_configmap(owner: Owner, group: int, plan: Plan, generation: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _meta(plan_configmap_name(owner, group), owner, group_labels(owner, group),
+                          {A_GENERATION: str(generation)}),
+        "data": {"plan.json": plan.dumps(), "generation": str(generation)},
+    }
+
+
+def headless_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(headless_service_name(owner), owner, group_labels(owner)),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must find each other before any is Ready (readiness needs the whole group).
+            "publishNotReadyAddresses": True,
+            "selector": {L_DEPLOYMENT: owner.name},
+            "ports": [{"name": "dist", "port": DIST_PORT, "targetPort": DIST_PORT},
+                      {"name": "metrics", "port": spec.serving.metrics_port, "targetPort": "metrics"}],
+        },
+    }
+
+
+def client_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(owner.name, owner, group_labels(owner)),
+        "spec": {
+            "selector": {L_DEPLOYMENT: owner.name, L_FRONT: "true"},
+            "ports": [{"name": "http", "port": spec.serving.http_port, "targetPort": "http"},
+                      {"name": "grpc", "port": spec.serving.grpc_port, "targetPort": "grpc",
+                       "appProtocol": "grpc"}],
+        },
+    }
+
+
+def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
+    # An EP group stops serving when any rank goes; let voluntary disruptions (drains) take one
+    # rank at a time, which the operator re-places, instead of blocking drains forever.
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner.name, owner, group_labels(owner)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {L_DEPLOYMENT: owner.name}}},
+    }
+
+
+def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, rank: int,
+             spec_hash: str) -> dict[str, Any]:
+    """The pod of one rank: one GPU, pinned to the planned node, the plan mounted from its ConfigMap."""
+    slot = plan.ranks[rank]
+    name = pod_name(owner, group, rank)
+    svc = headless_service_name(owner)
+    labels = {**group_labels(owner, group), L_RANK: str(rank)}
+    if rank == 0:
+        labels[L_FRONT] = "true"
+    s, w = spec.serving, spec.worker
+    ckpt = spec.model.checkpoint
+    gpu = spec.placement.gpu_resource
+    env = [
+        {"name": "RANK", "value": str(rank)},
+        {"name": "WORLD_SIZE", "value": str(plan.num_ranks)},
+        {"name": "MASTER_ADDR", "value": f"{pod_name(owner, group, 0)}.{svc}"},
+        {"name": "MASTER_PORT", "value": str(DIST_PORT)},
+        {"name": "MOE_GROUP", "value": str(group)},
+        {"name": "MOE_CHECKPOINT", "value": f"{MODEL_MOUNT}/{ckpt.sub_path}".rstrip("/")},
+        {"name": "MOE_PRECISION", "value": spec.model.precision},
+        {"name": "MOE_EXPERT_MAP", "value": f"{PLAN_MOUNT}/plan.json"},
+        {"name": "MOE_EXPERT_MAP_CONFIGMAP", "value": plan_configmap_name(owner, group)},
+        {"name": "MOE_MODEL_NAME", "value": s.model_name},
+        {"name": "MOE_HTTP_PORT", "value": str(s.http_port)},
+        {"name": "MOE_GRPC_PORT", "value": str(s.grpc_port)},
+        {"name": "MOE_METRICS_PORT", "value": str(s.metrics_port)},
+        {"name": "MOE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        *({"name": e.name, "value": e.value} for e in w.env),
+    ]
+    if ckpt.pvc_name:
+        model_volume = {"name": "model", "persistentVolumeClaim": {"claimName": ckpt.pvc_name, "readOnly": True}}
+    else:
+        model_volume = {"name": "model", "hostPath": {"path": ckpt.host_path, "type": "Directory"}}
+    ports = [{"name": "metrics", "containerPort": s.metrics_port}, {"name": "dist", "containerPort": DIST_PORT}]
+    if rank == 0:
+        ports += [{"name": "http", "containerPort": s.http_port}, {"name": "grpc", "containerPort": s.grpc_port}]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": _meta(name, owner, labels, {A_SPEC_HASH: spec_hash}),
+        "spec": {
+            "hostname": name,
+            "subdomain": svc,
+            "restartPolicy": "Never",  # a lost rank breaks the group's collectives; the operator replaces it
+            "terminationGracePeriodSeconds": 10,
+            "enableServiceLinks": False,
+            "automountServiceAccountToken": False,
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [slot.node]}]}]}}},
+            "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "worker",
+                "image": w.image,
+                "imagePullPolicy": w.image_pull_policy,
+                "command": ["moe-worker", "serve"],
+                "env": env,
+                "ports": ports,
+                "resources": {"requests": {**w.resources.requests, gpu: "1"},
+                              "limits": {**w.resources.limits, gpu: "1"}},
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "metrics"},
+                                   "periodSeconds": 5, "failureThreshold": 3},
+                "livenessProbe": {"httpGet": {"path": "/live", "port": "metrics"},
+                                  "periodSeconds": 10, "failureThreshold": 6, "initialDelaySeconds": 30},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "privileged": False, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
+                    {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }],
+            "volumes": [
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": w.shm_size}},
+                {"name": "plan", "configMap": {"name": plan_configmap_name(owner, group)}},
+                model_volume,
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    }
+
+
+def desired_objects(owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan],
+                    generations: list[int]) -> list[dict[str, Any]]:
+    """Everything one deployment consists of, for the given per-group plans."""
+    h = pod_spec_hash(spec)
+    out = [headless_service(owner, spec), client_service(owner, spec), pod_disruption_budget(owner)]
+    for g, (plan, gen) in enumerate(zip(plans, generations, strict=True)):
+        out.append(plan_configmap(owner, g, plan, gen))
+        out.extend(rank_pod(owner, spec, plan, g, r, h) for r in range(plan.num_ranks))
+    return out
