@@ -133,3 +133,51 @@ def crd_installed(kubectl):
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/moedeployments.serving.moe.dev")
     return True
+
+
+class OperatorProcess:
+    """`kopf run -m moe_operator.main` as a real subprocess, watching one namespace."""
+
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.proc = None
+
+    def start(self) -> OperatorProcess:
+        import subprocess
+        import sys
+
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig, MOE_OPERATOR_METRICS_PORT="0")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
+             "--namespace", self.namespace, "--log-format=plain"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a crashed or evicted operator pod."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@pytest.fixture
+def operator(kubeconfig, namespace, crd_installed, tmp_path):
+    """The operator, started for this test's namespace; its log is printed when the test fails."""
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()

@@ -30,3 +30,21 @@ def test_chart_crd_copy_matches():
 
         pytest.skip("chart not written yet (issue 10)")
     assert chart_copy.read_text() == (REPO / "crds" / "moedeployment.yaml").read_text()
+
+
+def test_model_code_never_imports_torch_distributed():
+    # The parallel layers own the collectives (style.md); attention, expert and block code stay local.
+    import ast
+
+    for name in ("model.py", "fp8.py", "config.py"):
+        path = REPO / "worker" / "moe_worker" / name
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(m == "torch.distributed" or m.startswith("torch.distributed.") for m in mods), (name, mods)
+            if isinstance(node, ast.Attribute) and node.attr == "distributed":
+                assert not (isinstance(node.value, ast.Name) and node.value.id in ("torch", "dist")), name
