@@ -228,3 +228,27 @@ def test_invalid_spec_that_only_the_operator_sees_fails_with_a_reason(custom, na
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj)
     st = wait_phase(custom, namespace, "huge", "Pending", timeout=60)
     assert "needs 288 GPUs, 8 schedulable" in st["reason"]
+
+
+def test_deployment_that_cannot_fit_in_gpu_memory_fails_at_admission(custom, namespace, gpu_pool, operator, core):
+    pool, _ = gpu_pool(nodes=1, gpus=8)
+    obj = manifest("toobig", pool, "deepseek-v3-ep288.yaml")
+    # DeepSeek-V3 in bf16 packed 36 experts per GPU on 8 GPUs of the brief's 64 GB cannot fit.
+    obj["spec"]["model"]["precision"] = "bf16"
+    obj["spec"]["parallelism"] = {"expertParallelSize": 8, "maxExpertsPerGpu": 36, "redundantExperts": 32,
+                                  "allowSmallExpertParallel": True}
+    obj["spec"]["loadBalancing"]["maxReplicasPerExpert"] = 4
+    obj["spec"]["placement"]["hardwareProfile"] = "brief"
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj)
+    st = wait_phase(custom, namespace, "toobig", "Failed", timeout=60)
+    assert st["reason"].startswith("does not fit in GPU memory"), st["reason"]
+    assert "routed experts" in st["reason"]
+    assert not rank_pods(core, namespace, "toobig")
+
+
+def test_ready_deployment_reports_a_prediction(custom, namespace, gpu_pool, operator):
+    pool, _ = gpu_pool(nodes=2, gpus=8)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest("pred", pool))
+    st = wait_phase(custom, namespace, "pred", "Ready")
+    p = st["prediction"]
+    assert p["hardware"] == "h100" and p["memoryPerGpuGib"] > 0 and p["decodeTokensPerSecondPerGpu"] > 0

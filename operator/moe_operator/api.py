@@ -206,6 +206,7 @@ class Placement(_Model):
     topology_keys: TopologyKeys = Field(default_factory=TopologyKeys, description="Label keys for NVLink domain, rack and zone.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Only nodes with all these labels are used.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for rank pods; tainted nodes are used only when tolerated.")
+    hardware_profile: Literal["brief", "h100", "h200", "h800"] | None = Field(None, description="Hardware profile for the memory admission check and the performance prediction; default: from the nodes' nvidia.com/gpu.product label (no check when unknown).")
     strategy: Literal["TopologyAware", "RoundRobin"] = Field("TopologyAware", description="TopologyAware aligns expert groups with nodes and balances per-node ingress; RoundRobin is the naive baseline.")
 
 

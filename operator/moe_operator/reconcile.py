@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import api, metrics, resources
+from . import api, metrics, perfmodel, resources
 from .kube import Kube, KubeError
 from .placement import MoEShape, PlacementError, Plan, RankSlot
 from .placement import plan as make_plan
@@ -181,6 +181,19 @@ class Reconciler:
             pods={"items": busy})
 
         events: list[tuple[str, str, str]] = []
+        # Admission: refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists.
+        hw = self._hardware(spec, nodes)
+        prediction = None
+        if hw is not None:
+            fits, breakdown = perfmodel.check_fits(spec, hw)
+            if not fits:
+                msg = f"does not fit in GPU memory: {breakdown}"
+                conds = set_condition(conds, PLACED, False, "InsufficientMemory", msg, gen)
+                conds = set_condition(conds, READY, False, "InsufficientMemory", msg, gen)
+                return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": msg},
+                               events=[("Warning", "InsufficientMemory", msg)] if old_status.get("reason") != msg else [],
+                               requeue_after=60)
+            prediction = perfmodel.plan(spec, hw).prediction().model_dump(by_alias=True)
         shape = shape_of(spec)
         plans: list[Plan] = []
         generations: list[int] = []
@@ -266,7 +279,19 @@ class Reconciler:
             "totalRanks": total, "ready": f"{ready}/{total}", "nodesUsed": nodes_used,
             "expertMapGeneration": max(generations), "reason": reason,
         }
+        if prediction is not None:
+            status["prediction"] = prediction
         return Outcome(status, events, requeue_after=1.0 if progressing else 10.0)
+
+    @staticmethod
+    def _hardware(spec: api.MoEDeploymentSpec, nodes: list[dict]) -> perfmodel.Hardware | None:
+        if spec.placement.hardware_profile:
+            return perfmodel.hardware(spec.placement.hardware_profile)
+        for n in nodes:
+            product = ((n.get("metadata") or {}).get("labels") or {}).get("nvidia.com/gpu.product")
+            if product:
+                return perfmodel.hardware_for_gpu_product(product)
+        return None
 
     # ------------------------------------------------------------------------------------
     def _replan_reason(self, prev: Plan | None, spec: api.MoEDeploymentSpec, shape: MoEShape, topo: Topology,
