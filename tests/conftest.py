@@ -181,3 +181,4 @@ def operator(kubeconfig, namespace, crd_installed, tmp_path):
     op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
     yield op
     op.stop()
+    print("---- operator log (tail) ----\n" + op.logs())  # shown by pytest when the test fails

@@ -252,3 +252,30 @@ def test_ready_deployment_reports_a_prediction(custom, namespace, gpu_pool, oper
     st = wait_phase(custom, namespace, "pred", "Ready")
     p = st["prediction"]
     assert p["hardware"] == "h100" and p["memoryPerGpuGib"] > 0 and p["decodeTokensPerSecondPerGpu"] > 0
+
+
+@pytest.mark.slow
+def test_deepseek_v3_ep320_on_40_nodes(core, custom, namespace, gpu_pool, operator):
+    pool, nodes = gpu_pool(nodes=40, gpus=8, racks=5)
+    # The checkpoint volume: a statically bound PV/PVC pair, as an admin would provide it.
+    core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-weights"},
+        "spec": {"capacity": {"storage": "1Ti"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "hostPath": {"path": "/var/tmp/moe-weights"},
+                 "claimRef": {"namespace": namespace, "name": "deepseek-v3-weights"}}})
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "deepseek-v3-weights"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": f"{namespace}-weights",
+                 "resources": {"requests": {"storage": "1Ti"}}}})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                           manifest("dsv3", pool, "deepseek-v3-ep320.yaml"))
+    st = wait_phase(custom, namespace, "dsv3", "Ready", timeout=300)
+    assert st["readyRanks"] == st["totalRanks"] == 320 and st["nodesUsed"] == 40
+    plan = plan_of(core, namespace, "dsv3")
+    per_node = assert_pods_match_plan(core, namespace, "dsv3", plan)
+    assert sorted(per_node.values()) == [8] * 40  # one rank per GPU, every GPU used
+    assert len(plan["expert_map"]) == 58
+    for layer in plan["expert_map"]:
+        ids = [e for cell in layer for e in cell]
+        assert len(ids) == 320 and set(ids) == set(range(256))
+    core.delete_persistent_volume(f"{namespace}-weights")

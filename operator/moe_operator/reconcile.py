@@ -94,15 +94,19 @@ def pod_ready(pod: dict) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
-def pod_unschedulable_since(pod: dict) -> float | None:
+def pod_unschedulable(pod: dict) -> tuple[float, str] | None:
+    """(since when, scheduler message) for a pod the scheduler could not place, else None."""
     for c in (pod.get("status") or {}).get("conditions") or []:
         if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
             ts = c.get("lastTransitionTime")
-            if ts:
-                return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(
-                    tzinfo=datetime.timezone.utc).timestamp()
-            return time.time()
+            since = (datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+                     .timestamp() if ts else time.time())
+            return since, c.get("message") or ""
     return None
+
+
+def same_plan(a: Plan | None, b: Plan) -> bool:
+    return a is not None and a.ranks == b.ranks and np.array_equal(a.expert_map, b.expert_map)
 
 
 @dataclass
@@ -210,6 +214,10 @@ class Reconciler:
                     events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({e}); re-planning"))
             group_topo = _minus(topo, used_by_other_groups)
             why = self._replan_reason(prev, spec, shape, group_topo, own_pods, owner, g)
+            full = self._unschedulable_nodes(prev, spec, own_pods, owner, g) if why is None else []
+            if full:
+                why = f"unschedulable: no free {spec.placement.gpu_resource} on {', '.join(full[:5])}"
+                group_topo = group_topo.without_nodes(full, "rank pods unschedulable (GPUs taken)")
             if why is None:
                 new = prev
             else:
@@ -228,6 +236,9 @@ class Reconciler:
                     return self._pending(owner, old_status, conds, gen, total, topo, g, ep,
                                          f"planner used {new.num_ranks} ranks, expected {ep}", events)
                 new = keep_rank_numbers(new, prev)
+                if same_plan(prev, new):
+                    new, why = prev, None
+            if why is not None:
                 prev_gen += 1
                 if prev is not None:
                     metrics.REPLANS.labels(reason=why.split(":")[0]).inc()
@@ -258,6 +269,7 @@ class Reconciler:
         conds = set_condition(conds, PLACED, True, "Planned",
                               f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
         was_ready = old_status.get("phase") in ("Ready", "Degraded")
+        blocked = next(((n, u[1]) for n, p in sorted(own_pods.items()) if (u := pod_unschedulable(p))), None)
         if ready == total:
             phase, reason = "Ready", None
         elif was_ready:
@@ -265,6 +277,8 @@ class Reconciler:
             reason = "; ".join(replanned_reasons) or f"{total - ready} of {total} ranks not ready"
         else:
             phase, reason = "Starting", f"{ready}/{total} ranks ready"
+        if blocked and ready < total:
+            reason = f"{reason}; {blocked[0]} unschedulable: {blocked[1]}"
         conds = set_condition(conds, READY, ready == total, "AllRanksReady" if ready == total else "RanksNotReady",
                               f"{ready}/{total} ranks ready", gen)
         conds = set_condition(conds, PROGRESSING, bool(progressing), "Reconciling" if progressing else "Stable",
@@ -313,13 +327,24 @@ class Reconciler:
         short = sorted(n for n, k in per_node.items() if k > free[n])
         if short:
             return f"GPUs taken: {', '.join(short[:5])}"
-        now = time.time()
+        return None
+
+    def _unschedulable_nodes(self, prev: Plan | None, spec: api.MoEDeploymentSpec, own_pods: dict[str, dict],
+                             owner: Owner, group: int) -> list[str]:
+        """Planned nodes whose rank pods the scheduler has refused for lack of GPUs for a while.
+
+        Other reasons (a missing PVC, a taint the pods do not tolerate) are not fixed by moving
+        ranks; they are reported in status instead.
+        """
+        if prev is None:
+            return []
+        now, out = time.time(), []
         for r in prev.ranks:
             pod = own_pods.get(resources.pod_name(owner, group, r.rank))
-            since = pod_unschedulable_since(pod) if pod else None
-            if since is not None and now - since > UNSCHEDULABLE_GRACE_S:
-                return f"unschedulable: rank {r.rank} on {r.node}"
-        return None
+            u = pod_unschedulable(pod) if pod else None
+            if u and now - u[0] > UNSCHEDULABLE_GRACE_S and f"Insufficient {spec.placement.gpu_resource}" in u[1]:
+                out.append(r.node)
+        return sorted(set(out))
 
     def _pending(self, owner: Owner, old_status: dict, conds: list[dict], gen: int, total: int, topo: Topology,
                  group: int, ep: int, err: str, events: list) -> Outcome:
