@@ -1,0 +1,1269 @@
+"""Topology-aware expert placement: which logical experts each GPU rank hosts in every MoE layer.
+
+Pure and deterministic: numpy in, numpy out, no clock, no randomness, no Kubernetes.
+
+Terms. ``E`` routed experts per MoE layer, ``L`` MoE layers, ``G`` ranks (one GPU each), ``P``
+physical experts ("cells") per layer: one per rank when ``E <= G`` (``P = G``, ``G - E`` of
+them replicas), several per rank only when ``E > G`` and the caller allows packing.
+
+The planner, for all layers at once (every loop below runs over copies or swaps and is
+vectorised across layers):
+1. Replica counts. Without a previous plan: EPLB's greedy min-max of load per copy, which is
+   optimal for the busiest GPU when every GPU holds one expert, computed with one partition
+   instead of one step per replica. With one: start from its counts and move single copies from
+   the expert that needs one least to the busiest expert, only while the busiest copy is more
+   than ``balance_tolerance`` above that optimum, so a load drift changes a few counts instead of
+   the whole replica layout.
+2. Cells kept from the previous plan (re-plans only): every (node, gpu) keeps its expert while
+   that expert still needs that many copies; second copies on one node and copies on the busiest
+   nodes are dropped first.
+3. Nodes for the other copies: longest processing time first over nodes (heaviest copy to the
+   least-loaded node), with costs for (a) a node that already holds a copy of the expert: copies
+   on distinct nodes keep more tokens node-local and split a hot expert's ingress; (b) a node
+   outside the expert group's run. Runs lay the ``n_group`` groups out in order along the nodes
+   in topology order (zone, rack, NVLink domain, node), each as long as its group's share of
+   the load, so that a token, which routes to at most ``topk_group`` groups, reaches few nodes
+   and NVLink domains while every node still gets its share of the load.
+4. Cells within nodes. One expert per GPU: a node's free GPUs take its copies. Packing: copies
+   go straight to ranks, least-loaded rank first, twice: once for per-GPU load alone, then with
+   the node and group costs added but no rank allowed above the first pass's busiest.
+5. Swaps. A fresh plan is polished by swapping copies between its busiest and least-loaded nodes.
+   A re-plan swaps only to bring a node (``node_tolerance``, at most ``max_swaps`` swaps per
+   layer, none by default: moves cost weight transfers) or, when packing, a rank
+   (``balance_tolerance``) back near the fresh plan for the same counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moe_operator.topology import Topology
+
+# Defaults of the trade-off knobs of ``plan``.
+DEFAULT_BALANCE_TOLERANCE = 0.005
+DEFAULT_NODE_TOLERANCE = 0.05
+DEFAULT_MAX_SWAPS = 0
+DEFAULT_GROUP_AFFINITY = 0.1
+
+_POLISH_TOLERANCE = 0.005  # a fresh plan's nodes are polished to within this of the mean load,
+_POLISH_SWAPS = 16  # with at most this many swaps per layer
+
+# Pass 2 of packing may leave a rank this much busier than pass 1's busiest (see ``_assign``).
+_PACK_SLACK = 0.002
+
+_ROUND = 4  # decimals of the metrics written into a plan (stable JSON across platforms)
+
+
+class PlacementError(ValueError):
+    """The requested placement is impossible or its inputs are inconsistent; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """The parts of a DeepSeek-V3-class config that placement depends on."""
+
+    moe_layers: int = 58
+    """MoE layers (DeepSeek-V3: 61 hidden layers minus 3 dense)."""
+    n_routed_experts: int = 256
+    """Routed experts per MoE layer (the shared expert is not placed: every rank has it)."""
+    n_group: int = 8
+    """Expert groups; group g is experts [g*E/n_group, (g+1)*E/n_group)."""
+    topk_group: int = 4
+    """Groups a token may route to."""
+    num_experts_per_tok: int = 8
+    """Routed experts per token."""
+
+    def __post_init__(self) -> None:
+        for name in ("moe_layers", "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise PlacementError(f"model {name} must be a positive integer, got {v!r}")
+        if self.n_routed_experts % self.n_group:
+            raise PlacementError(
+                f"n_routed_experts ({self.n_routed_experts}) must be a multiple of n_group ({self.n_group})"
+            )
+        if self.topk_group > self.n_group:
+            raise PlacementError(f"topk_group ({self.topk_group}) must be at most n_group ({self.n_group})")
+        if self.num_experts_per_tok > self.topk_group * self.group_size:
+            raise PlacementError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in {self.topk_group} groups "
+                f"of {self.group_size}"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    @classmethod
+    def deepseek_v3(cls) -> MoEShape:
+        return cls()
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any]) -> MoEShape:
+        """From a Hugging Face ``config.json`` dict; missing keys take DeepSeek-V3's values.
+
+        MoE layers are layers ``i >= first_k_dense_replace`` with ``i % moe_layer_freq == 0``
+        (transformers' DeepseekV3 rule), i.e. 61 - 3 = 58 for V3.
+        """
+        if not isinstance(d, Mapping):
+            raise PlacementError("model config must be a JSON object")
+
+        def get(key: str, default: int) -> int:
+            v = d.get(key, default)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise PlacementError(f"model config {key} must be an integer, got {v!r}")
+            return v
+
+        layers = get("num_hidden_layers", 61)
+        first_dense = get("first_k_dense_replace", 3)
+        freq = get("moe_layer_freq", 1)
+        if freq < 1 or first_dense < 0:
+            raise PlacementError(
+                f"model config: moe_layer_freq ({freq}) must be >= 1, first_k_dense_replace >= 0"
+            )
+        moe_layers = sum(1 for i in range(first_dense, layers) if i % freq == 0)
+        if moe_layers < 1:
+            raise PlacementError(
+                f"model config has no MoE layers (num_hidden_layers={layers}, first_k_dense_replace={first_dense})"
+            )
+        return cls(
+            moe_layers=moe_layers,
+            n_routed_experts=get("n_routed_experts", 256),
+            n_group=get("n_group", 8),
+            topk_group=get("topk_group", 4),
+            num_experts_per_tok=get("num_experts_per_tok", 8),
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "moe_layers": int(self.moe_layers),
+            "n_routed_experts": int(self.n_routed_experts),
+            "n_group": int(self.n_group),
+            "topk_group": int(self.topk_group),
+            "num_experts_per_tok": int(self.num_experts_per_tok),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    """Rank ``rank`` of the EP group runs on GPU slot ``gpu`` (0..free GPUs-1) of node ``node``."""
+
+    rank: int
+    node: str
+    gpu: int
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Ranks and, for every MoE layer, the logical experts each rank hosts."""
+
+    ranks: tuple[RankSlot, ...]
+    expert_map: np.ndarray
+    """(moe_layers, ranks, max experts per rank) int32; -1 pads ranks that hold fewer."""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    shape: MoEShape | None = None
+
+    def __post_init__(self) -> None:
+        em = np.asarray(self.expert_map)
+        if em.ndim == 2:  # (layers, ranks): one expert per rank
+            em = em[:, :, None]
+        if em.ndim != 3 or em.shape[1] != len(self.ranks):
+            raise PlacementError(
+                f"expert_map has shape {em.shape}, expected (layers, {len(self.ranks)}, experts per rank)"
+            )
+        object.__setattr__(self, "expert_map", em.astype(np.int32, copy=False))
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.expert_map.shape[0])
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Node names in rank order, each once."""
+        return tuple(dict.fromkeys(r.node for r in self.ranks))
+
+    def node_of_rank(self) -> np.ndarray:
+        """(ranks,) int: index into ``nodes`` of each rank's node."""
+        index = {n: i for i, n in enumerate(self.nodes)}
+        return np.array([index[r.node] for r in self.ranks], dtype=np.int64)
+
+    def experts_on(self, layer: int, rank: int) -> list[int]:
+        return [int(e) for e in self.expert_map[layer, rank] if e >= 0]
+
+    def replica_counts(self, n_experts: int | None = None) -> np.ndarray:
+        """(layers, experts) int64: copies of each logical expert."""
+        E = n_experts or (self.shape.n_routed_experts if self.shape else int(self.expert_map.max()) + 1)
+        return _counts_of(self.expert_map.reshape(self.num_layers, -1), E)
+
+    def to_json(self) -> dict[str, Any]:
+        """The PLAN.json document: ranks, expert_map (layer -> rank -> [logical ids]), metrics, model."""
+        doc: dict[str, Any] = {
+            "ranks": [{"rank": r.rank, "node": r.node, "gpu": r.gpu} for r in self.ranks],
+            "expert_map": [
+                [[int(e) for e in cell if e >= 0] for cell in layer] for layer in self.expert_map.tolist()
+            ],
+            "metrics": dict(self.metrics),
+        }
+        if self.shape is not None:
+            doc["model"] = self.shape.to_dict()
+        return doc
+
+    def dumps(self) -> str:
+        """PLAN.json text: one line per rank and per layer of the expert map, so diffs stay readable."""
+        doc = self.to_json()
+
+        def block(key: str, items: list[Any]) -> str:
+            body = ",\n    ".join(json.dumps(it, separators=(", ", ": ")) for it in items)
+            return f'  "{key}": [\n    {body}\n  ]'
+
+        parts = [block("ranks", doc["ranks"]), block("expert_map", doc["expert_map"])]
+        parts.append('  "metrics": ' + json.dumps(doc["metrics"], sort_keys=True))
+        if "model" in doc:
+            parts.append('  "model": ' + json.dumps(doc["model"]))
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any] | str) -> Plan:
+        """Read a PLAN.json document (a dict, or its text). Checks structure, not validity."""
+        if isinstance(doc, (str, bytes)):
+            try:
+                doc = json.loads(doc)
+            except json.JSONDecodeError as exc:
+                raise PlacementError(f"plan is not valid JSON: {exc}") from None
+        if not isinstance(doc, Mapping) or "ranks" not in doc or "expert_map" not in doc:
+            raise PlacementError("plan must be an object with 'ranks' and 'expert_map'")
+        ranks = []
+        for i, r in enumerate(doc["ranks"]):
+            try:
+                ranks.append(RankSlot(rank=int(r["rank"]), node=str(r["node"]), gpu=int(r["gpu"])))
+            except (KeyError, TypeError, ValueError):
+                raise PlacementError(
+                    f"plan rank #{i} must have integer 'rank', string 'node', integer 'gpu'"
+                ) from None
+            if ranks[-1].rank != i:
+                raise PlacementError(
+                    f"plan ranks must be numbered 0..G-1 in order; entry #{i} is rank {ranks[-1].rank}"
+                )
+        keys = [(r.node, r.gpu) for r in ranks]
+        if len(set(keys)) != len(keys):
+            raise PlacementError("plan has two ranks on the same (node, gpu)")
+        layers = doc["expert_map"]
+        if not isinstance(layers, list) or not layers:
+            raise PlacementError("plan expert_map must be a non-empty list of layers")
+        width = 1
+        for li, layer in enumerate(layers):
+            if not isinstance(layer, list) or len(layer) != len(ranks):
+                raise PlacementError(f"plan expert_map layer {li} must list {len(ranks)} ranks")
+            for cell in layer:
+                if not isinstance(cell, list) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) for e in cell
+                ):
+                    raise PlacementError(
+                        f"plan expert_map layer {li}: each rank must be a list of integer expert ids"
+                    )
+                width = max(width, len(cell))
+        em = np.full((len(layers), len(ranks), width), -1, dtype=np.int32)
+        for li, layer in enumerate(layers):
+            for r, cell in enumerate(layer):
+                em[li, r, : len(cell)] = cell
+        shape = None
+        if isinstance(doc.get("model"), Mapping):
+            try:
+                shape = MoEShape(**{k: int(v) for k, v in doc["model"].items()})
+            except TypeError:
+                raise PlacementError(f"plan model has unknown keys: {sorted(doc['model'])}") from None
+        return cls(ranks=tuple(ranks), expert_map=em, metrics=dict(doc.get("metrics") or {}), shape=shape)
+
+
+def validate_plan(
+    p: Plan,
+    shape: MoEShape | None = None,
+    max_experts_per_gpu: int | None = None,
+    *,
+    allow_duplicates: bool = False,
+) -> None:
+    """Raise PlacementError unless every layer hosts every expert at least once, every rank hosts
+    at least one expert, no rank hosts an expert twice (EPLB's packing can do that: pass
+    ``allow_duplicates``), and (if given) at most ``max_experts_per_gpu`` per rank."""
+    shape = shape or p.shape
+    if shape is None:
+        raise PlacementError("cannot validate a plan without the model shape")
+    em = p.expert_map
+    L, G, _ = em.shape
+    E = shape.n_routed_experts
+    if L != shape.moe_layers:
+        raise PlacementError(f"plan has {L} layers, the model {shape.moe_layers} MoE layers")
+    if em.max(initial=-1) >= E or (em < -1).any():
+        raise PlacementError(f"plan has expert ids outside 0..{E - 1}")
+    per_rank = (em >= 0).sum(-1)  # (L, G)
+    if (per_rank == 0).any():
+        layer, rank = map(int, np.argwhere(per_rank == 0)[0])
+        raise PlacementError(f"layer {layer}: rank {rank} hosts no expert")
+    if max_experts_per_gpu is not None and per_rank.max() > max_experts_per_gpu:
+        raise PlacementError(f"a rank hosts {int(per_rank.max())} experts, more than {max_experts_per_gpu}")
+    srt = np.sort(em, axis=-1)
+    if not allow_duplicates and ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any():
+        raise PlacementError("a rank hosts the same expert twice in one layer")
+    counts = _counts_of(em.reshape(L, -1), E)
+    if (counts == 0).any():
+        layer, e = map(int, np.argwhere(counts == 0)[0])
+        raise PlacementError(f"layer {layer}: expert {e} is not hosted by any rank")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def expert_load(shape: MoEShape, load: Any) -> np.ndarray:
+    """(L, E) float64 load per expert from any of: None (uniform), an (E,) or (L, E) array of
+    token counts, an (L, tokens, k) array of routed expert ids, or an object with ``topk_ids``.
+    Layers with no load at all are treated as uniform."""
+    L, E = shape.moe_layers, shape.n_routed_experts
+    if load is None:
+        return np.ones((L, E))
+    if hasattr(load, "topk_ids"):
+        load = load.topk_ids
+    arr = np.asarray(load)
+    if arr.ndim == 3:
+        if arr.shape[0] != L:
+            raise PlacementError(f"trace has {arr.shape[0]} layers but the model has {L} MoE layers")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise PlacementError(f"trace topk_ids must be integers, got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= E):
+            raise PlacementError(
+                f"trace has expert ids outside 0..{E - 1} (min {arr.min()}, max {arr.max()})"
+            )
+        w = _counts_of(arr.reshape(L, -1), E).astype(np.float64)
+    elif arr.ndim in (1, 2):
+        if not (np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)):
+            raise PlacementError(f"load must be numeric, got {arr.dtype}")
+        if arr.ndim == 1:
+            arr = np.broadcast_to(arr, (L, arr.shape[0]))
+        if arr.shape != (L, E):
+            raise PlacementError(
+                f"load has shape {arr.shape}, expected ({L}, {E}) = (MoE layers, routed experts)"
+            )
+        w = arr.astype(np.float64)
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise PlacementError("load must be finite and non-negative")
+    else:
+        raise PlacementError(
+            f"load must be (layers, experts) counts or (layers, tokens, k) expert ids, got shape {arr.shape}"
+        )
+    w = np.array(w, dtype=np.float64)  # writable copy
+    w[w.sum(1) <= 0] = 1.0
+    return w
+
+
+def select_ranks(
+    shape: MoEShape,
+    topology: Topology,
+    redundant: int | None = None,
+    max_experts_per_gpu: int = 1,
+    previous: Plan | None = None,
+) -> tuple[tuple[RankSlot, ...], np.ndarray]:
+    """The GPU slots the plan uses, in topology order, and experts per rank ``caps`` (G,) int64.
+
+    One expert per GPU when ``E + redundant`` slots exist (``redundant=None``: every free slot).
+    Otherwise, only if ``max_experts_per_gpu > 1``: every slot, ``E + redundant`` experts spread
+    as evenly as possible (``redundant=None``: enough to give every GPU the same number).
+    Slots that ``previous`` used are preferred, so a re-plan keeps its GPUs.
+    """
+    E = shape.n_routed_experts
+    S = topology.num_slots
+    if (
+        isinstance(max_experts_per_gpu, bool)
+        or not isinstance(max_experts_per_gpu, (int, np.integer))
+        or max_experts_per_gpu < 1
+    ):
+        raise PlacementError(f"max_experts_per_gpu must be a positive integer, got {max_experts_per_gpu!r}")
+    if redundant is not None and (
+        isinstance(redundant, bool) or not isinstance(redundant, (int, np.integer)) or redundant < 0
+    ):
+        raise PlacementError(f"redundant must be a non-negative integer, got {redundant!r}")
+    if S == 0:
+        why = topology.describe_skipped()
+        raise PlacementError("no schedulable GPU slots in the topology" + (f": {why}" if why else ""))
+    R = 0 if redundant is None else int(redundant)
+    if E + R <= S:
+        G = S if redundant is None else E + R
+        caps = np.ones(G, dtype=np.int64)
+    elif max_experts_per_gpu == 1:
+        if E > S:
+            raise PlacementError(
+                f"cannot place {E} routed experts on {S} GPU slots with one expert per GPU: "
+                f"E > G; add {E - S} GPUs or allow max_experts_per_gpu >= {math.ceil(E / S)}"
+                + (f" ({topology.describe_skipped()})" if topology.skipped else "")
+            )
+        raise PlacementError(
+            f"{E} routed experts + {R} redundant need {E + R} GPU slots but the topology has {S}; "
+            f"use at most {S - E} redundant experts"
+        )
+    else:
+        G = S
+        P = math.ceil(E / G) * G if redundant is None else E + R
+        if P > G * max_experts_per_gpu:
+            raise PlacementError(
+                f"{P} physical experts ({E} routed + {P - E} redundant) on {G} GPU slots need "
+                f"{math.ceil(P / G)} experts per GPU, more than max_experts_per_gpu={max_experts_per_gpu}"
+            )
+        if P > E * G:
+            raise PlacementError(
+                f"{P} physical experts on {G} GPU slots would put two copies of one of the {E} experts on one GPU; "
+                f"use at most {E * G - E} redundant experts"
+            )
+        q, rem = divmod(P, G)
+        caps = q + (np.arange(G) < rem).astype(np.int64)
+    slots = topology.slots
+    prev_keys = {(r.node, r.gpu) for r in previous.ranks} if previous is not None else set()
+    chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
+    chosen.sort()
+    ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
+    return ranks, caps
+
+
+# ----------------------------------------------------------------------------------------------
+# Replica counts
+
+
+def _counts_of(ids: np.ndarray, n: int) -> np.ndarray:
+    """(rows, n) int64 occurrences of each id 0..n-1 per row of ``ids`` (rows, k); -1 ignored."""
+    rows = ids.shape[0]
+    ok = ids >= 0
+    flat = (ids + (np.arange(rows, dtype=np.int64) * n)[:, None])[ok]
+    return np.bincount(flat, minlength=rows * n).reshape(rows, n)
+
+
+def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> np.ndarray:
+    """(L, E) copies per expert minimising the largest load per copy, ``total`` copies per layer.
+
+    Identical to EPLB's greedy ``replicate_experts`` (each extra copy goes to the expert with the
+    most load per copy, lowest id on ties): the extra copies it makes are exactly the ``total - E``
+    largest values of ``w[e] / j`` (j = 1, 2, ...: the load per copy when the (j+1)-th copy is
+    added), because each expert's values fall with j. One partition instead of one step per copy.
+    ``max_count`` caps the copies of one expert (packing: one per GPU at most).
+    """
+    L, E = w.shape
+    extra = total - E
+    c = np.ones((L, E), dtype=np.int64)
+    if extra <= 0:
+        return c
+    # An expert's last extra copy was chosen at a value >= the optimum >= W/total, so it has at
+    # most w_max * total / W extras: bound the candidate table's width J with that.
+    J = int(min(extra, max(1, math.ceil(float((w.max(1) * total / w.sum(1)).max())))))
+    if max_count is not None:
+        if max_count * E < total:
+            raise PlacementError(
+                f"{total} copies of {E} experts need more than {max_count} copies of some expert"
+            )
+        J = min(extra, max_count - 1)  # capped experts push copies elsewhere: no tighter bound
+    vals = (w[:, :, None] / np.arange(1, J + 1)).reshape(L, E * J)  # (L, E*J), expert-major
+    # The extra-th largest value per layer; take everything above it, then the lowest-index
+    # (lowest expert id) entries equal to it, as the greedy's first-on-ties rule does.
+    kth = -np.partition(-vals, extra - 1, axis=1)[:, extra - 1 : extra]  # (L, 1)
+    above = vals > kth
+    tie = vals == kth
+    take = above | (tie & (np.cumsum(tie, axis=1) <= extra - above.sum(1, keepdims=True)))
+    c += take.reshape(L, E, J).sum(2)
+    return c
+
+
+def rebalanced_counts(
+    w: np.ndarray, total: int, start: np.ndarray, tolerance: float, max_count: int | None = None
+) -> np.ndarray:
+    """(L, E) copies close to ``start`` (the previous plan's counts) whose largest load per copy is
+    within ``tolerance`` of the optimum: fewest changed copies instead of the optimal layout.
+
+    Each step moves one copy from the expert that loses least by giving one up (smallest
+    w/(c-1)) to the expert with the most load per copy; a donor below the current maximum always
+    exists while the maximum is above the optimum, so this terminates.
+    """
+    L, E = w.shape
+    cap = total if max_count is None else max_count
+    c = np.minimum(np.maximum(np.asarray(start, dtype=np.int64), 1), cap)
+    rows = np.arange(L)
+
+    def busiest(c: np.ndarray) -> np.ndarray:
+        """(L,) expert with the most load per copy among those that may take another copy."""
+        return np.where(c < cap, w / c, -np.inf).argmax(1)
+
+    # Match the total first (a node was lost or added): add to the busiest / take from the idlest.
+    for _ in range(4 * (total + E)):
+        d = total - c.sum(1)
+        if not d.any():
+            break
+        add = d > 0
+        if add.any():
+            a = busiest(c)
+            c[rows[add], a[add]] += 1
+        sub = d < 0
+        if sub.any():
+            donor = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf).argmin(1)
+            c[rows[sub], donor[sub]] -= 1
+    target = (w / optimal_counts(w, total, max_count)).max(1) * (1.0 + tolerance)  # (L,)
+    for _ in range(4 * total):
+        per_copy = w / c
+        a = busiest(c)
+        top = per_copy.max(1)
+        gain = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
+        gain[rows, a] = np.inf
+        donor = gain.argmin(1)
+        move = (top > target) & (gain[rows, donor] < top) & (per_copy[rows, a] >= top)
+        if not move.any():
+            break
+        c[rows[move], a[move]] += 1
+        c[rows[move], donor[move]] -= 1
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner
+
+
+def plan(
+    shape: MoEShape,
+    topology: Topology,
+    load: Any = None,
+    previous: Plan | None = None,
+    redundant: int | None = None,
+    max_experts_per_gpu: int = 1,
+    *,
+    balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE,
+    node_tolerance: float = DEFAULT_NODE_TOLERANCE,
+    group_affinity: float = DEFAULT_GROUP_AFFINITY,
+    max_swaps: int = DEFAULT_MAX_SWAPS,
+    max_pack_swaps: int | None = None,
+) -> Plan:
+    """Place ``shape``'s experts on ``topology``'s GPU slots for the measured ``load``.
+
+    - ``load``: see ``expert_load`` (None: uniform).
+    - ``previous``: the plan in force; the new one moves as few experts as it can. Cells are
+      matched by (node, gpu), not by rank number, so ranks may be renumbered.
+    - ``redundant``: replicas per layer (None: fill every free slot).
+    - ``max_experts_per_gpu`` > 1 allows packing when there are fewer GPUs than experts.
+
+    Re-planning trade-offs (only with ``previous``):
+    - ``balance_tolerance``: how far above the best busiest-GPU load the plan may stay rather
+      than move a copy (0.005: half a percent).
+    - ``node_tolerance``: how far above a fresh plan's busiest node a node may stay before up to
+      ``max_swaps`` swaps per layer (two moves each) rebalance nodes.
+    - ``max_pack_swaps``: swaps per layer allowed to rebalance ranks when packing (None: P/8).
+
+    ``group_affinity``: how much node load, as a fraction of a node's mean, a copy may trade
+    for staying with its expert group.
+    """
+    if not isinstance(shape, MoEShape):
+        raise PlacementError(f"shape must be a MoEShape, got {type(shape).__name__}")
+    if not isinstance(topology, Topology):
+        raise PlacementError(f"topology must be a Topology, got {type(topology).__name__}")
+    if not (balance_tolerance >= 0 and node_tolerance >= 0 and group_affinity >= 0):
+        raise PlacementError("balance_tolerance, node_tolerance and group_affinity must be >= 0")
+    if max_swaps < 0 or (max_pack_swaps is not None and max_pack_swaps < 0):
+        raise PlacementError("max_swaps and max_pack_swaps must be >= 0")
+    w = expert_load(shape, load)
+    if previous is not None:
+        _check_previous(previous, shape)
+    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu, previous)
+    G, P, L, E = len(ranks), int(caps.sum()), shape.moe_layers, shape.n_routed_experts
+
+    # Cells: rank-major; cell j belongs to rank_of_cell[j], node node_of_cell[j].
+    rank_of_cell = np.repeat(np.arange(G), caps)  # (P,)
+    node_names = list(dict.fromkeys(r.node for r in ranks))
+    node_index = {n: i for i, n in enumerate(node_names)}
+    node_of_rank = np.array([node_index[r.node] for r in ranks], dtype=np.int64)  # (G,)
+    node_of_cell = node_of_rank[rank_of_cell]  # (P,)
+
+    prev_cells = None if previous is None else _previous_cells(previous, ranks, caps)  # (L, P) or None
+    max_count = G if P > G else None  # packing: never two copies of an expert on one GPU
+    if prev_cells is None:
+        counts = optimal_counts(w, P, max_count)
+    else:
+        counts = rebalanced_counts(w, P, _counts_of(prev_cells, E), balance_tolerance, max_count)
+
+    per_copy = w / counts  # (L, E) load of one copy: tokens split evenly over the copies
+    N = len(node_names)
+    packing = bool((caps > 1).any())
+    # Swapping two experts of different groups between nodes costs this much (load units).
+    cross_group = group_affinity * w.sum(1) / N
+
+    def swap(
+        cells: np.ndarray, by: np.ndarray, cap: np.ndarray, budget: int, node_cap: Any = None
+    ) -> np.ndarray:
+        """Swaps until every node (``by=node_of_cell``) or rank is at most ``cap`` (L,)."""
+        out, _ = _refine(
+            cells, per_copy, by, node_of_cell, cap, budget, node_cap, shape.group_size, cross_group
+        )
+        return out
+
+    # The plan from scratch for these counts: the answer without ``previous``, the yardstick with.
+    empty = np.full((L, P), -1, dtype=np.int64)
+    fresh = _assign(w, counts, empty, rank_of_cell, node_of_cell, caps, shape, group_affinity, False)
+    if not packing:
+        # Polish node balance. Not when packing: there ranks were balanced first, and node swaps
+        # would undo it.
+        fresh = swap(fresh, node_of_cell, w.sum(1) / N * (1.0 + _POLISH_TOLERANCE), _POLISH_SWAPS)
+    # Copies of one expert on distinct nodes where possible (on re-plans only as a yardstick).
+    fresh = _repair_duplicates(fresh, per_copy, node_of_cell, strict=False)
+    if prev_cells is None:
+        cells = fresh
+    else:
+        # Keep what can stay, place the rest; then, if a node (or, packing, a rank) ends up more
+        # than its tolerance above the busiest in the fresh plan for these counts, swap copies.
+        kept = _keep(prev_cells, counts, w, node_of_cell)
+        cells = _assign(w, counts, kept, rank_of_cell, node_of_cell, caps, shape, group_affinity, True)
+        node_cap = _group_max(fresh, per_copy, node_of_cell) * (1.0 + node_tolerance)
+        cells = swap(cells, node_of_cell, node_cap, max_swaps)
+        if packing:
+            rank_cap = _group_max(fresh, per_copy, rank_of_cell) * (1.0 + balance_tolerance)
+            budget = math.ceil(P / 8) if max_pack_swaps is None else max_pack_swaps
+            cells = swap(cells, rank_of_cell, rank_cap, budget, node_cap)
+
+    # (L, P) cells -> (L, G, max caps) expert map, -1 padded.
+    width = int(caps.max())
+    slot_in_rank = np.arange(P) - np.repeat(np.cumsum(caps) - caps, caps)
+    expert_map = np.full((L, G, width), -1, dtype=np.int32)
+    expert_map[:, rank_of_cell, slot_in_rank] = cells
+    out = Plan(ranks=ranks, expert_map=expert_map, shape=shape)
+    metrics = plan_metrics(out, w)
+    metrics["redundant"] = P - E
+    if previous is not None:
+        metrics["moved_experts"] = moved_experts(previous, out)
+    return Plan(ranks=ranks, expert_map=expert_map, shape=shape, metrics=metrics)
+
+
+def _check_previous(previous: Plan, shape: MoEShape) -> None:
+    if not isinstance(previous, Plan):
+        raise PlacementError(f"previous must be a Plan, got {type(previous).__name__}")
+    if previous.num_layers != shape.moe_layers:
+        raise PlacementError(
+            f"previous plan has {previous.num_layers} layers, the model {shape.moe_layers} MoE layers"
+        )
+    if previous.expert_map.max(initial=-1) >= shape.n_routed_experts:
+        raise PlacementError(
+            f"previous plan hosts expert {int(previous.expert_map.max())}, the model has {shape.n_routed_experts} experts"
+        )
+
+
+def _previous_cells(previous: Plan, ranks: Sequence[RankSlot], caps: np.ndarray) -> np.ndarray:
+    """(L, P) the previous plan's experts on the new cells (matched by node and gpu), -1 if none.
+    A rank that now holds fewer experts keeps its first ones."""
+    where = {(r.node, r.gpu): i for i, r in enumerate(previous.ranks)}
+    L = previous.num_layers
+    width = previous.expert_map.shape[2]
+    out = []
+    for r, cap in zip(ranks, caps.tolist(), strict=True):
+        i = where.get((r.node, r.gpu))
+        block = np.full((L, cap), -1, dtype=np.int64)
+        if i is not None:
+            old = previous.expert_map[:, i, :]  # (L, width)
+            # Hosted experts first (stable), then truncate to the new capacity.
+            old = np.take_along_axis(old, np.argsort(old < 0, axis=1, kind="stable"), axis=1)
+            n = min(cap, width)
+            block[:, :n] = old[:, :n]
+        out.append(block)
+    return np.concatenate(out, axis=1)
+
+
+def _occurrence(keys: np.ndarray) -> np.ndarray:
+    """For rows already sorted by ``keys`` (n,), the index of each row within its run of equal keys."""
+    n = keys.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    start = np.r_[True, keys[1:] != keys[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    return np.arange(n) - first
+
+
+def _keep(prev: np.ndarray, counts: np.ndarray, w: np.ndarray, node_of_cell: np.ndarray) -> np.ndarray:
+    """(L, P) previous experts that stay where they are: per expert at most its new count; the
+    ones dropped are second copies on one node first, then copies on the busiest nodes."""
+    L, P = prev.shape
+    E = counts.shape[1]
+    N = int(node_of_cell.max()) + 1
+    per_copy = w / counts  # (L, E)
+    li, cj = np.nonzero(prev >= 0)  # hosted previous cells, layer-major
+    e = prev[li, cj]
+    n = node_of_cell[cj]
+    # Node load if every previous copy stayed: drop copies on the busiest nodes first.
+    node_load = np.zeros(L * N)
+    np.add.at(node_load, li * N + n, per_copy[li, e])
+    # Index of each copy among the copies of its expert on its node (duplicates rank last).
+    o = np.lexsort((cj, n, e, li))
+    dup = np.empty_like(o)
+    dup[o] = _occurrence((li[o] * E + e[o]) * N + n[o])
+    o = np.lexsort((cj, node_load[li * N + n], dup, e, li))
+    rank = np.empty_like(o)
+    rank[o] = _occurrence(li[o] * E + e[o])
+    stay = rank < counts[li, e]
+    kept = np.full((L, P), -1, dtype=np.int64)
+    kept[li[stay], cj[stay]] = e[stay]
+    return kept
+
+
+def _group_max(cells: np.ndarray, per_copy: np.ndarray, group_of_cell: np.ndarray) -> np.ndarray:
+    """(L,) largest load of a node (or rank) when cells are grouped by ``group_of_cell``."""
+    L = cells.shape[0]
+    K = int(group_of_cell.max()) + 1
+    load = np.where(cells >= 0, per_copy[np.arange(L)[:, None], np.maximum(cells, 0)], 0.0)  # (L, P)
+    return (load @ (group_of_cell[:, None] == np.arange(K))).max(1)
+
+
+def _refine(
+    cells: np.ndarray,
+    per_copy: np.ndarray,
+    group_of_cell: np.ndarray,
+    node_of_cell: np.ndarray,
+    cap: np.ndarray,
+    max_swaps: int,
+    node_cap: np.ndarray | None = None,
+    group_size: int = 0,
+    cross_group_penalty: np.ndarray | None = None,
+    partners: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Swap pairs of copies until the busiest node (or rank: ``group_of_cell``) of every layer is
+    at most ``cap`` (L,), or no swap lowers it, or a layer has made ``max_swaps`` swaps.
+
+    Each step, per layer: the busiest group trades one of its copies for one in one of the
+    ``partners`` least-loaded groups, choosing the pair that leaves the larger of the two new
+    loads the smallest. A swap never puts two copies
+    of an expert on one node (or rank). With ``node_cap`` (L,) (balancing ranks), a swap between
+    two nodes may not leave either above ``node_cap`` or above its load before the swap.
+    ``cross_group_penalty`` (L,) is added to the score of a swap between experts of two groups
+    (of ``group_size`` experts), which would take each away from its group's nodes.
+    Returns the cells and the swaps made per layer (L,).
+    """
+    L, P = cells.shape
+    E = per_copy.shape[1]
+    K = int(group_of_cell.max()) + 1
+    N = int(node_of_cell.max()) + 1
+    rows = np.arange(L)
+    cells = cells.copy()
+    cell_load = np.where(cells >= 0, per_copy[rows[:, None], np.maximum(cells, 0)], 0.0)  # (L, P)
+    load = cell_load @ (group_of_cell[:, None] == np.arange(K))  # (L, K)
+    nload = cell_load @ (node_of_cell[:, None] == np.arange(N))  # (L, N)
+    # (K, cmax) cells of each group, -1 padded.
+    sizes = np.bincount(group_of_cell, minlength=K)
+    members = np.full((K, int(sizes.max())), -1, dtype=np.int64)
+    order = np.argsort(group_of_cell, kind="stable")
+    members[group_of_cell[order], _occurrence(group_of_cell[order])] = order
+    li, cj = np.nonzero(cells >= 0)
+    on_group = np.zeros((L, E, K), dtype=bool)
+    on_group[li, cells[li, cj], group_of_cell[cj]] = True
+    on_node = np.zeros((L, E, N), dtype=bool)
+    on_node[li, cells[li, cj], node_of_cell[cj]] = True
+    swaps = np.zeros(L, dtype=np.int64)
+    eps = 1e-9 * per_copy.sum(1) / P
+    for _ in range(max_swaps * L if max_swaps else 0):
+        a = load.argmax(1)
+        la = load[rows, a]
+        active = (la > cap * (1.0 + 1e-12)) & (swaps < max_swaps)
+        if not active.any():
+            break
+        r = rows[active]
+        x = members[a[r]]  # (l, cmax) cells of the busiest group
+        # Partners: the cells of the ``partners`` least-loaded groups (the busiest is never one).
+        light = np.argpartition(load[r], min(partners, K) - 1, axis=1)[:, : min(partners, K)]  # (l, partners)
+        y = members[light].reshape(r.size, -1)  # (l, partners*cmax)
+        xs = np.where(x >= 0, cells[r[:, None], np.maximum(x, 0)], -1)
+        lx = np.where(x >= 0, cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
+        ys = np.where(y >= 0, cells[r[:, None], np.maximum(y, 0)], -1)
+        ly = np.where(y >= 0, cell_load[r[:, None], np.maximum(y, 0)], 0.0)
+        gy = group_of_cell[np.maximum(y, 0)]  # (l, Y)
+        new_a = la[r, None, None] - lx[:, :, None] + ly[:, None, :]  # (l, cmax, Y)
+        new_b = load[r[:, None], gy][:, None, :] - ly[:, None, :] + lx[:, :, None]
+        score = np.maximum(new_a, new_b)
+        xe, ye = np.maximum(xs, 0), np.maximum(ys, 0)
+        x_node = node_of_cell[np.maximum(x, 0)]  # (l, cmax)
+        y_node = node_of_cell[np.maximum(y, 0)]  # (l, Y)
+        rr = r[:, None, None]
+        ok = (
+            (xs >= 0)[:, :, None]
+            & (ys >= 0)[:, None, :]
+            & (gy != a[r, None])[:, None, :]
+            & (xs[:, :, None] != ys[:, None, :])
+            # y's group must not hold x and the busiest group must not hold y; across nodes, the
+            # same for the two nodes, so copies stay on distinct nodes.
+            & ~on_group[rr, xe[:, :, None], gy[:, None, :]]
+            & ~on_group[r[:, None], ye, a[r][:, None]][:, None, :]
+            & (
+                (x_node[:, :, None] == y_node[:, None, :])
+                | (
+                    ~on_node[rr, xe[:, :, None], y_node[:, None, :]]
+                    & ~on_node[rr, ye[:, None, :], x_node[:, :, None]]
+                )
+            )
+            & (score < la[r, None, None] - eps[r, None, None])
+        )
+        if node_cap is not None:
+            # Node loads after the swap: x's node loses x and gains y, y's node the reverse.
+            d = ly[:, None, :] - lx[:, :, None]  # (l, cmax, Y) change at x's node
+            nx = nload[r[:, None], x_node][:, :, None]
+            ny = nload[r[:, None], y_node][:, None, :]
+            same = x_node[:, :, None] == y_node[:, None, :]
+            cap_n = node_cap[r, None, None]
+            ok &= same | ((nx + d <= np.maximum(nx, cap_n)) & (ny - d <= np.maximum(ny, cap_n)))
+        if cross_group_penalty is not None:
+            cross = xe[:, :, None] // group_size != ye[:, None, :] // group_size
+            score = score + np.where(cross, cross_group_penalty[r, None, None], 0.0)
+        score = np.where(ok, score, np.inf).reshape(r.size, -1)
+        best = score.argmin(1)
+        do = np.isfinite(score[np.arange(r.size), best])
+        if not do.any():
+            break
+        r, best, y = r[do], best[do], y[do]
+        i, jj = np.divmod(best, y.shape[1])
+        j = y[np.arange(r.size), jj]
+        ci = members[a[r], i]  # cell in the busiest group
+        ex, ey = cells[r, ci], cells[r, j]
+        ga, gb = group_of_cell[ci], group_of_cell[j]
+        na, nb = node_of_cell[ci], node_of_cell[j]
+        lxa, lyb = cell_load[r, ci], cell_load[r, j]
+        cells[r, ci], cells[r, j] = ey, ex
+        cell_load[r, ci], cell_load[r, j] = lyb, lxa
+        load[r, ga] += lyb - lxa
+        load[r, gb] += lxa - lyb
+        nload[r, na] += lyb - lxa
+        nload[r, nb] += lxa - lyb
+        on_group[r, ex, ga] = False
+        on_group[r, ey, gb] = False
+        on_group[r, ex, gb] = True
+        on_group[r, ey, ga] = True
+        on_node[r, ex, na] = False
+        on_node[r, ey, nb] = False
+        on_node[r, ex, nb] = True
+        on_node[r, ey, na] = True
+        swaps[r] += 1
+    return cells, swaps
+
+
+def _assign(
+    w: np.ndarray,
+    counts: np.ndarray,
+    kept: np.ndarray,
+    rank_of_cell: np.ndarray,
+    node_of_cell: np.ndarray,
+    caps: np.ndarray,
+    shape: MoEShape,
+    group_affinity: float,
+    have_previous: bool,
+) -> np.ndarray:
+    """(L, P) expert of every cell: ``kept`` cells stay, the other copies are placed (steps 3-4).
+
+    One expert per rank: copies go to nodes (longest processing time first), then to the node's
+    free cells. Several per rank: copies go straight to ranks, least-loaded rank first, with the
+    node terms added, so that per-GPU balance (what packing decides) comes first.
+    """
+    L, E = w.shape
+    P = kept.shape[1]
+    G = caps.shape[0]
+    N = int(node_of_cell.max()) + 1
+    n_group, gsize = shape.n_group, shape.group_size
+    rows = np.arange(L)
+    per_copy = w / counts  # (L, E) load each copy carries (tokens spread evenly over copies)
+    unit = w.sum(1, keepdims=True) / P  # (L, 1) mean load per cell: the scale of every penalty
+
+    node_cap = np.bincount(node_of_cell, minlength=N).astype(np.float64)  # (N,) cells per node
+    li, cj = np.nonzero(kept >= 0)
+    ke = kept[li, cj]
+    kn = node_of_cell[cj]
+    kg = ke // gsize
+    node_load = np.zeros((L, N))
+    np.add.at(node_load, (li, kn), per_copy[li, ke])
+    node_free = np.broadcast_to(node_cap, (L, N)) - _counts_of(np.where(kept >= 0, node_of_cell, -1), N)
+    hosts = np.zeros((L, E, N), dtype=np.int32)  # copies of expert e on node n
+    np.add.at(hosts, (li, ke, kn), 1)
+
+    # (L, n_group, N): each group's share of each node's cells when groups are laid out in order.
+    runs = _group_runs(w, node_cap, n_group)
+    group_load = np.zeros((L, n_group, N))  # load each group has brought to each node
+    if have_previous:
+        # Home is where the group's kept copies are; a group with none gets its run. No per-group
+        # budget: the few copies to place just go to the least-loaded node near their group.
+        home = np.zeros((L, n_group, N), dtype=bool)
+        home[li, kg, kn] = True
+        home |= ~home.any(2, keepdims=True) & (runs > 0)
+        group_target = None
+    else:
+        home = runs > 0
+        # (L, n_group, N) load each group should bring to each node: its load, split over its run.
+        run_len = runs.sum(2, keepdims=True)  # 0 for a group with no load at all
+        group_target = (
+            w.reshape(L, n_group, gsize).sum(2)[:, :, None] * runs / np.where(run_len > 0, run_len, 1.0)
+        )
+    away = _distance_to(home)
+
+    # Copies still to place, heaviest first (ties: lower expert id first), padded with -1.
+    need = counts - _counts_of(kept, E)  # (L, E) >= 0 by construction of _keep
+    width = int(need.sum(1).max(initial=0))
+    cells = kept.copy()
+    if width == 0:
+        return cells
+    order = np.lexsort((np.broadcast_to(np.arange(E), (L, E)), -per_copy), axis=1)  # (L, E)
+    reps = np.take_along_axis(need, order, axis=1)
+    item_e = np.full((L, width), -1, dtype=np.int64)
+    for layer in range(L):  # np.repeat per layer: the ragged part, cheap (E-sized)
+        seq = np.repeat(order[layer], reps[layer])
+        item_e[layer, : seq.size] = seq
+    valid = item_e >= 0
+    e_safe = np.where(valid, item_e, 0)
+    item_load = np.where(valid, per_copy[rows[:, None], e_safe], 0.0)  # (L, width)
+
+    dup_pen = 1e3 * unit  # a second copy on a node only when no other node has room
+    away_pen = group_affinity * unit * node_cap.mean()  # per node of distance: a share of a node's load
+    inv_cap = 1.0 / node_cap
+
+    def node_cost(e: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(L, N) cost per cell of putting a copy of expert e (group g) on each node."""
+        cost = node_load * inv_cap + dup_pen * hosts[rows, e] + away_pen * away[rows, g]
+        if group_target is not None:
+            # Least loaded also relative to what this group should bring to the node, so that a
+            # group's heavy copies spread over its whole run instead of its first node.
+            cost += (group_load[rows, g] - group_target[rows, g]) * inv_cap
+        return cost
+
+    def place(i: int, n: np.ndarray) -> None:
+        ok = valid[:, i]
+        e, load = e_safe[:, i], item_load[:, i] * ok
+        node_load[rows, n] += load
+        group_load[rows, e // gsize, n] += load
+        node_free[rows, n] -= ok
+        hosts[rows, e, n] += ok
+
+    if (caps == 1).all():
+        item_node = np.full((L, width), -1, dtype=np.int64)
+        for i in range(width):
+            e = e_safe[:, i]
+            n = np.where(node_free > 0, node_cost(e, e // gsize), np.inf).argmin(1)  # first on ties
+            item_node[:, i] = np.where(valid[:, i], n, -1)
+            place(i, n)
+        # Each node's free cells, in order, take the node's new copies by expert id.
+        fl, fc = np.nonzero(cells < 0)
+        fo = np.lexsort((fc, node_of_cell[fc], fl))
+        il, ii = np.nonzero(valid)
+        io = np.lexsort((item_e[il, ii], item_node[il, ii], il))
+        cells[fl[fo], fc[fo]] = item_e[il[io], ii[io]]
+        return cells
+
+    # Several experts per rank. Pass 1 packs for per-GPU load alone (longest processing time
+    # first over ranks); pass 2 adds the node and group terms but keeps every rank within
+    # ``_PACK_SLACK`` of pass 1's busiest rank, so locality never costs per-GPU balance.
+    node_of_rank = np.zeros(G, dtype=np.int64)
+    node_of_rank[rank_of_cell] = node_of_cell
+    kr = rank_of_cell[cj]
+    rank_load0 = np.zeros((L, G))
+    np.add.at(rank_load0, (li, kr), per_copy[li, ke])
+    rank_free0 = np.broadcast_to(caps, (L, G)) - _counts_of(np.where(kept >= 0, rank_of_cell, -1), G)
+    rank_hosts0 = np.zeros((L, E, G), dtype=bool)
+    rank_hosts0[li, ke, kr] = True
+    first_cell = np.cumsum(caps) - caps  # (G,)
+    cells_per_rank = P / G
+    saved = (node_load.copy(), node_free.copy(), hosts.copy(), group_load.copy())
+
+    def pack(locality: bool, cap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        out = cells.copy()
+        rank_load, rank_free, rank_hosts = rank_load0.copy(), rank_free0.copy(), rank_hosts0.copy()
+        for i in range(width):
+            e = e_safe[:, i]
+            ok = valid[:, i]
+            cost = rank_load + dup_pen * rank_hosts[rows, e]
+            if locality:
+                # Node terms are per cell: scale them to a rank's worth of cells.
+                cost = cost + cells_per_rank * node_cost(e, e // gsize)[:, node_of_rank]
+            if cap is not None:
+                over = rank_load + item_load[:, i : i + 1] - cap[:, None]
+                cost = cost + np.where(over > 0, dup_pen + over, 0.0)
+            r = np.where(rank_free > 0, cost, np.inf).argmin(1)
+            place(i, node_of_rank[r])
+            slot = _next_free(out, rows, first_cell[r], caps[r])  # a rank fills around its kept cells
+            out[rows[ok], slot[ok]] = e[ok]
+            rank_load[rows, r] += item_load[:, i] * ok
+            rank_free[rows, r] -= ok
+            rank_hosts[rows, e, r] |= ok
+        return out, rank_load
+
+    _, load1 = pack(False, None)
+    for arr, orig in zip((node_load, node_free, hosts, group_load), saved, strict=True):
+        arr[...] = orig
+    cells, _ = pack(True, load1.max(1) * (1.0 + _PACK_SLACK))
+    return _repair_duplicates(cells, per_copy, rank_of_cell, strict=True)
+
+
+def _repair_duplicates(
+    cells: np.ndarray, per_copy: np.ndarray, group_of_cell: np.ndarray, strict: bool = True
+) -> np.ndarray:
+    """Swap away a second copy of an expert in one group of cells (a rank, or a node).
+
+    Greedy packing can leave one when the last free cells are all on ranks (nodes) that already
+    hold the expert. Each duplicate is swapped with the copy elsewhere whose load is closest,
+    among those that create no new duplicate. ``strict``: raise if that is impossible (two
+    copies on one GPU are useless); otherwise leave it (two copies on one node only cost
+    locality). Rare, so a plain loop over the cases.
+    """
+    L, P = cells.shape
+    K = int(group_of_cell.max()) + 1
+    cells = cells.copy()
+    srt = np.sort(cells * K + group_of_cell, axis=1)  # same expert in the same group -> same key
+    for layer in np.nonzero((srt[:, 1:] == srt[:, :-1]).any(1))[0]:
+        row = cells[layer]
+        members = [set(row[group_of_cell == k].tolist()) for k in range(K)]
+        seen: set[tuple[int, int]] = set()
+        for j in range(P):
+            e, g = int(row[j]), int(group_of_cell[j])
+            if (e, g) not in seen:
+                seen.add((e, g))
+                continue
+            best, best_gap = -1, np.inf
+            for i in range(P):
+                g2, e2 = int(group_of_cell[i]), int(row[i])
+                if g2 == g or e2 in members[g] or e in members[g2]:
+                    continue
+                gap = abs(per_copy[layer, e2] - per_copy[layer, e])
+                if gap < best_gap:
+                    best, best_gap = i, gap
+            if best < 0:
+                if strict:
+                    raise PlacementError(f"layer {layer}: cannot avoid two copies of expert {e} on one GPU")
+                continue
+            e2, g2 = int(row[best]), int(group_of_cell[best])
+            row[j], row[best] = e2, e
+            members[g].add(e2)
+            members[g2].discard(e2)
+            members[g2].add(e)
+            seen.add((e2, g))
+    return cells
+
+
+def _next_free(cells: np.ndarray, rows: np.ndarray, start: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """(L,) index of the first free (-1) cell in [start, start+cap) of each row; start if none."""
+    width = int(cap.max())
+    idx = start[:, None] + np.arange(width)  # (L, width)
+    inside = np.arange(width)[None, :] < cap[:, None]
+    free = (cells[rows[:, None], np.minimum(idx, cells.shape[1] - 1)] < 0) & inside
+    return np.where(free.any(1), idx[rows, free.argmax(1)], start)
+
+
+def _group_runs(w: np.ndarray, node_cap: np.ndarray, n_group: int) -> np.ndarray:
+    """(L, n_group, N) cells of each node inside group g's run when the groups are laid out in
+    order along the nodes (topology order), each run as long as the group's share of the load.
+
+    Runs sized by load, not by copies: a node then gets its share of the load from its groups,
+    and a group with more (light) copies than its run has cells spills them to a neighbour."""
+    L, E = w.shape
+    share = w.reshape(L, n_group, -1).sum(2) / w.sum(1, keepdims=True)  # (L, n_group)
+    total = node_cap.sum()
+    g_end = np.cumsum(share, axis=1) * total  # in cells along the node line
+    g_start = g_end - share * total
+    n_end = np.cumsum(node_cap)
+    n_start = n_end - node_cap
+    overlap = np.minimum(g_end[:, :, None], n_end) - np.maximum(g_start[:, :, None], n_start)
+    return np.where(overlap > 1e-9, overlap, 0.0)
+
+
+def _distance_to(home: np.ndarray) -> np.ndarray:
+    """(L, n_group, N) float: nodes between each node and the nearest home node of the group
+    along the topology order (0 at home); groups without a home are at distance 0 everywhere."""
+    pos = np.arange(home.shape[2], dtype=np.float64)
+    # Nearest home at or before each node, and at or after it: two running extrema, O(L*groups*N).
+    before = np.maximum.accumulate(np.where(home, pos, -np.inf), axis=2)
+    after = np.minimum.accumulate(np.where(home, pos, np.inf)[:, :, ::-1], axis=2)[:, :, ::-1]
+    d = np.minimum(pos - before, after - pos)
+    return np.where(np.isfinite(d), d, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline and measurements
+
+
+def round_robin_plan(
+    shape: MoEShape, topology: Topology, redundant: int | None = None, max_experts_per_gpu: int = 1
+) -> Plan:
+    """Load-blind baseline: physical expert q (cells taken slot-major, rank-minor) hosts logical
+    expert (q + q // E) % E, the same in every layer; copies go to the lowest ids."""
+    E, L = shape.n_routed_experts, shape.moe_layers
+    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu)
+    G, width = len(ranks), int(caps.max())
+    r, s = np.nonzero(np.arange(width)[None, :] < caps[:, None])  # cells, rank-major
+    o = np.lexsort((r, s))  # slot-major: q walks across ranks first
+    q = np.arange(o.size)
+    em = np.full((G, width), -1, dtype=np.int32)
+    em[r[o], s[o]] = (q + q // E) % E
+    return Plan(ranks=ranks, expert_map=np.broadcast_to(em, (L, G, width)).copy(), shape=shape)
+
+
+def plan_metrics(p: Plan, w: np.ndarray) -> dict[str, Any]:
+    """Planner-side estimates (load split evenly over copies), averaged over layers."""
+    L, G, _ = p.expert_map.shape
+    E = w.shape[1]
+    counts = p.replica_counts(E)
+    per_copy = w / np.maximum(counts, 1)  # (L, E)
+    em = p.expert_map
+    cell_load = np.where(em >= 0, per_copy[np.arange(L)[:, None, None], np.maximum(em, 0)], 0.0)  # (L, G, m)
+    rank_load = cell_load.sum(2)  # (L, G)
+    node = p.node_of_rank()
+    N = int(node.max()) + 1
+    node_load = rank_load @ (node[:, None] == np.arange(N))  # (L, N)
+    gpu_ratio = rank_load.max(1) / rank_load.mean(1)
+    node_ratio = node_load.max(1) / node_load.mean(1)
+    n_group = p.shape.n_group if p.shape else 1
+    # Nodes that hold some expert of a group, averaged over groups and layers: alignment.
+    gsize = E // n_group
+    held = np.zeros((L, n_group, N), dtype=bool)
+    li, ri, _ = np.nonzero(em >= 0)
+    held[li, em[em >= 0] // gsize, node[ri]] = True
+    return {
+        "layers": int(L),
+        "ranks": int(G),
+        "nodes": int(N),
+        "experts_per_gpu": int((em >= 0).sum(2).max()),
+        "gpu_load_max_mean": round(float(gpu_ratio.mean()), _ROUND),
+        "gpu_load_max_mean_worst_layer": round(float(gpu_ratio.max()), _ROUND),
+        "node_load_max_mean": round(float(node_ratio.mean()), _ROUND),
+        "nodes_per_group": round(float(held.sum(2).mean()), _ROUND),
+    }
+
+
+def moved_experts(previous: Plan, new: Plan, per_layer: bool = False) -> Any:
+    """Experts that must be loaded onto a GPU: hosted by a (node, gpu) in ``new`` but not by the
+    same (node, gpu) in ``previous`` (all of a new GPU's experts count). Int, or (L,) if per_layer."""
+    if previous.num_layers != new.num_layers:
+        raise PlacementError(f"plans have {previous.num_layers} and {new.num_layers} layers")
+    where = {(r.node, r.gpu): i for i, r in enumerate(previous.ranks)}
+    L, G, m = new.expert_map.shape
+    old = np.full((L, G, previous.expert_map.shape[2]), -1, dtype=np.int32)
+    for k, r in enumerate(new.ranks):
+        i = where.get((r.node, r.gpu))
+        if i is not None:
+            old[:, k, :] = previous.expert_map[:, i, :]
+    present = (new.expert_map[..., :, None] == old[..., None, :]).any(-1)  # (L, G, m)
+    moved = ((new.expert_map >= 0) & ~present).sum((1, 2))
+    return moved if per_layer else int(moved.sum())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Traffic and load of a plan on a routing trace, under one fixed replica-choice rule:
+    tokens sit on ranks round-robin (token t on rank t mod G, as with data-parallel attention on
+    every rank); a (token, expert) pair uses the expert's copies on the token's own node if there
+    are any (split evenly among them), else is split evenly over all the expert's copies."""
+
+    gpu_load_max_mean: float
+    """Tokens per GPU, busiest / mean, averaged over layers."""
+    node_ingress_max_mean: float
+    """Tokens arriving at a node from other nodes (a token counted once per node it reaches, as
+    dispatch sends it once per node), busiest / mean, averaged over layers."""
+    node_ingress_mean: float
+    """Those tokens per node per layer, mean."""
+    cross_node_fraction: float
+    """(token, expert) pairs served on another node than the token's."""
+    distinct_nodes_per_token: float
+    """Nodes a token's experts are served on (its own included when used), per layer, mean."""
+    per_layer: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+
+def evaluate(p: Plan, topk_ids: Any, *, token_chunk: int = 4096) -> Evaluation:
+    """Measure ``p`` on a trace ``topk_ids`` (L, tokens, k) (or an object with ``topk_ids``)."""
+    ids = np.asarray(getattr(topk_ids, "topk_ids", topk_ids))
+    L, T, k = ids.shape
+    if L != p.num_layers:
+        raise PlacementError(f"trace has {L} layers, the plan {p.num_layers}")
+    em = p.expert_map
+    G = p.num_ranks
+    E = max(int(em.max()) + 1, int(ids.max()) + 1, p.shape.n_routed_experts if p.shape else 0)
+    node_of_rank = p.node_of_rank()
+    N = int(node_of_rank.max()) + 1
+    src = node_of_rank[np.arange(T) % G]  # (T,) node of each token
+    gpu_r = np.empty(L)
+    ing_r = np.empty(L)
+    ing_m = np.empty(L)
+    cross = np.empty(L)
+    distinct = np.empty(L)
+    for layer in range(L):
+        cells = em[layer]  # (G, m)
+        r_idx, s_idx = np.nonzero(cells >= 0)
+        ce = cells[r_idx, s_idx]
+        cn = node_of_rank[r_idx]
+        cnt = np.zeros((E, N))  # copies of e on node n
+        np.add.at(cnt, (ce, cn), 1)
+        tot = cnt.sum(1)  # (E,)
+        top = ids[layer]  # (T, k)
+        pairs = (
+            np.bincount((src[:, None] * E + top).ravel(), minlength=N * E).reshape(N, E).T
+        )  # (E, N) by source node
+        local = cnt > 0  # (E, N): expert e has a copy on node n
+        remote_pairs = (pairs * ~local).sum(1)  # (E,) pairs from nodes without a copy
+        # Load of one copy of e on node n: its node's own pairs split over the local copies,
+        # plus an even share of the pairs from nodes without a copy.
+        copy_load = (
+            np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote_pairs / np.maximum(tot, 1))[:, None]
+        )
+        rank_load = np.zeros(G)
+        np.add.at(rank_load, r_idx, copy_load[ce, cn])
+        gpu_r[layer] = rank_load.max() / rank_load.mean()
+        cross[layer] = remote_pairs.sum() / (T * k)
+        # Per token and node: probability the token reaches the node = 1 - prod over its remote
+        # experts of (1 - share of that expert's copies on the node). Local experts stay home.
+        with np.errstate(divide="ignore"):
+            log_stay = np.log(np.clip(1.0 - cnt / np.maximum(tot, 1)[:, None], 0.0, 1.0))  # (E, N)
+        ingress = np.zeros(N)
+        dsum = 0.0
+        for t0 in range(0, T, token_chunk):
+            tk = top[t0 : t0 + token_chunk]  # (t, k)
+            s = src[t0 : t0 + token_chunk]
+            is_local = local[tk, s[:, None]]  # (t, k)
+            lg = np.where(is_local[..., None], 0.0, log_stay[tk])  # (t, k, N)
+            reach = 1.0 - np.exp(lg.sum(1))  # (t, N); 0 on the token's own node (no copy there)
+            ingress += reach.sum(0)
+            dsum += reach.sum() + is_local.any(1).sum()
+        ing_m[layer] = ingress.mean()
+        ing_r[layer] = ingress.max() / ingress.mean() if ingress.mean() > 0 else 1.0
+        distinct[layer] = dsum / T
+    return Evaluation(
+        gpu_load_max_mean=float(gpu_r.mean()),
+        node_ingress_max_mean=float(ing_r.mean()),
+        node_ingress_mean=float(ing_m.mean()),
+        cross_node_fraction=float(cross.mean()),
+        distinct_nodes_per_token=float(distinct.mean()),
+        per_layer={"gpu_load_max_mean": gpu_r, "node_ingress_max_mean": ing_r, "cross_node_fraction": cross},
+    )
+
+
+__all__ = [
+    "DEFAULT_BALANCE_TOLERANCE",
+    "DEFAULT_GROUP_AFFINITY",
+    "Evaluation",
+    "MoEShape",
+    "Plan",
+    "PlacementError",
+    "RankSlot",
+    "evaluate",
+    "expert_load",
+    "moved_experts",
+    "optimal_counts",
+    "plan",
+    "plan_metrics",
+    "rebalanced_counts",
+    "round_robin_plan",
+    "select_ranks",
+    "validate_plan",
+]

@@ -1,0 +1,430 @@
+"""FP8 e4m3 block quantization in DeepSeek-V3's checkpoint format, inside one `Linear`.
+
+Format (README_WEIGHTS.md, report section 3.3.2):
+- a weight W (out, in) is stored as e4m3 `q` plus `weight_scale_inv` s of shape
+  (ceil(out/128), ceil(in/128)) fp32, with W[i, j] ~= q[i, j] * s[i // 128, j // 128]; blocks cut
+  by the matrix edge are zero-padded when their scale is computed;
+- activations are quantized on the fly per token per 128 channels (1x128 groups):
+  s = max(amax, 1e-4) / 448, q = e4m3(x / s)  (DeepSeek `act_quant`).
+
+`linear()` is the only place that decides how a product is computed (`Linear.impl`):
+- "scaled_mm": CUDA with compute capability >= 8.9: act_quant + `torch._scaled_mm` with 1x128 x
+  128x128 block scales (cuBLAS blockwise scaling; sm90). If the kernel refuses (older CUDA, sm89 or
+  sm100 without blockwise support) the call falls back to "emulate" once per device, with a warning.
+- "emulate": the exact CPU fallback. It computes what the FP8 kernel computes,
+  sum_k (qa[m,k] * sa[m,k//128]) * (qw[n,k] * sw[n//128,k//128]), with the same e4m3 values and
+  scales (activation rounding bit-identical to `act_quant`), in fp32: it differs from the GPU
+  kernel only by fp32 rounding and summation order (~1e-7 relative), not by any quantization.
+- "weight_only": like DeepSeek's `gemm_impl="bf16"`: unquantized activations times dequantized
+  weights in the activation dtype; the fast CPU path, not the FP8 numerics (see `_weight_only`).
+- "auto": "scaled_mm" where supported, else "emulate".
+
+CPU paths never keep a dequantized copy of a weight: they decode a few hundred rows at a time into
+a small scratch tile and multiply tile by tile, so an FP8 expert keeps holding half the bytes of bf16.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FP8_BLOCK
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite e4m3fn value."""
+ACT_AMAX_FLOOR = 1e-4
+"""DeepSeek's `act_quant` clamps a group's amax to at least this, so all-zero groups get a scale."""
+
+Impl = Literal["auto", "scaled_mm", "emulate", "weight_only"]
+IMPLS: tuple[str, ...] = ("auto", "scaled_mm", "emulate", "weight_only")
+
+TILE_ELEMENTS = 1 << 20
+"""Weight elements decoded per tile on the CPU paths (about 4 MB of fp32 scratch)."""
+
+_SCALED_MM_BROKEN: set[str] = set()  # devices where torch._scaled_mm refused blockwise scales
+_SCRATCH = threading.local()  # per-thread reusable decode buffers: fresh 8 MB buffers page-fault
+
+
+def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) buffer reused across calls on this thread (contents undefined)."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    key = (slot, dtype, str(device))
+    buf = pool.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = pool[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+    return buf[: rows * cols].view(rows, cols)
+
+
+def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of `weight_scale_inv` for an (out, in) weight: one fp32 per 128x128 block."""
+    return math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize / dequantize
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> (q (out, in) e4m3, scale_inv (ceil(out/128), ceil(in/128)) fp32).
+
+    Per 128x128 block: s = amax / 448 (1 for an all-zero block), q = e4m3(w / s), round to nearest
+    even. Partial edge blocks are zero-padded, so padding never changes a scale.
+    """
+    out_f, in_f = w.shape
+    so, si = scale_shape(out_f, in_f)
+    padded = torch.zeros(so * FP8_BLOCK, si * FP8_BLOCK, dtype=torch.float32, device=w.device)
+    padded[:out_f, :in_f] = w.float()
+    blocks = padded.view(so, FP8_BLOCK, si, FP8_BLOCK)  # (so, 128, si, 128)
+    amax = blocks.abs().amax(dim=(1, 3))  # (so, si)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(so * FP8_BLOCK, si * FP8_BLOCK)[:out_f, :in_f].contiguous()
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (out, in) e4m3 with scale_inv -> (out, in) `dtype`: fp32 product q * s, then one rounding."""
+    out_f, in_f = q.shape
+    result = torch.empty(out_f, in_f, dtype=dtype, device=q.device)
+    decoder = _TileDecoder(q, scale)
+    for r0, r, tile in decoder.tiles():
+        result[r0 : r0 + r].copy_(tile)
+    return result
+
+
+def act_quant(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (q (..., K) e4m3, s (..., ceil(K/128)) fp32), per token per 128 channels.
+
+    DeepSeek `act_quant`: s = max(amax, 1e-4) / 448 (rounded up to a power of two when
+    scale_fmt == "ue8m0"), q = e4m3(x / s). A last partial group is zero-padded.
+    """
+    groups, s = _act_groups(x, scale_fmt)
+    q = (groups / s[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    K = x.shape[-1]
+    return q.flatten(-2)[..., :K].contiguous(), s
+
+
+def act_quant_dequant(x: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """fp32 tensor equal, bit for bit, to `q.float() * s` of `act_quant(x)`; no e4m3 tensor made.
+
+    Rounding to e4m3 is done arithmetically (exact power-of-two steps and round-half-even), which
+    on CPU is several times faster than PyTorch's scalar float8 conversion.
+    """
+    groups, s = _act_groups(x, scale_fmt)
+    v = (groups / s[..., None]).clamp_(-FP8_MAX, FP8_MAX)
+    out = round_to_e4m3(v).mul_(s[..., None])
+    K = x.shape[-1]
+    return out.flatten(-2)[..., :K]
+
+
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Nearest e4m3fn value (ties to even) of fp32 `v` with |v| <= 448, as fp32."""
+    _, ex = torch.frexp(v)  # |v| = m * 2**ex, m in [0.5, 1); ex == 0 for v == 0
+    # e4m3: 3 mantissa bits, smallest normal exponent -6, so the spacing is 2**(max(ex-1, -6) - 3).
+    step_exp = (ex - 1).clamp_(min=-6) - 3  # in [-9, 5]
+    step = ((step_exp + 127) << 23).view(torch.float32)  # exact 2**step_exp from its bit pattern
+    return torch.round(v / step).mul_(step)
+
+
+def _act_groups(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (fp32 groups (..., G, 128) zero-padded, scales (..., G))."""
+    K = x.shape[-1]
+    G = math.ceil(K / FP8_BLOCK)
+    xf = x.float()
+    if K != G * FP8_BLOCK:
+        xf = F.pad(xf, (0, G * FP8_BLOCK - K))
+    groups = xf.unflatten(-1, (G, FP8_BLOCK))
+    amax = groups.abs().amax(dim=-1).clamp_(min=ACT_AMAX_FLOOR)
+    s = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        s = _pow2_ceil(s)
+    elif scale_fmt is not None:
+        raise ValueError(f"scale_fmt {scale_fmt!r}: expected None or 'ue8m0'")
+    return groups, s
+
+
+def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= s (s > 0), exactly."""
+    m, ex = torch.frexp(s)
+    ex = torch.where(m == 0.5, ex - 1, ex)
+    return ((ex + 127) << 23).view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile-wise decoding (CPU paths)
+# ---------------------------------------------------------------------------------------------
+
+
+class _TileDecoder:
+    """Decodes rows of an e4m3 weight into fp32 scratch, tile by tile, exactly (= q.float() * s).
+
+    The e4m3 byte S EEEE MMM becomes the fp16 bit pattern S 0 EEEE MMM 0000000, which is the same
+    number times 2**-8 for every finite e4m3 value, subnormals included (both formats keep 3
+    mantissa bits at the top, and fp16's exponent bias is 8 above e4m3's). That takes three
+    vectorised integer passes instead of PyTorch's scalar float8 conversion; the 2**8 is folded
+    into the scale, which is exact.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, tile_elements: int | None = None):
+        self.q = q
+        self.out_f, self.in_f = q.shape
+        kb = math.ceil(self.in_f / FP8_BLOCK)
+        self.kp = kb * FP8_BLOCK  # padded row length: whole 128-groups
+        # (out, kb): the scale of each row's k-blocks, times 2**8 to undo the fp16 decode's 2**-8.
+        self.row_scale = scale.float().repeat_interleave(FP8_BLOCK, dim=0)[: self.out_f] * 256.0
+        self.rows = max(1, min(self.out_f, (tile_elements or TILE_ELEMENTS) // self.kp))
+        self._i16 = _scratch("i16", self.rows, self.kp, torch.int16, q.device)
+        self._i16[:, self.in_f :].zero_()  # padding columns decode to 0
+        self._f32 = _scratch("f32", self.rows, self.kp, torch.float32, q.device)
+
+    def tiles(self):
+        """Yield (first row, rows, fp32 tile (rows, in)) covering the weight top to bottom."""
+        kb = self.kp // FP8_BLOCK
+        src = self.q.view(torch.int8)
+        for r0 in range(0, self.out_f, self.rows):
+            r = min(self.rows, self.out_f - r0)
+            i16 = self._i16[:r]
+            i16[:, : self.in_f].copy_(src[r0 : r0 + r])  # sign-extends: negatives become 0xFF80 | EEEEMMM
+            i16.bitwise_left_shift_(7)  # bits 15, 14 = S, S; bits 13..7 = EEEEMMM
+            i16.bitwise_and_(-16512)  # 0xBF80: keep sign and EEEEMMM, clear bit 14 -> fp16(value * 2**-8)
+            f32 = self._f32[:r]
+            f32.copy_(i16.view(torch.float16))
+            f32.view(r, kb, FP8_BLOCK).mul_(self.row_scale[r0 : r0 + r, :, None])
+            yield r0, r, f32[:, : self.in_f]
+
+
+def _decode_bf16_times_2m120(src: torch.Tensor, i16: torch.Tensor) -> None:
+    """e4m3 rows (as int8) -> bf16 rows equal to value * 2**-120, exactly, in three integer passes.
+
+    The byte S EEEE MMM becomes the bf16 bit pattern S 0000 EEEE MMM 0000: the exponent field is
+    E (bias 127 instead of 7) and subnormals line up as in `_TileDecoder`. Codes with E == 0
+    (|value| < 2**-6, below 1/28672 of their block's amax) are bf16 subnormals after the shift.
+    """
+    i16.copy_(src)  # sign-extends
+    i16.bitwise_left_shift_(4)  # bits 15..11 = S, bits 10..4 = EEEEMMM
+    i16.bitwise_and_(-30736)  # 0x87F0: keep the sign and EEEEMMM; i16.view(bfloat16) is the result
+
+
+WO_TILE_ELEMENTS = 1 << 22
+"""Weight elements decoded per tile on the weight_only path (8 MB of int16 scratch)."""
+_WO_ACT_SIDE_TOKENS = 32  # up to this many tokens the block scales are applied to the activations
+_POW2_120 = 2.0**120
+
+
+def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 activations x (T, K) times the e4m3 weight, decoded tile by tile straight to bf16.
+
+    Weights decode to bf16 as value * 2**-120 with integer ops only; the block scale (times 2**120)
+    is then applied where it is cheaper:
+    - T <= 32 (memory-bound): to the activations. For each 128-row block b, x_b = bf16(x * s[b, k//128]
+      * 2**120) and y[:, b] = x_b @ raw_b^T, all blocks of a tile in one bmm. x86 bf16 dot products
+      (AVX512-BF16) may flush bf16 subnormal inputs: e4m3 codes with E == 0 can count as zero here.
+    - T > 32 (compute-bound): to the weights, raw * bf16(s * 2**120), then x @ w^T.
+    Either way one extra bf16 rounding (of x * s, or of s) on top of DeepSeek's weight_dequant, so
+    each product carries at most 2**-8 relative error, plus the bf16 output rounding.
+    """
+    T = x2.shape[0]
+    N, K = q.shape
+    if x2.dtype != torch.bfloat16 or float(scale.max()) >= 2.0**7:  # 2**120 * s must stay finite in bf16
+        return _tiled_matmul(x2, q, scale, x2.dtype)
+    kb = math.ceil(K / FP8_BLOCK)
+    kp = kb * FP8_BLOCK
+    nb = math.ceil(N / FP8_BLOCK)
+    s120 = scale.float() * _POW2_120  # (nb, kb), exact
+    src = q.view(torch.int8)
+    rows = min(max(1, WO_TILE_ELEMENTS // (kp * FP8_BLOCK)), nb) * FP8_BLOCK  # whole 128-row blocks
+    i16 = _scratch("i16", rows, kp, torch.int16, q.device)
+    i16[:, K:].zero_()  # padding columns decode to 0
+    yt = torch.empty(N, T, dtype=torch.bfloat16, device=q.device)  # (N, T): tiles are contiguous rows
+    xf = x2.float()
+    act_side = T <= _WO_ACT_SIDE_TOKENS and float(xf.abs().max()) * float(s120.max()) < 2.0**127
+    if act_side:
+        xs = F.pad(xf, (0, kp - K)).view(1, T, kb, FP8_BLOCK)  # (1, T, kb, 128)
+        xq = torch.empty(rows // FP8_BLOCK, T, kb, FP8_BLOCK, dtype=torch.bfloat16, device=q.device)
+    else:
+        row_scale = s120.to(torch.bfloat16).repeat_interleave(FP8_BLOCK, dim=0)[:N]  # (N, kb)
+    for n0 in range(0, N, rows):
+        r = min(rows, N - n0)
+        _decode_bf16_times_2m120(src[n0 : n0 + r], i16[:r, :K])
+        raw = i16[:r].view(torch.bfloat16)  # (r, kp) = weight / s * 2**-120, zero beyond K
+        if act_side:
+            blocks = math.ceil(r / FP8_BLOCK)
+            if r % FP8_BLOCK:  # last partial block: bmm wants whole 128-row blocks
+                i16[r : blocks * FP8_BLOCK].zero_()
+            b0 = n0 // FP8_BLOCK
+            xqb = xq[:blocks]
+            torch.mul(xs, s120[b0 : b0 + blocks, None, :, None], out=xqb)  # fp32 math, one bf16 rounding
+            out = torch.bmm(
+                i16[: blocks * FP8_BLOCK].view(torch.bfloat16).view(blocks, FP8_BLOCK, kp),
+                xqb.view(blocks, T, kp).transpose(1, 2),
+            )  # (blocks, 128, T)
+            yt[n0 : n0 + r] = out.view(blocks * FP8_BLOCK, T)[:r]
+        else:
+            raw.view(r, kb, FP8_BLOCK).mul_(row_scale[n0 : n0 + r, :, None])
+            torch.mm(raw[:, :K], x2.t(), out=yt[n0 : n0 + r])
+    return yt.t()
+
+
+def _tiled_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """x2 (T, K) @ dequant(q)^T -> (T, N) in `compute_dtype`, one decoded tile of rows at a time."""
+    T = x2.shape[0]
+    N = q.shape[0]
+    decoder = _TileDecoder(q, scale)
+    xt = x2.to(compute_dtype).t()  # (K, T)
+    yt = torch.empty(N, T, dtype=compute_dtype, device=x2.device)  # (N, T): row tiles are contiguous
+    cast = None
+    if compute_dtype != torch.float32:
+        cast = _scratch("cast", decoder.rows, q.shape[1], compute_dtype, x2.device)
+    for r0, r, tile in decoder.tiles():
+        if cast is not None:
+            tile = cast[:r].copy_(tile)  # one rounding of the fp32 product q * s, as DeepSeek's weight_dequant
+        torch.mm(tile, xt, out=yt[r0 : r0 + r])
+    return yt.t()
+
+
+# ---------------------------------------------------------------------------------------------
+# The one linear()
+# ---------------------------------------------------------------------------------------------
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """CUDA device with compute capability >= 8.9 (Ada, Hopper and later)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Concrete implementation for `impl` on `device` ("auto" picks scaled_mm or emulate)."""
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 impl {impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        return "scaled_mm" if scaled_mm_supported(device) and str(device) not in _SCALED_MM_BROKEN else "emulate"
+    if impl == "scaled_mm" and not scaled_mm_supported(device):
+        raise ValueError(f"fp8 impl 'scaled_mm' needs a CUDA device with compute capability >= 8.9, got {device}")
+    return impl
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """y = x W^T, (..., in) -> (..., out) in x.dtype. W is float, or e4m3 with its weight_scale_inv."""
+    if weight.dtype != FP8_DTYPE:
+        if scale is not None:
+            raise ValueError("a weight_scale_inv was given for a weight that is not float8_e4m3fn")
+        return F.linear(x, weight)
+    if scale is None:
+        raise ValueError("a float8_e4m3fn weight needs its weight_scale_inv")
+    out_f, in_f = weight.shape
+    x2 = x.reshape(-1, in_f)  # (tokens, in)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], out_f)
+    kind = resolve_impl(impl, x.device)
+    if kind == "scaled_mm":
+        y = _scaled_mm_or_fallback(x2, weight, scale, scale_fmt)
+    elif kind == "emulate":
+        y = _emulate(x2, weight, scale, scale_fmt)
+    else:
+        y = _weight_only(x2, weight, scale)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def _emulate(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    """Exact fallback: quantize-dequantize the activations (1x128), fp32 product with the exact weight."""
+    xq = act_quant_dequant(x2, scale_fmt)  # (T, K) fp32, each value = e4m3 * fp32 scale exactly
+    return _tiled_matmul(xq, weight, scale, torch.float32).to(x2.dtype)
+
+
+def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
+    device = str(x2.device)
+    out_f, in_f = weight.shape
+    if device not in _SCALED_MM_BROKEN and in_f % FP8_BLOCK == 0 and out_f % 16 == 0:
+        try:
+            return _scaled_mm_blockwise(x2, weight, scale, scale_fmt)
+        except (RuntimeError, NotImplementedError) as e:
+            _SCALED_MM_BROKEN.add(device)
+            warnings.warn(
+                f"torch._scaled_mm with 1x128/128x128 block scales failed on {device} ({e}); "
+                "using the emulated FP8 path on this device from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _emulate(x2, weight, scale, scale_fmt)
+
+
+def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
+    """cuBLAS blockwise FP8 GEMM: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales."""
+    xq, xs = act_quant(x2, scale_fmt)  # (T, K) e4m3, (T, K/128) fp32
+    xs = xs.t().contiguous().t()  # 1x128 scales must be outer-dim-major (stride 1 along tokens)
+    return torch._scaled_mm(
+        xq,
+        weight.t(),  # (K, N) column-major view of the row-major (N, K) weight
+        scale_a=xs,
+        scale_b=scale.t(),  # (K/128, N/128), K-major
+        out_dtype=x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16,
+    ).to(x2.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias. Holds `weight` (out, in) and, for e4m3 weights, `scale` = weight_scale_inv.
+
+    The checkpoint decides nothing here: the model builds each Linear as fp8 or not (from
+    `ModelArgs.quantization`), and the loader checks that the stored tensors agree.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        fp8: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.impl: str = "auto"
+        """How an fp8 product is computed: one of IMPLS (see module docstring)."""
+        self.scale_fmt: str | None = None
+        """Activation scale format, from ModelArgs.quantization.scale_fmt."""
+        wdtype = FP8_DTYPE if fp8 else dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype, device=device), requires_grad=False)
+        if fp8:
+            shape = scale_shape(out_features, in_features)
+            self.scale = nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device), requires_grad=False)
+        else:
+            self.register_parameter("scale", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == FP8_DTYPE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(out, in) weight in `dtype` (default: the activation dtype for float weights, fp32 for fp8)."""
+        if not self.is_fp8:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return dequantize_weight(self.weight, self.scale, dtype or torch.float32)
+
+    def extra_repr(self) -> str:
+        kind = "fp8 e4m3 128x128" if self.is_fp8 else str(self.weight.dtype).replace("torch.", "")
+        return f"in={self.in_features}, out={self.out_features}, {kind}"

@@ -1,0 +1,546 @@
+"""DeepSeek-V3 in plain PyTorch: MLA attention, sigmoid group-limited gate, SwiGLU experts.
+
+Follows deepseek-ai/DeepSeek-V3 `inference/model.py` (the semantics of the released weights) and
+is checked against Hugging Face transformers' `DeepseekV3ForCausalLM`. Where the two differ we do
+what the reference does and say so:
+- RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as the reference's complex multiply. HF
+  with `rope_interleave=True` de-interleaves its output; q and k get the same permutation, so the
+  scores q.k are equal. The cached rope key here keeps the reference layout.
+- The router logits are computed in fp32 (as HF; the reference uses the activation dtype). The
+  bias `e_score_correction_bias` only selects; weights come from the unbiased sigmoid scores.
+  Non-selected groups are masked with -inf (reference, HF 5.x; HF 4.51 masked with 0.0, which
+  picks differently when biased scores are negative).
+- Expert outputs are combined in fp32 and cast once (the reference adds in bf16).
+- HF's YaRN rules are used (`config.YarnScaling`): for DeepSeek-V3's config (mscale ==
+  mscale_all_dim == 1) they equal the reference: no cos/sin factor, softmax scale * mscale**2.
+
+Parallelism hooks (the model itself has no collectives and never imports torch.distributed):
+- `ParallelContext` is passed in and kept on the model for the runtime.
+- Each `MoE` holds only the experts this rank owns (`owned_experts`), and computes the routed part
+  through one replaceable callable, `MoE.routed(x, topk_ids, topk_weights, experts, layer_id)`.
+  The default `run_local_experts` needs every selected expert to be local; an expert-parallel
+  runtime swaps in a dispatch -> `run_local_experts` -> combine object without touching the rest.
+
+Shapes: B batch, S new tokens, T cached + new tokens, H heads, D hidden, C kv_lora_rank,
+R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E routed experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .fp8 import Linear
+
+AttnImpl = Literal["naive", "absorb"]
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in its expert-parallel group. The model only stores it."""
+
+    rank: int = 0
+    """This process's rank in the group."""
+    world_size: int = 1
+    """Processes in the group."""
+    group: Any = None
+    """The torch.distributed process group, or None for a single process."""
+
+
+def all_experts(args: ModelArgs) -> dict[int, range]:
+    """Ownership map of a single process: every routed expert of every MoE layer."""
+    return {layer: range(args.n_routed_experts) for layer in args.moe_layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small modules
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE with DeepSeek-V3's YaRN frequencies, for the R = qk_rope_head_dim rotated dims."""
+
+    def __init__(self, args: ModelArgs, device=None):
+        super().__init__()
+        dim, base = args.qk_rope_head_dim, args.rope_theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (R/2,)
+        self.attention_factor = 1.0
+        y = args.rope_scaling
+        if y is not None:
+            # YaRN (reference precompute_freqs_cis, HF _compute_yarn_parameters with truncate=True):
+            # frequencies rotating fewer than beta_slow times over the original context are divided
+            # by `factor`, those rotating more than beta_fast times are kept, a linear ramp between.
+            def correction_dim(rotations: float) -> float:
+                return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+            low = max(math.floor(correction_dim(y.beta_fast)), 0)
+            high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+            keep = 1 - ramp  # 1: extrapolate (unscaled), 0: interpolate
+            inv_freq = inv_freq / y.factor * (1 - keep) + inv_freq * keep
+            self.attention_factor = y.attention_factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (S,) int -> cos, sin (S, R/2) fp32."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, S, [H,] R) by angles cos/sin (S, R/2); computed in fp32."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + (cos.shape[1],)  # (S, [1,] R/2)
+    cos, sin = cos.view(shape), sin.view(shape)
+    xf = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    even, odd = xf[..., 0], xf[..., 1]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers, the shared expert and every routed expert."""
+
+    def __init__(self, dim: int, inter_dim: int, *, dtype: torch.dtype, fp8: bool, device=None):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # gate_proj
+        self.w2 = Linear(inter_dim, dim, dtype=dtype, fp8=fp8, device=device)  # down_proj
+        self.w3 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w1(x).float()) * self.w3(x).float()  # (..., inter) in fp32, as the reference
+        return self.w2(h.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA attention
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Attention state of one layer for a batch of sequences that advance together.
+
+    absorb: `kv` (B, T_max, C) normalised latent and `pe` (B, T_max, R) rotated key: C + R values
+    per token. naive: `k` (B, T_max, H, N + R) and `v` (B, T_max, H, V), the reference's full cache.
+    """
+
+    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None):
+        self.impl = impl
+        H = args.num_attention_heads
+        if impl == "absorb":
+            self.kv = torch.zeros(batch, max_len, args.kv_lora_rank, dtype=dtype, device=device)
+            self.pe = torch.zeros(batch, max_len, args.qk_rope_head_dim, dtype=dtype, device=device)
+        else:
+            self.k = torch.zeros(batch, max_len, H, args.qk_head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros(batch, max_len, H, args.v_head_dim, dtype=dtype, device=device)
+
+
+class KVCache:
+    """Per-layer attention state; `model.new_cache(batch, max_len)` makes one."""
+
+    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None):
+        self.batch = batch
+        self.max_len = max_len
+        self.impl = impl
+        self.layers = [LayerCache(args, impl, batch, max_len, dtype, device) for _ in range(args.num_hidden_layers)]
+
+    def values_per_token_per_layer(self) -> int:
+        """Cached numbers per token per layer (C + R = 576 for DeepSeek-V3 with absorb)."""
+        c = self.layers[0]
+        if self.impl == "absorb":
+            return c.kv.shape[-1] + c.pe.shape[-1]
+        return c.k.shape[-2] * (c.k.shape[-1] + c.v.shape[-1])
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention, naive (full K/V) or weight-absorbed (latent cache)."""
+
+    def __init__(self, args: ModelArgs, *, dtype: torch.dtype, fp8: bool, device=None):
+        super().__init__()
+        self.args = args
+        H, D = args.num_attention_heads, args.hidden_size
+        lin = {"dtype": dtype, "fp8": fp8, "device": device}
+        if args.q_lora_rank is None:
+            self.wq = Linear(D, H * args.qk_head_dim, **lin)  # q_proj
+        else:
+            self.wq_a = Linear(D, args.q_lora_rank, **lin)  # q_a_proj
+            self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype, device)  # q_a_layernorm
+            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim, **lin)  # q_b_proj
+        self.wkv_a = Linear(D, args.kv_lora_rank + args.qk_rope_head_dim, **lin)  # kv_a_proj_with_mqa
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)  # kv_a_layernorm
+        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), **lin)  # kv_b_proj
+        self.wo = Linear(H * args.v_head_dim, D, **lin)  # o_proj
+        self.softmax_scale = args.softmax_scale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        start_pos: int,
+        mask: torch.Tensor | None,
+        cache: LayerCache | None,
+        impl: AttnImpl,
+    ) -> torch.Tensor:
+        """x (B, S, D) at positions start_pos.. -> (B, S, D). mask (S, T) additive, T = start_pos + S."""
+        a = self.args
+        B, S, _ = x.shape
+        H, N, R = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
+        end = start_pos + S
+        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, H, N + R)
+        q_nope, q_pe = q.split([N, R], dim=-1)  # (B, S, H, N), (B, S, H, R)
+        q_pe = apply_rope(q_pe, *rope)
+        kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, R], dim=-1)  # (B, S, C), (B, S, R)
+        k_pe = apply_rope(k_pe, *rope)
+        kv = self.kv_norm(kv)
+        if cache is not None and end > cache_len(cache):
+            raise ValueError(f"KV cache holds {cache_len(cache)} positions, step needs {end}")
+        if impl == "naive":
+            out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, mask, cache)
+        elif impl == "absorb":
+            out = self._absorb(q_nope, q_pe, kv, k_pe, start_pos, mask, cache)
+        else:
+            raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
+        return self.wo(out.flatten(2))  # (B, S, H * V) -> (B, S, D)
+
+    def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
+        """Reference path: expand the latent to per-head K and V, attend over full K/V."""
+        a = self.args
+        B, S, H, _ = q_nope.shape
+        N, V = a.qk_nope_head_dim, a.v_head_dim
+        kv = self.wkv_b(kv).view(B, S, H, N + V)
+        k_nope, v = kv.split([N, V], dim=-1)  # (B, S, H, N), (B, S, H, V)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, N + R)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, N + R)
+        if cache is not None:
+            end = start_pos + S
+            cache.k[:B, start_pos:end] = k
+            cache.v[:B, start_pos:end] = v
+            k, v = cache.k[:B, :end], cache.v[:B, :end]  # (B, T, H, N + R), (B, T, H, V)
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale  # (B, S, H, T)
+        probs = _softmax(scores, mask)
+        return torch.einsum("bsht,bthd->bshd", probs, v)  # (B, S, H, V)
+
+    def _absorb(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
+        """W_UK folded into the query and W_UV applied after attention: attend over the latent."""
+        a = self.args
+        B, S, H, _ = q_nope.shape
+        N, C = a.qk_nope_head_dim, a.kv_lora_rank
+        # kv_b_proj (H * (N + V), C): dequantized per call, never kept (it would double its bytes).
+        # As in DeepSeek's reference, the absorbed form multiplies by the dequantized weight, so with
+        # FP8 "emulate" products it skips the latent's 1x128 activation rounding that naive applies.
+        wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype).view(H, -1, C)  # (H, N + V, C)
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv_b[:, :N])  # (B, S, H, C)
+        if cache is not None:
+            end = start_pos + S
+            cache.kv[:B, start_pos:end] = kv
+            cache.pe[:B, start_pos:end] = k_pe
+            kv, k_pe = cache.kv[:B, :end], cache.pe[:B, :end]  # (B, T, C), (B, T, R)
+        scores = (
+            torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        ) * self.softmax_scale  # (B, S, H, T)
+        probs = _softmax(scores, mask)
+        out = torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
+        return torch.einsum("bshc,hvc->bshv", out, wkv_b[:, N:])  # (B, S, H, V)
+
+
+def cache_len(cache: LayerCache) -> int:
+    return (cache.kv if cache.impl == "absorb" else cache.k).shape[1]
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """scores (B, S, H, T) + mask (S, T) -> probabilities in fp32, cast to the scores' dtype."""
+    dtype = scores.dtype
+    if mask is not None:
+        scores = scores + mask[None, :, None, :]  # fp32 mask: promotes, the softmax is fp32 anyway
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+
+
+def causal_mask(start_pos: int, S: int, device=None) -> torch.Tensor | None:
+    """(S, start_pos + S) additive mask, -inf where key position > query position; None for S == 1."""
+    if S == 1:
+        return None
+    q_pos = torch.arange(start_pos, start_pos + S, device=device)[:, None]
+    k_pos = torch.arange(start_pos + S, device=device)[None, :]
+    return torch.zeros(S, start_pos + S, device=device).masked_fill_(k_pos > q_pos, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate and MoE
+# ---------------------------------------------------------------------------------------------
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3 router: sigmoid scores, bias for selection only, group-limited top-k."""
+
+    def __init__(self, args: ModelArgs, device=None):
+        super().__init__()
+        self.args = args
+        E, D = args.n_routed_experts, args.hidden_size
+        self.weight = nn.Parameter(torch.empty(E, D, dtype=torch.float32, device=device), requires_grad=False)
+        # e_score_correction_bias: fp32 (E,), load-balancing bias added to the scores for selection.
+        self.bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> (weights (T, K) fp32, expert ids (T, K) int64)."""
+        a = self.args
+        scores = F.linear(x.float(), self.weight).sigmoid()  # (T, E)
+        return route(scores, self.bias, a)
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor, a: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference `Gate.forward` after the sigmoid: scores (T, E) fp32 -> weights (T, K), ids (T, K)."""
+    T = scores.shape[0]
+    biased = scores + bias  # (T, E), used only to choose experts
+    if a.n_group > 1:
+        grouped = biased.view(T, a.n_group, a.experts_per_group)  # (T, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G): sum of the top-2 per group
+        keep = group_scores.topk(a.topk_group, dim=-1).indices  # (T, topk_group)
+        drop = torch.ones(T, a.n_group, dtype=torch.bool, device=scores.device).scatter_(1, keep, False)
+        biased = grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)  # (T, E)
+    ids = biased.topk(a.num_experts_per_tok, dim=-1).indices  # (T, K)
+    weights = scores.gather(1, ids)  # unbiased scores of the chosen experts
+    if a.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * a.routed_scaling_factor, ids
+
+
+class RoutedExperts(Protocol):
+    """The routed-expert computation of one MoE layer; an EP runtime provides its own."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        experts: Mapping[int, MLP],
+        layer_id: int,
+    ) -> torch.Tensor:
+        """x (T, D), topk_ids (T, K) int64, topk_weights (T, K) fp32, the experts this rank owns
+        -> (T, D): sum_k topk_weights[t, k] * expert[topk_ids[t, k]](x[t])."""
+        ...
+
+
+def run_local_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: Mapping[int, MLP],
+    layer_id: int = -1,
+    *,
+    skip: int | None = None,
+) -> torch.Tensor:
+    """sum_k w[t, k] * E_{id[t, k]}(x[t]) over local experts, tokens grouped per expert.
+
+    Every id must be in `experts`, except ids equal to `skip` (e.g. -1 marking slots served by
+    another rank), which contribute nothing. Accumulates in fp32, returns x.dtype.
+    """
+    T, K = topk_ids.shape
+    y = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1)  # (T * K,)
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one
+    ids, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    start = 0
+    for eid, n in zip(ids.tolist(), counts.tolist(), strict=True):
+        slots = order[start : start + n]
+        start += n
+        if skip is not None and eid == skip:
+            continue
+        expert = experts.get(eid)
+        if expert is None:
+            raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
+        tok = slots // K  # (n,) token of each slot
+        out = expert(x[tok]).float() * topk_weights.reshape(-1)[slots, None]  # (n, D)
+        y.index_add_(0, tok, out)
+    return y.to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Gate, the routed experts this rank owns, and the shared expert."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, owned: Iterable[int], *, dtype, fp8: bool, device=None):
+        super().__init__()
+        self.args = args
+        self.layer_id = layer_id
+        self._expert_kw = {"dtype": dtype, "fp8": fp8, "device": device}
+        self.gate = Gate(args, device)
+        self.experts = nn.ModuleDict()
+        for eid in sorted(set(owned)):
+            self.add_expert(eid)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size, **self._expert_kw)
+            if args.n_shared_experts > 0
+            else None
+        )
+        self.routed: RoutedExperts = run_local_experts
+        """Computes the routed part; replace it to dispatch tokens to other ranks."""
+
+    @property
+    def owned_experts(self) -> frozenset[int]:
+        return frozenset(int(k) for k in self.experts)
+
+    def local_experts(self) -> dict[int, MLP]:
+        """Expert id -> module, for the experts this rank holds."""
+        return {int(k): m for k, m in self.experts.items()}
+
+    def new_expert(self) -> MLP:
+        """An uninitialised routed expert of this layer's shape, not yet registered."""
+        return MLP(self.args.hidden_size, self.args.moe_intermediate_size, **self._expert_kw)
+
+    def add_expert(self, eid: int, expert: MLP | None = None) -> MLP:
+        """Register `expert` (default: a new uninitialised one) as routed expert `eid`.
+
+        For an expert-map switch, load the module first (`Checkpoint.read_expert`) and add it
+        between steps, so a step never sees a half-loaded expert.
+        """
+        if not 0 <= eid < self.args.n_routed_experts:
+            raise ValueError(f"layer {self.layer_id}: expert {eid} out of range 0..{self.args.n_routed_experts - 1}")
+        expert = self.new_expert() if expert is None else expert
+        self.experts[str(eid)] = expert
+        return expert
+
+    def remove_expert(self, eid: int) -> None:
+        del self.experts[str(eid)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        weights, ids = self.gate(x)  # (T, K) fp32, (T, K) int64
+        y = self.routed(x, ids, weights, self.local_experts(), self.layer_id)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks and the model
+# ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); ffn dense or MoE."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, owned: Iterable[int], *, dtype, fp8: bool, device=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)  # input_layernorm
+        self.attn = MLA(args, dtype=dtype, fp8=fp8, device=device)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)  # post_attention_layernorm
+        if args.is_moe_layer(layer_id):
+            self.ffn: nn.Module = MoE(args, layer_id, owned, dtype=dtype, fp8=fp8, device=device)
+        else:
+            self.ffn = MLP(args.hidden_size, args.intermediate_size, dtype=dtype, fp8=fp8, device=device)
+
+    def forward(self, x, rope, start_pos, mask, cache, impl):
+        x = x + self.attn(self.attn_norm(x), rope, start_pos, mask, cache, impl)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 causal LM. Parameters are allocated empty; `checkpoint.load` fills them."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        attn_impl: AttnImpl = "absorb",
+        fp8: bool | None = None,
+        fp8_impl: str = "auto",
+        owned_experts: Mapping[int, Iterable[int]] | None = None,
+        ctx: ParallelContext | None = None,
+        device: torch.device | str | None = None,
+    ):
+        """
+        dtype: activations and non-FP8 weights (bf16 in production, fp32 for references).
+        fp8: keep the linear weights in e4m3 (default: when the config has a quantization_config);
+            False dequantizes an FP8 checkpoint into `dtype` at load time.
+        fp8_impl: how FP8 products are computed (fp8.IMPLS).
+        owned_experts: MoE layer -> routed experts this rank holds (default: all of them).
+        """
+        super().__init__()
+        self.args = args
+        self.dtype = dtype
+        self.attn_impl: AttnImpl = attn_impl
+        self.ctx = ctx or ParallelContext()
+        self.fp8 = args.quantization is not None if fp8 is None else fp8
+        if self.fp8 and args.quantization is None:
+            raise ValueError("fp8=True needs a config with quantization_config")
+        owned = all_experts(args) if owned_experts is None else dict(owned_experts)
+        unknown = set(owned) - set(args.moe_layers)
+        if unknown:
+            raise ValueError(f"owned_experts names layers {sorted(unknown)} that are not MoE layers")
+        D = args.hidden_size
+        self.embed = nn.Embedding(args.vocab_size, D, dtype=dtype, device=device)  # embed_tokens
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            Block(args, i, owned.get(i, ()), dtype=dtype, fp8=self.fp8, device=device)
+            for i in range(args.num_hidden_layers)
+        )
+        self.norm = RMSNorm(D, args.rms_norm_eps, dtype, device)
+        # lm_head stays in the activation dtype in DeepSeek's FP8 checkpoints.
+        self.head = Linear(D, args.vocab_size, dtype=dtype, fp8=False, device=device)
+        self.rotary = Rotary(args, device)
+        self.set_fp8_impl(fp8_impl)
+
+    def set_fp8_impl(self, impl: str) -> None:
+        """Choose how every FP8 linear multiplies (see fp8.IMPLS)."""
+        scale_fmt = self.args.quantization.scale_fmt if self.args.quantization else None
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.impl = impl
+                m.scale_fmt = scale_fmt
+
+    def moe_layers(self) -> Iterator[MoE]:
+        """The MoE modules, in layer order (for the EP runtime to set `routed` and experts)."""
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                yield block.ffn
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """Empty attention state for `batch` sequences of up to `max_len` positions."""
+        return KVCache(self.args, self.attn_impl, batch, max_len, self.dtype, self.embed.weight.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, S) at positions start_pos..start_pos+S-1 -> logits (B, S, vocab) fp32.
+
+        Without a cache the S tokens are the whole sequence (start_pos must be 0). With one, the
+        step's K/V (or latent) is written at start_pos.. and attention reads positions 0..end.
+        """
+        B, S = tokens.shape
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs the cache that holds the earlier positions")
+        if cache is not None and cache.impl != self.attn_impl:
+            raise ValueError(f"cache was made for attn_impl={cache.impl!r}, model uses {self.attn_impl!r}")
+        if cache is not None and B > cache.batch:
+            raise ValueError(f"batch {B} exceeds the cache's {cache.batch}")
+        positions = torch.arange(start_pos, start_pos + S, device=tokens.device)
+        rope = self.rotary(positions)  # cos, sin (S, R/2)
+        mask = causal_mask(start_pos, S, tokens.device)  # (S, T) or None
+        h = self.embed(tokens)  # (B, S, D)
+        for i, block in enumerate(self.layers):
+            h = block(h, rope, start_pos, mask, None if cache is None else cache.layers[i], self.attn_impl)
+        return self.head(self.norm(h)).float()  # (B, S, vocab)
