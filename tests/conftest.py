@@ -138,15 +138,19 @@ def crd_installed(kubectl):
 class OperatorProcess:
     """`kopf run -m moe_operator.main` as a real subprocess, watching one namespace."""
 
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "op-a",
+                 metrics_port: int = 0):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.identity, self.metrics_port = identity, metrics_port
         self.proc = None
 
     def start(self) -> OperatorProcess:
         import subprocess
         import sys
 
-        env = dict(os.environ, KUBECONFIG=self.kubeconfig, MOE_OPERATOR_METRICS_PORT="0")
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig, MOE_OPERATOR_METRICS_PORT=str(self.metrics_port),
+                   MOE_OPERATOR_NAMESPACE=self.namespace, POD_NAME=self.identity,
+                   MOE_LEASE_SECONDS="6", MOE_LEASE_RENEW_SECONDS="2")
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
@@ -178,7 +182,12 @@ class OperatorProcess:
 @pytest.fixture
 def operator(kubeconfig, namespace, crd_installed, tmp_path):
     """The operator, started for this test's namespace; its log is printed when the test fails."""
-    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", metrics_port=port).start()
     yield op
     op.stop()
     print("---- operator log (tail) ----\n" + op.logs())  # shown by pytest when the test fails

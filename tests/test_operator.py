@@ -279,3 +279,57 @@ def test_deepseek_v3_ep320_on_40_nodes(core, custom, namespace, gpu_pool, operat
         ids = [e for cell in layer for e in cell]
         assert len(ids) == 320 and set(ids) == set(range(256))
     core.delete_persistent_volume(f"{namespace}-weights")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_replicas_never_act_at_once_and_the_standby_takes_over(
+        core, custom, namespace, gpu_pool, operator, kubeconfig, tmp_path, api_client):
+    from kubernetes import client
+
+    from conftest import OperatorProcess
+
+    coord = client.CoordinationV1Api(api_client)
+    port_b = _free_port()
+    b = OperatorProcess(kubeconfig, namespace, tmp_path / "operator-b.log", identity="op-b",
+                        metrics_port=port_b).start()
+    try:
+        pool, _ = gpu_pool(nodes=2, gpus=8)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest("ha", pool))
+        wait_phase(custom, namespace, "ha", "Ready")
+        leader = coord.read_namespaced_lease("moe-operator", namespace).spec.holder_identity
+        assert leader in ("op-a", "op-b")
+        # Only the leader reconciled: the standby's reconcile counter stays at zero.
+        import urllib.request
+
+        def reconciles(port: int) -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return float(next(x for x in text.splitlines() if x.startswith("moe_operator_reconciles_total")).split()[-1])
+
+        standby_port = port_b if leader == "op-a" else operator.metrics_port
+        leader_port = operator.metrics_port if leader == "op-a" else port_b
+        assert reconciles(standby_port) == 0.0 and reconciles(leader_port) > 0
+        (operator if leader == "op-a" else b).kill()
+        standby = "op-b" if leader == "op-a" else "op-a"
+        wait_for(lambda: coord.read_namespaced_lease("moe-operator", namespace).spec.holder_identity == standby,
+                 30, f"{standby} to take the lease")
+        before = core.read_namespaced_pod("ha-g0-r7", namespace).metadata.uid
+        core.delete_namespaced_pod("ha-g0-r7", namespace)
+
+        def recreated():
+            try:
+                p = core.read_namespaced_pod("ha-g0-r7", namespace)
+            except client.ApiException:
+                return False
+            return p.metadata.uid != before and p.status.phase == "Running"
+
+        wait_for(recreated, 60, "the new leader to recreate rank 7")
+        assert len(rank_pods(core, namespace, "ha")) == 16
+    finally:
+        b.stop()

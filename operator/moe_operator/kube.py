@@ -39,18 +39,19 @@ class Kube:
     def __init__(self, api_client: client.ApiClient | None = None, kubeconfig: str | None = None,
                  timeout: float = 30.0):
         if api_client is None:
+            cfg = client.Configuration()
             if kubeconfig:
-                api_client = config.new_client_from_config(config_file=kubeconfig)
+                config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
             else:
                 try:
-                    config.load_incluster_config()
+                    config.load_incluster_config(client_configuration=cfg)
                 except config.ConfigException:
-                    config.load_kube_config()
-                api_client = client.ApiClient()
+                    config.load_kube_config(client_configuration=cfg)
+            # Bulk pod creation for large EP groups: as many connections as apply threads.
+            cfg.connection_pool_maxsize = 64
+            api_client = client.ApiClient(cfg)
         self.api = api_client
         self.timeout = timeout
-        # Bulk pod creation for large EP groups: allow many concurrent connections.
-        self.api.configuration.connection_pool_maxsize = max(self.api.configuration.connection_pool_maxsize or 4, 64)
 
     @staticmethod
     def path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:

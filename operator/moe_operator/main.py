@@ -1,82 +1,133 @@
-"""kopf handlers: thin. Run with `kopf run -m moe_operator.main` (add --standalone for one replica).
+"""kopf handlers: thin. Run with `kopf run -m moe_operator.main --standalone` (any number of replicas).
 
-Each MoEDeployment gets a daemon that runs the level-triggered reconcile loop in a thread; Pod
-and Node events only wake the loops up early. Two operator replicas never act at once: kopf
-peering (the ClusterKopfPeering/KopfPeering CRDs in crds/) pauses the lower-priority one.
+Each MoEDeployment gets a control loop (an asyncio task) that runs the level-triggered reconcile
+in a thread; watch events only start, wake or stop loops. No finalizers: everything the operator
+creates carries an owner reference, so deletion is the garbage collector's job and never waits
+for the operator. Only the holder of the `moe-operator` Lease reconciles (see `election`), so
+two replicas never act at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import kopf
 from prometheus_client import start_http_server
 
 from . import api, reconcile
+from .election import LeaderElector
 from .kube import Kube
 from .resources import L_DEPLOYMENT
 
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-_reconciler: reconcile.Reconciler | None = None
+log = logging.getLogger(__name__)
+
+
+class _State:
+    reconciler: reconcile.Reconciler | None = None
+    elector: LeaderElector | None = None
+    loops: dict[tuple[str, str], asyncio.Task] = {}
+    wakeups: dict[tuple[str, str], asyncio.Event] = {}
+    leader_changed: asyncio.Event | None = None
+
+
+S = _State()
 
 
 def _wake(namespace: str | None, name: str | None) -> None:
-    ev = _wakeups.get((namespace or "", name or ""))
+    ev = S.wakeups.get((namespace or "", name or ""))
     if ev is not None:
         ev.set()
 
 
+async def _control_loop(namespace: str, name: str) -> None:
+    key = (namespace, name)
+    wake = S.wakeups[key]
+    while True:
+        wake.clear()
+        if not S.elector.is_leader():
+            delay = 1.0
+        else:
+            try:
+                out = await asyncio.to_thread(S.reconciler.reconcile, namespace, name)
+                if out is None:  # deleted
+                    break
+                delay = out.requeue_after
+            except Exception as e:  # the API server may go away; keep the loop alive
+                log.warning("reconcile %s/%s failed, retrying: %s", namespace, name, e)
+                delay = 3.0
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+    S.loops.pop(key, None)
+    S.wakeups.pop(key, None)
+
+
+async def _elect() -> None:
+    while True:
+        was = S.elector.is_leader()
+        now = await asyncio.to_thread(S.elector.try_acquire_or_renew)
+        if now and not was:
+            log.info("leader election: %s is the leader", S.elector.identity)
+            for ev in S.wakeups.values():
+                ev.set()
+        elif was and not now:
+            log.warning("leader election: %s lost the lease; standing by", S.elector.identity)
+        await asyncio.sleep(S.elector.renew_s if now else 2.0)
+
+
 @kopf.on.startup(id="configure")
-def configure(settings: kopf.OperatorSettings, **_):
-    global _reconciler
-    settings.persistence.finalizer = "serving.moe.dev/operator"
-    settings.posting.level = 20  # INFO and above become Events
+async def configure(settings: kopf.OperatorSettings, **_):
+    settings.posting.level = logging.WARNING  # our own Events carry the story
     settings.watching.server_timeout = 270
     settings.networking.error_backoffs = [1, 2, 5, 10]
-    _reconciler = reconcile.Reconciler(Kube(kubeconfig=os.environ.get("KUBECONFIG")))
+    settings.persistence.finalizer = "serving.moe.dev/unused"  # no handler here needs one
+    kube = Kube(kubeconfig=os.environ.get("KUBECONFIG"))
+    S.reconciler = reconcile.Reconciler(kube)
+    S.elector = LeaderElector(kube, duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
+                              renew_s=float(os.environ.get("MOE_LEASE_RENEW_SECONDS", "5")))
+    asyncio.get_running_loop().create_task(_elect())
     port = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
     if port:
         start_http_server(port, addr=os.environ.get("MOE_OPERATOR_METRICS_ADDR", "0.0.0.0"))
 
 
-@kopf.daemon(api.GROUP, api.VERSION, api.PLURAL, id="control-loop", cancellation_timeout=10)
-async def control_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logger, **_):
+@kopf.on.cleanup(id="release-lease")
+async def cleanup(**_):
+    for t in list(S.loops.values()):
+        t.cancel()
+    if S.elector is not None:
+        await asyncio.to_thread(S.elector.release)
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="moedeployment-event")
+async def moedeployment_event(type: str, name: str, namespace: str, **_):
     key = (namespace, name)
-    wake = _wakeups.setdefault(key, asyncio.Event())
-    try:
-        while not stopped:
-            wake.clear()
-            try:
-                out = await asyncio.to_thread(_reconciler.reconcile, namespace, name)
-                delay = out.requeue_after if out else 30.0
-            except Exception as e:  # the API server may go away; keep the loop alive
-                logger.warning(f"reconcile failed, retrying: {e}")
-                delay = 3.0
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        _wakeups.pop(key, None)
-
-
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, id="spec-changed", field="spec")
-def spec_changed(name: str, namespace: str, **_):
+    if type == "DELETED":
+        task = S.loops.pop(key, None)
+        if task:
+            task.cancel()
+        S.wakeups.pop(key, None)
+        return
+    if key not in S.loops:
+        S.wakeups[key] = asyncio.Event()
+        S.loops[key] = asyncio.get_running_loop().create_task(_control_loop(namespace, name))
     _wake(namespace, name)
 
 
 @kopf.on.event("pods", labels={L_DEPLOYMENT: kopf.PRESENT}, id="rank-pod-event")
-def rank_pod_event(labels: dict, namespace: str, **_):
+async def rank_pod_event(labels: dict, namespace: str, **_):
     _wake(namespace, labels.get(L_DEPLOYMENT))
 
 
 @kopf.on.event("nodes", id="node-event")
-def node_event(type: str, body: kopf.Body, **_):
+async def node_event(type: str, body: kopf.Body, **_):
     # Heartbeats modify nodes all the time; wake only for what can change a plan. The loops'
     # periodic pass catches the rest.
     spec, status = body.get("spec") or {}, body.get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     if type in ("DELETED", "ADDED") or spec.get("unschedulable") or spec.get("taints") or not ready:
-        for ev in _wakeups.values():
+        for ev in S.wakeups.values():
             ev.set()
