@@ -62,15 +62,19 @@ def kubectl(kc: str, *args: str, input: str | None = None) -> None:
 
 def one(kube: Kube, kc: str, ep: int) -> tuple[float, float]:
     pool = f"bench{uuid.uuid4().hex[:6]}"
+    # Two identical node pools: the operator's pods on one, the directly applied copies on the other.
     nodes = devcluster.gpu_nodes(ep // 8, gpus=8, racks=max(1, ep // 64), prefix=pool, pool=pool)
-    devcluster.apply_nodes(nodes, kc)
+    mirror = devcluster.gpu_nodes(ep // 8, gpus=8, racks=max(1, ep // 64), prefix=f"{pool}m", pool=f"{pool}m")
+    devcluster.apply_nodes(nodes + mirror, kc)
+    to_mirror = {a["metadata"]["name"]: b["metadata"]["name"] for a, b in zip(nodes, mirror, strict=True)}
     time.sleep(2)
     ns_op, ns_direct = f"{pool}-op", f"{pool}-direct"
     for ns in (ns_op, ns_direct):
         kubectl(kc, "create", "namespace", ns)
     log = open(Path(tempfile.gettempdir()) / f"{pool}-operator.log", "wb")
     op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
-                           "--namespace", ns_op], env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0"),
+                           "--namespace", ns_op], env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0",
+                                                           MOE_OPERATOR_NAMESPACE=ns_op),
                           stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         time.sleep(3)  # operator startup is not part of the measurement
@@ -82,9 +86,11 @@ def one(kube: Kube, kc: str, ep: int) -> tuple[float, float]:
         items = []
         for p in pods:
             meta = p["metadata"]
+            spec = {k: v for k, v in p["spec"].items() if k not in ("nodeName",)}
+            term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+            term["matchFields"][0]["values"] = [to_mirror[v] for v in term["matchFields"][0]["values"]]
             items.append({"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": meta["name"], "labels": meta.get("labels", {})},
-                          "spec": {k: v for k, v in p["spec"].items() if k not in ("nodeName",)}})
+                          "metadata": {"name": meta["name"], "labels": meta.get("labels", {})}, "spec": spec})
         doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         t0 = time.perf_counter()
         kubectl(kc, "apply", "-n", ns_direct, "-f", "-", input=doc)
@@ -94,7 +100,8 @@ def one(kube: Kube, kc: str, ep: int) -> tuple[float, float]:
         op.wait(timeout=20)
         for ns in (ns_op, ns_direct):
             kubectl(kc, "delete", "namespace", ns, "--wait=false")
-        kubectl(kc, "delete", "nodes", "-l", f"{devcluster.POOL_LABEL}={pool}", "--wait=false")
+        for p in (pool, f"{pool}m"):
+            kubectl(kc, "delete", "nodes", "-l", f"{devcluster.POOL_LABEL}={p}", "--wait=false")
     return t_op, t_direct
 
 
