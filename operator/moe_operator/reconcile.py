@@ -175,14 +175,22 @@ class Reconciler:
         own_uids = {p["metadata"]["uid"] for p in own_pods.values()}
         node_sel = ",".join(f"{k}={v}" for k, v in spec.placement.node_selector.items()) or None
         nodes = self.kube.list("Node", labels=node_sel)
-        busy = [p for p in self.kube.list("Pod", fields="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed")
-                if p["metadata"]["uid"] not in own_uids]
         tk = spec.placement.topology_keys
-        topo = Topology.from_nodelist(
-            {"items": nodes}, labels=TopologyLabels(nvlink_domain=tk.nvlink_domain, rack=tk.rack, zone=tk.zone),
-            gpu_resource=spec.placement.gpu_resource,
-            tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations],
-            pods={"items": busy})
+        topo_args = dict(labels=TopologyLabels(nvlink_domain=tk.nvlink_domain, rack=tk.rack, zone=tk.zone),
+                         gpu_resource=spec.placement.gpu_resource,
+                         tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations])
+        # Schedulable nodes only: enough to tell whether the stored plan still stands. GPUs used by
+        # other pods matter only when planning, and listing every pod in the cluster is the most
+        # expensive read there is, so it is done then and only then.
+        topo = Topology.from_nodelist({"items": nodes}, **topo_args)
+        full_topo: list[Topology] = []
+
+        def with_other_pods() -> Topology:
+            if not full_topo:
+                busy = [p for p in self.kube.list("Pod", fields="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed")
+                        if p["metadata"]["uid"] not in own_uids]
+                full_topo.append(Topology.from_nodelist({"items": nodes}, pods={"items": busy}, **topo_args))
+            return full_topo[0]
 
         events: list[tuple[str, str, str]] = []
         # Admission: refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists.
@@ -221,6 +229,9 @@ class Reconciler:
             if why is None:
                 new = prev
             else:
+                group_topo = _minus(with_other_pods(), used_by_other_groups)
+                if full:
+                    group_topo = group_topo.without_nodes(full, "rank pods unschedulable (GPUs taken)")
                 t1 = time.perf_counter()
                 try:
                     new = make_plan(shape, group_topo, load=None if prev is None else _prev_load(prev, shape),
@@ -230,10 +241,10 @@ class Reconciler:
                                     else spec.parallelism.redundant_experts,
                                     max_experts_per_gpu=spec.parallelism.max_experts_per_gpu)
                 except PlacementError as e:
-                    return self._pending(owner, old_status, conds, gen, total, topo, g, ep, str(e), events)
+                    return self._pending(owner, old_status, conds, gen, total, with_other_pods(), g, ep, str(e), events)
                 metrics.PLAN_SECONDS.observe(time.perf_counter() - t1)
                 if new.num_ranks != ep:
-                    return self._pending(owner, old_status, conds, gen, total, topo, g, ep,
+                    return self._pending(owner, old_status, conds, gen, total, with_other_pods(), g, ep,
                                          f"planner used {new.num_ranks} ranks, expected {ep}", events)
                 new = keep_rank_numbers(new, prev)
                 if same_plan(prev, new):
@@ -394,6 +405,8 @@ class Reconciler:
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 notes.append(f"{name} terminating")
+                if pod["spec"].get("nodeName") and pod["spec"]["nodeName"] != node:
+                    to_delete.append(pod)  # re-issued: forced below if its node is gone
                 continue
             phase = (pod.get("status") or {}).get("phase")
             assigned = pod["spec"].get("nodeName") or _affinity_node(pod)
@@ -408,8 +421,14 @@ class Reconciler:
         for g in sorted(stale_groups):
             events.append(("Normal", "RollingOut", f"group {g}: spec changed, restarting its ranks together"))
         if to_delete:
-            list(self.pool.map(lambda p: self.kube.delete("Pod", p["metadata"]["name"], owner.namespace,
-                                                          uid=p["metadata"]["uid"]), to_delete))
+            # A pod bound to a Node object that no longer exists has no kubelet to finish its
+            # deletion (the pod GC would, after a quarantine); it is safe to delete it at once.
+            # Pods on a NotReady node that still exists are deleted gracefully: the process may live.
+            gone = {n for n in {p["spec"].get("nodeName") for p in to_delete} - {None}
+                    if self.kube.get("Node", n) is None}
+            list(self.pool.map(lambda p: self.kube.delete(
+                "Pod", p["metadata"]["name"], owner.namespace, uid=p["metadata"]["uid"],
+                grace_seconds=0 if p["spec"].get("nodeName") in gone else None), to_delete))
             notes.append(f"{len(to_delete)} rank pod(s) replaced")
         if to_create:
             list(self.pool.map(self.kube.create, to_create))
