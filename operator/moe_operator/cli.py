@@ -37,7 +37,7 @@ def _cluster(args: argparse.Namespace) -> int:
                 args.nodes, gpus=args.gpus, racks=args.racks, zones=args.zones, prefix=args.prefix,
                 nodes_per_nvlink_domain=args.nodes_per_nvlink_domain, pool=args.pool,
                 nvlink_label=args.nvlink_label, rack_label=args.rack_label, zone_label=args.zone_label,
-                gpu_resource=args.gpu_resource)
+                gpu_resource=args.gpu_resource, local_runner=args.local_runner)
             devcluster.apply_nodes(nodes, c.kubeconfig)
             print(f"{len(nodes)} nodes x {args.gpus} {args.gpu_resource}: "
                   f"{nodes[0]['metadata']['name']} .. {nodes[-1]['metadata']['name']}")
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rack-label", default=devcluster.RACK_LABEL)
     s.add_argument("--zone-label", default=devcluster.ZONE_LABEL)
     s.add_argument("--gpu-resource", default="nvidia.com/gpu")
+    s.add_argument("--local-runner", action="store_true",
+                   help="add-nodes: run these nodes' pods as local processes (the local runner) instead of KWOK")
     s.set_defaults(func=_cluster)
 
     try:

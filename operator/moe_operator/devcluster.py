@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "local-runner")
 
 # Default node label keys; the MoEDeployment's placement.topologyKeys default to the same keys.
 NVLINK_LABEL = "moe.dev/nvlink-domain"
 RACK_LABEL = "moe.dev/rack"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 POOL_LABEL = "moe.dev/pool"
+RUNNER_LABEL = "moe.dev/local-runner"  # nodes whose pods run as local processes (localrunner)
 
 
 class ClusterError(RuntimeError):
@@ -219,8 +220,11 @@ def up(quiet: bool = False) -> Cluster:
         f"{b}/kube-scheduler", *common, f"--secure-port={ports['scheduler']}",
         "--kube-api-qps=500", "--kube-api-burst=1000"])
     _spawn(c, "kwok", [
-        f"{b}/kwok", f"--kubeconfig={kc}", "--manage-all-nodes=true",
+        # Every node except the local runner's: those get a process-running kubelet stand-in.
+        f"{b}/kwok", f"--kubeconfig={kc}", f"--manage-nodes-with-label-selector=!{RUNNER_LABEL}",
         "--node-lease-duration-seconds=40", "--cidr=10.244.0.0/16", "--node-ip=10.0.0.1"])
+    _spawn(c, "local-runner", [sys.executable, "-m", "moe_operator.localrunner", f"--kubeconfig={kc}",
+                               f"--state={d}/runner"])
     for name, port in (("kube-controller-manager", ports["kcm"]), ("kube-scheduler", ports["scheduler"])):
         _wait(f"{name} /healthz", lambda port=port: _https_ok(port), 60, c, name)
     _wait("the default service account namespace", lambda: c.get("/api/v1/namespaces/default")[0] == 200,
@@ -289,7 +293,7 @@ def node_manifest(name: str, gpus: int, labels: dict[str, str], gpu_resource: st
 
 
 def gpu_nodes(nodes: int, gpus: int = 8, racks: int = 1, zones: int = 1, prefix: str = "gpu-node",
-              nodes_per_nvlink_domain: int = 1, pool: str | None = None,
+              nodes_per_nvlink_domain: int = 1, pool: str | None = None, local_runner: bool = False,
               nvlink_label: str = NVLINK_LABEL, rack_label: str = RACK_LABEL, zone_label: str = ZONE_LABEL,
               gpu_resource: str = "nvidia.com/gpu") -> list[dict[str, Any]]:
     """Node manifests with GPUs and topology labels; consecutive nodes share a rack, racks a zone."""
@@ -305,6 +309,8 @@ def gpu_nodes(nodes: int, gpus: int = 8, racks: int = 1, zones: int = 1, prefix:
         labels = {nvlink_label: domain, rack_label: f"rack-{rack}", zone_label: f"zone-{zone}"}
         if pool:
             labels[POOL_LABEL] = pool
+        if local_runner:
+            labels[RUNNER_LABEL] = "true"
         out.append(node_manifest(name, gpus, labels, gpu_resource=gpu_resource))
     return out
 

@@ -1,0 +1,85 @@
+"""The local runner: pods on runner nodes run as real processes, with status like a kubelet's."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.cluster
+
+SERVER = ("import http.server, os, functools\n"
+          "h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.environ['DATA'])\n"
+          "http.server.ThreadingHTTPServer((os.environ['POD_IP'], 8000), h).serve_forever()\n")
+
+
+def pod(name: str, node: str, command: list[str], probe: bool = True, restart: str = "Never") -> dict:
+    c = {"name": "main", "image": "local", "command": command,
+         "env": [{"name": "DATA", "value": "/data"},
+                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                 {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+         "ports": [{"name": "http", "containerPort": 8000}],
+         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+    if probe:
+        c["readinessProbe"] = {"httpGet": {"path": "/hello.txt", "port": "http"}, "periodSeconds": 1}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": node, "restartPolicy": restart, "containers": [c],
+                     "volumes": [{"name": "data", "configMap": {"name": "data"}}]}}
+
+
+def test_pod_runs_as_a_process_with_ip_probe_configmap_and_exit_status(core, namespace, gpu_pool):
+    from kubernetes import client
+
+    _, nodes = gpu_pool(nodes=1, gpus=8, local_runner=True)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": {"hello.txt": "v1"}})
+    core.create_namespaced_pod(namespace, pod("web", nodes[0], ["python3", "-c", SERVER]))
+
+    def ready():
+        p = core.read_namespaced_pod("web", namespace)
+        conds = {c.type: c.status for c in p.status.conditions or []}
+        return p if p.status.phase == "Running" and conds.get("Ready") == "True" else None
+
+    p = wait_for(ready, 60, "web Ready")
+    ip = p.status.pod_ip
+    assert ip.startswith("127.0.") and ip != "127.0.0.1"
+    assert urllib.request.urlopen(f"http://{ip}:8000/hello.txt", timeout=5).read() == b"v1"
+    # configMap updates reach the mounted files, as the kubelet syncs them
+    core.patch_namespaced_config_map("data", namespace, {"data": {"hello.txt": "v2"}})
+    wait_for(lambda: urllib.request.urlopen(f"http://{ip}:8000/hello.txt", timeout=5).read() == b"v2", 30, "v2")
+
+    # exit status is reported
+    core.create_namespaced_pod(namespace, pod("fails", nodes[0], ["python3", "-c", "raise SystemExit(3)"], probe=False))
+
+    def failed():
+        p = core.read_namespaced_pod("fails", namespace)
+        return p if p.status.phase == "Failed" else None
+
+    p = wait_for(failed, 60, "fails Failed")
+    assert p.status.container_statuses[0].state.terminated.exit_code == 3
+
+    # deletion stops the process and removes the object
+    core.delete_namespaced_pod("web", namespace, grace_period_seconds=2)
+
+    def gone():
+        try:
+            core.read_namespaced_pod("web", namespace)
+            return False
+        except client.ApiException as e:
+            return e.status == 404
+
+    wait_for(gone, 30, "web deleted")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{ip}:8000/hello.txt", timeout=2)
+
+
+def test_runner_nodes_stay_ready_without_kwok(core, gpu_pool):
+    _, nodes = gpu_pool(nodes=2, gpus=8, local_runner=True)
+    import time
+
+    time.sleep(6)  # past a heartbeat period
+    for n in nodes:
+        node = core.read_node(n)
+        assert node.status.node_info.kubelet_version == "moe-local-runner"
+        assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
