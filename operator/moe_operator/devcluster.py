@@ -222,7 +222,8 @@ def up(quiet: bool = False) -> Cluster:
     _spawn(c, "kwok", [
         # Every node except the local runner's: those get a process-running kubelet stand-in.
         f"{b}/kwok", f"--kubeconfig={kc}", f"--manage-nodes-with-label-selector=!{RUNNER_LABEL}",
-        "--node-lease-duration-seconds=40", "--cidr=10.244.0.0/16", "--node-ip=10.0.0.1"])
+        # Pod and node IPs on loopback: nothing may ever send traffic to a private range from here.
+        "--node-lease-duration-seconds=40", "--cidr=127.64.0.0/10", "--node-ip=127.0.0.1"])
     _spawn(c, "local-runner", [sys.executable, "-m", "moe_operator.localrunner", f"--kubeconfig={kc}",
                                f"--state={d}/runner"])
     for name, port in (("kube-controller-manager", ports["kcm"]), ("kube-scheduler", ports["scheduler"])):

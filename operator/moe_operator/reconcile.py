@@ -9,15 +9,19 @@ tolerates "already exists".
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import os
 import time
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import api, metrics, perfmodel, resources
+from . import api, metrics, perfmodel, resources, scaling
 from .kube import Kube, KubeError
 from .placement import MoEShape, PlacementError, Plan, RankSlot
 from .placement import plan as make_plan
@@ -122,6 +126,9 @@ class Reconciler:
     def __init__(self, kube: Kube, workers: int = 32):
         self.kube = kube
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-apply")
+        # Autoscaler memory per (namespace, name, group); rebuilt within a window after a restart.
+        self.balance: dict[tuple[str, str, int], scaling.State] = {}
+        self.last_eval: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
@@ -306,7 +313,112 @@ class Reconciler:
         }
         if prediction is not None:
             status["prediction"] = prediction
-        return Outcome(status, events, requeue_after=1.0 if progressing else 10.0)
+        requeue = 1.0 if progressing else 10.0
+        if spec.load_balancing.enabled:
+            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, nodes, topo_args,
+                                    ready == total and not progressing, old_status, conds, gen, events)
+            status.update(lb)
+            conds = status["conditions"]
+            requeue = min(requeue, float(spec.load_balancing.interval_seconds))
+        return Outcome(status, events, requeue_after=requeue)
+
+    # ------------------------------------------------------------------------------------
+    def _load_balance(self, owner: Owner, spec: api.MoEDeploymentSpec, shape: MoEShape, plans: list[Plan],
+                      generations: list[int], own_pods: dict[str, dict], nodes: list[dict], topo_args: dict,
+                      serving: bool, old_status: dict, conds: list[dict], gen: int, events: list) -> dict:
+        """Measure per-expert load and publish a rebalanced expert map when it stays skewed."""
+        lb = spec.load_balancing
+        key = (owner.namespace, owner.name)
+        now = time.time()
+        out: dict[str, Any] = {k: old_status[k] for k in ("imbalance", "hotExperts", "lastRebalanceTime",
+                                                          "lastRebalanceReason") if k in old_status}
+        out["conditions"] = conds
+        if not serving:
+            return out
+        if now - self.last_eval.get(key, 0.0) < lb.interval_seconds * 0.9:
+            return out
+        self.last_eval[key] = now
+        cfg = scaling.Config(threshold=lb.imbalance_threshold, window_s=lb.window_seconds,
+                             cooldown_s=lb.cooldown_seconds, max_replicas_per_expert=lb.max_replicas_per_expert,
+                             min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")))
+        imbalances, hot = [], []
+        try:
+            for g, p in enumerate(plans):
+                st = self.balance.setdefault((owner.namespace, owner.name, g), scaling.State())
+                counts = self._measure(owner, spec, g, p, own_pods)
+                st.samples.append(scaling.Sample(now, counts))
+                st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
+                topo = Topology.from_nodelist({"items": nodes}, **topo_args)
+                d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts)
+                if d.imbalance is not None:
+                    imbalances.append(d.imbalance)
+                hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]
+                if d.action == "rebalance" and d.plan is not None:
+                    new = keep_rank_numbers(d.plan, p)
+                    generations[g] += 1
+                    self.kube.apply(resources.plan_configmap(owner, g, new, generations[g]))
+                    metrics.REBALANCES.labels(deployment=f"{owner.namespace}/{owner.name}").inc()
+                    metrics.EXPERT_MAP_GENERATION.labels(owner.namespace, owner.name).set(generations[g])
+                    moved = scaling_moves(p, new)
+                    msg = f"group {g}: expert map generation {generations[g]}: {d.reason}; {moved} expert copies moved"
+                    events.append(("Normal", "Rebalanced", msg))
+                    out["lastRebalanceTime"] = now_iso()
+                    out["lastRebalanceReason"] = msg
+                    out["expertMapGeneration"] = max(generations)
+        except scaling.MetricsError as e:
+            msg = f"load not measured, no rebalancing: {e}"
+            out["conditions"] = set_condition(conds, "MetricsAvailable", False, "MetricsUnavailable", msg, gen)
+            if not any(c.get("type") == "MetricsAvailable" and c.get("status") == "False" for c in conds):
+                events.append(("Warning", "MetricsUnavailable", msg))
+            return out
+        out["conditions"] = set_condition(conds, "MetricsAvailable", True, "Measured",
+                                          f"per-expert load from {'Prometheus' if lb.prometheus_url else 'rank /metrics'}",
+                                          gen)
+        if imbalances:
+            out["imbalance"] = round(max(imbalances), 3)
+            metrics.IMBALANCE.labels(owner.namespace, owner.name).set(max(imbalances))
+        out["hotExperts"] = hot[:32]
+        return out
+
+    def _measure(self, owner: Owner, spec: api.MoEDeploymentSpec, group: int, p: Plan,
+                 own_pods: dict[str, dict]) -> dict[tuple[int, int, int], float]:
+        """Cumulative per-(rank, layer, expert) token counters of one EP group."""
+        lb = spec.load_balancing
+        if lb.prometheus_url:
+            q = (f'sum by (rank, layer, expert) ({scaling.EXPERT_TOKENS}{{namespace="{owner.namespace}",'
+                 f'moe_deployment="{owner.name}",group="{group}"}})')
+            url = lb.prometheus_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    doc = json.loads(r.read())
+            except (OSError, ValueError) as e:
+                raise scaling.MetricsError(f"Prometheus at {lb.prometheus_url} unreachable: {e}") from None
+            if doc.get("status") != "success":
+                raise scaling.MetricsError(f"Prometheus query failed: {doc.get('error')}")
+            out = {}
+            for item in doc["data"]["result"]:
+                m = item["metric"]
+                out[(int(m["rank"]), int(m["layer"]), int(m["expert"]))] = float(item["value"][1])
+            if not out:
+                raise scaling.MetricsError(f"Prometheus has no {scaling.EXPERT_TOKENS} for this deployment")
+            return out
+
+        def scrape(r: int) -> str:
+            pod = own_pods.get(resources.pod_name(owner, group, r))
+            ip = (pod or {}).get("status", {}).get("podIP")
+            if not ip:
+                raise scaling.MetricsError(f"rank {r} has no pod IP")
+            try:
+                with urllib.request.urlopen(f"http://{ip}:{spec.serving.metrics_port}/metrics", timeout=3) as resp:
+                    return resp.read().decode()
+            except OSError as e:
+                raise scaling.MetricsError(f"rank {r} /metrics unreachable: {e}") from None
+
+        texts = list(self.pool.map(scrape, range(p.num_ranks)))
+        out: dict[tuple[int, int, int], float] = {}
+        for t in texts:
+            out.update(scaling.parse_expert_tokens(t))
+        return out
 
     @staticmethod
     def _hardware(spec: api.MoEDeploymentSpec, nodes: list[dict]) -> perfmodel.Hardware | None:
@@ -434,6 +546,11 @@ class Reconciler:
             list(self.pool.map(self.kube.create, to_create))
             notes.append(f"{len(to_create)} rank pod(s) created")
         return "; ".join(notes)
+
+
+def scaling_moves(old: Plan, new: Plan) -> int:
+    """Expert copies that changed rank between two plans with the same ranks."""
+    return int((old.expert_map != new.expert_map).sum())
 
 
 def _affinity_node(pod: dict) -> str | None:

@@ -1,0 +1,389 @@
+"""KServe v2 serving overhead: N concurrent tritonclient clients vs the same generation done directly.
+
+Baseline ("direct"): a process with the engine (`LocalEngine`) and N asyncio tasks calling
+`engine.generate` back to back. Then, for each protocol (tritonclient HTTP with JSON tensors, HTTP
+with binary tensors, gRPC), N client threads in this process send the same requests to a server
+process (`moe_worker.server.serve` over the same kind of engine). Every request is greedy with a
+fixed prompt length and `--max-tokens`, so each mode does the same work per request. The modes take
+turns in `--rounds` rounds of `--duration / --rounds` seconds each, so drift on a shared machine
+hits all of them alike.
+
+Columns: output tokens/s, request latency p50/p99, `batch` = mean sequences per engine forward
+(the engine batches requests that arrive at the same step boundary with the same prompt length,
+so how clients' requests line up in time matters as much as the protocol), `same` = fraction of
+responses whose tokens equal a batch-1 generation of the same prompt (batching rounds logits
+differently; with FP8 activation quantization a close greedy choice can flip), and the ratios
+server / direct.
+
+    PYTHONPATH=worker python bench/serve.py [--clients 4] [--duration 12] [--rounds 3] [--dtype fp8|bf16]
+        [--checkpoint DIR] [--url HOST:PORT --grpc-url HOST:PORT --model NAME]
+
+Without --checkpoint a random checkpoint of manifests/tiny-ep16.yaml's architecture is written to
+a temporary directory. With --url (and --grpc-url) the clients target that server instead of
+starting one; the baseline then needs --checkpoint of the same model, or is skipped. Exit status 1
+when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("http-json", "http-binary", "grpc")
+HF_BASE = {  # HF fields the manifest's architecture does not carry (DeepSeek-V3's values)
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "moe_layer_freq": 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "hidden_act": "silu", "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
+    "torch_dtype": "bfloat16",
+}
+
+
+def tiny_ep16_config() -> dict:
+    import yaml
+
+    arch = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"]["model"]["architecture"]
+    cfg = dict(HF_BASE)
+    cfg.update({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in arch.items()})
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    return cfg
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+class Tally:
+    """One mode's results, summed over rounds."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.lat: list[float] = []
+        self.tokens = 0
+        self.errors = 0
+        self.elapsed = 0.0
+        self.same: list[bool] = []
+        self.steps = 0
+        self.rows = 0
+
+    def add(self, seg: dict) -> None:
+        self.lat += seg["lat"]
+        self.tokens += seg["tokens"]
+        self.errors += seg["errors"]
+        self.elapsed += seg["elapsed"]
+        self.same += seg["same"]
+
+    def row(self) -> dict:
+        lat = sorted(self.lat)
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else float("nan")
+
+        return {"mode": self.mode, "requests": len(lat), "errors": self.errors,
+                "tok_s": self.tokens / self.elapsed if self.elapsed else 0.0, "p50_ms": pct(0.50),
+                "p99_ms": pct(0.99), "same": sum(self.same) / len(self.same) if self.same else None,
+                "batch": self.rows / self.steps if self.steps else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes (engine owners): commands on stdin, one JSON line per answer on stdout
+# ---------------------------------------------------------------------------------------------
+
+
+def _engine(a):
+    import torch
+
+    from moe_worker.local_engine import LocalEngine
+
+    torch.set_num_threads(a.threads)
+    return LocalEngine.from_checkpoint(a.checkpoint, name=a.model, max_batch=max(a.clients, 1),
+                                       max_context=a.prompt_len + a.max_tokens + 1, max_new_tokens=a.max_tokens)
+
+
+async def _commands(handle) -> None:
+    """Answer 'stats' / 'run SECONDS' / 'quit' lines from the parent."""
+    loop = asyncio.get_running_loop()
+    while True:
+        line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
+        if not line or line[0] == "quit":
+            return
+        print(json.dumps(await handle(line)), flush=True)
+
+
+def child_server(a) -> int:
+    from moe_worker.metrics import WorkerMetrics
+    from moe_worker.server import serve
+
+    engine = _engine(a)
+
+    async def main():
+        server = await serve(engine, engine.info, WorkerMetrics(), "127.0.0.1", 0, 0, checkpoint_dir=a.checkpoint)
+        print(json.dumps({"http": server.http_url, "grpc": server.grpc_url}), flush=True)
+
+        async def handle(cmd):
+            return dict(engine.stats)
+
+        await _commands(handle)
+        await server.stop(grace=2.0)
+
+    asyncio.run(main())
+    engine.close()
+    return 0
+
+
+def child_direct(a) -> int:
+    from moe_worker.engine_api import GenerationRequest
+
+    engine = _engine(a)
+    ps = prompts(a.num_prompts, a.prompt_len, engine.info.vocab_size)
+
+    async def segment(seconds: float, ref) -> dict:
+        seg = {"lat": [], "tokens": 0, "errors": 0, "same": []}
+        deadline = time.perf_counter() + seconds
+
+        async def client(c: int):
+            k = c
+            while time.perf_counter() < deadline:
+                i = k % len(ps)
+                t = time.perf_counter()
+                try:
+                    r = await engine.generate(GenerationRequest(f"c{c}-{k}", tuple(ps[i]), a.max_tokens))
+                except Exception:
+                    seg["errors"] += 1
+                    continue
+                seg["lat"].append(time.perf_counter() - t)
+                seg["tokens"] += len(r.output_ids)
+                seg["same"].append(r.output_ids == ref[i])
+                k += a.clients
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(a.clients)))
+        seg["elapsed"] = time.perf_counter() - start
+        return seg
+
+    async def main():
+        ref = []
+        for i, p in enumerate(ps):  # batch-1 reference tokens, one prompt at a time (also the warm-up)
+            ref.append((await engine.generate(GenerationRequest(f"ref{i}", tuple(p), a.max_tokens))).output_ids)
+        print(json.dumps({"ref": ref}), flush=True)
+
+        async def handle(cmd):
+            if cmd[0] == "run":
+                return await segment(float(cmd[1]), ref)
+            return dict(engine.stats)
+
+        await _commands(handle)
+
+    asyncio.run(main())
+    engine.close()
+    return 0
+
+
+class Child:
+    def __init__(self, a, role: str):
+        args = [sys.executable, __file__, "--role", role, "--checkpoint", str(a.checkpoint), "--model", a.model,
+                "--clients", str(a.clients), "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens),
+                "--threads", str(a.threads), "--num-prompts", str(a.num_prompts)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "worker"), env.get("PYTHONPATH")]))
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.hello = self.read()
+
+    def read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child {self.p.args[3]} exited with status {self.p.wait()}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write("quit\n")
+            self.p.stdin.close()
+        except OSError:
+            pass
+        self.p.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------
+# tritonclient clients (threads of this process)
+# ---------------------------------------------------------------------------------------------
+
+
+def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[int]] | None, seconds: float) -> dict:
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    seg = {"lat": [], "tokens": 0, "errors": 0, "same": []}
+    lock = threading.Lock()
+    errors_seen: list[str] = []
+    params = {"max_tokens": a.max_tokens}
+
+    def one(client, i: int) -> list[int]:
+        arr = np.asarray([ps[i]], dtype=np.int64)
+        if mode == "grpc":
+            inp = tg.InferInput("input_ids", list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            r = client.infer(a.model, [inp], parameters=params)
+        else:
+            binary = mode == "http-binary"
+            inp = th.InferInput("input_ids", list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr, binary_data=binary)
+            outs = [th.InferRequestedOutput("output_ids", binary_data=binary)]
+            r = client.infer(a.model, [inp], outputs=outs, parameters=params)
+        return [int(t) for t in r.as_numpy("output_ids").reshape(-1)]
+
+    clients = [tg.InferenceServerClient(url) if mode == "grpc" else th.InferenceServerClient(url)
+               for _ in range(a.clients)]
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def worker(c: int):
+        k = c
+        while time.perf_counter() < deadline:
+            i = k % len(ps)
+            t = time.perf_counter()
+            try:
+                out = one(clients[c], i)
+            except Exception as e:
+                with lock:
+                    seg["errors"] += 1
+                    errors_seen.append(str(e)[:200])
+                continue
+            dt = time.perf_counter() - t
+            with lock:
+                seg["lat"].append(dt)
+                seg["tokens"] += len(out)
+                if ref is not None:
+                    seg["same"].append(out == ref[i])
+            k += a.clients
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(a.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seg["elapsed"] = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    if errors_seen:
+        print(f"{mode}: {len(errors_seen)} errors, first: {errors_seen[0]}", file=sys.stderr)
+    return seg
+
+
+def print_table(rows: list[dict], base: dict | None, a) -> None:
+    print(f"\n{a.clients} clients, {a.rounds} rounds x {a.duration / a.rounds:g} s per mode, prompt {a.prompt_len} "
+          f"tokens, {a.max_tokens} output tokens per request, greedy; model {a.model}")
+    hdr = (f"{'mode':<12} {'requests':>8} {'errors':>6} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} "
+           f"{'same':>5} {'tok/s x':>8} {'p50 x':>6} {'p99 x':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        same = "-" if r["same"] is None else f"{r['same']:.2f}"
+        batch = "-" if r["batch"] is None else f"{r['batch']:.2f}"
+        if base is None:
+            ratios = f"{'-':>8} {'-':>6} {'-':>6}"
+        else:
+            ratios = (f"{r['tok_s'] / base['tok_s']:>8.2f} {r['p50_ms'] / base['p50_ms']:>6.2f} "
+                      f"{r['p99_ms'] / base['p99_ms']:>6.2f}")
+        print(f"{r['mode']:<12} {r['requests']:>8} {r['errors']:>6} {r['tok_s']:>8.1f} {r['p50_ms']:>8.1f} "
+              f"{r['p99_ms']:>8.1f} {batch:>5} {same:>5} {ratios}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--duration", type=float, default=12.0, help="seconds per mode, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each engine process")
+    ap.add_argument("--dtype", choices=("fp8", "bf16"), default="fp8", help="weights of the random checkpoint")
+    ap.add_argument("--checkpoint", help="checkpoint directory (default: a random tiny-ep16 one)")
+    ap.add_argument("--model", default="tiny-ep16")
+    ap.add_argument("--url", help="HTTP host:port of a running server (default: start one)")
+    ap.add_argument("--grpc-url", help="gRPC host:port of a running server")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--role", choices=("bench", "server", "direct"), default="bench", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.role == "server":
+        return child_server(a)
+    if a.role == "direct":
+        return child_direct(a)
+
+    modes = [m for m in a.modes.split(",") if m]
+    if not set(modes) <= set(MODES):
+        ap.error(f"--modes: choose from {', '.join(MODES)}")
+    tmp = None
+    if a.checkpoint is None and a.url is None:
+        sys.path.insert(0, str(REPO / "worker"))
+        from moe_worker.checkpoint import make_checkpoint
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        a.checkpoint = str(make_checkpoint(tiny_ep16_config(), Path(tmp.name) / a.model, dtype=a.dtype, seed=0))
+        print(f"random {a.dtype} tiny-ep16 checkpoint in {a.checkpoint}", file=sys.stderr)
+
+    children: list[Child] = []
+    try:
+        direct = ref = None
+        if a.checkpoint is not None:
+            direct = Child(a, "direct")
+            children.append(direct)
+            ref = direct.hello["ref"]
+        else:
+            print("no --checkpoint: the direct baseline is skipped", file=sys.stderr)
+        server = None
+        if a.url is None:
+            server = Child(a, "server")
+            children.append(server)
+            urls = {"http-json": server.hello["http"], "http-binary": server.hello["http"], "grpc": server.hello["grpc"]}
+        else:
+            urls = {"http-json": a.url, "http-binary": a.url, "grpc": a.grpc_url}
+        # The direct child's prompts; without a checkpoint, ids < 256 fit any model this serves.
+        vocab = json.loads((Path(a.checkpoint) / "config.json").read_text())["vocab_size"] if a.checkpoint else 256
+        ps = prompts(a.num_prompts, a.prompt_len, vocab)
+
+        tallies = {m: Tally(m) for m in (["direct"] if direct else []) + [m for m in modes if urls[m]]}
+        seconds = a.duration / a.rounds
+        for _ in range(a.rounds):
+            for mode, tally in tallies.items():
+                owner = direct if mode == "direct" else server
+                before = owner.ask("stats") if owner else None
+                if mode == "direct":
+                    tally.add(direct.ask(f"run {seconds}"))
+                else:
+                    tally.add(client_segment(mode, a, urls[mode], ps, ref, seconds))
+                if owner:
+                    after = owner.ask("stats")
+                    tally.steps += after["steps"] - before["steps"]
+                    tally.rows += after["rows"] - before["rows"]
+    finally:
+        for c in children:
+            c.close()
+        if tmp is not None:
+            tmp.cleanup()
+    rows = [t.row() for t in tallies.values()]
+    print_table(rows, rows[0] if direct else None, a)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
