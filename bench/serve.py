@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -43,22 +42,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("http-json", "http-binary", "grpc")
-HF_BASE = {  # HF fields the manifest's architecture does not carry (DeepSeek-V3's values)
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "moe_layer_freq": 1,
-    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000, "hidden_act": "silu", "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
-    "torch_dtype": "bfloat16",
-}
 
 
 def tiny_ep16_config() -> dict:
     import yaml
 
-    arch = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"]["model"]["architecture"]
-    cfg = dict(HF_BASE)
-    cfg.update({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in arch.items()})
-    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    return cfg
+    from moe_operator import api
+
+    dep = api.parse_deployment(yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text()))
+    return dep.spec.model.architecture.hf_config()
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -90,6 +90,20 @@ class Architecture(_Model):
     def moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
 
+    def hf_config(self, **overrides: Any) -> dict[str, Any]:
+        """A Hugging Face DeepSeek-V3 `config.json` for this architecture (fields we do not model
+        take DeepSeek-V3's values), e.g. to generate a random checkpoint of this shape."""
+        cfg: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "moe_layer_freq": 1,
+            "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000, "hidden_act": "silu", "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
+            "torch_dtype": "bfloat16",
+        }
+        cfg.update(self.model_dump())
+        cfg["num_key_value_heads"] = self.num_attention_heads
+        cfg.update(overrides)
+        return cfg
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> Architecture:
         """Take the fields we model from a Hugging Face `config.json`; ignore the rest."""

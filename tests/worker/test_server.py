@@ -14,7 +14,6 @@ import functools
 import gzip
 import http.client
 import json
-import re
 import struct
 import threading
 import time
@@ -44,21 +43,13 @@ MAX_CONTEXT = 64
 MAX_NEW = 24
 MARGIN = 1e-3  # smallest top-2 logit gap the reference may have (batching noise is ~1e-5)
 
-# HF fields the manifest's architecture does not carry (DeepSeek-V3's values).
-HF_BASE = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "moe_layer_freq": 1,
-    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000, "hidden_act": "silu", "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
-    "torch_dtype": "bfloat16",
-}
 
 
 def tiny_ep16_config() -> dict:
-    arch = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"]["model"]["architecture"]
-    cfg = dict(HF_BASE)
-    cfg.update({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in arch.items()})
-    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    return cfg
+    from moe_operator import api
+
+    dep = api.parse_deployment(yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text()))
+    return dep.spec.model.architecture.hf_config()
 
 
 def make_tokenizer_json(path: Path) -> None:
