@@ -88,10 +88,10 @@ class LeaderElector:
                     spec["leaseTransitions"] = int(cur.get("leaseTransitions") or 0) + 1
                     log.info("leader election: taking over the lease from %s", holder or "nobody")
                 # PUT with the resourceVersion we read: a concurrent winner makes this a 409.
+                # The fetched metadata (labels, annotations, resourceVersion) goes back unchanged.
                 self.kube.request("PUT", f"{self.path}/{self.name}", body={
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace,
-                                 "resourceVersion": lease["metadata"]["resourceVersion"]}, "spec": spec})
+                    "metadata": lease["metadata"], "spec": spec})
         except KubeError as e:
             if e.status not in (409, 0):
                 log.warning("leader election: %s", e)

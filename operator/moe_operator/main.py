@@ -29,7 +29,7 @@ class _State:
     elector: LeaderElector | None = None
     loops: dict[tuple[str, str], asyncio.Task] = {}
     wakeups: dict[tuple[str, str], asyncio.Event] = {}
-    leader_changed: asyncio.Event | None = None
+    elect_task: asyncio.Task | None = None
 
 
 S = _State()
@@ -86,9 +86,9 @@ async def configure(settings: kopf.OperatorSettings, **_):
     settings.persistence.finalizer = "serving.moe.dev/unused"  # no handler here needs one
     kube = Kube(kubeconfig=os.environ.get("KUBECONFIG"))
     S.reconciler = reconcile.Reconciler(kube)
-    S.elector = LeaderElector(kube, duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
+    S.elector = LeaderElector(kube, name=os.environ.get("MOE_LEASE_NAME", "moe-operator"), duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
                               renew_s=float(os.environ.get("MOE_LEASE_RENEW_SECONDS", "5")))
-    asyncio.get_running_loop().create_task(_elect())
+    S.elect_task = asyncio.get_running_loop().create_task(_elect())
     port = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
     if port:
         start_http_server(port, addr=os.environ.get("MOE_OPERATOR_METRICS_ADDR", "0.0.0.0"))
@@ -98,6 +98,8 @@ async def configure(settings: kopf.OperatorSettings, **_):
 async def cleanup(**_):
     for t in list(S.loops.values()):
         t.cancel()
+    if S.elect_task is not None:  # stop renewing before letting go, or we would take it right back
+        S.elect_task.cancel()
     if S.elector is not None:
         await asyncio.to_thread(S.elector.release)
 
