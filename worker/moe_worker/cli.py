@@ -1,10 +1,11 @@
 """`moe-worker`: the worker's command line.
 
     moe-worker make-checkpoint --config CONFIG.json --out DIR [--dtype fp8|bf16] [--seed N]
-    moe-worker logits --checkpoint DIR --input-ids 1,2,3 --out LOGITS.npy [--world-size 1]
+    moe-worker logits --checkpoint DIR --input-ids 1,2,3 --out LOGITS.npy [--world-size N]
+    moe-worker generate --checkpoint DIR --world-size N --prompt-ids 1,2,3 --max-new-tokens K [--json]
 
-`generate` and `serve` (and `--world-size` > 1) come with the expert-parallel runtime; each
-subcommand is one `_cmd_*` function registered in `_build_parser`, so they slot in beside these.
+`--world-size N` > 1 spawns N local ranks of an EP group (`launch.run_local`); each subcommand is
+one `_cmd_*` function registered in `_build_parser`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _cmd_make_checkpoint(a: argparse.Namespace) -> int:
 
 
 def _cmd_logits(a: argparse.Namespace) -> int:
-    if a.world_size != 1:
-        raise UsageError("--world-size > 1 needs the expert-parallel runtime, which this build does not have")
+    if a.world_size < 1:
+        raise UsageError(f"--world-size must be >= 1, got {a.world_size}")
+    if a.world_size > 1:
+        return _logits_ep(a)
     model = load_model(a.checkpoint, dtype=DTYPES[a.dtype], attn_impl=a.attn, fp8_impl=a.fp8_impl)
     vocab = model.args.vocab_size
     bad = [i for i in a.input_ids if not 0 <= i < vocab]
@@ -61,6 +64,77 @@ def _cmd_logits(a: argparse.Namespace) -> int:
     logits = model(tokens)[0]  # (tokens, vocab) fp32
     np.save(a.out, logits.numpy().astype(np.float32))
     print(f"wrote logits {tuple(logits.shape)} float32 to {a.out}")
+    return 0
+
+
+def _engine_config(a: argparse.Namespace, dtype: str):
+    from .engine import EngineConfig
+
+    return EngineConfig(dtype=dtype, attn_impl=a.attn, fp8_impl=a.fp8_impl,
+                        overlap=getattr(a, "overlap", "auto"), dispatch_fp8=getattr(a, "dispatch_fp8", "auto"))
+
+
+def _check_ids(checkpoint: str, ids: list[int], flag: str) -> None:
+    from .checkpoint import Checkpoint
+
+    vocab = Checkpoint(checkpoint).args.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"{flag} {bad} outside the vocabulary 0..{vocab - 1}")
+
+
+def _logits_ep(a: argparse.Namespace) -> int:
+    from .launch import GroupFailed, Job, Phase, run_local
+
+    _check_ids(a.checkpoint, a.input_ids, "--input-ids")
+    try:
+        res = run_local(a.checkpoint, a.world_size, Job([Phase(logits_prompt=tuple(a.input_ids))]),
+                        engine=_engine_config(a, a.dtype))
+    except GroupFailed as e:
+        print(f"moe-worker logits: {e}", file=sys.stderr)
+        return 1
+    logits = res.phases[0].logits
+    np.save(a.out, logits.astype(np.float32))
+    print(f"wrote logits {tuple(logits.shape)} float32 to {a.out} ({a.world_size} ranks)")
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .checkpoint import Checkpoint
+    from .engine_api import EngineError, GenerationRequest, RequestError
+    from .expertmap import ExpertMapError
+    from .launch import GroupFailed, Job, Phase, run_local
+
+    if a.world_size < 1:
+        raise UsageError(f"--world-size must be >= 1, got {a.world_size}")
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    _check_ids(a.checkpoint, a.prompt_ids, "--prompt-ids")
+    eos = Checkpoint(a.checkpoint).args.extra.get("eos_token_id")
+    stop = (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else ()  # as the server does
+    req = GenerationRequest("generate", tuple(a.prompt_ids), max_tokens=a.max_new_tokens,
+                            temperature=a.temperature, seed=a.seed, stop_ids=stop)
+    try:
+        res = run_local(a.checkpoint, a.world_size, Job([Phase([req])]), engine=_engine_config(a, a.dtype),
+                        expert_map=a.expert_map)
+    except (GroupFailed, ExpertMapError, EngineError, RequestError) as e:
+        print(f"moe-worker generate: {e}", file=sys.stderr)
+        return 1
+    r = res.phases[0].results[0]
+    out = {
+        "prompt_ids": a.prompt_ids,
+        "output_ids": r["output_ids"],
+        "finish_reason": r["finish_reason"],
+        "logits_checksum": float(sum(r["logit_sums"])),
+        "logit_sums": r["logit_sums"],
+        "world_size": a.world_size,
+        "expert_map_generation": res.generation,
+    }
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"output ids: {','.join(map(str, out['output_ids']))} ({out['finish_reason']})")
+        print(f"logits checksum: {out['logits_checksum']:.6f} ({a.world_size} ranks)")
     return 0
 
 
@@ -80,12 +154,40 @@ def _build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--checkpoint", required=True, help="checkpoint directory")
     lg.add_argument("--input-ids", required=True, type=_ids, help="comma-separated token ids")
     lg.add_argument("--out", required=True, help="output .npy: float32 (tokens, vocab)")
-    lg.add_argument("--world-size", type=int, default=1, help="expert-parallel ranks (only 1 for now)")
+    lg.add_argument("--world-size", type=int, default=1, help="expert-parallel ranks (local processes)")
     lg.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="activation dtype")
     lg.add_argument("--attn", choices=("absorb", "naive"), default="absorb")
     lg.add_argument("--fp8-impl", choices=IMPLS, default="auto")
     lg.set_defaults(func=_cmd_logits)
+
+    gn = sub.add_parser("generate", help="generate tokens greedily (or sampled) on N local EP ranks")
+    gn.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    gn.add_argument("--world-size", type=int, default=1, help="expert-parallel ranks (local processes)")
+    gn.add_argument("--prompt-ids", required=True, type=_ids, help="comma-separated token ids")
+    gn.add_argument("--max-new-tokens", type=int, default=16)
+    gn.add_argument("--json", action="store_true", help="print one JSON object")
+    gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gn.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
+    gn.add_argument("--expert-map", default=None, help="PLAN.json (a 'generation' file next to it); default: "
+                    "one expert per rank, replicas on the ranks beyond the expert count")
+    gn.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="activation dtype (auto: fp32 on CPU)")
+    gn.add_argument("--attn", choices=("absorb", "naive"), default="absorb")
+    gn.add_argument("--fp8-impl", choices=IMPLS, default="auto")
+    gn.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="two overlapped micro-batches")
+    gn.add_argument("--dispatch-fp8", choices=("auto", "on", "off"), default="auto", help="FP8 dispatch payload")
+    gn.set_defaults(func=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="run one rank of an EP group, as a rank pod does (configuration from env: "
+                        "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MOE_CHECKPOINT, MOE_EXPERT_MAP, POD_IP, "
+                        "MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, MOE_MODEL_NAME)")
+    sv.set_defaults(func=_cmd_serve)
     return p
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import main as serve_main
+
+    return serve_main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,313 @@
+"""The EP group end to end on CPU (gloo): N = 1, 4, 8, 16 ranks generate the same greedy tokens,
+logit sums and prompt logits as the single-process reference (`Transformer.forward` with a KV
+cache, batch 1), with and without overlapped micro-batches, without and with replicas, and across
+an expert-map switch in the middle of generation; a rank that fails to load a map keeps the group
+on the old one; a rank that dies brings the group down by itself, fast.
+
+The model is manifests/tiny-ep16.yaml's architecture (12 routed experts, 3 MoE layers, hidden
+128) with random weights. Tolerances: the EP path sums the same fp32 products in another order
+(and batches tokens of several sequences into one GEMM), about 1e-6 of the logits' scale; a wrong
+route, position or cache slot moves logits by > 1e-2. The reference asserts a top-2 logit gap of
+at least 1e-3 at every greedy step, so equal tokens are a real check, not luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from moe_worker.checkpoint import load_model, make_checkpoint
+from moe_worker.engine import EngineConfig, _Chunk, run_rank_from_env, split_micro_batches
+from moe_worker.engine_api import GenerationRequest, RequestError
+from moe_worker.expertmap import write_plan_files
+from moe_worker.launch import FAULT_EXIT_CODE, GroupFailed, Job, Phase, run_local, spawn_ranks
+from moe_worker.metrics import WorkerMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+MARGIN = 1e-3
+HF_BASE = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "moe_layer_freq": 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "hidden_act": "silu", "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
+    "torch_dtype": "bfloat16",
+}
+PROMPTS = [(1, 2, 3), (5, 6, 7, 8, 9, 10, 11, 12, 13), (400,), (17, 300, 2, 99, 45)]
+MAX_TOKENS = [6, 4, 6, 5]
+LOGITS_PROMPT = (3, 1, 4, 1, 5, 9, 2, 6)
+ENGINE = EngineConfig(map_poll_s=0.0, background_load=False, dist_timeout_s=30.0)
+
+
+def tiny_ep16_config() -> dict:
+    arch = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"]["model"]["architecture"]
+    cfg = dict(HF_BASE)
+    cfg.update({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in arch.items()})
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    return cfg
+
+
+def plan_doc(world: int, *, replicas: bool, shift: int, nodes: int = 2) -> dict:
+    """A PLAN.json for the 12-expert model: every expert once (rotated per layer and by `shift`),
+    plus with `replicas` one more expert on every rank; ranks split over `nodes` nodes."""
+    layers = []
+    for li in range(3):
+        hosts: list[list[int]] = [[] for _ in range(world)]
+        for e in range(12):
+            hosts[(e + shift + li) % world].append(e)
+        if replicas:
+            for r in range(world):
+                extra = (5 * r + shift + 2 * li + 1) % 12
+                if extra not in hosts[r]:
+                    hosts[r].append(extra)
+        layers.append(hosts)
+    ranks = [{"rank": r, "node": f"node-{r * nodes // world}", "gpu": r % max(1, world // nodes)} for r in range(world)]
+    return {"ranks": ranks, "expert_map": layers, "metrics": {}}
+
+
+def requests(tag: str) -> list[GenerationRequest]:
+    return [GenerationRequest(f"{tag}-{i}", p, max_tokens=n) for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True))]
+
+
+class Reference:
+    def __init__(self, ckpt: Path):
+        self.model = load_model(ckpt, dtype=torch.float32)
+        self.gen = {p: self._greedy(p, n) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)}
+        self.logits = self.model(torch.tensor([LOGITS_PROMPT]))[0]
+
+    def _greedy(self, prompt, n):
+        m = self.model
+        cache = m.new_cache(1, len(prompt) + n)
+        logits = m(torch.tensor([prompt]), 0, cache)[0, -1]
+        out, sums, pos = [], [], len(prompt)
+        for i in range(n):
+            top = logits.topk(2).values
+            assert top[0] - top[1] > MARGIN, f"near tie in the reference for {prompt} at step {i}: pick another prompt"
+            out.append(int(logits.argmax()))
+            sums.append(float(logits.sum()))
+            if i + 1 < n:
+                logits = m(torch.tensor([[out[-1]]]), pos, cache)[0, -1]
+                pos += 1
+        return out, sums
+
+    def check(self, phase, what: str) -> None:
+        for res, p in zip(phase.results, PROMPTS, strict=True):
+            want, sums = self.gen[p]
+            assert res["output_ids"] == want, (what, p, res["output_ids"], want)
+            assert res["finish_reason"] == "length"
+            got = np.array(res["logit_sums"])
+            assert np.abs(got - np.array(sums)).max() <= 1e-3 + 1e-5 * np.abs(sums).max(), (what, p, got, sums)
+        if phase.logits is not None:
+            ref = self.logits.numpy()
+            assert phase.logits.shape == ref.shape
+            assert np.abs(phase.logits - ref).max() <= 1e-5 * np.abs(ref).max(), what
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    return make_checkpoint(tiny_ep16_config(), tmp_path_factory.mktemp("ep") / "fp8", dtype="fp8", seed=1)
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory):
+    return make_checkpoint(tiny_ep16_config(), tmp_path_factory.mktemp("ep") / "bf16", dtype="bf16", seed=2)
+
+
+@pytest.fixture(scope="module")
+def fp8_ref(fp8_ckpt):
+    return Reference(fp8_ckpt)
+
+
+@pytest.fixture(scope="module")
+def bf16_ref(bf16_ckpt):
+    return Reference(bf16_ckpt)
+
+
+def run_group(ckpt, world, tmp_path, job_phases, **job_kw):
+    plan = write_plan_files(tmp_path / "plan", plan_doc(world, replicas=False, shift=0), 1)
+    return run_local(ckpt, world, Job(job_phases, **job_kw), engine=ENGINE, expert_map=plan, timeout_s=300)
+
+
+def standard_phases(world: int, switch_gen: int = 2) -> list[Phase]:
+    """overlap off (+ prompt logits), overlap on, switch to a map with replicas mid-generation, on."""
+    return [
+        Phase(requests("off"), overlap="off", logits_prompt=LOGITS_PROMPT),
+        Phase(requests("on"), overlap="on"),
+        Phase(requests("switch"), overlap="off", update_after_tokens=2,
+              plan_update=(plan_doc(world, replicas=True, shift=1), switch_gen)),
+        Phase(requests("replicas-on"), overlap="on"),
+    ]
+
+
+def check_group(res, ref, world: int, switch_phase: int, switch_gen: int) -> None:
+    names = ["off", "on", "switch", "replicas-on", "after"]
+    for i, ph in enumerate(res.phases):
+        ref.check(ph, f"{world} ranks, phase {names[i]}")
+    # The switch happened while the phase's requests were generating, and only once.
+    (step, gen), = res.switches
+    first, last = res.phases[switch_phase].steps
+    assert gen == switch_gen == res.generation and first + 2 <= step < last, (res.switches, first, last)
+    # Overlap on really ran two micro-batches: twice the exchanges per step (3 MoE layers).
+    def exchanges(i):
+        return res.phases[i].dispatch["exchanges"] - (res.phases[i - 1].dispatch["exchanges"] if i else 0)
+
+    def steps(i):
+        return res.phases[i].steps[1] - res.phases[i].steps[0]
+
+    assert exchanges(1) == 2 * 3 * steps(1) and exchanges(0) <= 3 * steps(0) + 3
+    assert res.dispatch["offrank_pairs"] > 0 and res.dispatch["dispatch_bytes"] > 0
+
+
+def test_one_rank_in_process(fp8_ckpt, fp8_ref, tmp_path):
+    # One sequence per "rank" at most 2: requests queue and the scheduler admits them later.
+    plan = write_plan_files(tmp_path / "plan", plan_doc(1, replicas=False, shift=0), 1)
+    res = run_local(fp8_ckpt, 1, Job([Phase(requests("a"), overlap="off", logits_prompt=LOGITS_PROMPT),
+                                      Phase(requests("b"), overlap="on")]),
+                    engine=EngineConfig(max_seqs_per_rank=2, map_poll_s=0.0), expert_map=plan)
+    for ph in res.phases:
+        fp8_ref.check(ph, "1 rank")
+    assert res.dispatch == {} and res.switches == []
+
+
+def test_four_ranks_fp8_dispatch_switch_and_a_failed_map(fp8_ckpt, fp8_ref, tmp_path):
+    phases = standard_phases(4)
+    # Generation 2 fails to load on rank 2: nobody switches; generation 3 then loads everywhere.
+    phases[3] = Phase(requests("replicas-on"), overlap="on", update_after_tokens=2,
+                      plan_update=(plan_doc(4, replicas=True, shift=2), 3))
+    phases.append(Phase(requests("after"), overlap="on"))
+    res = run_group(fp8_ckpt, 4, tmp_path, phases, map_load_fails=(2, 2))
+    check_group(res, fp8_ref, 4, switch_phase=3, switch_gen=3)
+    assert len(res.map_errors) == 1 and "rank 2: expert map generation 2: loading experts failed" in res.map_errors[0]
+    # FP8 checkpoint: the payload is e4m3 + scales (128 + 4 bytes) + 4 ids and 4 weights.
+    assert res.dispatch["dispatch_bytes"] == res.dispatch["offrank_rows"] * (128 + 4 + 32)
+
+
+def test_eight_ranks_bf16_checkpoint(bf16_ckpt, bf16_ref, tmp_path):
+    res = run_group(bf16_ckpt, 8, tmp_path, standard_phases(8))
+    check_group(res, bf16_ref, 8, switch_phase=2, switch_gen=2)
+    assert res.dispatch["dispatch_bytes"] == res.dispatch["offrank_rows"] * (4 * 128 + 32)  # fp32 rows
+
+
+@pytest.mark.slow
+def test_sixteen_ranks(fp8_ckpt, fp8_ref, tmp_path):
+    t = time.monotonic()
+    res = run_group(fp8_ckpt, 16, tmp_path, standard_phases(16))
+    check_group(res, fp8_ref, 16, switch_phase=2, switch_gen=2)
+    assert time.monotonic() - t < 120
+
+
+def test_a_dead_rank_fails_the_group_fast(fp8_ckpt, tmp_path):
+    t = time.monotonic()
+    with pytest.raises(GroupFailed) as info:
+        run_group(fp8_ckpt, 4, tmp_path, [Phase(requests("x"), overlap="on")], exit_rank_at_step=(3, 3))
+    e = info.value
+    assert e.first == 3 and e.exit_codes[3] == FAULT_EXIT_CODE
+    assert "rank 3 exited with code 17" in str(e)
+    # Every other rank noticed by itself (nobody was killed) within seconds, far below the timeout.
+    assert e.killed == [] and e.exited_by_themselves_s is not None and e.exited_by_themselves_s < 10
+    assert set(e.errors) == {0, 1, 2}
+    assert all("lost a peer rank or a collective failed" in msg for msg in e.errors.values()), e.errors
+    assert time.monotonic() - t < 60
+
+
+def test_a_bad_initial_map_stops_every_rank_with_its_reason(fp8_ckpt, tmp_path):
+    plan = write_plan_files(tmp_path / "plan", plan_doc(2, replicas=False, shift=0), 1)  # 2 ranks, group of 4
+    with pytest.raises(GroupFailed) as info:
+        run_local(fp8_ckpt, 4, Job([Phase(requests("x"))]), engine=ENGINE, expert_map=plan, timeout_s=120)
+    e = info.value
+    assert e.first == 0 and "plan has 2 ranks, the EP group has 4" in e.errors[0]
+    assert all("EP group start failed: rank 0: ExpertMapError: plan has 2 ranks" in e.errors[r] for r in (1, 2, 3))
+    assert e.killed == [] and e.exited_by_themselves_s < 10
+
+
+def test_micro_batches_split_a_prompt_in_two_halves():
+    def chunk(seq, n, start=0):
+        return _Chunk(seq, list(range(n)), start, None, True, False)
+
+    a, b = split_micro_batches([chunk(0, 1, 7), chunk(1, 9), chunk(2, 1, 3)], 2)  # 11 tokens: 6 + 5
+    assert [(c.seq, len(c.tokens), c.start, c.last) for c in a] == [(0, 1, 7, True), (1, 5, 0, False)]
+    assert [(c.seq, len(c.tokens), c.start, c.last) for c in b] == [(1, 4, 5, True), (2, 1, 3, True)]
+    assert b[0].tokens == [5, 6, 7, 8]
+    assert split_micro_batches([chunk(0, 1)], 2) == [[chunk(0, 1)], []]  # one decode token: B is empty
+    assert split_micro_batches([], 2) == [[], []]
+
+
+# ---- the pod entry point and the async Engine API ----------------------------------------------
+
+
+def _env_rank(rank: int, world: int, port: int, env: dict) -> dict | None:
+    env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_PORT": str(port)}
+    metrics = WorkerMetrics(rank=rank)
+    engine = run_rank_from_env(metrics, env)
+    if engine is None:  # rank 1: served until rank 0 shut the group down
+        assert metrics.registry.get_sample_value("moe_expert_map_generation", {"rank": "1", "group": "0"}) == 5
+        return None
+
+    async def main():
+        reqs = requests("async")
+        gen = [asyncio.create_task(engine.generate(r)) for r in reqs[:3]]
+        streamed = [tok async for tok in engine.stream(reqs[3])]
+        try:
+            await engine.generate(GenerationRequest("bad", (), max_tokens=2))
+            bad = "accepted"
+        except RequestError as err:
+            bad = str(err)
+        try:
+            await engine.generate(GenerationRequest("long", (1,) * 10, max_tokens=60))
+        except RequestError as err:
+            bad += " | " + str(err)
+        return [r.output_ids for r in await asyncio.gather(*gen)] + [streamed], bad
+
+    try:
+        outputs, bad = asyncio.run(main())
+        ready = engine.ready()
+        lbl = {"rank": "0", "group": "0"}
+        value = metrics.registry.get_sample_value
+        return {"outputs": outputs, "bad": bad, "ready": ready, "info": engine.info.max_context,
+                "group_ready": value("moe_group_ready", lbl), "generation": value("moe_expert_map_generation", lbl),
+                "routed": sum(s.value for m in metrics.registry.collect() if m.name == "moe_expert_tokens"
+                              for s in m.samples if s.name.endswith("_total"))}
+    finally:
+        engine.shutdown()
+
+
+def test_run_rank_from_env_two_pods(fp8_ckpt, fp8_ref, tmp_path):
+    plan = write_plan_files(tmp_path / "plan", plan_doc(2, replicas=True, shift=0), 5)
+    env = {"MASTER_ADDR": "127.0.0.1", "MOE_CHECKPOINT": str(fp8_ckpt), "MOE_EXPERT_MAP": str(plan),
+           "MOE_MAX_CONTEXT": "64", "MOE_DIST_TIMEOUT_S": "30"}
+    out = spawn_ranks(2, _env_rank, (env,), timeout_s=120)
+    assert out["outputs"] == [fp8_ref.gen[p][0] for p in PROMPTS]
+    assert out["ready"] and out["group_ready"] == 1 and out["generation"] == 5 and out["info"] == 64
+    assert "empty prompt" in out["bad"] and "exceeds the context of 64" in out["bad"]
+    assert out["routed"] > 0  # rank 0 counted the routed tokens its experts computed
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def test_cli_generate_and_logits_with_four_ranks(fp8_ckpt, fp8_ref, tmp_path, capsys):
+    from moe_worker.cli import main
+
+    outs = {}
+    for n in (1, 4):
+        assert main(["generate", "--checkpoint", str(fp8_ckpt), "--world-size", str(n), "--prompt-ids", "1,2,3",
+                     "--max-new-tokens", "6", "--json"]) == 0
+        outs[n] = json.loads(capsys.readouterr().out)
+    want, sums = fp8_ref.gen[(1, 2, 3)]
+    for n in (1, 4):
+        assert outs[n]["output_ids"] == want and outs[n]["world_size"] == n
+        assert abs(outs[n]["logits_checksum"] - sum(sums)) < 1e-3
+    assert main(["logits", "--checkpoint", str(fp8_ckpt), "--world-size", "4",
+                 "--input-ids", ",".join(map(str, LOGITS_PROMPT)), "--out", str(tmp_path / "l.npy")]) == 0
+    got = np.load(tmp_path / "l.npy")
+    ref = fp8_ref.logits.numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert "(4 ranks)" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(fp8_ckpt), "--world-size", "0", "--prompt-ids", "1"]) == 2
+    assert "--world-size must be >= 1" in capsys.readouterr().err

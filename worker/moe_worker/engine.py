@@ -1,0 +1,1231 @@
+"""The rank step loop of an EP group, and the engines that serve `engine_api.Engine` on top of it.
+
+One process per rank (one GPU each in production). Rank 0 owns the scheduler. Every step:
+
+1. Rank 0 builds a `StepPlan`: which sequences each rank runs (data-parallel attention), with
+   their new tokens and positions (whole prompts for new requests, one token for running ones),
+   sequences to free, whether to split into two micro-batches, and an agreed expert-map switch.
+   It is broadcast to all ranks (`broadcast_object_list`: a small pickled plan, never weights).
+2. Every rank takes the switch first (if any), then runs its share: attention per sequence on its
+   own KV caches, and for each MoE layer the dispatch -> experts -> combine exchange. Every rank
+   joins every exchange, with zero tokens if it has none, so collectives always match.
+3. Each rank samples the next token of its sequences and sends (token, logits row sum), plus the
+   expert-map generation it has staged, to rank 0 (`gather_object`). Rank 0 updates requests.
+
+While idle, rank 0 sends an empty plan every `idle_heartbeat_s`, so a lost rank is noticed and
+map switches happen even without traffic; an empty step runs no forward on any rank.
+
+Failure (`EngineError`): a rank that dies closes its sockets, and the others' next collective
+fails within milliseconds (gloo: "Connection reset/closed by peer"). A rank that hangs is caught
+by the collective timeout (`dist_timeout_s`, default 30 s, env MOE_DIST_TIMEOUT_S; NCCL's watchdog
+uses the same value), which bounds every wait since no legitimate step or heartbeat gap comes near
+it. A failing rank destroys its process group so its peers fail at once instead of at the timeout.
+The group cannot heal: every rank exits and the operator replaces the pods.
+
+Start: ranks meet in a TCP store on rank 0 and load their experts before any collective, waiting
+for each other up to `rendezvous_timeout_s` (600 s: pods start and load minutes apart); a rank
+that fails to start writes why into the store and every other rank stops with that reason
+(rank 0, the store's host, stays up to `START_FAILURE_ACK_S` = 15 s until they have read it).
+
+Attention is per sequence (each has its own KV cache, positions differ); the feed-forward, MoE
+exchange and output head run on all of a micro-batch's tokens at once.
+
+Entry points:
+- `run_rank_from_env()`: what `moe-worker serve` calls in each pod. Rank 0 gets a started
+  `GroupEngine`; other ranks run the loop until the group stops and get None.
+- `start_rank(RankConfig)`: the same from explicit settings (the local launcher uses it).
+- World size 1: the same `GroupEngine` in one process, without torch.distributed or dispatch.
+  (`local_engine.LocalEngine` is the serving side's plain single-process engine over
+  `Transformer.forward`; this one runs the EP step loop, so `generate --world-size 1` and N > 1
+  share the scheduler and the ragged forward.)
+
+Metrics (`WorkerMetrics`): ranks count routed tokens per hosted expert (on the receiving rank),
+dispatch/combine and step time, KV cache use, the expert-map generation and map errors, and
+group readiness. Request-level metrics (requests, latencies, tokens in/out, queue depth,
+running) are the server's: it reads `queue_depth()`, so the engine does not count them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpoint
+from .config import ModelArgs
+from .dispatch import DispatchConfig, Dispatcher, interleave
+from .engine_api import EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
+from .expertmap import ExpertMap, MapSwitcher, agreed_switch, default_map, parse_plan, read_plan_files
+from .fp8 import resolve_impl
+from .model import KVCache, MoE, ParallelContext, Transformer, causal_mask
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a rank runs the model and how rank 0 schedules. Same on every rank of a group."""
+
+    dtype: str = "auto"
+    """Activation dtype: "fp32", "bf16", or "auto" (bf16 on CUDA, fp32 on CPU)."""
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:N", or "auto" (this rank's GPU if there is one)."""
+    attn_impl: str = "absorb"
+    fp8_impl: str = "auto"
+    precision: str = "auto"
+    """Routed/linear weights: "fp8" or "auto" (as the checkpoint), "bf16" (dequantize FP8 at load)."""
+    dispatch_fp8: str = "auto"
+    """FP8 dispatch payload: "on", "off", "auto" (on when the experts quantize activations to FP8
+    anyway, i.e. FP8 weights with the emulate or scaled_mm product: then it changes nothing)."""
+    combine_dtype: str = "auto"
+    """Partial sums sent back: "bf16", "fp32", "auto" (the activation dtype)."""
+    overlap: str = "auto"
+    """Two micro-batches with overlapped exchanges: "on", "off", "auto" (when the busiest rank has
+    at least `overlap_min_tokens` tokens in the step; below that the split only adds latency)."""
+    overlap_min_tokens: int = 128
+    max_seqs_per_rank: int = 64
+    """Sequences one rank holds KV caches for; more requests wait in the queue."""
+    max_context: int = 4096
+    """Prompt + generated tokens per request (clamped to the model's max_position_embeddings)."""
+    max_new_tokens: int = 1024
+    max_prefill_tokens: int = 8192
+    """New prompt tokens admitted per step over the group (at least one request is always admitted)."""
+    idle_heartbeat_s: float = 1.0
+    map_poll_s: float = 1.0
+    """How often a rank looks at its expert-map files (0: every step)."""
+    background_load: bool = True
+    """Load the experts of a new map generation in a background thread."""
+    dist_timeout_s: float = 30.0
+    """Collective timeout: the longest a rank waits for a hung peer."""
+    rendezvous_timeout_s: float = 600.0
+    """How long ranks wait for each other to start and load (pods start minutes apart)."""
+    model_name: str = "deepseek-v3"
+    threads: int | None = None
+    """torch intra-op threads in this process (None: leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "dtype": ("auto", *DTYPES), "attn_impl": ("absorb", "naive"), "precision": ("auto", "fp8", "bf16"),
+            "dispatch_fp8": ("auto", "on", "off"), "combine_dtype": ("auto", *DTYPES),
+            "overlap": ("auto", "on", "off"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    v = env.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"env {name}={v!r}: expected a number") from None
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    v = env.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"env {name}={v!r}: expected an integer") from None
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Where one rank process sits and what it serves; `from_env` reads a rank pod's env."""
+
+    rank: int
+    world_size: int
+    checkpoint: str
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    group: int = 0
+    """EP group index (label of this rank's metrics)."""
+    expert_map: str | None = None
+    """PLAN.json path (a `generation` file next to it); None: `default_map`."""
+    gpus_per_node: int = 8
+    """Node layout of the default map."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RankConfig:
+        """A rank pod's env (what `resources.rank_pod` sets): RANK, WORLD_SIZE, MASTER_ADDR,
+        MASTER_PORT, MOE_GROUP, MOE_CHECKPOINT (required), MOE_EXPERT_MAP (PLAN.json path),
+        MOE_PRECISION, MOE_MODEL_NAME. Optional `EngineConfig` knobs: MOE_DTYPE, MOE_DEVICE,
+        MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
+        MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
+        MOE_MAX_PREFILL_TOKENS, MOE_MAP_POLL_S, MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S,
+        MOE_THREADS. Other MOE_* variables (ports, node) are the server's."""
+        env = os.environ if env is None else env
+        if not env.get("MOE_CHECKPOINT"):
+            raise ValueError("env MOE_CHECKPOINT (the checkpoint directory) is not set")
+        e = EngineConfig()
+        eng = EngineConfig(
+            dtype=env.get("MOE_DTYPE", e.dtype),
+            device=env.get("MOE_DEVICE", e.device),
+            attn_impl=env.get("MOE_ATTN", e.attn_impl),
+            fp8_impl=env.get("MOE_FP8_IMPL", e.fp8_impl),
+            precision=env.get("MOE_PRECISION", e.precision),
+            dispatch_fp8=env.get("MOE_DISPATCH_FP8", e.dispatch_fp8),
+            combine_dtype=env.get("MOE_COMBINE_DTYPE", e.combine_dtype),
+            overlap=env.get("MOE_OVERLAP", e.overlap),
+            overlap_min_tokens=_env_int(env, "MOE_OVERLAP_MIN_TOKENS", e.overlap_min_tokens),
+            max_seqs_per_rank=_env_int(env, "MOE_MAX_SEQS_PER_RANK", e.max_seqs_per_rank),
+            max_context=_env_int(env, "MOE_MAX_CONTEXT", e.max_context),
+            max_new_tokens=_env_int(env, "MOE_MAX_NEW_TOKENS", e.max_new_tokens),
+            max_prefill_tokens=_env_int(env, "MOE_MAX_PREFILL_TOKENS", e.max_prefill_tokens),
+            map_poll_s=_env_float(env, "MOE_MAP_POLL_S", e.map_poll_s),
+            dist_timeout_s=_env_float(env, "MOE_DIST_TIMEOUT_S", e.dist_timeout_s),
+            rendezvous_timeout_s=_env_float(env, "MOE_RENDEZVOUS_TIMEOUT_S", e.rendezvous_timeout_s),
+            model_name=env.get("MOE_MODEL_NAME", e.model_name),
+            threads=_env_int(env, "MOE_THREADS", 0) or None,
+        )
+        return cls(
+            rank=_env_int(env, "RANK", 0),
+            world_size=_env_int(env, "WORLD_SIZE", 1),
+            checkpoint=env["MOE_CHECKPOINT"],
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_env_int(env, "MASTER_PORT", 29500),
+            group=_env_int(env, "MOE_GROUP", 0),
+            expert_map=env.get("MOE_EXPERT_MAP") or None,
+            engine=eng,
+        )
+
+
+def resolve_device(spec: str, rank: int = 0) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[spec]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step plans and replies (small pickled objects)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step: `tokens` at positions start.. of sequence `seq`."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    new: bool = False
+    """First step of this sequence: allocate its KV cache of `max_len` positions."""
+    max_len: int = 0
+    temperature: float = 0.0
+    seed: int | None = None
+    want_logits: bool = False
+    """Keep every position's logits on the rank (the `logits` command; rank 0 only)."""
+
+
+@dataclass
+class StepPlan:
+    step: int
+    work: list[list[SeqWork]]
+    """Per rank: the sequences it runs this step."""
+    release: list[list[int]]
+    """Per rank: sequences whose KV caches to free before the step."""
+    micro_batches: int = 1
+    switch_to: int | None = None
+    """Expert-map generation every rank takes before running this step."""
+    stop: bool = False
+
+    def has_work(self) -> bool:
+        return any(self.work)
+
+
+@dataclass
+class StepReply:
+    rank: int
+    tokens: dict[int, tuple[int, float]]
+    """seq -> (next token, sum of its fp32 logits row)."""
+    staged: tuple[int, str]
+    """(generation, digest) this rank could switch to now."""
+    generation: int
+    """Generation served in this step."""
+    errors: list[str] = field(default_factory=list)
+    """Expert-map errors since the last reply."""
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank: model, caches, dispatcher, expert-map switcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """Part of a sequence's step that one micro-batch runs."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    cache: KVCache
+    last: bool  # holds the sequence's last new token: produces its next-token logits
+    want_logits: bool
+
+
+@dataclass
+class _SeqState:
+    cache: KVCache
+    temperature: float
+    generator: torch.Generator | None
+    want_logits: bool
+
+
+class RankRunner:
+    """Everything one rank does in a step. `run_step(plan)` -> `StepReply`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        ckpt: Checkpoint,
+        emap: ExpertMap,
+        cfg: EngineConfig,
+        *,
+        ctx: ParallelContext,
+        device: torch.device,
+        plan_path: str | Path | None = None,
+        metrics: Any = None,
+        before_step: Callable[[StepPlan, int], None] | None = None,
+    ):
+        self.model = model
+        self.ckpt = ckpt
+        self.cfg = cfg
+        self.ctx = ctx
+        self.rank = ctx.rank
+        self.device = device
+        self.metrics = metrics
+        self.before_step = before_step
+        self.seqs: dict[int, _SeqState] = {}
+        self.kept_logits: dict[int, torch.Tensor] = {}
+        """seq -> (S, vocab) fp32 logits of `want_logits` sequences (read by rank 0's engine)."""
+        self._errors: list[str] = []
+        self.switches: list[tuple[int, int]] = []
+        """(step, generation) of every switch this rank took."""
+        self.dispatcher: Dispatcher | None = None
+        if ctx.world_size > 1:
+            self.dispatcher = Dispatcher(ctx, emap, device=device, config=dispatch_config(model, cfg), metrics=metrics)
+        self.switcher = MapSwitcher(
+            emap, ctx.rank, model.args, plan_path=plan_path, load_experts=self._read_experts,
+            poll_interval_s=cfg.map_poll_s, background=cfg.background_load, on_error=self._map_error,
+        )
+        if metrics is not None:
+            metrics.expert_map_generation.labels(**metrics.lbl()).set(emap.generation)
+
+    @property
+    def emap(self) -> ExpertMap:
+        return self.switcher.current
+
+    def attach(self, ctx: ParallelContext) -> None:
+        """Use process group `ctx.group` from now on (it is created after the model is loaded)."""
+        self.ctx = ctx
+        self.model.ctx = ctx
+        if self.dispatcher is not None:
+            self.dispatcher.ctx = ctx
+            self.dispatcher.group = ctx.group
+
+    # ---- expert map ----
+
+    def _read_experts(self, added: dict[int, tuple[int, ...]]) -> dict[int, dict[int, Any]]:
+        moes = {m.layer_id: m for m in self.model.moe_layers()}
+        return {layer: {e: self.ckpt.read_expert(moes[layer], e) for e in ids} for layer, ids in added.items()}
+
+    def _map_error(self, msg: str) -> None:
+        self._errors.append(msg)
+        if self.metrics is not None:
+            self.metrics.expert_map_errors.labels(**self.metrics.lbl()).inc()
+
+    def _switch(self, generation: int, step: int) -> None:
+        old = self.switcher.current
+        staged = self.switcher.take(generation)
+        _, removed = old.changes(staged.emap, self.rank)
+        for moe in self.model.moe_layers():
+            for e, module in staged.experts.get(moe.layer_id, {}).items():
+                moe.add_expert(e, module)
+            for e in removed.get(moe.layer_id, ()):
+                moe.remove_expert(e)
+        if self.dispatcher is not None:
+            self.dispatcher.set_map(staged.emap)
+        self.switches.append((step, generation))
+        if self.metrics is not None:
+            self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(generation)
+        log.info("rank %d: serving expert map generation %d from step %d", self.rank, generation, step)
+
+    # ---- the step ----
+
+    @torch.inference_mode()
+    def run_step(self, plan: StepPlan) -> StepReply:
+        for seq in plan.release[self.rank]:
+            self.seqs.pop(seq, None)
+        if plan.switch_to is not None:
+            self._switch(plan.switch_to, plan.step)
+        if self.before_step is not None:
+            self.before_step(plan, self.rank)
+        out: dict[int, tuple[int, float]] = {}
+        if plan.has_work():
+            t0 = time.perf_counter()
+            mine = plan.work[self.rank]
+            for w in mine:
+                if w.new:
+                    gen = None
+                    if w.temperature > 0:
+                        gen = torch.Generator(device=self.device)
+                        gen.manual_seed(w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little"))
+                    self.seqs[w.seq] = _SeqState(
+                        self.model.new_cache(1, w.max_len), w.temperature, gen, w.want_logits
+                    )
+            logits = self.forward(mine, plan.micro_batches)
+            for seq, row in logits.items():
+                out[seq] = self._sample(seq, row)
+            if self.dispatcher is not None:
+                self.dispatcher.flush_metrics()
+            if self.metrics is not None:
+                phase = "prefill" if any(w.new for w in mine) else "decode"
+                lbl = self.metrics.lbl()
+                self.metrics.step_seconds.labels(**lbl, phase=phase).observe(time.perf_counter() - t0)
+                cap = self.cfg.max_seqs_per_rank * self.cfg.max_context
+                used = sum(s.cache.max_len for s in self.seqs.values())
+                self.metrics.kv_cache_usage.labels(**lbl).set(used / cap if cap else 0.0)
+        self.switcher.poll()
+        errors, self._errors = self._errors, []
+        return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors)
+
+    def _sample(self, seq: int, row: torch.Tensor) -> tuple[int, float]:
+        """row (vocab,) fp32 -> (token, row sum); greedy for temperature 0 (first max on ties)."""
+        st = self.seqs[seq]
+        if st.temperature > 0:
+            probs = torch.softmax(row / st.temperature, dim=-1)
+            tok = int(torch.multinomial(probs, 1, generator=st.generator))
+        else:
+            tok = int(torch.argmax(row))
+        return tok, float(row.sum())
+
+    def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
+        """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
+        chunks = [
+            _Chunk(w.seq, list(w.tokens), w.start, self.seqs[w.seq].cache, True, self.seqs[w.seq].want_logits)
+            for w in work
+        ]
+        batches = split_micro_batches(chunks, micro_batches)
+        results: dict[int, torch.Tensor] = {}
+        full: dict[int, list[torch.Tensor]] = {}
+        interleave([self._mb_forward(b, results, full) for b in batches])
+        for seq, parts in full.items():
+            self.kept_logits[seq] = torch.cat(parts, dim=0)
+        return results
+
+    def _mb_forward(
+        self, chunks: list[_Chunk], results: dict[int, torch.Tensor], full: dict[int, list[torch.Tensor]]
+    ) -> Iterator[None]:
+        """One micro-batch through every layer; yields while its MoE exchanges are in flight
+        (three yields per MoE layer on every rank, whatever the token count)."""
+        m = self.model
+        D = m.args.hidden_size
+        dev = self.device
+        ropes, masks, hs = [], [], []
+        for c in chunks:
+            S = len(c.tokens)
+            pos = torch.arange(c.start, c.start + S, device=dev)
+            ropes.append(m.rotary(pos))
+            masks.append(causal_mask(c.start, S, dev))
+            hs.append(m.embed(torch.tensor([c.tokens], dtype=torch.long, device=dev)))  # (1, S, D)
+        sizes = [len(c.tokens) for c in chunks]
+        for i, block in enumerate(m.layers):
+            hs = [
+                h + block.attn(block.attn_norm(h), rope, c.start, mask, c.cache.layers[i], m.attn_impl)
+                for h, rope, mask, c in zip(hs, ropes, masks, chunks, strict=True)
+            ]
+            if not hs and not isinstance(block.ffn, MoE):
+                continue
+            # Feed-forward over the micro-batch's tokens of all its sequences at once.
+            x = torch.cat([h[0] for h in hs]) if hs else torch.zeros(0, D, dtype=m.dtype, device=dev)  # (T, D)
+            xn = block.ffn_norm(x)
+            if not isinstance(block.ffn, MoE):
+                x = x + block.ffn(xn)
+                hs = [t[None] for t in torch.split(x, sizes)]
+                continue
+            moe = block.ffn
+            weights, ids = moe.gate(xn)  # (T, K) fp32, (T, K) int64
+            if self.dispatcher is None:
+                y = moe.routed(xn, ids, weights, moe.local_experts(), moe.layer_id)
+                if moe.shared_experts is not None:
+                    y = y + moe.shared_experts(xn)
+            else:
+                ex = self.dispatcher.start(xn, ids, weights, moe.local_experts(), moe.layer_id)
+                yield  # counts in flight
+                ex.advance()
+                shared = moe.shared_experts(xn) if moe.shared_experts is not None else None
+                yield  # rows in flight; the shared expert ran meanwhile
+                ex.advance()
+                yield  # partial sums in flight
+                ex.advance()
+                y = ex.result()
+                if shared is not None:
+                    y = y + shared
+            x = x + y
+            hs = [t[None] for t in torch.split(x, sizes)] if hs else []
+        last = []
+        for h, c in zip(hs, chunks, strict=True):
+            if c.want_logits:
+                lg = m.head(m.norm(h[0])).float()  # (S, vocab)
+                full.setdefault(c.seq, []).append(lg)
+                if c.last:
+                    results[c.seq] = lg[-1]
+            elif c.last:
+                last.append((c.seq, h[0, -1]))
+        if last:  # one head GEMM for the last position of every sequence
+            rows = m.head(m.norm(torch.stack([r for _, r in last]))).float()  # (n, vocab)
+            for (seq, _), row in zip(last, rows, strict=True):
+                results[seq] = row
+
+
+def split_micro_batches(chunks: list[_Chunk], n: int) -> list[list[_Chunk]]:
+    """Split a rank's work into `n` (1 or 2) micro-batches of about equal token counts.
+
+    A sequence that straddles the middle is cut in two: its first part runs in micro-batch 0,
+    which is always a stage ahead of micro-batch 1, so the second part finds the first part's
+    keys in the cache at every layer. The last new token stays in the last part (`last`).
+    """
+    if n == 1:
+        return [chunks]
+    total = sum(len(c.tokens) for c in chunks)
+    half = (total + 1) // 2
+    a: list[_Chunk] = []
+    b: list[_Chunk] = []
+    seen = 0
+    for c in chunks:
+        S = len(c.tokens)
+        if seen >= half:
+            b.append(c)
+        elif seen + S <= half:
+            a.append(c)
+        else:
+            cut = half - seen
+            a.append(replace(c, tokens=c.tokens[:cut], last=False))
+            b.append(replace(c, tokens=c.tokens[cut:], start=c.start + cut))
+        seen += S
+    return [a, b]
+
+
+def dispatch_config(model: Transformer, cfg: EngineConfig) -> DispatchConfig:
+    fp8 = cfg.dispatch_fp8 == "on"
+    if cfg.dispatch_fp8 == "auto":
+        fp8 = model.fp8 and resolve_impl(cfg.fp8_impl, model.embed.weight.device) in ("emulate", "scaled_mm")
+    combine = None if cfg.combine_dtype == "auto" else DTYPES[cfg.combine_dtype]
+    scale_fmt = model.args.quantization.scale_fmt if model.args.quantization else None
+    return DispatchConfig(fp8_payload=fp8, combine_dtype=combine, scale_fmt=scale_fmt)
+
+
+def build_runner(
+    checkpoint: str | Path,
+    emap: ExpertMap,
+    cfg: EngineConfig,
+    *,
+    ctx: ParallelContext,
+    plan_path: str | Path | None = None,
+    metrics: Any = None,
+    before_step: Callable[[StepPlan, int], None] | None = None,
+) -> RankRunner:
+    """Build this rank's model with the experts `emap` gives it and load it from `checkpoint`."""
+    device = resolve_device(cfg.device, ctx.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = Checkpoint(checkpoint)
+    fp8 = False if cfg.precision == "bf16" else None
+    model = Transformer(
+        ckpt.args, dtype=resolve_dtype(cfg.dtype, device), attn_impl=cfg.attn_impl, fp8=fp8,
+        fp8_impl=cfg.fp8_impl, owned_experts=emap.owned(ctx.rank), ctx=ctx, device=device,
+    )
+    ckpt.load(model)
+    return RankRunner(model, ckpt, emap, cfg, ctx=ctx, device=device, plan_path=plan_path, metrics=metrics,
+                      before_step=before_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0: the scheduler
+# ---------------------------------------------------------------------------------------------
+
+
+class _Ticket:
+    """One request's progress; callbacks run on the step thread."""
+
+    def __init__(self, req: GenerationRequest, want_logits: bool = False):
+        self.req = req
+        self.want_logits = want_logits
+        self.arrived = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.output: list[int] = []
+        self.logit_sums: list[float] = []
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.logits: torch.Tensor | None = None
+        self.done = threading.Event()
+        self.listeners: list[Callable[[int | None, _Ticket], None]] = []
+        """Called with each new token, then with None when done (or failed)."""
+        self.cancelled = False
+
+    def _notify(self, tok: int | None) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(tok, self)
+            except Exception:  # a listener's loop may be closed; never break the step loop
+                log.exception("request %s: listener failed", self.req.request_id)
+
+    def finish(self, reason: str) -> None:
+        now = time.monotonic()
+        self.result = GenerationResult(
+            request_id=self.req.request_id, output_ids=list(self.output), finish_reason=reason,
+            prompt_tokens=len(self.req.prompt_ids),
+            time_to_first_token_s=(self.first or now) - self.arrived, duration_s=now - self.arrived,
+            logit_sums=list(self.logit_sums),
+        )
+        self.done.set()
+        self._notify(None)
+
+    def fail(self, err: BaseException) -> None:
+        if self.done.is_set():
+            return
+        self.error = err
+        self.done.set()
+        self._notify(None)
+
+
+@dataclass
+class _Running:
+    ticket: _Ticket
+    rank: int
+    pos: int = 0  # positions in the KV cache
+    work: SeqWork | None = None
+
+
+class Scheduler:
+    """Rank 0's view of all requests: queue, the sequences on each rank, step plans."""
+
+    def __init__(self, world_size: int, cfg: EngineConfig, info: ModelInfo, metrics: Any = None):
+        self.world = world_size
+        self.cfg = cfg
+        self.info = info
+        self.metrics = metrics
+        self.waiting: deque[_Ticket] = deque()
+        self.running: dict[int, _Running] = {}
+        self.per_rank = [0] * world_size
+        self.release: list[list[int]] = [[] for _ in range(world_size)]
+        self._next_seq = 0
+        self.lock = threading.Lock()
+        self.overlap = cfg.overlap
+
+    def add(self, t: _Ticket) -> None:
+        with self.lock:
+            self.waiting.append(t)
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.waiting and not self.running
+
+    def build(self, step: int, switch_to: int | None) -> StepPlan:
+        """The next step: every running sequence decodes one token; queued requests are admitted
+        to the least-loaded ranks with room, their whole prompts prefilled in this step."""
+        work: list[list[SeqWork]] = [[] for _ in range(self.world)]
+        with self.lock:
+            for seq, r in list(self.running.items()):
+                if r.ticket.cancelled:
+                    self._finish(seq, "cancelled")
+                    continue
+                r.work = SeqWork(seq, [r.ticket.output[-1]], r.pos)
+                work[r.rank].append(r.work)
+            budget = self.cfg.max_prefill_tokens
+            admitted = 0
+            while self.waiting:
+                t = self.waiting[0]
+                if t.cancelled:
+                    self.waiting.popleft()
+                    continue
+                n = len(t.req.prompt_ids)
+                if admitted and n > budget:
+                    break
+                if t.want_logits:
+                    rank = 0 if self.per_rank[0] < self.cfg.max_seqs_per_rank else None
+                else:
+                    free = [r for r in range(self.world) if self.per_rank[r] < self.cfg.max_seqs_per_rank]
+                    rank = min(free, key=lambda r: (self.per_rank[r], r)) if free else None
+                if rank is None:
+                    break
+                self.waiting.popleft()
+                seq = self._next_seq
+                self._next_seq += 1
+                req = t.req
+                w = SeqWork(seq, [int(x) for x in req.prompt_ids], 0, new=True, max_len=n + req.max_tokens,
+                            temperature=req.temperature, seed=req.seed, want_logits=t.want_logits)
+                self.running[seq] = _Running(t, rank, 0, w)
+                self.per_rank[rank] += 1
+                work[rank].append(w)
+                budget -= n
+                admitted += 1
+            release, self.release = self.release, [[] for _ in range(self.world)]
+        busiest = max(sum(len(w.tokens) for w in ws) for ws in work)
+        mb = {"on": 2, "off": 1}.get(self.overlap, 2 if busiest >= self.cfg.overlap_min_tokens else 1)
+        return StepPlan(step, work, release, micro_batches=mb, switch_to=switch_to)
+
+    def update(self, plan: StepPlan, replies: list[StepReply], kept_logits: dict[int, torch.Tensor]) -> None:
+        """Apply the tokens the ranks sampled; finish requests that are done."""
+        now = time.monotonic()
+        with self.lock:
+            for reply in replies:
+                for seq, (tok, lsum) in reply.tokens.items():
+                    r = self.running.get(seq)
+                    if r is None:
+                        continue
+                    t = r.ticket
+                    r.pos += len(r.work.tokens) if r.work is not None else 0
+                    t.output.append(tok)
+                    t.logit_sums.append(lsum)
+                    if t.first is None:
+                        t.first = now
+                    t.last = now
+                    if seq in kept_logits:
+                        t.logits = kept_logits.pop(seq)
+                    t._notify(tok)
+                    if tok in t.req.stop_ids:
+                        self._finish(seq, "stop")
+                    elif len(t.output) >= t.req.max_tokens:
+                        self._finish(seq, "length")
+
+    def _finish(self, seq: int, reason: str) -> None:
+        r = self.running.pop(seq)
+        self.per_rank[r.rank] -= 1
+        self.release[r.rank].append(seq)
+        if reason == "cancelled":
+            r.ticket.fail(asyncio.CancelledError())
+            return
+        r.ticket.finish(reason)
+
+    def fail_all(self, err: BaseException) -> None:
+        with self.lock:
+            tickets = [r.ticket for r in self.running.values()] + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+            self.per_rank = [0] * self.world
+        for t in tickets:
+            t.fail(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives of the control plane
+# ---------------------------------------------------------------------------------------------
+
+
+class _Control:
+    """Step plans out (broadcast), replies in (gather); identity for a single process."""
+
+    def __init__(self, ctx: ParallelContext, group: Any = None):
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.group = group if group is not None else ctx.group
+
+    def plan(self, plan: StepPlan | None) -> StepPlan:
+        if self.world == 1:
+            assert plan is not None
+            return plan
+        box = [plan]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def replies(self, reply: StepReply) -> list[StepReply]:
+        if self.world == 1:
+            return [reply]
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(reply, out, dst=0, group=self.group)
+        return out if out is not None else []
+
+
+def _abort_group() -> None:
+    """Tear down this process's process group so peers blocked on us fail now, not at the timeout."""
+    if not dist.is_initialized():
+        return
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken: nothing more to release
+            pass
+
+    t = threading.Thread(target=destroy, daemon=True)
+    t.start()
+    t.join(5.0)
+
+
+_COMM_ERROR_HINTS = ("Connection", "peer", "Timed out", "timed out", "Timeout", "NCCL", "gloo", "closed")
+
+
+def _group_error(step: int, rank: int, e: BaseException) -> EngineError:
+    text = str(e).splitlines()[0] if str(e) else ""
+    comm = isinstance(e, dist.DistError) or any(h in text for h in _COMM_ERROR_HINTS)
+    why = "lost a peer rank or a collective failed" if comm else "failed"
+    return EngineError(f"EP group {why} at step {step} on rank {rank}: {type(e).__name__}: {text}")
+
+
+def worker_loop(runner: RankRunner, control: _Control) -> None:
+    """Ranks 1..N-1: take step plans from rank 0 until it says stop. Raises EngineError on failure."""
+    step = -1
+    try:
+        while True:
+            plan = control.plan(None)
+            step = plan.step
+            if plan.stop:
+                return
+            control.replies(runner.run_step(plan))
+    except Exception as e:
+        _abort_group()
+        raise _group_error(step, runner.rank, e) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines (rank 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def model_info(args: ModelArgs, cfg: EngineConfig) -> ModelInfo:
+    eos = args.extra.get("eos_token_id")
+    return ModelInfo(
+        name=cfg.model_name,
+        vocab_size=args.vocab_size,
+        max_context=min(cfg.max_context, args.max_position_embeddings),
+        max_new_tokens=max(1, min(cfg.max_new_tokens, min(cfg.max_context, args.max_position_embeddings) - 1)),
+        eos_token_id=eos if isinstance(eos, int) and not isinstance(eos, bool) else None,
+    )
+
+
+class GroupEngine:
+    """`engine_api.Engine` on rank 0 of an EP group (or of a group of one, in process).
+
+    The step loop runs in a background thread (collectives block); `generate`/`stream` are
+    called from the server's asyncio loop and only enqueue and await. `submit`/`run` are the
+    synchronous equivalents (CLI, tests).
+    """
+
+    def __init__(self, runner: RankRunner, control: _Control, cfg: EngineConfig, metrics: Any = None):
+        self.runner = runner
+        self.control = control
+        self.cfg = cfg
+        self.metrics = metrics
+        self.info = model_info(runner.model.args, cfg)
+        self.world = control.world
+        self.scheduler = Scheduler(self.world, cfg, self.info, metrics)
+        self.step = 0
+        self.switches: list[tuple[int, int]] = []
+        """(step, generation) of every expert-map switch the group took."""
+        self.map_errors: list[str] = []
+        """Expert-map errors reported by any rank."""
+        self._wake = threading.Condition()
+        self._failed: EngineError | None = None
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._switch_to: int | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> GroupEngine:
+        self._thread = threading.Thread(target=self._loop, name="moe-step-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop every rank's loop (they return normally) and wait for the step thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.scheduler.fail_all(EngineError("engine shut down"))
+        if self.world > 1:
+            _abort_group()
+
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._failed is None and not self._stopping
+
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the group stopped serving, or None."""
+        return self._failed
+
+    def wait(self, timeout: float | None = None) -> EngineError | None:
+        """Block until the step loop ends (shutdown or failure); the failure, or None. A serving
+        process should exit non-zero on a failure: the group cannot heal, its pods are replaced."""
+        self._stopped.wait(timeout)
+        return self._failed
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def set_overlap(self, mode: str) -> None:
+        """"on", "off" or "auto" from the next step (rank 0 decides; the plan tells every rank)."""
+        if mode not in ("on", "off", "auto"):
+            raise ValueError(f"overlap {mode!r}: expected 'on', 'off' or 'auto'")
+        self.scheduler.overlap = mode
+
+    # ---- requests ----
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise RequestError for a request this engine cannot run."""
+        info = self.info
+        if not req.prompt_ids:
+            raise RequestError("empty prompt: at least one input token is needed")
+        bad = [t for t in req.prompt_ids if not (hasattr(t, "__index__") and 0 <= t < info.vocab_size)]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} outside the vocabulary 0..{info.vocab_size - 1}")
+        if not isinstance(req.max_tokens, int) or not 1 <= req.max_tokens <= info.max_new_tokens:
+            raise RequestError(f"max_tokens must be between 1 and {info.max_new_tokens}, got {req.max_tokens}")
+        if len(req.prompt_ids) + req.max_tokens > info.max_context:
+            raise RequestError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                f"{info.max_context} tokens"
+            )
+        if not (isinstance(req.temperature, (int, float)) and math.isfinite(req.temperature) and req.temperature >= 0):
+            raise RequestError(f"temperature must be a finite number >= 0, got {req.temperature}")
+
+    def submit(self, req: GenerationRequest, *, want_logits: bool = False) -> _Ticket:
+        """Queue a request (thread-safe); the ticket's `done` event fires when it finishes."""
+        self.validate(req)
+        if self._failed is not None:
+            raise self._failed
+        if not self.ready():
+            raise EngineError("engine is not running")
+        t = _Ticket(req, want_logits)
+        self.scheduler.add(t)
+        with self._wake:
+            self._wake.notify_all()
+        return t
+
+    def run(self, reqs: list[GenerationRequest], timeout: float | None = None) -> list[GenerationResult]:
+        """Submit all, wait for all (synchronous; they are batched together)."""
+        tickets = [self.submit(r) for r in reqs]
+        return [self._wait(t, timeout) for t in tickets]
+
+    def prompt_logits(self, prompt_ids: list[int] | tuple[int, ...], timeout: float | None = None) -> torch.Tensor:
+        """(S, vocab) fp32 logits of a prompt (prefilled on rank 0; the `logits` command)."""
+        req = GenerationRequest(request_id=f"logits-{time.monotonic_ns()}", prompt_ids=tuple(prompt_ids), max_tokens=1)
+        t = self.submit(req, want_logits=True)
+        self._wait(t, timeout)
+        assert t.logits is not None
+        return t.logits
+
+    def _wait(self, t: _Ticket, timeout: float | None) -> GenerationResult:
+        if not t.done.wait(timeout):
+            raise EngineError(f"request {t.req.request_id} did not finish within {timeout} s")
+        if t.error is not None:
+            raise t.error
+        assert t.result is not None
+        return t.result
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[GenerationResult] = loop.create_future()
+
+        def on_event(tok: int | None, t: _Ticket) -> None:
+            if tok is None:
+                _call(loop, _settle, fut, t)
+
+        t = _Ticket(req)
+        t.listeners.append(on_event)
+        self._enqueue(t)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            t.cancelled = True
+            raise
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[int]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def on_event(tok: int | None, t: _Ticket) -> None:
+            _call(loop, q.put_nowait, tok)
+
+        t = _Ticket(req)
+        t.listeners.append(on_event)
+        self._enqueue(t)
+        try:
+            while True:
+                tok = await q.get()
+                if tok is None:
+                    if t.error is not None:
+                        raise t.error
+                    return
+                yield tok
+        finally:
+            if not t.done.is_set():
+                t.cancelled = True
+
+    def _enqueue(self, t: _Ticket) -> None:
+        self.validate(t.req)
+        if self._failed is not None:
+            raise self._failed
+        if not self.ready():
+            raise EngineError("engine is not running")
+        self.scheduler.add(t)
+        with self._wake:
+            self._wake.notify_all()
+
+    # ---- the step loop ----
+
+    def _loop(self) -> None:
+        runner, sched = self.runner, self.scheduler
+        try:
+            while True:
+                with self._wake:
+                    if not self._stopping and sched.idle():
+                        self._wake.wait(self.cfg.idle_heartbeat_s)
+                    stopping = self._stopping
+                if stopping:
+                    self.control.plan(StepPlan(self.step, [[] for _ in range(self.world)],
+                                               [[] for _ in range(self.world)], stop=True))
+                    break
+                plan = sched.build(self.step, self._switch_to)
+                self.control.plan(plan)
+                reply = runner.run_step(plan)
+                replies = self.control.replies(reply)
+                if plan.switch_to is not None:
+                    self.switches.append((plan.step, plan.switch_to))
+                for rp in replies:
+                    self.map_errors.extend(rp.errors)
+                self._switch_to = agreed_switch(runner.emap.generation, [rp.staged for rp in replies])
+                sched.update(plan, replies, runner.kept_logits)
+                self.step += 1
+        except Exception as e:
+            self._failed = _group_error(self.step, 0, e)
+            log.error("%s", self._failed)
+            if self.metrics is not None:
+                self.metrics.group_ready.labels(**self.metrics.lbl()).set(0)
+            _abort_group()
+            sched.fail_all(self._failed)
+        finally:
+            self._stopped.set()
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the caller's loop is closed: nobody waits any more
+        pass
+
+
+def _settle(fut: asyncio.Future, t: _Ticket) -> None:
+    if fut.done():
+        return
+    if t.error is not None:
+        fut.set_exception(t.error)
+    else:
+        fut.set_result(t.result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting a rank
+# ---------------------------------------------------------------------------------------------
+
+
+def _initial_map(args: ModelArgs, world: int, plan_path: str | Path | None, gpus_per_node: int) -> ExpertMap:
+    if plan_path is None:
+        return default_map(args, world, gpus_per_node=gpus_per_node)
+    gen, text = read_plan_files(plan_path)
+    return parse_plan(text, args, world, gen or 0)
+
+
+START_FAILURE_ACK_S = 15.0
+"""How long rank 0, which hosts the store, stays up after a start failure so that the other ranks
+can read why (they would otherwise wait for the rendezvous timeout on a store that is gone)."""
+
+
+def _start_failed(store: Any, rank: int, world: int, message: str) -> None:
+    """Record a start failure in the store; rank 0 waits until the others have read it (bounded)."""
+    try:
+        if not store.check(["failed"]):
+            store.set("failed", message)
+        if rank == 0:
+            keys = [f"failed-ack/{r}" for r in range(1, world)]
+            deadline = time.monotonic() + START_FAILURE_ACK_S
+            while time.monotonic() < deadline and not all(store.check([k]) for k in keys):
+                time.sleep(0.05)
+    except Exception:  # the store is gone (rank 0 died): nobody left to tell
+        pass
+
+
+def _start_failure(store: Any, rank: int) -> EngineError:
+    msg = store.get("failed").decode()
+    store.set(f"failed-ack/{rank}", "1")
+    return EngineError(f"EP group start failed: {msg}")
+
+
+def _store_wait(store: Any, keys: list[str], rank: int, timeout_s: float, what: str) -> None:
+    """Wait until every key is set, or raise the group's start failure (no collective, so ranks
+    may take minutes to start and load without tripping the collective timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if store.check(["failed"]):
+            raise _start_failure(store, rank)
+        missing = [k for k in keys if not store.check([k])]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise EngineError(f"EP group start: {what} not done within {timeout_s:.0f} s (waiting for {missing[:8]})")
+        time.sleep(0.05)
+
+
+@dataclass
+class Rank:
+    """A started rank: rank 0 has `engine` (started); others call `run()` to serve the loop."""
+
+    config: RankConfig
+    runner: RankRunner
+    control: _Control
+    engine: GroupEngine | None = None
+
+    def run(self) -> None:
+        """Ranks 1..N-1: run step plans until rank 0 stops the group; EngineError on failure."""
+        if self.engine is not None:
+            raise RuntimeError("rank 0 serves through its engine, not run()")
+        try:
+            worker_loop(self.runner, self.control)
+        finally:
+            if self.runner.metrics is not None:
+                self.runner.metrics.group_ready.labels(**self.runner.metrics.lbl()).set(0)
+        _abort_group()
+
+
+def start_rank(
+    rc: RankConfig,
+    *,
+    metrics: Any = None,
+    before_step: Callable[[StepPlan, int], None] | None = None,
+) -> Rank:
+    """Join the EP group `rc` describes, load this rank's part of the model, and return it ready.
+
+    Order: TCP store rendezvous (rank 0 hosts it at MASTER_ADDR:MASTER_PORT) -> rank 0 publishes
+    the initial expert map in the store so all ranks start on the same generation -> each rank
+    builds and loads its model -> store barrier -> process group (gloo on CPU, NCCL on CUDA,
+    with a gloo group for the step plans) -> rank 0's engine starts.
+    """
+    cfg = rc.engine
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if rc.world_size == 1 and rc.rank == 0:
+        ctx = ParallelContext()
+        args = Checkpoint(rc.checkpoint).args
+        emap = _initial_map(args, 1, rc.expert_map, rc.gpus_per_node)
+        runner = build_runner(rc.checkpoint, emap, cfg, ctx=ctx, plan_path=rc.expert_map, metrics=metrics,
+                              before_step=before_step)
+        control = _Control(ctx)
+        engine = GroupEngine(runner, control, cfg, metrics).start()
+        if metrics is not None:
+            metrics.group_ready.labels(**metrics.lbl()).set(1)
+        return Rank(rc, runner, control, engine)
+
+    rdv = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
+    store = dist.TCPStore(rc.master_addr, rc.master_port, rc.world_size, rc.rank == 0, timeout=rdv,
+                          wait_for_workers=False)
+    try:
+        args = Checkpoint(rc.checkpoint).args
+        if rc.rank == 0:
+            emap = _initial_map(args, rc.world_size, rc.expert_map, rc.gpus_per_node)
+            store.set("initial-map", repr(emap.generation) + "\n" + json.dumps(emap.to_plan_json()))
+        else:
+            _store_wait(store, ["initial-map"], rc.rank, cfg.rendezvous_timeout_s, "rank 0 publishing the expert map")
+            gen, doc = store.get("initial-map").decode().split("\n", 1)
+            emap = parse_plan(doc, args, rc.world_size, int(gen))
+        device = resolve_device(cfg.device, rc.rank)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # The process group comes after loading (below); `attach` gives it to the runner then.
+        runner = build_runner(rc.checkpoint, emap, cfg, ctx=ParallelContext(rc.rank, rc.world_size, None),
+                              plan_path=rc.expert_map, metrics=metrics, before_step=before_step)
+        store.set(f"loaded/{rc.rank}", "1")
+        _store_wait(store, [f"loaded/{r}" for r in range(rc.world_size)], rc.rank, cfg.rendezvous_timeout_s,
+                    "loading on every rank")
+    except Exception as e:
+        # Records the first failure only; rank 0 also waits here until the others have read it.
+        _start_failed(store, rc.rank, rc.world_size, f"rank {rc.rank}: {type(e).__name__}: {e}")
+        raise
+
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rc.rank, world_size=rc.world_size,
+                            timeout=timeout, **kw)
+    world = dist.group.WORLD
+    control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else world
+    ctx = ParallelContext(rc.rank, rc.world_size, world)
+    runner.attach(ctx)
+    control = _Control(ctx, control_group)
+    # One collective before serving: every rank is connected.
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe, group=world)
+    if int(probe.item()) != rc.world_size:
+        raise EngineError(f"EP group start: all_reduce saw {int(probe.item())} ranks, expected {rc.world_size}")
+    if metrics is not None:
+        metrics.group_ready.labels(**metrics.lbl()).set(1)
+    engine = GroupEngine(runner, control, cfg, metrics).start() if rc.rank == 0 else None
+    return Rank(rc, runner, control, engine)
+
+
+def run_rank_from_env(metrics: Any = None, env: Mapping[str, str] | None = None) -> GroupEngine | None:
+    """What `moe-worker serve` runs in a rank pod (configuration from env, see RankConfig.from_env).
+
+    Rank 0: returns the started GroupEngine (serve it; call `engine.shutdown()` on exit).
+    Other ranks: serve step plans until rank 0 shuts the group down, then return None; raise
+    EngineError when the group breaks (exit non-zero so the pod is replaced).
+    """
+    rc = RankConfig.from_env(env)
+    rank = start_rank(rc, metrics=metrics)
+    if rank.engine is not None:
+        return rank.engine
+    rank.run()
+    return None
+
+
+__all__ = [
+    "EngineConfig",
+    "GroupEngine",
+    "Rank",
+    "RankConfig",
+    "RankRunner",
+    "Scheduler",
+    "StepPlan",
+    "StepReply",
+    "SeqWork",
+    "build_runner",
+    "run_rank_from_env",
+    "split_micro_batches",
+    "start_rank",
+    "worker_loop",
+]

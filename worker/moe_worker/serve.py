@@ -1,0 +1,124 @@
+"""`moe-worker serve`: the process one rank pod runs (configuration from env).
+
+Every rank serves `/metrics`, `/live` and `/ready` on MOE_METRICS_PORT (the pod's probes). Ready
+means the whole EP group is up: a rank is ready once the group's start-up all-reduce saw every
+rank, and rank 0 while its engine is ready. Rank 0 also serves KServe v2 over HTTP
+(MOE_HTTP_PORT) and gRPC (MOE_GRPC_PORT). Addresses bind to POD_IP when set.
+
+Exit codes: 0 after a clean shutdown (SIGTERM), 1 when the group breaks (a rank died) or cannot
+start; the operator then replaces the pods, since an EP group cannot heal in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .engine_api import EngineError
+from .metrics import WorkerMetrics
+
+log = logging.getLogger("moe.serve")
+
+
+class HealthServer:
+    """/metrics, /live and /ready on the metrics port, in a daemon thread."""
+
+    def __init__(self, host: str, port: int, metrics: WorkerMetrics):
+        self.ready_fn: Callable[[], bool] = lambda: False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.startswith("/metrics"):
+                    body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
+                elif self.path.startswith("/live"):
+                    body, ctype, code = b"ok\n", "text/plain", 200
+                elif self.path.startswith("/ready"):
+                    ok = outer.ready_fn()
+                    body, ctype, code = (b"ready\n" if ok else b"EP group not ready\n"), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="moe-health", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def main(env: Mapping[str, str] | None = None) -> int:
+    from .engine import run_rank_from_env
+
+    env = os.environ if env is None else env
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(levelname)s %(message)s"
+                        .replace("%(rank)s", env.get("RANK", "0")))
+    rank, group = int(env.get("RANK", "0")), int(env.get("MOE_GROUP", "0"))
+    host = env.get("POD_IP") or "0.0.0.0"
+    metrics = WorkerMetrics(rank=rank, group=group)
+    health = HealthServer(host, int(env.get("MOE_METRICS_PORT", "9400")), metrics)
+    group_ready = metrics.group_ready.labels(**metrics.lbl())
+    health.ready_fn = lambda: group_ready._value.get() == 1
+    try:
+        engine = run_rank_from_env(metrics=metrics, env=env)
+    except (EngineError, ValueError, RuntimeError) as e:
+        log.error("rank %d: %s", rank, e)
+        health.close()
+        return 1
+    if engine is None:  # rank > 0: the group was shut down cleanly
+        health.close()
+        return 0
+    health.ready_fn = engine.ready
+    try:
+        return asyncio.run(_serve_front(engine, metrics, host, env))
+    finally:
+        engine.shutdown()
+        health.close()
+
+
+async def _serve_front(engine, metrics: WorkerMetrics, host: str, env: Mapping[str, str]) -> int:
+    from .server import serve
+
+    server = await serve(engine, engine.info, metrics, host, int(env.get("MOE_HTTP_PORT", "8080")),
+                         int(env.get("MOE_GRPC_PORT", "8081")), checkpoint_dir=env.get("MOE_CHECKPOINT"))
+    log.info("serving %s: HTTP %s:%d, gRPC %s:%d", engine.info.name, host, server.http_port, host, server.grpc_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    was_ready = False
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+        ok = engine.ready()
+        if was_ready and not ok and not stop.is_set():
+            log.error("the EP group broke; exiting so that the operator replaces the ranks")
+            code = 1
+            break
+        was_ready = was_ready or ok
+    await server.stop(5.0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
