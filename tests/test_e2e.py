@@ -118,4 +118,6 @@ def test_tiny_ep16_serves_tritonclient_and_exports_metrics(core, api_client, nam
 
         wait_for(counted, 60, f"{pairs_per_layer} routed pairs per layer in Prometheus")
         per_expert = prom.query('sum by (layer, expert) (moe_expert_tokens_total{moe_deployment="e2e"})')
-        assert len({(r["metric"]["layer"], r["metric"]["expert"]) for r in per_expert}) <= 3 * 12
+        # the layer label is the MoE layer index, as in the plan's expert_map
+        assert {r["metric"]["layer"] for r in per_expert} == {"0", "1", "2"}
+        assert {int(r["metric"]["expert"]) for r in per_expert} <= set(range(12))

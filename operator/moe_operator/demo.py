@@ -63,63 +63,176 @@ def show_plan(plan: dict, per_line: int = 4) -> None:
         print(f"   {r['rank']:>4}  {r['node']:<14} {r['gpu']:>3}  {experts}")
 
 
+CHECKPOINT = Path("/var/tmp/moe-demo/tiny-ep16")  # the manifest's hostPath
+
+
+def make_checkpoint(obj: dict) -> None:
+    from .api import parse_deployment
+
+    if (CHECKPOINT / "config.json").exists():
+        return
+    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    cfg = CHECKPOINT.parent / "tiny-ep16-config.json"
+    cfg.write_text(json.dumps(parse_deployment(obj).spec.model.architecture.hf_config()))
+    out = subprocess.run([sys.executable, "-m", "moe_worker.cli", "make-checkpoint", "--config", str(cfg),
+                          "--out", str(CHECKPOINT), "--dtype", "fp8", "--seed", "0"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise DemoError(f"make-checkpoint failed: {out.stderr.strip()}")
+
+
+def ask(ip: str, prompt: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """The same request over KServe v2 HTTP (binary tensors) and gRPC, with tritonclient."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    h = httpclient.InferenceServerClient(f"{ip}:8080")
+    i = httpclient.InferInput("input_ids", [len(prompt)], "INT64")
+    i.set_data_from_numpy(np.array(prompt, dtype=np.int64), binary_data=True)
+    a = h.infer("moe", [i], parameters={"max_tokens": max_tokens}).as_numpy("output_ids").tolist()
+    g = grpcclient.InferenceServerClient(f"{ip}:8081")
+    gi = grpcclient.InferInput("input_ids", [len(prompt)], "INT64")
+    gi.set_data_from_numpy(np.array(prompt, dtype=np.int64))
+    b = g.infer("moe", [gi], parameters={"max_tokens": max_tokens}).as_numpy("output_ids").tolist()
+    return a, b
+
+
+def expert_load(kube: Kube, plan: dict) -> list[list[float]]:
+    """(layers, experts) routed tokens, scraped from every rank's /metrics."""
+    import urllib.request
+
+    from .scaling import parse_expert_tokens
+
+    n_layers = len(plan["expert_map"])
+    n_experts = 1 + max(e for layer in plan["expert_map"] for cell in layer for e in cell)
+    load = [[0.0] * n_experts for _ in range(n_layers)]
+    for p in kube.list("Pod", NAMESPACE, labels="moe.dev/deployment=tiny-ep16"):
+        ip = (p.get("status") or {}).get("podIP")
+        with urllib.request.urlopen(f"http://{ip}:9400/metrics", timeout=5) as r:
+            for (_, layer, e), v in parse_expert_tokens(r.read().decode()).items():
+                load[layer][e] += v
+    return load
+
+
+def figure(plan: dict, load: list[list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    em = np.array([[cell[0] if cell else -1 for cell in layer] for layer in plan["expert_map"]])  # (L, G)
+    nodes = [r["node"] for r in plan["ranks"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    im = a.imshow(em, aspect="auto", cmap="tab20", interpolation="nearest")
+    a.set_title("placement: logical expert on each rank (GPU), per MoE layer")
+    a.set_xlabel("rank (GPU); node boundaries dashed")
+    a.set_ylabel("MoE layer")
+    for g in range(1, len(nodes)):
+        if nodes[g] != nodes[g - 1]:
+            a.axvline(g - 0.5, color="k", ls="--", lw=1)
+    for li in range(em.shape[0]):
+        for g in range(em.shape[1]):
+            a.text(g, li, str(em[li, g]), ha="center", va="center", fontsize=7)
+    a.set_yticks(range(em.shape[0]))
+    fig.colorbar(im, ax=a, label="expert id")
+    im2 = b.imshow(np.array(load), aspect="auto", cmap="viridis", interpolation="nearest")
+    b.set_title("measured load: routed tokens per (layer, expert)")
+    b.set_xlabel("logical expert")
+    b.set_ylabel("MoE layer")
+    b.set_yticks(range(len(load)))
+    fig.colorbar(im2, ax=b, label="tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     t0 = time.monotonic()
     op = None
     try:
-        step("local control plane (first run builds Kubernetes from the Go module proxy: ~25 min cold)")
+        step("local control plane (first run builds Kubernetes from the Go module proxy: 15-30 min cold)")
         c = devcluster.up(quiet=True)
         kc = str(c.kubeconfig)
         kube = Kube(kubeconfig=kc)
-        step("40 KWOK GPU nodes x 8 nvidia.com/gpu in 5 racks (pool 'demo')")
-        devcluster.apply_nodes(devcluster.gpu_nodes(40, gpus=8, racks=5, zones=1, prefix="gpu-node", pool="demo"), kc)
-        wait(lambda: sum(1 for n in kube.list("Node") if any(
+        step("40 GPU nodes x 8 nvidia.com/gpu in 5 racks: 38 KWOK nodes + 2 whose pods the local runner runs")
+        devcluster.apply_nodes(devcluster.gpu_nodes(38, gpus=8, racks=5, zones=1, prefix="gpu-node", pool="demo"), kc)
+        devcluster.apply_nodes(devcluster.gpu_nodes(2, gpus=8, racks=1, zones=1, prefix="run-node", pool="demo-run",
+                                                    local_runner=True), kc)
+        wait(lambda: sum(1 for n in kube.list("Node", labels="moe.dev/pool in (demo,demo-run)") if any(
             x.get("type") == "Ready" and x.get("status") == "True" for x in n["status"].get("conditions", []))) >= 40,
             60, "40 nodes Ready")
+        print(kubectl(kc, "get", "nodes", "-l", "moe.dev/pool in (demo,demo-run)", "-L",
+                      "moe.dev/rack,moe.dev/nvlink-domain", "--no-headers").count("\n"), "nodes Ready")
+        obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
+        step(f"random FP8 checkpoint of the tiny DeepSeek-V3-shaped model in {CHECKPOINT}")
+        make_checkpoint(obj)
         step("CRD and namespace")
         kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
         kubectl(kc, "wait", "--for=condition=Established", "crd/moedeployments.serving.moe.dev", "--timeout=60s")
         if not _ns_exists(kc):
             kubectl(kc, "create", "namespace", NAMESPACE)
-        step("operator (kopf run -m moe_operator.main)")
+        if kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) is not None:
+            step("removing the previous run's tiny-ep16 (its ranks run the code of that time)")
+            kubectl(kc, "delete", "moed", "tiny-ep16", "-n", NAMESPACE, "--wait=true")
+            wait(lambda: not kube.list("Pod", NAMESPACE, labels="moe.dev/deployment=tiny-ep16"), 120,
+                 "the previous rank pods to go")
+        step("operator (kopf run -m moe_operator.main, a local process here; the Helm chart runs the same command)")
         log_path = devcluster.state_dir() / "demo-operator.log"
         op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
                                "--all-namespaces", "--log-format=plain"],
                               env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0",
                                        MOE_OPERATOR_NAMESPACE=NAMESPACE),
                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
-        step("kubectl apply -f manifests/tiny-ep16.yaml (with nodeSelector moe.dev/pool=demo)")
-        obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
-        obj["spec"].setdefault("placement", {})["nodeSelector"] = {devcluster.POOL_LABEL: "demo"}
+        step("kubectl apply -f manifests/tiny-ep16.yaml (nodeSelector moe.dev/pool=demo-run)")
+        obj["spec"].setdefault("placement", {})["nodeSelector"] = {devcluster.POOL_LABEL: "demo-run"}
+        obj["spec"]["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}]
         kubectl(kc, "apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(obj))
 
         def ready():
             if op.poll() is not None:
                 raise DemoError(f"the operator exited ({op.returncode}); see {log_path}")
-            obj = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
-            st = obj.get("status") or {}
+            o = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
+            st = o.get("status") or {}
             if st.get("phase") == "Failed":
                 raise DemoError(f"tiny-ep16 failed: {st.get('reason')}")
-            current = st.get("observedGeneration") == obj.get("metadata", {}).get("generation")
+            current = st.get("observedGeneration") == o.get("metadata", {}).get("generation")
             return st if current and st.get("phase") == "Ready" else None
 
-        st = wait(ready, 180, "tiny-ep16 Ready")
+        st = wait(ready, 300, "tiny-ep16 Ready (16 rank processes loading the model)")
         print(kubectl(kc, "get", "moed", "-n", NAMESPACE))
+        front = kube.get("Pod", "tiny-ep16-g0-r0", NAMESPACE)
+        ip = front["status"]["podIP"]
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+        step(f"tritonclient -> rank 0 at {ip} (KServe v2): input_ids {prompt}, max_tokens 8")
+        via_http, via_grpc = ask(ip, prompt, 8)
+        print(f"   HTTP: {via_http}\n   gRPC: {via_grpc}")
+        if via_http != via_grpc:
+            raise DemoError("HTTP and gRPC answers differ")
+        for k in range(8):  # some traffic for the load figure
+            ask(ip, [(k * 37 + j) % 500 for j in range(12)], 4)
         cm = kube.get("ConfigMap", "tiny-ep16-g0-plan", NAMESPACE)
         plan = json.loads(cm["data"]["plan.json"])
-        step(f"placement (expert-map generation {cm['data']['generation']}, {st['nodesUsed']} nodes)")
+        step(f"placement (expert-map generation {cm['data']['generation']}, {st['nodesUsed']} nodes): rank, node, "
+             "GPU slot, expert per MoE layer")
         show_plan(plan)
+        load = expert_load(kube, plan)
+        png = devcluster.state_dir() / "demo-placement.png"
+        figure(plan, load, png)
+        o = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
+        imb = (o.get("status") or {}).get("imbalance")
+        print(f"   imbalance (max/mean rank load, as the operator measured it): {imb if imb is not None else 'n/a yet'}")
         pred = st.get("prediction") or {}
         if pred:
-            print(f"   predicted on {pred['hardware']}: {pred['memoryPerGpuGib']:.1f} GiB/GPU, "
-                  f"{pred['decodeTokensPerSecondPerGpu']:.0f} decode tok/s/GPU")
+            print(f"   the performance model for this spec on {pred['hardware']}: {pred['memoryPerGpuGib']:.1f} GiB/GPU")
         step(f"done in {time.monotonic() - t0:.0f}s. Next:")
+        print(f"   figure: {png}")
         print(f"   export KUBECONFIG={kc}")
-        print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide")
+        print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide; kubectl describe moed -n {NAMESPACE} tiny-ep16")
+        print(f"   curl http://{ip}:9400/metrics | grep moe_expert_tokens_total")
         print("   moe plan -f manifests/deepseek-v3-ep320.yaml      # what the real model would need")
-        print("   moe cluster down                                   # stop the local cluster")
+        print("   moe cluster down                                   # stop the local cluster and every rank")
         return 0
-    except (DemoError, devcluster.ClusterError, KubeError) as e:
+    except (DemoError, devcluster.ClusterError, KubeError, OSError) as e:
         print(f"make demo: {e}", file=sys.stderr)
         return 1
     finally:

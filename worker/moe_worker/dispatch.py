@@ -215,7 +215,8 @@ class Dispatcher:
         self._received.zero_()
         for (layer, e), (same, remote) in zip(self._hosted, counts, strict=True):
             if same or remote:
-                self.metrics.count_expert_tokens(layer, e, same, remote)
+                # The label is the MoE layer index (0-based), as in the plan and the operator.
+                self.metrics.count_expert_tokens(self._layer_index[layer], e, same, remote)
 
     def layout(self, D: int, K: int, dtype: torch.dtype) -> _Layout:
         if self.config.fp8_payload:

@@ -26,11 +26,12 @@ class WorkerMetrics:
         r = self.registry
         self.rank, self.group = str(rank), str(group)
         self.expert_tokens = Counter(
-            "moe_expert_tokens", "Routed (token, expert) pairs computed by this rank, per MoE layer and logical "
+            "moe_expert_tokens", "Routed (token, expert) pairs computed by this rank, per MoE layer (0-based index "
+            "among MoE layers, as in the plan's expert_map) and logical "
             "expert it hosts; source is 'node' when the token came from a rank on the same node, else 'remote'.",
             ["rank", "group", "layer", "expert", "source"], registry=r)
         self.rank_tokens = Counter(
-            "moe_rank_tokens", "Routed (token, expert) pairs this physical rank computed, per MoE layer.",
+            "moe_rank_tokens", "Routed (token, expert) pairs this physical rank computed, per MoE layer (0-based).",
             ["rank", "group", "layer"], registry=r)
         self.dispatch_seconds = Histogram(
             "moe_dispatch_seconds", "Time of one dispatch all-to-all (counts + payload) for one MoE layer.",
