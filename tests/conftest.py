@@ -139,9 +139,10 @@ class OperatorProcess:
     """`kopf run -m moe_operator.main` as a real subprocess, watching one namespace."""
 
     def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "op-a",
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, extra_env: dict[str, str] | None = None):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
         self.identity, self.metrics_port = identity, metrics_port
+        self.extra_env = extra_env or {}
         self.proc = None
 
     def start(self) -> OperatorProcess:
@@ -150,7 +151,7 @@ class OperatorProcess:
 
         env = dict(os.environ, KUBECONFIG=self.kubeconfig, MOE_OPERATOR_METRICS_PORT=str(self.metrics_port),
                    MOE_OPERATOR_NAMESPACE=self.namespace, POD_NAME=self.identity,
-                   MOE_LEASE_SECONDS="6", MOE_LEASE_RENEW_SECONDS="2")
+                   MOE_LEASE_SECONDS="6", MOE_LEASE_RENEW_SECONDS="2", **self.extra_env)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",

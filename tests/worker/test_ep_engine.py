@@ -25,7 +25,14 @@ import torch
 import yaml
 
 from moe_worker.checkpoint import load_model, make_checkpoint
-from moe_worker.engine import EngineConfig, _Chunk, run_rank_from_env, split_micro_batches
+from moe_worker.engine import (
+    EngineConfig,
+    RankConfig,
+    _Chunk,
+    run_rank_from_env,
+    split_micro_batches,
+    start_rank,
+)
 from moe_worker.engine_api import GenerationRequest, RequestError
 from moe_worker.expertmap import write_plan_files
 from moe_worker.launch import FAULT_EXIT_CODE, GroupFailed, Job, Phase, run_local, spawn_ranks
@@ -224,6 +231,38 @@ def test_a_bad_initial_map_stops_every_rank_with_its_reason(fp8_ckpt, tmp_path):
     assert e.first == 0 and "plan has 2 ranks, the EP group has 4" in e.errors[0]
     assert all("EP group start failed: rank 0: ExpertMapError: plan has 2 ranks" in e.errors[r] for r in (1, 2, 3))
     assert e.killed == [] and e.exited_by_themselves_s < 10
+
+
+def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_path):
+    plan = write_plan_files(tmp_path / "plan", plan_doc(1, replicas=False, shift=0), 1)
+    metrics = WorkerMetrics()
+    cfg = EngineConfig(map_poll_s=0.0, background_load=False, idle_heartbeat_s=0.02)
+    engine = start_rank(RankConfig(0, 1, str(fp8_ckpt), expert_map=str(plan), engine=cfg), metrics=metrics).engine
+    value = metrics.registry.get_sample_value
+    lbl = {"rank": "0", "group": "0"}
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 20
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return cond()
+
+    try:
+        assert value("moe_expert_map_generation", lbl) == 1 and value("moe_group_ready", lbl) == 1
+        write_plan_files(tmp_path / "plan", plan_doc(2, replicas=False, shift=0), 2)  # not for a group of 1
+        assert wait_for(lambda: value("moe_expert_map_errors_total", lbl) == 1)
+        assert "plan has 2 ranks, the EP group has 1" in engine.map_errors[0]
+        assert value("moe_expert_map_generation", lbl) == 1 and engine.switches == []
+        doc = plan_doc(1, replicas=False, shift=0)
+        doc["ranks"][0]["node"] = "elsewhere"
+        write_plan_files(tmp_path / "plan", doc, 3)
+        assert wait_for(lambda: value("moe_expert_map_generation", lbl) == 3)  # taken at an idle heartbeat
+        assert [g for _, g in engine.switches] == [3] and engine.runner.emap.nodes == ("elsewhere",)
+        out = engine.run(requests("after"), timeout=60)
+        assert [r.output_ids for r in out] == [fp8_ref.gen[p][0] for p in PROMPTS]
+    finally:
+        engine.shutdown()
+    assert not engine.ready()
 
 
 def test_micro_batches_split_a_prompt_in_two_halves():

@@ -1154,8 +1154,7 @@ def start_rank(
         return Rank(rc, runner, control, engine)
 
     rdv = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
-    store = dist.TCPStore(rc.master_addr, rc.master_port, rc.world_size, rc.rank == 0, timeout=rdv,
-                          wait_for_workers=False)
+    store = _tcp_store(rc, rdv)
     try:
         args = Checkpoint(rc.checkpoint).args
         if rc.rank == 0:
@@ -1196,6 +1195,28 @@ def start_rank(
         metrics.group_ready.labels(**metrics.lbl()).set(1)
     engine = GroupEngine(runner, control, cfg, metrics).start() if rc.rank == 0 else None
     return Rank(rc, runner, control, engine)
+
+
+def _tcp_store(rc: RankConfig, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The rendezvous store; rank 0 serves it on POD_IP only when that is set.
+
+    TCPStore's own server listens on every interface. In a pod that is harmless, but where pods
+    share one network namespace (the local runner gives each its own loopback address) two
+    groups' rank 0 would collide on the port, so rank 0 binds the listening socket itself.
+    """
+    bind = os.environ.get("POD_IP", "")
+    if rc.rank == 0 and bind and bind not in ("0.0.0.0", "::"):
+        import socket
+
+        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, rc.master_port))
+        sock.listen(1024)
+        # The store's server owns the descriptor from here on; detach so Python never closes it.
+        return dist.TCPStore(rc.master_addr, rc.master_port, rc.world_size, True, timeout=timeout,
+                             wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=False)
+    return dist.TCPStore(rc.master_addr, rc.master_port, rc.world_size, rc.rank == 0, timeout=timeout,
+                         wait_for_workers=False)
 
 
 def run_rank_from_env(metrics: Any = None, env: Mapping[str, str] | None = None) -> GroupEngine | None:

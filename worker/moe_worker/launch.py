@@ -15,8 +15,6 @@ followed.
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
 import queue
 import socket
@@ -26,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch.multiprocessing as mp
 
 from .engine_api import GenerationRequest
 
@@ -47,6 +47,14 @@ class GroupFailed(RuntimeError):
         """Seconds from the first failure until every other rank had exited on its own (None: some
         had to be killed)."""
         self.killed = killed
+
+
+def run_rank_from_env(metrics: Any = None, env: dict[str, str] | None = None) -> Any:
+    """The pod case, one rank per process (same as `engine.run_rank_from_env`): rank 0 returns
+    its started GroupEngine, other ranks serve until the group stops and return None."""
+    from .engine import run_rank_from_env as run
+
+    return run(metrics, env)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -345,9 +353,5 @@ def run_local(
                        grace_s=grace)
 
 
-def result_json(res: JobResult) -> str:
-    return json.dumps(asdict(res), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-
-
 __all__ = ["GroupFailed", "Job", "JobResult", "Phase", "PhaseResult", "free_port", "run_job", "run_local",
-           "spawn_ranks"]
+           "run_rank_from_env", "spawn_ranks"]
