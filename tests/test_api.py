@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
 from invalid_specs import CASES, invalid_spec, tiny_spec
 from moe_operator import api
+from support import REPO
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "manifests").glob("*.yaml")), ids=lambda p: p.name)

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, wait_for
 from invalid_specs import CASES, invalid_spec, tiny_spec
+from support import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, wait_for
+from support import REPO, wait_for
 
 CHART = REPO / "charts" / "moe-operator"
 CRDS_CHART = REPO / "charts" / "moe-operator-crds"

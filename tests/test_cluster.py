@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, wait_for
+from support import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
 

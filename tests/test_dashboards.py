@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from support import REPO
 
 sys.path.insert(0, str(REPO))  # dashboards/ is a top-level folder of the repository, not an installed package
 import dashboards  # noqa: E402

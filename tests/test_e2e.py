@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, wait_for
+from support import REPO, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from support import REPO
 
 
 def test_import_operator_is_still_the_stdlib_module():

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from conftest import wait_for
+from support import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, wait_for
+from support import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -293,7 +293,7 @@ def test_two_replicas_never_act_at_once_and_the_standby_takes_over(
         core, custom, namespace, gpu_pool, operator, kubeconfig, tmp_path, api_client):
     from kubernetes import client
 
-    from conftest import OperatorProcess
+    from support import OperatorProcess
 
     coord = client.CoordinationV1Api(api_client)
     port_b = _free_port()

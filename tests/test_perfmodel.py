@@ -8,9 +8,9 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO
 from moe_operator import api, perfmodel
 from moe_operator.perfmodel import GB, Workload
+from support import REPO
 
 
 def manifest_spec(name: str) -> api.MoEDeploymentSpec:

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO
 from moe_operator import api, cli, perfmodel, plan_cli
+from support import REPO
 
 EP288 = str(REPO / "manifests" / "deepseek-v3-ep288.yaml")
 EP320 = str(REPO / "manifests" / "deepseek-v3-ep320.yaml")

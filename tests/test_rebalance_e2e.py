@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, OperatorProcess, wait_for
+from support import REPO, OperatorProcess, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -643,6 +643,7 @@ class Scheduler:
         self.waiting: deque[_Ticket] = deque()
         self.running: dict[int, _Running] = {}
         self.per_rank = [0] * world_size
+        self._rotate = 0  # ties between equally loaded ranks go round-robin, not always to rank 0
         self.release: list[list[int]] = [[] for _ in range(world_size)]
         self._next_seq = 0
         self.lock = threading.Lock()
@@ -681,7 +682,12 @@ class Scheduler:
                     rank = 0 if self.per_rank[0] < self.cfg.max_seqs_per_rank else None
                 else:
                     free = [r for r in range(self.world) if self.per_rank[r] < self.cfg.max_seqs_per_rank]
-                    rank = min(free, key=lambda r: (self.per_rank[r], r)) if free else None
+                    # Least loaded first; among equals, round-robin from the last pick, so that a
+                    # few requests spread over every node instead of piling onto the first one
+                    # (tokens prefer expert replicas on their own node).
+                    rank = min(free, key=lambda r: (self.per_rank[r], (r - self._rotate) % self.world)) if free else None
+                    if rank is not None:
+                        self._rotate = (rank + 1) % self.world
                 if rank is None:
                     break
                 self.waiting.popleft()
