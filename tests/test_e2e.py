@@ -106,18 +106,35 @@ def test_tiny_ep16_serves_tritonclient_and_exports_metrics(core, api_client, nam
 
     # a real Prometheus scrapes every rank; routed tokens per expert add up to what we sent
     with Prometheus(tmp_path / "prom") as prom:
-        n = prom.write_targets(Kube(api_client=api_client), namespace, "e2e", metrics_port=9400)
+        n = prom.write_targets(Kube(api_client=api_client), namespace, "e2e", metrics_port=9400,
+                               extra=[f"127.0.0.1:{operator.metrics_port}"])
         assert n == 16
-        wait_for(lambda: prom.up_targets() == 16, 60, "16 targets up")
+        wait_for(lambda: prom.up_targets() == 17, 60, "16 ranks and the operator up")
         pairs_per_layer = 4 * 3 * sum(len(p) + NEW - 1 for p in PROMPTS)  # top-4; 3 transports per prompt
-        q = 'sum by (layer) (moe_expert_tokens_total{moe_deployment="e2e"})'
+        q = 'sum by (layer) (moe_expert_tokens_total{deployment="e2e"})'
 
         def counted():
             res = prom.query(q)
             return res if len(res) == 3 and all(float(r["value"][1]) == pairs_per_layer for r in res) else None
 
         wait_for(counted, 60, f"{pairs_per_layer} routed pairs per layer in Prometheus")
-        per_expert = prom.query('sum by (layer, expert) (moe_expert_tokens_total{moe_deployment="e2e"})')
+        per_expert = prom.query('sum by (layer, expert) (moe_expert_tokens_total{deployment="e2e"})')
         # the layer label is the MoE layer index, as in the plan's expert_map
         assert {r["metric"]["layer"] for r in per_expert} == {"0", "1", "2"}
         assert {int(r["metric"]["expert"]) for r in per_expert} <= set(range(12))
+
+        # Every dashboard query runs against this Prometheus without error (issue 10).
+        from dashboards.promql import committed_queries
+
+        queries = committed_queries()
+        assert len(queries) > 30
+        failures = []
+        for q in queries:
+            try:
+                prom.query(q.promql({"namespace": namespace, "deployment": "e2e"}))
+            except Exception as e:  # collect them all, then fail once with the list
+                failures.append(f"{q}: {e}")
+        assert not failures, "\n".join(failures)
+        # ... and the core panels have data: per-expert load and token throughput.
+        assert prom.query(f'sum(rate(moe_expert_tokens_total{{namespace="{namespace}"}}[1m]))')
+        assert prom.query('moe_operator_reconciles_total')

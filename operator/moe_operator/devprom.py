@@ -1,7 +1,7 @@
 """A real Prometheus (the Debian package) for the local cluster: tests, the demo, the dashboards.
 
 In a real cluster a PodMonitor (see the chart) makes Prometheus scrape every rank pod with the
-labels `namespace` and `moe_deployment`. Here the same labels come from a file_sd target list that
+labels `namespace` and `deployment`. Here the same labels come from a file_sd target list that
 `write_targets` builds from the rank pods' IPs, which the local runner serves on loopback.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .kube import Kube
-from .resources import L_DEPLOYMENT, L_GROUP, L_RANK
+from .resources import L_DEPLOYMENT
 
 CONFIG = """\
 global:
@@ -26,6 +26,7 @@ global:
   evaluation_interval: {interval}
 scrape_configs:
   - job_name: moe-ranks
+    honor_labels: true
     file_sd_configs:
       - files: ["{targets}"]
         refresh_interval: 1s
@@ -98,21 +99,22 @@ class Prometheus:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def write_targets(self, kube: Kube, namespace: str, deployment: str, metrics_port: int) -> int:
-        """file_sd targets for every running rank pod of a deployment; returns how many."""
-        groups = []
+    def write_targets(self, kube: Kube, namespace: str, deployment: str, metrics_port: int,
+                      extra: list[str] | None = None) -> int:
+        """file_sd targets for every running rank pod of a deployment (plus `extra` host:port targets
+        without labels, e.g. the operator, whose metrics carry their own); returns the rank count."""
+        groups: list[dict] = [{"targets": list(extra), "labels": {}}] if extra else []
         for p in kube.list("Pod", namespace, labels=f"{L_DEPLOYMENT}={deployment}"):
             ip = (p.get("status") or {}).get("podIP")
             if not ip or (p.get("status") or {}).get("phase") != "Running":
                 continue
-            lab = p["metadata"].get("labels") or {}
             groups.append({"targets": [f"{ip}:{metrics_port}"],
-                           "labels": {"namespace": namespace, "moe_deployment": deployment, "pod": p["metadata"]["name"],
-                                      "moe_group": lab.get(L_GROUP, ""), "moe_rank": lab.get(L_RANK, "")}})
+                           "labels": {"namespace": namespace, "deployment": deployment, "pod": p["metadata"]["name"],
+                                      "node": (p.get("spec") or {}).get("nodeName", "")}})
         tmp = self.targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(groups))
         tmp.replace(self.targets_file)
-        return len(groups)
+        return len(groups) - (1 if extra else 0)
 
     def query(self, promql: str, at: float | None = None) -> list[dict]:
         params = {"query": promql}

@@ -386,7 +386,7 @@ class Reconciler:
         lb = spec.load_balancing
         if lb.prometheus_url:
             q = (f'sum by (rank, layer, expert) ({scaling.EXPERT_TOKENS}{{namespace="{owner.namespace}",'
-                 f'moe_deployment="{owner.name}",group="{group}"}})')
+                 f'deployment="{owner.name}",group="{group}"}})')
             url = lb.prometheus_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
             try:
                 with urllib.request.urlopen(url, timeout=5) as r:
