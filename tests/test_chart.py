@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -173,7 +171,7 @@ def test_default_render():
     assert c["image"] == "ghcr.io/moe-operator/operator:0.1.0"
     assert c["command"][:5] == ["kopf", "run", "-m", "moe_operator.main", "--standalone"]
     assert "--all-namespaces" in c["command"] and not any(a.startswith("--namespace") for a in c["command"])
-    assert "--liveness=http://0.0.0.0:8081/healthz" in c["command"] and c["livenessProbe"]["httpGet"]["port"] == "health"
+    assert "--liveness=http://$(POD_IP):8081/healthz" in c["command"] and c["livenessProbe"]["httpGet"]["port"] == "health"
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["MOE_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -202,8 +200,11 @@ def test_the_chart_passes_what_the_operator_code_reads():
 
     source = inspect.getsource(main) + inspect.getsource(election)
     objs = render()
-    for e in operator_container(objs)["env"]:
-        assert f'"{e["name"]}"' in source, f"the chart sets {e['name']}, which moe_operator never reads"
+    c = operator_container(objs)
+    expanded = json.dumps([c.get("command"), c.get("args"), c["env"]])  # $(VAR) references inside the pod spec
+    for e in c["env"]:
+        assert f'"{e["name"]}"' in source or f"$({e['name']})" in expanded, \
+            f"the chart sets {e['name']}, which neither moe_operator nor the pod spec reads"
     default_name = inspect.signature(election.LeaderElector).parameters["name"].default
     (lease,) = by_kind(objs)["Lease"]
     assert lease["metadata"]["name"] == default_name
@@ -360,49 +361,12 @@ def released(kubectl, release: str, namespace: str) -> dict[str, list[str]]:
     return out
 
 
-class LocalOperator:
-    """The chart's operator container run as a local process, authenticated as its ServiceAccount.
+def runner_log(namespace: str, pod: str) -> str:
+    """The container log the local runner kept for a pod."""
+    from moe_operator import devcluster
 
-    Stands in for the pod until the local pod runner runs chart-installed pods: the same command and
-    env (downward-API fields filled in), the in-cluster identity replaced by a kubeconfig holding a
-    token of the chart's ServiceAccount.
-    """
-
-    def __init__(self, container: dict, fields: dict[str, str], kubeconfig: Path, log: Path):
-        env = dict(os.environ, KUBECONFIG=str(kubeconfig), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        for e in container.get("env", []):
-            if "value" in e:
-                env[e["name"]] = e["value"]
-            else:
-                env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
-        env["MOE_OPERATOR_METRICS_PORT"] = "0"  # no fixed ports on a shared machine
-        self.log = log
-        self._fh = open(log, "ab")
-        self.proc = subprocess.Popen([*container.get("command", []), *container.get("args", [])], env=env, cwd=REPO,
-                                     stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        self._fh.close()
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def serviceaccount_kubeconfig(kubectl, kubeconfig: str, namespace: str, sa: str, path: Path) -> Path:
-    token = kubectl("create", "token", sa, "-n", namespace, "--duration=15m").stdout.strip()
-    admin = yaml.safe_load(Path(kubeconfig).read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": cluster}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa", "namespace": namespace}}]}))
-    return path
+    logs = sorted((devcluster.state_dir() / "runner" / "pods").glob(f"{namespace}_{pod}_*/container.log"))
+    return logs[-1].read_text(errors="replace")[-4000:] if logs else ""
 
 
 def can_i(kubectl, sa: str, verb: str, what: str) -> str:
@@ -415,9 +379,10 @@ def test_install_upgrade_reconcile_uninstall(kubeconfig, kubectl, namespace, crd
     full = f"{release}-moe-operator"
     sa = f"system:serviceaccount:{namespace}:{full}"
     rbac = "rbac.authorization.k8s.io"
-    # The operator's pods go to this test's own KWOK nodes (which mark them Running): on another test's
-    # nodes they could outlive those nodes and hang in Terminating.
-    pool, _ = gpu_pool(nodes=2, gpus=8)
+    # The operator's pods run as real processes on this test's own runner node (the local runner
+    # plays the kubelet); the rank pods it creates go to KWOK nodes.
+    pool, _ = gpu_pool(nodes=1, gpus=8, local_runner=True)
+    kpool, _ = gpu_pool(nodes=2, gpus=8)
     hc = ["-n", namespace, "--set", f"nodeSelector.moe\\.dev/pool={pool}"]
 
     # Install: a cluster-wide operator, two replicas.
@@ -461,16 +426,19 @@ def test_install_upgrade_reconcile_uninstall(kubeconfig, kubectl, namespace, crd
         assert can_i(kubectl, sa, "create", "pods -n default") == "no"
         assert can_i(kubectl, sa, "create", f"pods -n {namespace}") == "yes"
 
-        # The chart's operator, with the chart's RBAC, reconciles a MoEDeployment. (Later: the local
-        # pod runner runs the Deployment's own pod instead of LocalOperator.)
-        sa_config = serviceaccount_kubeconfig(kubectl, kubeconfig, namespace, full, tmp_path / "sa.kubeconfig")
-        identity = f"{full}-local-{uuid.uuid4().hex[:5]}"
-        op = LocalOperator(container, {"metadata.name": identity, "metadata.namespace": namespace}, sa_config,
-                           tmp_path / "operator.log")
+        # The chart's operator pod itself, run by the local runner with its ServiceAccount's token
+        # (the chart's RBAC), reconciles a MoEDeployment.
+        def running_pod():
+            pods = [p for p in core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/name=moe-operator").items
+                    if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+            return pods[0] if len(pods) == 1 else None
+
+        pod = wait_for(running_pod, 90, "the upgraded operator pod running")
+        identity = pod.metadata.name
         try:
             md = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
             md["metadata"] = {"name": "tiny", "namespace": namespace}
-            md["spec"]["placement"]["nodeSelector"] = {"moe.dev/pool": pool}
+            md["spec"]["placement"]["nodeSelector"] = {"moe.dev/pool": kpool}
             kubectl("apply", "-f", "-", input=yaml.safe_dump(md))
 
             def placed():
@@ -479,12 +447,12 @@ def test_install_upgrade_reconcile_uninstall(kubeconfig, kubectl, namespace, crd
                 pods = core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment=tiny").items
                 return conds.get("Placed") == "True" and len(pods) == 16 and st
 
-            wait_for(placed, 60, "the chart's operator to place tiny-ep16 and create its 16 rank pods")
+            wait_for(placed, 90, "the chart's operator to place tiny-ep16 and create its 16 rank pods")
             lease = json.loads(kubectl("get", "lease", "moe-operator", "-n", namespace, "-o", "json").stdout)
             assert lease["spec"]["holderIdentity"] == identity  # it led through the chart's Lease
             kubectl("delete", "moed", "tiny", "-n", namespace, "--wait=true", "--timeout=60s")
         finally:
-            op_log = op.stop()
+            op_log = runner_log(namespace, identity)
         denied = re.findall(r".*(?:[Ff]orbidden|HTTP 403|Not enough permissions).*", op_log)
         assert not denied, denied
     except BaseException:

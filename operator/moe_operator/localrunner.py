@@ -14,6 +14,9 @@ that lets the operator's real pod specs run:
 - mounts volumes as directories: configMap (written and kept in sync like the kubelet does),
   emptyDir (a fresh directory), hostPath (the path itself); mount paths in env values are
   rewritten to those directories;
+- stands in for the projected service-account token: a pod that mounts its token gets a
+  kubeconfig holding a TokenRequest token of its ServiceAccount in KUBECONFIG (Kubernetes clients
+  fall back to it when the in-cluster files are absent), so it acts with its own RBAC;
 - runs the readiness probe (httpGet) and writes the Ready condition;
 - reports exit codes (phase Failed / Succeeded, containerStatuses) and restarts per restartPolicy;
 - on deletion, SIGTERM then SIGKILL after the grace period, then removes the pod object.
@@ -187,8 +190,12 @@ class LocalRunner:
                 v = self._field(pod, rp, e["valueFrom"]["fieldRef"]["fieldPath"])
             else:
                 raise RunnerError(f"env {e['name']}: only value and fieldRef are supported by the local runner")
+            # $(VAR) expands from the variables defined before it, as in Kubernetes.
+            v = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), v)
             env[e["name"]] = self._rewrite(v, meta["namespace"], mounts, dns)
         env.setdefault("POD_IP", rp.ip)
+        if spec.get("automountServiceAccountToken", True):
+            env["KUBECONFIG"] = str(self._service_account_kubeconfig(pod, rp))
         # $(VAR) in command and args expands from the container's env, as in Kubernetes.
         argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)),
                        self._rewrite(a, meta["namespace"], mounts, dns))
@@ -208,6 +215,29 @@ class LocalRunner:
         rp.next_probe = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
         self._status(pod, rp, phase="Running")
         log.info("%s/%s: started %s on %s (pid %d)", rp.namespace, rp.name, argv[0], rp.ip, rp.proc.pid)
+
+    def _service_account_kubeconfig(self, pod: dict, rp: RunningPod) -> Path:
+        meta = pod["metadata"]
+        sa = pod["spec"].get("serviceAccountName") or "default"
+        try:
+            tr = self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body={
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 86400,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}})
+        except KubeError as e:
+            raise RunnerError(f"service account {sa}: token request failed: {e}") from None
+        cfg = self.kube.api.configuration
+        ca = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else ""
+        import base64
+
+        path = rp.workdir / "serviceaccount.kubeconfig"
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: pod\n"
+            f"clusters: [{{name: local, cluster: {{server: '{cfg.host}', "
+            f"certificate-authority-data: '{base64.b64encode(ca.encode()).decode()}'}}}}]\n"
+            f"users: [{{name: {sa}, user: {{token: '{tr['status']['token']}'}}}}]\n"
+            f"contexts: [{{name: pod, context: {{cluster: local, user: {sa}, namespace: {meta['namespace']}}}}}]\n")
+        return path
 
     def _volumes(self, pod: dict, rp: RunningPod) -> dict[str, str]:
         """mountPath -> local directory, for the first container's mounts."""
