@@ -2,7 +2,7 @@
 
 1. the local control plane (etcd, kube-apiserver, scheduler, controller-manager, KWOK) with 40
    GPU nodes x 8 GPUs in 5 racks;
-2. the CRD and the operator (a real `kopf run` subprocess);
+2. the CRD, and the operator installed with Helm (its pods run as processes by the local runner);
 3. the tiny EP16 MoEDeployment from manifests/, reconciled into 16 rank pods;
 4. the placement: node, GPU slot and experts per MoE layer for every rank.
 
@@ -13,7 +13,6 @@ stops it) or with one clear error.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from .kube import Kube, KubeError
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "moe-demo"
+OPERATOR_NAMESPACE = "moe-system"
 
 
 class DemoError(RuntimeError):
@@ -148,7 +148,6 @@ def figure(plan: dict, load: list[list[float]], path: Path) -> None:
 
 def main() -> int:
     t0 = time.monotonic()
-    op = None
     try:
         step("local control plane (first run builds Kubernetes from the Go module proxy: 15-30 min cold)")
         c = devcluster.up(quiet=True)
@@ -176,21 +175,24 @@ def main() -> int:
             kubectl(kc, "delete", "moed", "tiny-ep16", "-n", NAMESPACE, "--wait=true")
             wait(lambda: not kube.list("Pod", NAMESPACE, labels="moe.dev/deployment=tiny-ep16"), 120,
                  "the previous rank pods to go")
-        step("operator (kopf run -m moe_operator.main, a local process here; the Helm chart runs the same command)")
-        log_path = devcluster.state_dir() / "demo-operator.log"
-        op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
-                               "--all-namespaces", "--log-format=plain"],
-                              env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0",
-                                       MOE_OPERATOR_NAMESPACE=NAMESPACE),
-                              stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
+        step("helm upgrade --install moe-operator charts/moe-operator (2 replicas, one leads; on the runner nodes)")
+        helm = str(devcluster.testbin() / "helm")
+        out = subprocess.run([helm, f"--kubeconfig={kc}", "upgrade", "--install", "moe-operator",
+                              str(REPO / "charts" / "moe-operator"), "-n", OPERATOR_NAMESPACE, "--create-namespace",
+                              "--skip-crds", "--set", "nodeSelector.moe\\.dev/pool=demo-run", "--wait", "--timeout=120s"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise DemoError(f"helm install failed: {out.stderr.strip()}")
+        wait(lambda: (kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NAMESPACE}/leases/moe-operator")
+                      .get("spec", {}).get("holderIdentity")), 60, "an operator replica to take the Lease")
+        leader = kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NAMESPACE}/leases/moe-operator")
+        print(f"   leader: {leader['spec']['holderIdentity']}")
         step("kubectl apply -f manifests/tiny-ep16.yaml (nodeSelector moe.dev/pool=demo-run)")
         obj["spec"].setdefault("placement", {})["nodeSelector"] = {devcluster.POOL_LABEL: "demo-run"}
         obj["spec"]["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}]
         kubectl(kc, "apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(obj))
 
         def ready():
-            if op.poll() is not None:
-                raise DemoError(f"the operator exited ({op.returncode}); see {log_path}")
             o = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
             st = o.get("status") or {}
             if st.get("phase") == "Failed":
@@ -228,6 +230,8 @@ def main() -> int:
         print(f"   figure: {png}")
         print(f"   export KUBECONFIG={kc}")
         print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide; kubectl describe moed -n {NAMESPACE} tiny-ep16")
+        print(f"   container logs (the local runner keeps them; no kubectl logs here): "
+              f"{devcluster.state_dir() / 'runner' / 'pods'}/<namespace>_<pod>_*/container.log")
         print(f"   curl http://{ip}:9400/metrics | grep moe_expert_tokens_total")
         print("   moe plan -f manifests/deepseek-v3-ep320.yaml      # what the real model would need")
         print("   moe cluster down                                   # stop the local cluster and every rank")
@@ -235,13 +239,6 @@ def main() -> int:
     except (DemoError, devcluster.ClusterError, KubeError, OSError) as e:
         print(f"make demo: {e}", file=sys.stderr)
         return 1
-    finally:
-        if op is not None and op.poll() is None:
-            op.terminate()
-            try:
-                op.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                op.kill()
 
 
 def _ns_exists(kc: str) -> bool:
