@@ -168,6 +168,10 @@ class LocalRunner:
         self.pods[uid] = rp
         try:
             self._launch(pod, rp, dns)
+        except RunnerRetry as e:
+            self.pods.pop(uid, None)  # not started: the next sync tries again, as a kubelet would
+            log.info("%s/%s: waiting: %s", rp.namespace, rp.name, e)
+            return None
         except RunnerError as e:
             rp.finished = True
             self._status(pod, rp, phase="Failed", reason="RunnerError", message=str(e))
@@ -218,13 +222,17 @@ class LocalRunner:
 
     def _service_account_kubeconfig(self, pod: dict, rp: RunningPod) -> Path:
         meta = pod["metadata"]
-        sa = pod["spec"].get("serviceAccountName") or "default"
+        named = pod["spec"].get("serviceAccountName")
+        sa = named or "default"  # unset only because this cluster runs without ServiceAccount admission
+        spec: dict = {"expirationSeconds": 86400}
+        if named:  # bind the token to the pod, as the kubelet's projected token is
+            spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
         try:
             tr = self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token", body={
-                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"expirationSeconds": 86400,
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}})
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
         except KubeError as e:
+            if e.status == 404:  # a new namespace's "default" ServiceAccount may not exist yet
+                raise RunnerRetry(f"service account {sa} not found yet") from None
             raise RunnerError(f"service account {sa}: token request failed: {e}") from None
         cfg = self.kube.api.configuration
         ca = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else ""
@@ -413,6 +421,10 @@ class LocalRunner:
 
 class RunnerError(RuntimeError):
     pass
+
+
+class RunnerRetry(RuntimeError):
+    """The pod cannot start yet (something it needs is still being created); try again later."""
 
 
 def main(argv: list[str] | None = None) -> int:
