@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--ep", default="64,288,1024")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    # A cluster of its own: an operator left running elsewhere (make demo's) must not act here.
+    os.environ.setdefault("MOE_CLUSTER_DIR", str(devcluster.cache_dir() / "bench-cluster"))
     c = devcluster.up(quiet=True)
     kc = str(c.kubeconfig)
     kube = Kube(kubeconfig=kc)

@@ -18,6 +18,9 @@ def kubeconfig() -> str:
         return
     from moe_operator import devcluster
 
+    # The tests' own cluster, apart from the one `moe cluster up` / `make demo` leave running: an
+    # operator installed there (the demo's watches every namespace) must never act on test objects.
+    os.environ.setdefault("MOE_CLUSTER_DIR", str(devcluster.cache_dir() / "test-cluster"))
     existing = devcluster.load()
     started = not (existing and existing.healthy())
     c = devcluster.up(quiet=True)

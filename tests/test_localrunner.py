@@ -43,7 +43,7 @@ def test_pod_runs_as_a_process_with_ip_probe_configmap_and_exit_status(core, nam
 
     p = wait_for(ready, 60, "web Ready")
     ip = p.status.pod_ip
-    assert ip.startswith("127.0.") and ip != "127.0.0.1"
+    assert ip.startswith("127.") and ip != "127.0.0.1"
     assert urllib.request.urlopen(f"http://{ip}:8000/hello.txt", timeout=5).read() == b"v1"
     # configMap updates reach the mounted files, as the kubelet syncs them
     core.patch_namespaced_config_map("data", namespace, {"data": {"hello.txt": "v2"}})

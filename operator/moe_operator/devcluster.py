@@ -225,7 +225,7 @@ def up(quiet: bool = False) -> Cluster:
         # Pod and node IPs on loopback: nothing may ever send traffic to a private range from here.
         "--node-lease-duration-seconds=40", "--cidr=127.64.0.0/10", "--node-ip=127.0.0.1"])
     _spawn(c, "local-runner", [sys.executable, "-m", "moe_operator.localrunner", f"--kubeconfig={kc}",
-                               f"--state={d}/runner"])
+                               f"--state={d}/runner", f"--subnet={runner_subnet(d)}"])
     for name, port in (("kube-controller-manager", ports["kcm"]), ("kube-scheduler", ports["scheduler"])):
         _wait(f"{name} /healthz", lambda port=port: _https_ok(port), 60, c, name)
     _wait("the default service account namespace", lambda: c.get("/api/v1/namespaces/default")[0] == 200,
@@ -233,6 +233,14 @@ def up(quiet: bool = False) -> Cluster:
     if not quiet:
         print(f"cluster up at {c.server}; state in {d}", file=sys.stderr)
     return c
+
+
+def runner_subnet(d: Path) -> int:
+    """127.N.0.0/16 for this cluster's runner pods, N in 1..63, fixed by the state directory, so that
+    clusters in different directories (the demo's, the tests') never share pod addresses."""
+    import hashlib
+
+    return 1 + int(hashlib.sha256(str(Path(d).resolve()).encode()).hexdigest(), 16) % 63
 
 
 def _https_ok(port: int) -> bool:

@@ -78,13 +78,16 @@ class RunningPod:
 
 
 class LocalRunner:
-    def __init__(self, kube: Kube, state: Path, poll_s: float = 0.5):
+    def __init__(self, kube: Kube, state: Path, poll_s: float = 0.5, subnet: int = 0):
         self.kube = kube
         self.state = state
         self.poll_s = poll_s
         self.pods: dict[str, RunningPod] = {}  # uid -> pod
         self.ips: dict[str, str] = {}  # uid -> 127.0.0.N, allocated at first sight
         self.next_ip = 2
+        # Pod IPs are 127.<subnet>.x.y: two local clusters (say the demo's and the tests') must never
+        # hand out the same address. KWOK's fake IPs live in 127.64.0.0/10, above every subnet.
+        self.subnet = subnet
         self.nodes: list[str] = []
         self.stop = threading.Event()
         self.path_env = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -127,7 +130,7 @@ class LocalRunner:
     # --- pods -----------------------------------------------------------------------------
     def ip_for(self, uid: str) -> str:
         if uid not in self.ips:
-            self.ips[uid] = f"127.0.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
+            self.ips[uid] = f"127.{self.subnet}.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
             self.next_ip += 1
         return self.ips[uid]
 
@@ -431,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moe-local-runner", description="Run pods of runner nodes as local processes.")
     ap.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     ap.add_argument("--state", default=None, help="directory for pod work dirs and logs")
+    ap.add_argument("--subnet", type=int, default=0, help="pod IPs are 127.SUBNET.x.y (0-63)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     state = Path(args.state or Path(args.kubeconfig).parent / "runner")
     state.mkdir(parents=True, exist_ok=True)
-    runner = LocalRunner(Kube(kubeconfig=args.kubeconfig), state)
+    runner = LocalRunner(Kube(kubeconfig=args.kubeconfig), state, subnet=args.subnet)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop.set())
     signal.signal(signal.SIGINT, lambda *_: runner.stop.set())
     runner.run()

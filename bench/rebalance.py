@@ -1,0 +1,140 @@
+"""Rebalancing under load: time from the operator's decision to the new expert map live on every
+rank, and output tokens/s around the switch against the steady state before it (same run).
+
+    python bench/rebalance.py [--seconds 60] [--clients 6] [--threshold 2.5]
+
+Local control plane, two runner nodes (16 rank processes of the tiny EP16 model), the operator as a
+subprocess, skewed traffic from `moe_operator.loadgen`. Targets (issue 9): no request fails, the
+throughput dip while switching stays under 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "operator"))
+
+from moe_operator import api, devcluster, loadgen  # noqa: E402
+from moe_operator.kube import Kube  # noqa: E402
+
+
+def rank_generations(kube: Kube, ns: str) -> list[int]:
+    out = []
+    for p in kube.list("Pod", ns, labels="moe.dev/deployment=rb"):
+        ip = p["status"].get("podIP")
+        text = urllib.request.urlopen(f"http://{ip}:9400/metrics", timeout=3).read().decode()
+        line = next(x for x in text.splitlines() if x.startswith("moe_expert_map_generation{"))
+        out.append(int(float(line.split()[-1])))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--threshold", type=float, default=2.5)
+    args = ap.parse_args()
+    # A cluster of its own: an operator left running elsewhere (make demo's) must not act here.
+    os.environ.setdefault("MOE_CLUSTER_DIR", str(devcluster.cache_dir() / "bench-cluster"))
+    c = devcluster.up(quiet=True)
+    kc = str(c.kubeconfig)
+    kube = Kube(kubeconfig=kc)
+    kubectl = str(devcluster.testbin() / "kubectl")
+    subprocess.run([kubectl, f"--kubeconfig={kc}", "apply", "--server-side", "--force-conflicts", "-f",
+                    str(REPO / "crds" / "moedeployment.yaml")], check=True, capture_output=True)
+    tag = uuid.uuid4().hex[:6]
+    ns, pool = f"bench-rb-{tag}", f"rb{tag}"
+    work = Path(tempfile.mkdtemp(prefix="moe-bench-rb-"))
+    obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
+    (work / "config.json").write_text(json.dumps(api.parse_deployment(obj).spec.model.architecture.hf_config()))
+    subprocess.run([sys.executable, "-m", "moe_worker.cli", "make-checkpoint", "--config", str(work / "config.json"),
+                    "--out", str(work / "ckpt"), "--dtype", "bf16", "--seed", "1"], check=True, capture_output=True)
+    devcluster.apply_nodes(devcluster.gpu_nodes(2, gpus=8, prefix=pool, pool=pool, local_runner=True), kc)
+    subprocess.run([kubectl, f"--kubeconfig={kc}", "create", "namespace", ns], check=True, capture_output=True)
+    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
+                           "--namespace", ns], cwd=REPO, stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT,
+                          env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0", MOE_OPERATOR_NAMESPACE=ns,
+                                   MOE_REBALANCE_MIN_TOKENS="200"))
+    try:
+        obj["metadata"] = {"name": "rb", "namespace": ns}
+        s = obj["spec"]
+        s["model"]["checkpoint"] = {"hostPath": str(work / "ckpt")}
+        s["model"]["precision"] = "bf16"
+        s["placement"]["nodeSelector"] = {devcluster.POOL_LABEL: pool}
+        s["loadBalancing"] = {"enabled": True, "windowSeconds": 10, "intervalSeconds": 2, "cooldownSeconds": 600,
+                              "imbalanceThreshold": args.threshold, "maxReplicasPerExpert": 4}
+        s["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}, {"name": "MOE_MAP_POLL_S", "value": "0.5"}]
+        kube.apply(obj)
+        deadline = time.monotonic() + 300
+        while (kube.get("MoEDeployment", "rb", ns) or {}).get("status", {}).get("phase") != "Ready":
+            if time.monotonic() > deadline:
+                raise SystemExit("rb not Ready in 300 s")
+            time.sleep(1)
+        url = f"{kube.get('Pod', 'rb-g0-r0', ns)['status']['podIP']}:8080"
+        stamps: list[tuple[float, int]] = []
+        lock = threading.Lock()
+
+        def on_answer(_p, ids):
+            with lock:
+                stamps.append((time.monotonic(), len(ids)))
+
+        traffic = loadgen.Traffic(hot_tokens=(5,), hot_fraction=0.75, prompt_len=12, max_tokens=3)
+        t0 = time.monotonic()
+        box = {}
+        th = threading.Thread(target=lambda: box.setdefault("r", loadgen.run(url, traffic, args.seconds, args.clients,
+                                                                             on_answer=on_answer)))
+        th.start()
+        decided = live = None
+        while th.is_alive():
+            st = (kube.get("MoEDeployment", "rb", ns) or {}).get("status") or {}
+            if decided is None and (st.get("expertMapGeneration") or 1) >= 2:
+                decided = time.monotonic()
+            if decided is not None and live is None and all(g >= 2 for g in rank_generations(kube, ns)):
+                live = time.monotonic()
+            time.sleep(0.25)
+        th.join()
+        res = box["r"]
+        # tokens/s in 2 s buckets
+        buckets: dict[int, int] = {}
+        for t, n in stamps:
+            buckets[int((t - t0) // 2)] = buckets.get(int((t - t0) // 2), 0) + n
+        rate = {k: v / 2 for k, v in sorted(buckets.items())}
+        print(f"requests {res.requests}, errors {res.errors}, answers per prompt: "
+              f"{max(len(v) for v in res.answers.values()) if res.answers else 0} distinct at most")
+        if decided is None:
+            print("no rebalance happened (imbalance never above the threshold for a window)")
+            return 1
+        kd, kl = int((decided - t0) // 2), int(((live or decided) - t0) // 2)
+        steady = statistics.median([v for k, v in rate.items() if 1 <= k < kd - 1] or [0.0])
+        during = min(v for k, v in rate.items() if kd <= k <= kl + 1)
+        print(f"{'measure':<44} {'value':>10}")
+        print(f"{'decision -> every rank on the new map (s)':<44} {((live or decided) - decided):>10.2f}")
+        print(f"{'steady tokens/s before (median of 2 s buckets)':<44} {steady:>10.1f}")
+        print(f"{'lowest tokens/s while switching (2 s bucket)':<44} {during:>10.1f}")
+        print(f"{'throughput during switch / steady':<44} {during / steady if steady else float('nan'):>10.2f}")
+        print(f"{'failed requests':<44} {res.errors:>10d}")
+        return 0
+    finally:
+        op.terminate()
+        op.wait(timeout=20)
+        subprocess.run([kubectl, f"--kubeconfig={kc}", "delete", "namespace", ns, "--wait=false"], capture_output=True)
+        subprocess.run([kubectl, f"--kubeconfig={kc}", "delete", "nodes", "-l", f"{devcluster.POOL_LABEL}={pool}",
+                        "--wait=false"], capture_output=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
