@@ -241,7 +241,9 @@ class Reconciler:
                     group_topo = group_topo.without_nodes(full, "rank pods unschedulable (GPUs taken)")
                 t1 = time.perf_counter()
                 try:
-                    new = make_plan(shape, group_topo, load=None if prev is None else _prev_load(prev, shape),
+                    # Re-plans for placement reasons assume uniform load; measured load enters
+                    # through `_load_balance`, which re-plans with it.
+                    new = make_plan(shape, group_topo, load=None,
                                     previous=prev if prev is not None and prev.num_ranks == ep else None,
                                     redundant=spec.parallelism.expert_parallel_size * spec.parallelism.max_experts_per_gpu
                                     - shape.n_routed_experts if spec.parallelism.max_experts_per_gpu > 1
@@ -576,8 +578,3 @@ def _minus(topo: Topology, used: dict[str, int]) -> Topology:
         else:
             skipped.append((n.name, "used by another EP group of this deployment"))
     return Topology(nodes=tuple(nodes), skipped=tuple(skipped))
-
-
-def _prev_load(prev: Plan, shape: MoEShape) -> Any:
-    """Without measurements, keep the previous replica layout's implied popularity (uniform here)."""
-    return None
