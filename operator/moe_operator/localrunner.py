@@ -90,6 +90,7 @@ class LocalRunner:
         self.subnet = subnet
         self.nodes: list[str] = []
         self.stop = threading.Event()
+        self._configmaps: dict[tuple[str, str], dict | None] = {}  # this sync pass's reads
         self.path_env = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
     # --- nodes ----------------------------------------------------------------------------
@@ -135,6 +136,8 @@ class LocalRunner:
         return self.ips[uid]
 
     def sync(self) -> None:
+        # 16 ranks mount the same plan ConfigMap: read each ConfigMap once per pass, not once per pod.
+        self._configmaps = {}
         pods = [p for n in self.nodes for p in self.kube.list("Pod", fields=f"spec.nodeName={n}")]
         dns = {}
         for p in pods:
@@ -275,7 +278,10 @@ class LocalRunner:
         return out
 
     def _sync_configmap(self, namespace: str, name: str, d: Path) -> None:
-        cm = self.kube.get("ConfigMap", name, namespace)
+        key = (namespace, name)
+        if key not in self._configmaps:
+            self._configmaps[key] = self.kube.get("ConfigMap", name, namespace)
+        cm = self._configmaps[key]
         if cm is None:
             raise RunnerError(f"configMap {name} not found")
         for k, v in (cm.get("data") or {}).items():

@@ -278,13 +278,14 @@ class Reconciler:
                   resources.pod_disruption_budget(owner)):
             self.kube.apply(o)
 
-        progressing = self._sync_pods(owner, spec, plans, own_pods, events)
+        spec_hash = resources.pod_spec_hash(spec)
+        progressing = self._sync_pods(owner, spec, spec_hash, plans, own_pods, events)
 
         # Observe.
         ready = sum(1 for g, p in enumerate(plans) for r in range(p.num_ranks)
                     if (pod := own_pods.get(resources.pod_name(owner, g, r))) is not None and pod_ready(pod)
                     and pod["spec"].get("nodeName") == p.ranks[r].node
-                    and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == resources.pod_spec_hash(spec))
+                    and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)
         nodes_used = len({r.node for p in plans for r in p.ranks})
         conds = set_condition(conds, PLACED, True, "Planned",
                               f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
@@ -317,7 +318,7 @@ class Reconciler:
             status["prediction"] = prediction
         requeue = 1.0 if progressing else 10.0
         if spec.load_balancing.enabled:
-            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, nodes, topo_args,
+            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, topo,
                                     ready == total and not progressing, old_status, conds, gen, events)
             status.update(lb)
             conds = status["conditions"]
@@ -326,7 +327,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------
     def _load_balance(self, owner: Owner, spec: api.MoEDeploymentSpec, shape: MoEShape, plans: list[Plan],
-                      generations: list[int], own_pods: dict[str, dict], nodes: list[dict], topo_args: dict,
+                      generations: list[int], own_pods: dict[str, dict], topo: Topology,
                       serving: bool, old_status: dict, conds: list[dict], gen: int, events: list) -> dict:
         """Measure per-expert load and publish a rebalanced expert map when it stays skewed."""
         lb = spec.load_balancing
@@ -350,7 +351,6 @@ class Reconciler:
                 counts = self._measure(owner, spec, g, p, own_pods)
                 st.samples.append(scaling.Sample(now, counts))
                 st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
-                topo = Topology.from_nodelist({"items": nodes}, **topo_args)
                 d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts)
                 if d.imbalance is not None:
                     imbalances.append(d.imbalance)
@@ -487,13 +487,13 @@ class Reconciler:
         return Outcome({"phase": "Pending", "observedGeneration": gen, "conditions": conds, "reason": why,
                         "totalRanks": total, "readyRanks": 0, "ready": f"0/{total}"}, events, requeue_after=10)
 
-    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan], own_pods: dict[str, dict],
-                   events: list) -> str:
+    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, plans: list[Plan],
+                   own_pods: dict[str, dict], events: list) -> str:
         """Create missing pods, replace moved/failed ones, roll out spec changes group by group.
 
         Returns a description of what is in progress ('' when every pod matches the plan).
+        `h` is the spec hash the rank pods must carry.
         """
-        h = resources.pod_spec_hash(spec)
         wanted: dict[str, tuple[int, int]] = {}
         for g, p in enumerate(plans):
             for r in range(p.num_ranks):
