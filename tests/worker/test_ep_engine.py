@@ -224,13 +224,70 @@ def test_a_dead_rank_fails_the_group_fast(fp8_ckpt, tmp_path):
 
 
 def test_a_bad_initial_map_stops_every_rank_with_its_reason(fp8_ckpt, tmp_path):
-    plan = write_plan_files(tmp_path / "plan", plan_doc(2, replicas=False, shift=0), 1)  # 2 ranks, group of 4
+    doc = plan_doc(4, replicas=False, shift=0)
+    doc["expert_map"][1][2].append(99)  # the model has 12 experts
+    plan = write_plan_files(tmp_path / "plan", doc, 1)
     with pytest.raises(GroupFailed) as info:
         run_local(fp8_ckpt, 4, Job([Phase(requests("x"))]), engine=ENGINE, expert_map=plan, timeout_s=120)
     e = info.value
-    assert e.first == 0 and "plan has 2 ranks, the EP group has 4" in e.errors[0]
-    assert all("EP group start failed: rank 0: ExpertMapError: plan has 2 ranks" in e.errors[r] for r in (1, 2, 3))
+    why = "plan expert_map layer 1 rank 2: expert ids [99] outside 0..11"
+    assert e.first == 0 and why in e.errors[0]
+    assert all(f"EP group start failed: rank 0: ExpertMapError: {why}" in e.errors[r] for r in (1, 2, 3))
     assert e.killed == [] and e.exited_by_themselves_s < 10
+
+
+# ---- growing and shrinking a running group ---------------------------------------------------
+
+
+def _wait_world(engine, world: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.world != world:
+        assert engine.failure is None, engine.failure
+        assert time.monotonic() < deadline, f"group did not reach {world} ranks: {engine.resizes}"
+        time.sleep(0.05)
+
+
+def _resize_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
+    """Ranks 0-3 start a group of 4 (the plan file's ranks); 4 and 5 are started at the same time
+    (as the operator's new pods would be), wait for a plan that lists them, then join it."""
+    from moe_worker.engine import RankConfig, start_rank
+
+    plan = str(Path(plan_dir) / "plan.json")
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    r = start_rank(rc)
+    if r.engine is None:
+        r.run()
+        return None
+    eng = r.engine
+    outputs = []
+    try:
+        def phase(tag: str, update: tuple[dict, int] | None = None, world_after: int | None = None) -> None:
+            tickets = [eng.submit(q) for q in requests(tag)]
+            if update is not None:
+                write_plan_files(plan_dir, *update)  # while the phase's requests are generating
+                _wait_world(eng, world_after)
+            outputs.append([eng._wait(t, 120).output_ids for t in tickets])
+
+        phase("four")
+        phase("grow", (plan_doc(6, replicas=True, shift=1, nodes=3), 2), 6)
+        phase("six")
+        phase("shrink", (plan_doc(4, replicas=False, shift=2), 3), 4)
+        phase("four-again")
+        return {"outputs": outputs, "resizes": list(eng.resizes), "switches": list(eng.switches),
+                "generation": eng.runner.emap.generation}
+    finally:
+        eng.shutdown()
+
+
+def test_a_running_group_grows_and_shrinks_without_restarting(fp8_ckpt, fp8_ref, tmp_path):
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
+    out = spawn_ranks(6, _resize_rank, (str(fp8_ckpt), str(plan_dir)), timeout_s=300)
+    want = [fp8_ref.gen[p][0] for p in PROMPTS]
+    assert out["outputs"] == [want] * 5  # same tokens before, during and after each resize
+    (_, g1, a1, b1), (_, g2, a2, b2) = out["resizes"]
+    assert (g1, a1, b1) == (2, 4, 6) and (g2, a2, b2) == (3, 6, 4)
+    assert [g for _, g in out["switches"]] == [2, 3] and out["generation"] == 3
 
 
 def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_path):

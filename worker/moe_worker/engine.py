@@ -261,6 +261,9 @@ class StepPlan:
     micro_batches: int = 1
     switch_to: int | None = None
     """Expert-map generation every rank takes before running this step."""
+    resize: int | None = None
+    """With `switch_to`: the new generation has this many ranks. The step has no work; every rank
+    takes the switch, leaves the old process group and joins the new one (ranks beyond it leave)."""
     stop: bool = False
 
     def has_work(self) -> bool:
@@ -320,6 +323,7 @@ class RankRunner:
         plan_path: str | Path | None = None,
         metrics: Any = None,
         before_step: Callable[[StepPlan, int], None] | None = None,
+        resizable: bool = False,
     ):
         self.model = model
         self.ckpt = ckpt
@@ -341,6 +345,7 @@ class RankRunner:
         self.switcher = MapSwitcher(
             emap, ctx.rank, model.args, plan_path=plan_path, load_experts=self._read_experts,
             poll_interval_s=cfg.map_poll_s, background=cfg.background_load, on_error=self._map_error,
+            resizable=resizable,
         )
         if metrics is not None:
             metrics.expert_map_generation.labels(**metrics.lbl()).set(emap.generation)
@@ -356,6 +361,15 @@ class RankRunner:
         if self.dispatcher is not None:
             self.dispatcher.ctx = ctx
             self.dispatcher.group = ctx.group
+
+    def regroup(self, ctx: ParallelContext) -> None:
+        """Serve in a process group of a different size from now on (after a resize switch)."""
+        self.ctx = ctx
+        self.model.ctx = ctx
+        self.dispatcher = None
+        if ctx.world_size > 1:
+            self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
+                                         config=dispatch_config(self.model, self.cfg), metrics=self.metrics)
 
     # ---- expert map ----
 
@@ -377,8 +391,8 @@ class RankRunner:
                 moe.add_expert(e, module)
             for e in removed.get(moe.layer_id, ()):
                 moe.remove_expert(e)
-        if self.dispatcher is not None:
-            self.dispatcher.set_map(staged.emap)
+        if self.dispatcher is not None and staged.emap.world_size == self.ctx.world_size:
+            self.dispatcher.set_map(staged.emap)  # (a resize builds a new dispatcher in `regroup`)
         self.switches.append((step, generation))
         if self.metrics is not None:
             self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(generation)
@@ -558,6 +572,7 @@ def build_runner(
     plan_path: str | Path | None = None,
     metrics: Any = None,
     before_step: Callable[[StepPlan, int], None] | None = None,
+    resizable: bool = False,
 ) -> RankRunner:
     """Build this rank's model with the experts `emap` gives it and load it from `checkpoint`."""
     device = resolve_device(cfg.device, ctx.rank)
@@ -571,7 +586,7 @@ def build_runner(
     )
     ckpt.load(model)
     return RankRunner(model, ckpt, emap, cfg, ctx=ctx, device=device, plan_path=plan_path, metrics=metrics,
-                      before_step=before_step)
+                      before_step=before_step, resizable=resizable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,6 +663,8 @@ class Scheduler:
         self._next_seq = 0
         self.lock = threading.Lock()
         self.overlap = cfg.overlap
+        self.draining: set[int] = set()
+        """Ranks that leave at the next resize: no new sequences go to them."""
 
     def add(self, t: _Ticket) -> None:
         with self.lock:
@@ -681,7 +698,8 @@ class Scheduler:
                 if t.want_logits:
                     rank = 0 if self.per_rank[0] < self.cfg.max_seqs_per_rank else None
                 else:
-                    free = [r for r in range(self.world) if self.per_rank[r] < self.cfg.max_seqs_per_rank]
+                    free = [r for r in range(self.world)
+                            if self.per_rank[r] < self.cfg.max_seqs_per_rank and r not in self.draining]
                     # Least loaded first; among equals, round-robin from the last pick, so that a
                     # few requests spread over every node instead of piling onto the first one
                     # (tokens prefer expert replicas on their own node).
@@ -729,6 +747,24 @@ class Scheduler:
                         self._finish(seq, "stop")
                     elif len(t.output) >= t.req.max_tokens:
                         self._finish(seq, "length")
+
+    def drained(self, world: int) -> bool:
+        """Stop admitting to ranks >= `world`; True once none of them runs a sequence."""
+        with self.lock:
+            self.draining = set(range(world, self.world))
+            return not any(self.per_rank[r] for r in self.draining)
+
+    def resize(self, world: int) -> list[list[int]]:
+        """The group now has `world` ranks; returns the releases pending for the old ranks."""
+        with self.lock:
+            release, self.release = self.release, [[] for _ in range(world)]
+            if any(r.rank >= world for r in self.running.values()):
+                raise RuntimeError("resize below a rank that still runs sequences")
+            self.per_rank = (self.per_rank + [0] * world)[:world]
+            self.world = world
+            self.draining = set()
+            self._rotate %= world
+            return release
 
     def _finish(self, seq: int, reason: str) -> None:
         r = self.running.pop(seq)
@@ -803,8 +839,55 @@ def _group_error(step: int, rank: int, e: BaseException) -> EngineError:
     return EngineError(f"EP group {why} at step {step} on rank {rank}: {type(e).__name__}: {text}")
 
 
-def worker_loop(runner: RankRunner, control: _Control) -> None:
-    """Ranks 1..N-1: take step plans from rank 0 until it says stop. Raises EngineError on failure."""
+class _Membership:
+    """How this rank (re)joins its EP group's process group: the rendezvous store on rank 0, the
+    backend and the timeout. A group of G ranks that switches to a map of G' ranks re-forms in
+    place: every rank destroys its process group and creates one of G' ranks on a fresh store
+    prefix (`pg/<generation>`); ranks >= G' leave; new ranks (started as pods beforehand, waiting
+    in `join_running`) join at the same moment. No process restarts; KV caches stay."""
+
+    def __init__(self, store: Any, rank: int, backend: str, device: torch.device, timeout: datetime.timedelta):
+        self.store, self.rank, self.backend, self.device, self.timeout = store, rank, backend, device, timeout
+
+    def form(self, world: int, prefix: str) -> tuple[ParallelContext, Any]:
+        """Create the process group of `world` ranks; one all-reduce proves every rank is in it."""
+        kw = {"device_id": self.device} if self.backend == "nccl" else {}
+        dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store), rank=self.rank,
+                                world_size=world, timeout=self.timeout, **kw)
+        group = dist.group.WORLD
+        control_group = dist.new_group(backend="gloo", timeout=self.timeout) if self.backend == "nccl" else group
+        probe = torch.ones(1, device=self.device)
+        dist.all_reduce(probe, group=group)
+        if int(probe.item()) != world:
+            raise EngineError(f"EP group: all_reduce saw {int(probe.item())} ranks, expected {world}")
+        return ParallelContext(self.rank, world, group), control_group
+
+    def regroup(self, generation: int, world: int) -> tuple[ParallelContext, Any] | None:
+        """Leave the current process group and join the one of generation `generation` (None: this
+        rank is not in it and has left)."""
+        dist.destroy_process_group()
+        if self.rank >= world:
+            return None
+        return self.form(world, f"pg/{generation}")
+
+
+def _take_resize(runner: RankRunner, membership: _Membership | None, plan: StepPlan) -> tuple[ParallelContext, Any] | None:
+    """Run a resize step: take the new map, then re-form the process group (None: this rank left)."""
+    if membership is None:
+        raise EngineError("a resize step reached a rank that cannot regroup")
+    runner.run_step(replace(plan, resize=None))
+    joined = membership.regroup(plan.switch_to, plan.resize)
+    if joined is not None:
+        runner.regroup(joined[0])
+        log.info("rank %d: EP group re-formed with %d ranks at generation %d", runner.rank, plan.resize, plan.switch_to)
+    else:
+        log.info("rank %d: left the EP group (generation %d has %d ranks)", runner.rank, plan.switch_to, plan.resize)
+    return joined
+
+
+def worker_loop(runner: RankRunner, control: _Control, membership: _Membership | None = None) -> None:
+    """Ranks 1..N-1: take step plans from rank 0 until it says stop, or until a resize leaves this
+    rank out. Raises EngineError on failure."""
     step = -1
     try:
         while True:
@@ -812,6 +895,12 @@ def worker_loop(runner: RankRunner, control: _Control) -> None:
             step = plan.step
             if plan.stop:
                 return
+            if plan.resize is not None:
+                joined = _take_resize(runner, membership, plan)
+                if joined is None:
+                    return
+                control = _Control(*joined)
+                continue
             control.replies(runner.run_step(plan))
     except Exception as e:
         _abort_group()
@@ -842,9 +931,12 @@ class GroupEngine:
     synchronous equivalents (CLI, tests).
     """
 
-    def __init__(self, runner: RankRunner, control: _Control, cfg: EngineConfig, metrics: Any = None):
+    def __init__(self, runner: RankRunner, control: _Control, cfg: EngineConfig, metrics: Any = None,
+                 membership: _Membership | None = None):
         self.runner = runner
         self.control = control
+        self.membership = membership
+        self._resize: tuple[int, int] | None = None  # (generation, world) the next step regroups to
         self.cfg = cfg
         self.metrics = metrics
         self.info = model_info(runner.model.args, cfg)
@@ -853,6 +945,8 @@ class GroupEngine:
         self.step = 0
         self.switches: list[tuple[int, int]] = []
         """(step, generation) of every expert-map switch the group took."""
+        self.resizes: list[tuple[int, int, int, int]] = []
+        """(step, generation, old world, new world) of every switch that re-formed the group."""
         self.map_errors: list[str] = []
         """Expert-map errors reported by any rank."""
         self._wake = threading.Condition()
@@ -1020,6 +1114,9 @@ class GroupEngine:
                     self.control.plan(StepPlan(self.step, [[] for _ in range(self.world)],
                                                [[] for _ in range(self.world)], stop=True))
                     break
+                if self._resize is not None:
+                    self._regroup(*self._resize)
+                    continue
                 plan = sched.build(self.step, self._switch_to)
                 self.control.plan(plan)
                 reply = runner.run_step(plan)
@@ -1028,7 +1125,7 @@ class GroupEngine:
                     self.switches.append((plan.step, plan.switch_to))
                 for rp in replies:
                     self.map_errors.extend(rp.errors)
-                self._switch_to = agreed_switch(runner.emap.generation, [rp.staged for rp in replies])
+                self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
                 sched.update(plan, replies, runner.kept_logits)
                 self.step += 1
         except Exception as e:
@@ -1040,6 +1137,41 @@ class GroupEngine:
             sched.fail_all(self._failed)
         finally:
             self._stopped.set()
+
+
+    def _next_switch(self, generation: int | None) -> int | None:
+        """The generation the next step switches to. One with a different number of ranks waits
+        until the ranks it adds have loaded it (their `join/<rank>` key in the store names it) and
+        the ranks it drops run no sequence (none are admitted to them meanwhile); then the next
+        step is a resize step instead."""
+        staged = self.runner.switcher.staged
+        if generation is None or staged is None or staged.emap.world_size == self.world:
+            self.scheduler.drained(self.world)  # no resize pending: admit to every rank
+            return generation
+        new = staged.emap.world_size
+        if self.membership is None:
+            return None
+        want = f"{generation}:{staged.emap.digest}".encode()
+        store = self.membership.store
+        joined = all(store.check([f"join/{r}"]) and store.get(f"join/{r}") == want for r in range(self.world, new))
+        if self.scheduler.drained(new) and joined:
+            self._resize = (generation, new)
+        return None
+
+    def _regroup(self, generation: int, world: int) -> None:
+        """The resize step: every rank takes `generation` and re-forms the group with `world` ranks."""
+        self._resize = None
+        release = self.scheduler.resize(world)
+        old = self.world
+        plan = StepPlan(self.step, [[] for _ in range(old)], release, switch_to=generation, resize=world)
+        self.membership.store.set(f"resize/{generation}", str(world))  # joiners wait for this key
+        self.control.plan(plan)
+        ctx, control_group = _take_resize(self.runner, self.membership, plan)
+        self.control = _Control(ctx, control_group)
+        self.world = world
+        self.switches.append((plan.step, generation))
+        self.resizes.append((plan.step, generation, old, world))
+        self.step += 1
 
 
 def _call(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
@@ -1064,10 +1196,13 @@ def _settle(fut: asyncio.Future, t: _Ticket) -> None:
 
 
 def _initial_map(args: ModelArgs, world: int, plan_path: str | Path | None, gpus_per_node: int) -> ExpertMap:
+    """The map a group starts on: the plan file's (its ranks are the group, whatever WORLD_SIZE
+    says: the operator may have grown or shrunk the group since this pod was created), else the
+    default map for `world` ranks."""
     if plan_path is None:
         return default_map(args, world, gpus_per_node=gpus_per_node)
     gen, text = read_plan_files(plan_path)
-    return parse_plan(text, args, world, gen or 0)
+    return parse_plan(text, args, None if world > 1 else 1, gen or 0)
 
 
 START_FAILURE_ACK_S = 15.0
@@ -1115,16 +1250,24 @@ class Rank:
     """A started rank: rank 0 has `engine` (started); others call `run()` to serve the loop."""
 
     config: RankConfig
-    runner: RankRunner
-    control: _Control
+    runner: RankRunner | None
+    """None: this rank is not in the group's expert map (see `standby`)."""
+    control: _Control | None
     engine: GroupEngine | None = None
+    membership: _Membership | None = None
+    standby: str = ""
+    """Why this rank has nothing to serve (it is beyond the group's current map)."""
 
     def run(self) -> None:
-        """Ranks 1..N-1: run step plans until rank 0 stops the group; EngineError on failure."""
+        """Ranks 1..N-1: run step plans until rank 0 stops the group or a resize leaves this rank
+        out; EngineError on failure."""
         if self.engine is not None:
             raise RuntimeError("rank 0 serves through its engine, not run()")
+        if self.runner is None:
+            log.info("rank %d: %s; exiting", self.config.rank, self.standby)
+            return
         try:
-            worker_loop(self.runner, self.control)
+            worker_loop(self.runner, self.control, self.membership)
         finally:
             if self.runner.metrics is not None:
                 self.runner.metrics.group_ready.labels(**self.runner.metrics.lbl()).set(0)
@@ -1161,46 +1304,95 @@ def start_rank(
 
     rdv = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
     store = _tcp_store(rc, rdv)
+    device = resolve_device(cfg.device, rc.rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s))
+    resizable = rc.expert_map is not None  # the group follows the plan file's ranks
+    world = rc.world_size
     try:
         args = Checkpoint(rc.checkpoint).args
+        if rc.rank != 0 and store.check(["serving"]):
+            return _join_running(rc, membership, args, metrics, before_step)
         if rc.rank == 0:
             emap = _initial_map(args, rc.world_size, rc.expert_map, rc.gpus_per_node)
             store.set("initial-map", repr(emap.generation) + "\n" + json.dumps(emap.to_plan_json()))
         else:
             _store_wait(store, ["initial-map"], rc.rank, cfg.rendezvous_timeout_s, "rank 0 publishing the expert map")
             gen, doc = store.get("initial-map").decode().split("\n", 1)
-            emap = parse_plan(doc, args, rc.world_size, int(gen))
-        device = resolve_device(cfg.device, rc.rank)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+            emap = parse_plan(doc, args, None if resizable else rc.world_size, int(gen))
+        world = emap.world_size
+        if rc.rank >= world:  # started for a bigger group than rank 0 found in the plan: join later
+            return _join_running(rc, membership, args, metrics, before_step)
         # The process group comes after loading (below); `attach` gives it to the runner then.
-        runner = build_runner(rc.checkpoint, emap, cfg, ctx=ParallelContext(rc.rank, rc.world_size, None),
-                              plan_path=rc.expert_map, metrics=metrics, before_step=before_step)
+        runner = build_runner(rc.checkpoint, emap, cfg, ctx=ParallelContext(rc.rank, world, None),
+                              plan_path=rc.expert_map, metrics=metrics, before_step=before_step, resizable=resizable)
         store.set(f"loaded/{rc.rank}", "1")
-        _store_wait(store, [f"loaded/{r}" for r in range(rc.world_size)], rc.rank, cfg.rendezvous_timeout_s,
+        _store_wait(store, [f"loaded/{r}" for r in range(world)], rc.rank, cfg.rendezvous_timeout_s,
                     "loading on every rank")
     except Exception as e:
         # Records the first failure only; rank 0 also waits here until the others have read it.
-        _start_failed(store, rc.rank, rc.world_size, f"rank {rc.rank}: {type(e).__name__}: {e}")
+        _start_failed(store, rc.rank, world, f"rank {rc.rank}: {type(e).__name__}: {e}")
         raise
 
-    timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-    kw = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rc.rank, world_size=rc.world_size,
-                            timeout=timeout, **kw)
-    world = dist.group.WORLD
-    control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else world
-    ctx = ParallelContext(rc.rank, rc.world_size, world)
+    ctx, control_group = membership.form(world, "pg")
     runner.attach(ctx)
     control = _Control(ctx, control_group)
-    # One collective before serving: every rank is connected.
-    probe = torch.ones(1, device=device)
-    dist.all_reduce(probe, group=world)
-    if int(probe.item()) != rc.world_size:
-        raise EngineError(f"EP group start: all_reduce saw {int(probe.item())} ranks, expected {rc.world_size}")
     if metrics is not None:
         metrics.group_ready.labels(**metrics.lbl()).set(1)
-    engine = GroupEngine(runner, control, cfg, metrics).start() if rc.rank == 0 else None
-    return Rank(rc, runner, control, engine)
+    engine = None
+    if rc.rank == 0:
+        engine = GroupEngine(runner, control, cfg, metrics, membership).start()
+        store.set("serving", "1")  # ranks that start from now on join the running group
+    return Rank(rc, runner, control, engine, membership)
+
+
+def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metrics: Any,
+                  before_step: Callable[[StepPlan, int], None] | None) -> Rank:
+    """A rank pod started for a group that is already serving (the operator grew it): wait until
+    the plan file lists this rank, load its part of the model for that generation, say so in the
+    store (`join/<rank>` = generation:digest), and join when rank 0 regroups to it (`resize/<g>`).
+    A newer generation that arrives meanwhile is loaded and announced instead. Gives up after
+    `rendezvous_timeout_s` with `standby` set when no plan includes this rank."""
+    cfg, store = rc.engine, membership.store
+    if rc.expert_map is None:
+        raise EngineError(f"rank {rc.rank}: the EP group is already running and no expert-map file "
+                          "(MOE_EXPERT_MAP) says whether it includes this rank")
+    deadline = time.monotonic() + cfg.rendezvous_timeout_s
+    runner: RankRunner | None = None
+    while True:
+        if store.check(["failed"]):
+            raise _start_failure(store, rc.rank)
+        if runner is None:
+            gen, text = read_plan_files(rc.expert_map)
+            emap = parse_plan(text, args, None, gen or 0)
+            if rc.rank < emap.world_size:
+                runner = build_runner(rc.checkpoint, emap, cfg, ctx=ParallelContext(rc.rank, emap.world_size, None),
+                                      plan_path=rc.expert_map, metrics=metrics, before_step=before_step,
+                                      resizable=True)
+        else:
+            runner.switcher.poll()
+        if runner is not None:
+            target = runner.switcher.staged.emap if runner.switcher.staged is not None else runner.emap
+            if rc.rank >= target.world_size:
+                return Rank(rc, None, None, standby=f"generation {target.generation} has {target.world_size} ranks")
+            store.set(f"join/{rc.rank}", f"{target.generation}:{target.digest}")
+            if store.check([f"resize/{target.generation}"]):
+                if target is not runner.emap:
+                    runner._switch(target.generation, -1)
+                world = int(store.get(f"resize/{target.generation}"))
+                ctx, control_group = membership.form(world, f"pg/{target.generation}")
+                runner.regroup(ctx)
+                if metrics is not None:
+                    metrics.group_ready.labels(**metrics.lbl()).set(1)
+                log.info("rank %d: joined the running EP group (%d ranks, generation %d)", rc.rank, world,
+                         target.generation)
+                return Rank(rc, runner, _Control(ctx, control_group), None, membership)
+        if time.monotonic() > deadline:
+            if runner is None:
+                return Rank(rc, None, None, standby=f"no expert map within {cfg.rendezvous_timeout_s:.0f} s lists it")
+            raise EngineError(f"rank {rc.rank}: the running EP group did not take it in within "
+                              f"{cfg.rendezvous_timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def _tcp_store(rc: RankConfig, timeout: datetime.timedelta) -> dist.TCPStore:

@@ -89,7 +89,10 @@ class ExpertMap:
             raise KeyError(f"layer {layer_id} is not an MoE layer of this map") from None
 
     def owned(self, rank: int) -> dict[int, tuple[int, ...]]:
-        """MoE layer id -> logical experts `rank` hosts (the `owned_experts` of its Transformer)."""
+        """MoE layer id -> logical experts `rank` hosts (the `owned_experts` of its Transformer);
+        none for a rank outside the map (one that leaves when the group shrinks)."""
+        if rank >= self.world_size:
+            return {layer: () for layer in self.moe_layers}
         return {layer: self.hosts[i][rank] for i, layer in enumerate(self.moe_layers)}
 
     def replicas(self, layer_id: int) -> tuple[tuple[int, ...], ...]:
@@ -146,8 +149,10 @@ class ExpertMap:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_plan(doc: Mapping[str, Any] | str | bytes, args: ModelArgs, world_size: int, generation: int) -> ExpertMap:
-    """Read a PLAN.json document (dict or text) for a model and a group of `world_size` ranks.
+def parse_plan(doc: Mapping[str, Any] | str | bytes, args: ModelArgs, world_size: int | None,
+               generation: int) -> ExpertMap:
+    """Read a PLAN.json document (dict or text) for a model and a group of `world_size` ranks
+    (None: as many as the plan lists, for a group that can grow and shrink).
 
     Checks what serving needs: ranks numbered 0..world_size-1, one list of integer expert ids
     per rank per MoE layer, ids in range, and every logical expert hosted somewhere in every
@@ -162,6 +167,8 @@ def parse_plan(doc: Mapping[str, Any] | str | bytes, args: ModelArgs, world_size
     if not isinstance(doc, Mapping) or "ranks" not in doc or "expert_map" not in doc:
         raise ExpertMapError("plan must be an object with 'ranks' and 'expert_map'")
     ranks = doc["ranks"]
+    if world_size is None and isinstance(ranks, list) and ranks:
+        world_size = len(ranks)
     if not isinstance(ranks, list) or len(ranks) != world_size:
         n = len(ranks) if isinstance(ranks, list) else "no list of"
         raise ExpertMapError(f"plan has {n} ranks, the EP group has {world_size}")
@@ -303,8 +310,11 @@ class MapSwitcher:
         poll_interval_s: float = 1.0,
         background: bool = True,
         on_error: Callable[[str], None] | None = None,
+        resizable: bool = False,
     ):
         self.current = current
+        self.resizable = resizable
+        """Accept generations with a different number of ranks (the engine regroups for them)."""
         self.rank = rank
         self.args = args
         self.plan_path = Path(plan_path) if plan_path else None
@@ -348,7 +358,7 @@ class MapSwitcher:
     def offer(self, plan: Mapping[str, Any] | str, generation: int) -> None:
         """Prepare `plan` as `generation` (parse, then load new experts, maybe in the background)."""
         try:
-            emap = parse_plan(plan, self.args, self.current.world_size, generation)
+            emap = parse_plan(plan, self.args, None if self.resizable else self.current.world_size, generation)
         except ExpertMapError as e:
             self._fail(generation, str(e))
             return
