@@ -122,10 +122,16 @@ def main(argv=None) -> int:
             print(line, flush=True)
     pool = getattr(fp8._SCRATCH, "pool", {})
     scratch = sum(b.numel() * b.element_size() for b in pool.values())
+    slots = ", ".join(f"{k[0]} {b.numel() * b.element_size() / 1e6:.1f}" for k, b in pool.items())
     resident = sum(t.numel() * t.element_size() for t in expert.parameters())
     print(
         f"after the runs the FP8 expert still holds {resident / 1e6:.2f} MB; the CPU paths share "
-        f"{scratch / 1e6:.1f} MB of per-thread decode scratch (whatever the number of experts)"
+        f"{scratch / 1e6:.1f} MB of per-thread decode scratch ({slots} MB; whatever the number of experts)"
+    )
+    xq = max(max(1, fp8.WO_TILE_ELEMENTS // (k * 128)) * fp8._WO_ACT_SIDE_TOKENS * k * 2 for k in (HIDDEN, INTER))
+    print(
+        "per call, weight_only also allocates its (T, out) output and, at T <= "
+        f"{fp8._WO_ACT_SIDE_TOKENS}, the block-scaled activations of one tile: at most {xq / 1e6:.1f} MB"
     )
     for impl, r in worst.items():
         verdict = "meets" if r <= 1.3 else "misses"

@@ -166,6 +166,10 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+_FP16_LANES_MASK = 0xBF80_BF80_BF80_BF80 - (1 << 64)
+"""0xBF80 in each of the four int16 lanes of an int64, as the signed value PyTorch takes."""
+
+
 class _TileDecoder:
     """Decodes rows of an e4m3 weight into fp32 scratch, tile by tile, exactly (= q.float() * s).
 
@@ -196,24 +200,41 @@ class _TileDecoder:
             r = min(self.rows, self.out_f - r0)
             i16 = self._i16[:r]
             i16[:, : self.in_f].copy_(src[r0 : r0 + r])  # sign-extends: negatives become 0xFF80 | EEEEMMM
-            i16.bitwise_left_shift_(7)  # bits 15, 14 = S, S; bits 13..7 = EEEEMMM
-            i16.bitwise_and_(-16512)  # 0xBF80: keep sign and EEEEMMM, clear bit 14 -> fp16(value * 2**-8)
+            words = i16.view(torch.int64)  # four int16 lanes at once, as in _decode_bf16_times_2m120
+            words.bitwise_left_shift_(7)  # per lane: bits 15, 14 = S, S; bits 13..7 = EEEEMMM
+            words.bitwise_and_(_FP16_LANES_MASK)  # keep S and EEEEMMM; clear bit 14 and carried-in bits 6..0
             f32 = self._f32[:r]
             f32.copy_(i16.view(torch.float16))
             f32.view(r, kb, FP8_BLOCK).mul_(self.row_scale[r0 : r0 + r, :, None])
             yield r0, r, f32[:, : self.in_f]
 
 
-def _decode_bf16_times_2m120(src: torch.Tensor, i16: torch.Tensor) -> None:
-    """e4m3 rows (as int8) -> bf16 rows equal to value * 2**-120, exactly, in three integer passes.
+_LANES_MASK = 0x87F0_87F0_87F0_87F0 - (1 << 64)
+"""0x87F0 in each of the four int16 lanes of an int64, as the signed value PyTorch takes."""
+
+
+def _decode_bf16_times_2m120(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """e4m3 rows (r, K) as int8 -> bf16 bit patterns in int16 `dst` (r, Kp >= K), value * 2**-120 exactly.
 
     The byte S EEEE MMM becomes the bf16 bit pattern S 0000 EEEE MMM 0000: the exponent field is
     E (bias 127 instead of 7) and subnormals line up as in `_TileDecoder`. Codes with E == 0
     (|value| < 2**-6, below 1/28672 of their block's amax) are bf16 subnormals after the shift.
+    Columns K..Kp of `dst` become 0. Three integer passes: a sign-extending copy, then shift and
+    mask. When `dst` is contiguous with Kp % 4 == 0 the last two run on int64 words (four lanes at
+    once, about 1.5x faster than int16 ops here): the shift carries each lane's top four bits into
+    the next lane's bits 3..0, which the mask clears along with bits 14..11.
     """
-    i16.copy_(src)  # sign-extends
-    i16.bitwise_left_shift_(4)  # bits 15..11 = S, bits 10..4 = EEEEMMM
-    i16.bitwise_and_(-30736)  # 0x87F0: keep the sign and EEEEMMM; i16.view(bfloat16) is the result
+    K = src.shape[1]
+    dst[:, :K].copy_(src)  # sign-extends: negatives become 0xFF80 | EEEEMMM
+    if dst.shape[1] > K:
+        dst[:, K:].zero_()
+    if dst.is_contiguous() and dst.shape[1] % 4 == 0 and dst.storage_offset() % 4 == 0:
+        words = dst.view(torch.int64)
+        words.bitwise_left_shift_(4)  # per lane: bits 15..11 = S, bits 10..4 = EEEEMMM
+        words.bitwise_and_(_LANES_MASK)  # keep the sign and EEEEMMM in each lane
+    else:
+        dst.bitwise_left_shift_(4)
+        dst.bitwise_and_(-30736)  # 0x87F0
 
 
 WO_TILE_ELEMENTS = 1 << 22
@@ -245,18 +266,20 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
     src = q.view(torch.int8)
     rows = min(max(1, WO_TILE_ELEMENTS // (kp * FP8_BLOCK)), nb) * FP8_BLOCK  # whole 128-row blocks
     i16 = _scratch("i16", rows, kp, torch.int16, q.device)
-    i16[:, K:].zero_()  # padding columns decode to 0
     yt = torch.empty(N, T, dtype=torch.bfloat16, device=q.device)  # (N, T): tiles are contiguous rows
     xf = x2.float()
     act_side = T <= _WO_ACT_SIDE_TOKENS and float(xf.abs().max()) * float(s120.max()) < 2.0**127
     if act_side:
-        xs = F.pad(xf, (0, kp - K)).view(1, T, kb, FP8_BLOCK)  # (1, T, kb, 128)
-        xq = torch.empty(rows // FP8_BLOCK, T, kb, FP8_BLOCK, dtype=torch.bfloat16, device=q.device)
+        xs = F.pad(xf, (0, kp - K)).view(1, T, kp)  # (1, T, kp)
+        # (nb, 1, kp): each block's scales spread over their 128 columns, so the multiply below
+        # broadcasts over tokens only and runs vectorised along kp (an inner stride-0 broadcast is ~2x slower).
+        s_cols = s120.repeat_interleave(FP8_BLOCK, dim=1).view(nb, 1, kp)
+        xq = torch.empty(rows // FP8_BLOCK, T, kp, dtype=torch.bfloat16, device=q.device)
     else:
         row_scale = s120.to(torch.bfloat16).repeat_interleave(FP8_BLOCK, dim=0)[:N]  # (N, kb)
     for n0 in range(0, N, rows):
         r = min(rows, N - n0)
-        _decode_bf16_times_2m120(src[n0 : n0 + r], i16[:r, :K])
+        _decode_bf16_times_2m120(src[n0 : n0 + r], i16[:r])  # padding columns decode to 0
         raw = i16[:r].view(torch.bfloat16)  # (r, kp) = weight / s * 2**-120, zero beyond K
         if act_side:
             blocks = math.ceil(r / FP8_BLOCK)
@@ -264,10 +287,10 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
                 i16[r : blocks * FP8_BLOCK].zero_()
             b0 = n0 // FP8_BLOCK
             xqb = xq[:blocks]
-            torch.mul(xs, s120[b0 : b0 + blocks, None, :, None], out=xqb)  # fp32 math, one bf16 rounding
+            torch.mul(xs, s_cols[b0 : b0 + blocks], out=xqb)  # fp32 math, one bf16 rounding
             out = torch.bmm(
                 i16[: blocks * FP8_BLOCK].view(torch.bfloat16).view(blocks, FP8_BLOCK, kp),
-                xqb.view(blocks, T, kp).transpose(1, 2),
+                xqb.transpose(1, 2),
             )  # (blocks, 128, T)
             yt[n0 : n0 + r] = out.view(blocks * FP8_BLOCK, T)[:r]
         else:
