@@ -40,6 +40,7 @@ from moe_operator.placement import (
     evaluate,
     expert_load,
     moved_experts,
+    optimal_counts,
     plan,
     round_robin_plan,
     validate_plan,
@@ -135,10 +136,47 @@ def run_config(cfg: Config, shape: MoEShape, args: argparse.Namespace) -> list[d
             }
         )
     eplb_row = next(r for r in rows if r["method"] == "EPLB")
+    if m == 1:
+        eplb_row["bounds"] = bounds(w_a, w_b, topo.num_slots if cfg.redundant is None else E + cfg.redundant, cfg.nodes)
     for r in rows:
         for key in ("gpu", "ingress", "cross", "moved_drift", "gpu_drift", "ingress_drift", "secs"):
             r[key + "_vs"] = r[key] / eplb_row[key] if eplb_row[key] else float("nan")
     return rows
+
+
+def bounds(w_a: np.ndarray, w_b: np.ndarray, P: int, N: int, budget: float = 0.01) -> dict[str, float]:
+    """What any one-expert-per-GPU plan can reach while its busiest GPU stays within ``budget`` of
+    EPLB's (the optimum for these counts), under the evaluation's replica-choice rule.
+
+    - Cross-node share: tokens start uniformly over the N nodes and use a local copy if any, so
+      the share is 1 - sum_e p_e k_e / N, k_e <= min(c_e, N) nodes holding e. The busiest copy
+      within budget needs c_e >= ceil(w_e / T), T = (1 + budget) x optimum; the best spends the
+      copies left over, one at a time, on the experts with the largest p_e (up to N each).
+    - Moves after the drift from A's optimal counts: every expert whose count must rise to meet
+      T on B is at least one weight transfer.
+    """
+    L, E = w_a.shape
+    opt_a = optimal_counts(w_a, P)
+    t_a = (w_a / opt_a).max(1, keepdims=True) * (1.0 + budget)
+    need = np.minimum(np.maximum(np.ceil(w_a / t_a - 1e-9), 1), N)
+    p = w_a / w_a.sum(1, keepdims=True)
+    local = []
+    for layer in range(L):  # small: E experts, slack copies to the hottest
+        k = need[layer].copy()
+        slack = P - int(k.sum())
+        for e in np.argsort(-p[layer], kind="stable"):
+            if slack <= 0:
+                break
+            add = min(slack, N - int(k[e]))
+            k[e] += add
+            slack -= add
+        local.append(float((p[layer] * k).sum()) / N)
+    t_b = (w_b / optimal_counts(w_b, P)).max(1, keepdims=True) * (1.0 + budget)
+    need_b = np.maximum(np.ceil(w_b / t_b - 1e-9), 1)
+    return {
+        "cross_min": 1.0 - float(np.mean(local)),
+        "moves_min": float(np.maximum(need_b - opt_a, 0).sum()),
+    }
 
 
 COLUMNS = (
@@ -181,6 +219,7 @@ def print_table(rows: list[dict[str, Any]], shape: MoEShape, args: argparse.Name
     print(head)
     print("-" * len(head))
     L = shape.moe_layers
+    bound_lines: list[str] = []
     for r in rows:
         cells = [f(r, L) for _, _, f in COLUMNS]
         print(
@@ -189,8 +228,26 @@ def print_table(rows: list[dict[str, Any]], shape: MoEShape, args: argparse.Name
                 for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS, strict=True))
             )
         )
+        if r.get("bounds"):
+            b = r["bounds"]
+            bound_lines.append(
+                f"#   {r['config']}: cross-node >= {b['cross_min']:.3f} ({b['cross_min'] / r['cross']:.3f}x EPLB); "
+                f"drift moves >= {b['moves_min'] / L:.1f} per layer ({b['moves_min'] / max(r['moved_drift'], 1):.2f}x EPLB)"
+            )
         if r["method"] == "round-robin" and r is not rows[-1]:
             print()
+    print_bounds(bound_lines)
+
+
+def print_bounds(bound_lines: list[str]) -> None:
+    if bound_lines:
+        print()
+        print(
+            "# bounds for any plan with one expert per GPU whose busiest GPU is within 1% of EPLB's "
+            "(see bounds()): cross-node share, and moves after the drift"
+        )
+        for line in bound_lines:
+            print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,31 +6,37 @@ Terms. ``E`` routed experts per MoE layer, ``L`` MoE layers, ``G`` ranks (one GP
 physical experts ("cells") per layer: one per rank when ``E <= G`` (``P = G``, ``G - E`` of
 them replicas), several per rank only when ``E > G`` and the caller allows packing.
 
-The planner, for all layers at once (every loop below runs over copies or swaps and is
-vectorised across layers):
+The planner, for all layers at once (loops run over rounds, never over experts or layers):
 1. Replica counts. Without a previous plan: EPLB's greedy min-max of load per copy, which is
    optimal for the busiest GPU when every GPU holds one expert, computed with one partition
-   instead of one step per replica. With one: start from its counts and move single copies from
-   the expert that needs one least to the busiest expert, only while the busiest copy is more
-   than ``balance_tolerance`` above that optimum, so a load drift changes a few counts instead of
-   the whole replica layout.
+   instead of one step per replica. With one: the fewest changes to its counts that bring the
+   busiest copy within ``balance_tolerance`` of that optimum (experts below their minimum
+   ``ceil(load / target)`` get exactly the copies they lack; surplus copies are taken where
+   losing one raises the load per copy least).
 2. Cells kept from the previous plan (re-plans only): every (node, gpu) keeps its expert while
    that expert still needs that many copies; second copies on one node and copies on the busiest
    nodes are dropped first.
-3. Nodes for the other copies: longest processing time first over nodes (heaviest copy to the
-   least-loaded node), with costs for (a) a node that already holds a copy of the expert: copies
-   on distinct nodes keep more tokens node-local and split a hot expert's ingress; (b) a node
-   outside the expert group's run. Runs lay the ``n_group`` groups out in order along the nodes
-   in topology order (zone, rack, NVLink domain, node), each as long as its group's share of
-   the load, so that a token, which routes to at most ``topk_group`` groups, reaches few nodes
-   and NVLink domains while every node still gets its share of the load.
-4. Cells within nodes. One expert per GPU: a node's free GPUs take its copies. Packing: copies
-   go straight to ranks, least-loaded rank first, twice: once for per-GPU load alone, then with
-   the node and group costs added but no rank allowed above the first pass's busiest.
-5. Swaps. A fresh plan is polished by swapping copies between its busiest and least-loaded nodes.
-   A re-plan swaps only to bring a node (``node_tolerance``, at most ``max_swaps`` swaps per
-   layer, none by default: moves cost weight transfers) or, when packing, a rank
-   (``balance_tolerance``) back near the fresh plan for the same counts.
+3. The other copies, by rounds of longest-processing-time-first: each round pairs the next f
+   heaviest copies with the f bins (nodes; GPUs when packing) that have room, heaviest copy to
+   the least-loaded bin; a copy never joins a node (GPU, when packing) that already holds its
+   expert while another has room, so copies sit on distinct nodes and a token finds a local copy
+   more often. Within a round, copies of nearly equal load (``group_affinity`` x a cell's mean)
+   are re-paired by their expert group's place along the node line (groups in order, each as
+   long as its share of the load) with bins in topology order: groups align with nodes where
+   loads allow (exactly, for uniform load), at no cost in balance beyond that band.
+4. Re-plans only, bounded swaps: when packing, up to P/8 per layer bring GPUs back near a fresh
+   plan's busiest (kept copies carry the new load); ``max_swaps`` (0 by default: moves cost
+   weight transfers) does the same for nodes.
+
+Lower bounds that frame the benchmark (``bench/placement.py`` prints both):
+- Cross-node share. Tokens start uniformly over nodes and use a local copy when there is one, so
+  the share of (token, expert) pairs that leave their node is ``1 - sum_e p_e k_e / N`` (``p_e``
+  load share, ``k_e`` nodes holding e, ``N`` nodes). With ``k_e <= c_e`` (copies) and ``c_e``
+  fixed, up to the 1% budget, by the per-GPU balance, EPLB's global policy already has ``k_e =
+  c_e`` at one expert per GPU (replicas fill the slots after the originals), so no placement can
+  do clearly better there; the planner matches it.
+- Moves after a drift. Every expert whose count must rise to keep the busiest copy within the
+  tolerance is one weight transfer; the planner moves exactly that many (one expert per GPU).
 """
 
 from __future__ import annotations
@@ -51,11 +57,10 @@ DEFAULT_NODE_TOLERANCE = 0.05
 DEFAULT_MAX_SWAPS = 0
 DEFAULT_GROUP_AFFINITY = 0.1
 
-_POLISH_TOLERANCE = 0.005  # a fresh plan's nodes are polished to within this of the mean load,
-_POLISH_SWAPS = 16  # with at most this many swaps per layer
 
-# Pass 2 of packing may leave a rank this much busier than pass 1's busiest (see ``_assign``).
-_PACK_SLACK = 0.002
+# Packing: loads within this fraction of a cell's mean count as equal when pairing copies with
+# GPUs, so that equal copies go to distinct nodes and near their group.
+_PACK_BAND = 0.02
 
 _ROUND = 4  # decimals of the metrics written into a plan (stable JSON across platforms)
 
@@ -436,9 +441,12 @@ def select_ranks(
         q, rem = divmod(P, G)
         caps = q + (np.arange(G) < rem).astype(np.int64)
     slots = topology.slots
-    prev_keys = {(r.node, r.gpu) for r in previous.ranks} if previous is not None else set()
-    chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
-    chosen.sort()
+    if previous is None:
+        chosen = list(range(G))
+    else:
+        prev_keys = {(r.node, r.gpu) for r in previous.ranks}
+        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
+        chosen.sort()
     ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
     return ranks, caps
 
@@ -477,6 +485,9 @@ def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> n
             raise PlacementError(
                 f"{total} copies of {E} experts need more than {max_count} copies of some expert"
             )
+        uncapped = optimal_counts(w, total)
+        if (uncapped <= max_count).all():
+            return uncapped  # the cap binds nowhere: the same greedy
         J = min(extra, max_count - 1)  # capped experts push copies elsewhere: no tighter bound
     vals = (w[:, :, None] / np.arange(1, J + 1)).reshape(L, E * J)  # (L, E*J), expert-major
     # The extra-th largest value per layer; take everything above it, then the lowest-index
@@ -489,51 +500,46 @@ def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> n
     return c
 
 
+def _take_smallest(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(rows, n) bool: the ``k[row]`` smallest finite entries of each row, lower index first on ties."""
+    order = np.argsort(vals, axis=1, kind="stable")
+    take = np.zeros(vals.shape, dtype=bool)
+    np.put_along_axis(take, order, np.arange(vals.shape[1])[None, :] < k[:, None], axis=1)
+    return take & np.isfinite(vals)
+
+
 def rebalanced_counts(
     w: np.ndarray, total: int, start: np.ndarray, tolerance: float, max_count: int | None = None
 ) -> np.ndarray:
     """(L, E) copies close to ``start`` (the previous plan's counts) whose largest load per copy is
     within ``tolerance`` of the optimum: fewest changed copies instead of the optimal layout.
 
-    Each step moves one copy from the expert that loses least by giving one up (smallest
-    w/(c-1)) to the expert with the most load per copy; a donor below the current maximum always
-    exists while the maximum is above the optimum, so this terminates.
+    With ``T`` = (1 + tolerance) x the optimum, expert e needs at least ``ceil(w_e / T)`` copies:
+    experts below that get exactly the copies they lack (no fewer moves can reach ``T``); the
+    total is then restored by taking copies from experts above their need, where losing one
+    raises the load per copy least (``w/(c-1)`` smallest), or, when copies are missing (more
+    GPUs), by EPLB's greedy from ``start``. Both are one selection over a small table.
     """
     L, E = w.shape
     cap = total if max_count is None else max_count
-    c = np.minimum(np.maximum(np.asarray(start, dtype=np.int64), 1), cap)
-    rows = np.arange(L)
-
-    def busiest(c: np.ndarray) -> np.ndarray:
-        """(L,) expert with the most load per copy among those that may take another copy."""
-        return np.where(c < cap, w / c, -np.inf).argmax(1)
-
-    # Match the total first (a node was lost or added): add to the busiest / take from the idlest.
-    for _ in range(4 * (total + E)):
-        d = total - c.sum(1)
-        if not d.any():
-            break
-        add = d > 0
-        if add.any():
-            a = busiest(c)
-            c[rows[add], a[add]] += 1
-        sub = d < 0
-        if sub.any():
-            donor = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf).argmin(1)
-            c[rows[sub], donor[sub]] -= 1
+    c = np.minimum(np.maximum(np.asarray(start, dtype=np.int64), 0), cap)
     target = (w / optimal_counts(w, total, max_count)).max(1) * (1.0 + tolerance)  # (L,)
-    for _ in range(4 * total):
-        per_copy = w / c
-        a = busiest(c)
-        top = per_copy.max(1)
-        gain = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
-        gain[rows, a] = np.inf
-        donor = gain.argmin(1)
-        move = (top > target) & (gain[rows, donor] < top) & (per_copy[rows, a] >= top)
-        if not move.any():
-            break
-        c[rows[move], a[move]] += 1
-        c[rows[move], donor[move]] -= 1
+    need = np.clip(np.ceil(w / target[:, None] * (1.0 - 1e-12)), 1, cap).astype(np.int64)
+    c = np.maximum(c, need)
+    excess = c.sum(1) - total  # (L,)
+    if (excess > 0).any():
+        J = int((c - need).max())
+        j = np.arange(1, J + 1)
+        # Removing the j-th copy leaves w/(c-j) per copy; rising in j, so smallest-first is greedy.
+        vals = np.where(j <= (c - need)[:, :, None], w[:, :, None] / np.maximum(c[:, :, None] - j, 1), np.inf)
+        c -= _take_smallest(vals.reshape(L, E * J), np.maximum(excess, 0)).reshape(L, E, J).sum(2)
+    short = total - c.sum(1)
+    if (short > 0).any():
+        J = int(short.max())
+        j = np.arange(1, J + 1)
+        # Adding the j-th more copy: w/(c+j-1) per copy before it; falling in j: largest first.
+        vals = np.where(c[:, :, None] + j <= cap, -w[:, :, None] / (c[:, :, None] + j - 1), np.inf)
+        c += _take_smallest(vals.reshape(L, E * J), np.maximum(short, 0)).reshape(L, E, J).sum(2)
     return c
 
 
@@ -570,8 +576,10 @@ def plan(
       ``max_swaps`` swaps per layer (two moves each) rebalance nodes.
     - ``max_pack_swaps``: swaps per layer allowed to rebalance ranks when packing (None: P/8).
 
-    ``group_affinity``: how much node load, as a fraction of a node's mean, a copy may trade
-    for staying with its expert group.
+    ``group_affinity``: copies whose loads differ by less than this fraction of a cell's mean
+    load are interchangeable for balance and are paired with nodes by their group's place along
+    the node line instead (when packing, at most ``_PACK_BAND``); also the cost of a swap across
+    groups in the opt-in swaps.
     """
     if not isinstance(shape, MoEShape):
         raise PlacementError(f"shape must be a MoEShape, got {type(shape).__name__}")
@@ -616,28 +624,23 @@ def plan(
         )
         return out
 
-    # The plan from scratch for these counts: the answer without ``previous``, the yardstick with.
-    empty = np.full((L, P), -1, dtype=np.int64)
-    fresh = _assign(w, counts, empty, rank_of_cell, node_of_cell, caps, shape, group_affinity, False)
-    if not packing:
-        # Polish node balance. Not when packing: there ranks were balanced first, and node swaps
-        # would undo it.
-        fresh = swap(fresh, node_of_cell, w.sum(1) / N * (1.0 + _POLISH_TOLERANCE), _POLISH_SWAPS)
-    # Copies of one expert on distinct nodes where possible (on re-plans only as a yardstick).
-    fresh = _repair_duplicates(fresh, per_copy, node_of_cell, strict=False)
     if prev_cells is None:
-        cells = fresh
+        kept = np.full((L, P), -1, dtype=np.int64)
     else:
-        # Keep what can stay, place the rest; then, if a node (or, packing, a rank) ends up more
-        # than its tolerance above the busiest in the fresh plan for these counts, swap copies.
         kept = _keep(prev_cells, counts, w, node_of_cell)
-        cells = _assign(w, counts, kept, rank_of_cell, node_of_cell, caps, shape, group_affinity, True)
+    cells = _place(w, counts, kept, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)
+    pack_swaps = math.ceil(P / 8) if max_pack_swaps is None else max_pack_swaps
+    if prev_cells is not None and (max_swaps or (packing and pack_swaps)):
+        # Swaps bring a node (opt-in: ``max_swaps``) or, packing, a rank (kept copies carry the
+        # new load, so GPUs drift apart) back near a fresh plan's busiest for these counts;
+        # each swap moves two experts.
+        empty = np.full((L, P), -1, dtype=np.int64)
+        fresh = _place(w, counts, empty, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)
         node_cap = _group_max(fresh, per_copy, node_of_cell) * (1.0 + node_tolerance)
         cells = swap(cells, node_of_cell, node_cap, max_swaps)
-        if packing:
+        if packing and pack_swaps:
             rank_cap = _group_max(fresh, per_copy, rank_of_cell) * (1.0 + balance_tolerance)
-            budget = math.ceil(P / 8) if max_pack_swaps is None else max_pack_swaps
-            cells = swap(cells, rank_of_cell, rank_cap, budget, node_cap)
+            cells = swap(cells, rank_of_cell, rank_cap, pack_swaps, node_cap)
 
     # (L, P) cells -> (L, G, max caps) expert map, -1 padded.
     width = int(caps.max())
@@ -857,160 +860,196 @@ def _refine(
     return cells, swaps
 
 
-def _assign(
+def _items(per_copy: np.ndarray, need: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """(L, W) experts of the copies still to place, heaviest copy first, -1 padded; equal loads
+    in ``tiebreak`` (L, E) order."""
+    L, E = per_copy.shape
+    o1 = np.argsort(tiebreak, axis=1, kind="stable")
+    o2 = np.argsort(-np.take_along_axis(per_copy, o1, axis=1), axis=1, kind="stable")
+    order = np.take_along_axis(o1, o2, axis=1)  # (L, E)
+    reps = np.take_along_axis(need, order, axis=1)
+    n = reps.sum(1)
+    W = int(n.max(initial=0))
+    out = np.full((L, W), -1, dtype=np.int64)
+    if W:
+        e = np.repeat(order.ravel(), reps.ravel())
+        layer = np.repeat(np.arange(L), n)
+        pos = np.arange(e.size) - np.repeat(np.cumsum(n) - n, n)
+        out[layer, pos] = e
+    return out
+
+
+def _place(
     w: np.ndarray,
     counts: np.ndarray,
     kept: np.ndarray,
     rank_of_cell: np.ndarray,
     node_of_cell: np.ndarray,
     caps: np.ndarray,
-    shape: MoEShape,
-    group_affinity: float,
-    have_previous: bool,
+    n_group: int,
+    affinity: float,
 ) -> np.ndarray:
-    """(L, P) expert of every cell: ``kept`` cells stay, the other copies are placed (steps 3-4).
+    """(L, P) expert of every cell: ``kept`` cells stay, the other copies fill the free cells.
 
-    One expert per rank: copies go to nodes (longest processing time first), then to the node's
-    free cells. Several per rank: copies go straight to ranks, least-loaded rank first, with the
-    node terms added, so that per-GPU balance (what packing decides) comes first.
+    Rows of longest-processing-time-first, vectorised across layers: each round, the next f
+    heaviest copies (f = bins with a free cell; a bin is a node, or a rank when packing) are
+    paired with the f bins in order of load per cell, heaviest copy to the lightest bin. A copy
+    never goes to a bin (or, while avoidable, a node) that holds its expert already: it waits a
+    round. Group alignment: within a round, copies of nearly the same load (within ``affinity`` x
+    the mean load of a cell) are re-paired with their bins by place along the node line: groups
+    laid out in order, each as long as its share of the load, against the bins' node order.
     """
     L, E = w.shape
     P = kept.shape[1]
-    G = caps.shape[0]
     N = int(node_of_cell.max()) + 1
-    n_group, gsize = shape.n_group, shape.group_size
+    gsize = E // n_group
     rows = np.arange(L)
-    per_copy = w / counts  # (L, E) load each copy carries (tokens spread evenly over copies)
-    unit = w.sum(1, keepdims=True) / P  # (L, 1) mean load per cell: the scale of every penalty
+    per_copy = w / counts
+    packing = bool((caps > 1).any())
+    if packing:
+        # Bins are GPUs there, whose balance is the point: pair by place only within narrow bands.
+        affinity = min(affinity, _PACK_BAND)
+    bin_of_cell = rank_of_cell if packing else node_of_cell
+    B = int(bin_of_cell.max()) + 1
+    node_of_bin = np.zeros(B, dtype=np.int64)
+    node_of_bin[bin_of_cell] = node_of_cell
+    cells_per_bin = np.bincount(bin_of_cell, minlength=B).astype(np.float64)
+    node_cells = np.bincount(node_of_cell, minlength=N).astype(np.float64)
+    # Place of each group along the node line (in nodes), and of each bin's node.
+    share = w.reshape(L, n_group, gsize).sum(2) / w.sum(1, keepdims=True)  # (L, n_group)
+    line = np.cumsum(node_cells) / node_cells.sum() * N  # node n ends at line[n]
+    g_mid = (np.cumsum(share, 1) - share / 2) * N  # (L, n_group)
+    bin_pos = (line - node_cells / node_cells.sum() * N / 2)[node_of_bin]  # (B,)
+    # Within a group, copies spread over its run in id order: expert position along the line.
+    e_pos = np.repeat(g_mid, gsize, axis=1) + (
+        (np.arange(E) % gsize + 0.5) / gsize - 0.5
+    ) * np.repeat(share * N, gsize, axis=1)  # (L, E)
 
-    node_cap = np.bincount(node_of_cell, minlength=N).astype(np.float64)  # (N,) cells per node
+    need = counts - _counts_of(kept, E)
+    # Equal loads: interleave the groups (i-th expert of every group, then the (i+1)-th ...),
+    # so a round of equal copies holds every group and alignment can sort them onto their nodes.
+    item_e = _items(per_copy, need, np.broadcast_to((np.arange(E) % gsize) * n_group + np.arange(E) // gsize, (L, E)))
+    cells = kept.copy()
+    if item_e.shape[1] == 0:
+        return cells
+    valid = item_e >= 0
+    e_safe = np.maximum(item_e, 0)
+    item_load = per_copy[rows[:, None], e_safe]
+    # Load bands: copies whose loads differ by less than ``affinity`` x the mean load of a cell
+    # are interchangeable for balance, so they may be paired by place along the line instead.
+    unit = w.sum(1, keepdims=True) / P
+    band = np.floor(item_load / np.maximum(affinity * unit, 1e-300)).astype(np.int64) if affinity > 0 else None
+
     li, cj = np.nonzero(kept >= 0)
     ke = kept[li, cj]
-    kn = node_of_cell[cj]
-    kg = ke // gsize
-    node_load = np.zeros((L, N))
-    np.add.at(node_load, (li, kn), per_copy[li, ke])
-    node_free = np.broadcast_to(node_cap, (L, N)) - _counts_of(np.where(kept >= 0, node_of_cell, -1), N)
-    hosts = np.zeros((L, E, N), dtype=np.int32)  # copies of expert e on node n
-    np.add.at(hosts, (li, ke, kn), 1)
+    load = np.zeros((L, B))
+    np.add.at(load, (li, bin_of_cell[cj]), per_copy[li, ke])
+    free = cells_per_bin[None, :] - _counts_of(np.where(kept >= 0, bin_of_cell, -1), B)
+    on_node = np.zeros((L, E, N), dtype=bool)
+    on_node[li, ke, node_of_cell[cj]] = True
+    on_bin = on_node
+    if packing:
+        on_bin = np.zeros((L, E, B), dtype=bool)
+        on_bin[li, ke, bin_of_cell[cj]] = True
+    inv = 1.0 / cells_per_bin
+    # (B,) bins numbered GPU index within node first, node second: neighbours are on distinct nodes.
+    spread = np.lexsort((node_of_bin, np.arange(B) - np.searchsorted(node_of_bin, node_of_bin)))
+    spread = np.argsort(spread)
+    item_bin = np.full(item_e.shape, -1, dtype=np.int64)
+    done = ~valid
+    node_dups = gpu_dups = False
+    while not done.all():
+        has = free > 0
+        f = has.sum(1)  # (L,)
+        lk = np.where(has, load * inv, np.inf)
+        if packing and affinity > 0:
+            # Ranks of nearly equal load (one band) interleaved across nodes, so that a hot
+            # expert's adjacent copies land on distinct nodes.
+            lk = np.where(has, np.floor(lk / np.maximum(affinity * unit, 1e-300)), np.inf)
+            order = np.lexsort((np.broadcast_to(spread, (L, B)), lk), axis=1)
+        else:
+            order = np.argsort(lk, axis=1, kind="stable")  # lightest first
+        todo = ~done
+        pos = np.cumsum(todo, axis=1) - 1  # index among the copies still waiting
+        take = todo & (pos < f[:, None])
+        tl, ti = np.nonzero(take)
+        b = order[tl, pos[tl, ti]]
+        if affinity > 0:
+            tl, ti, b = _align(tl, ti, b, band[tl, ti], e_pos[tl, item_e[tl, ti]], bin_pos[b])
+        e = item_e[tl, ti]
+        gpu_bad = on_bin[tl, e, b] if packing else np.zeros(tl.size, dtype=bool)
+        # Packing balances GPUs first: a second copy on a node is allowed there, since making
+        # copies wait for another node costs more GPU balance than the locality it buys.
+        bad = gpu_bad if packing else on_node[tl, e, node_of_bin[b]]
+        if bad.any():
+            # A waiting copy takes the lightest bin of its layer that no copy took this round and
+            # that does not hold its expert; one copy per (layer, bin).
+            used = np.zeros((L, B), dtype=bool)
+            used[tl[~bad], b[~bad]] = True
+            bl, be, bi = tl[bad], e[bad], ti[bad]
+            blocked = used[bl] | ~has[bl] | (on_bin[bl, be] if packing else on_node[bl, be][:, node_of_bin])
+            alt = np.where(blocked, np.inf, load[bl] * inv).argmin(1)
+            ok_alt = ~blocked[np.arange(bl.size), alt]
+            _, first = np.unique(np.where(ok_alt, bl * B + alt, -1), return_index=True)
+            ok_alt &= np.isin(np.arange(bl.size), first)
+            if (~bad).any() or ok_alt.any():
+                b = np.concatenate([b[~bad], alt[ok_alt]])
+                tl = np.concatenate([tl[~bad], bl[ok_alt]])
+                ti = np.concatenate([ti[~bad], bi[ok_alt]])
+                e = np.concatenate([e[~bad], be[ok_alt]])
+            else:
+                # No layer can move: every free bin holds the waiting copy's expert. Place them
+                # anyway, a second copy on a node before (packing) one on a GPU; the repair
+                # below swaps those away.
+                force = ~gpu_bad if (~gpu_bad).any() else np.ones(tl.size, dtype=bool)
+                node_dups = not packing
+                gpu_dups |= bool(gpu_bad[force].any())
+                tl, ti, b, e = tl[force], ti[force], b[force], e[force]
+        load[tl, b] += item_load[tl, ti]
+        free[tl, b] -= 1  # one copy per (layer, bin) per round
+        on_node[tl, e, node_of_bin[b]] = True
+        if packing:
+            on_bin[tl, e, b] = True
+        item_bin[tl, ti] = b
+        done[tl, ti] = True
+    # Each bin's free cells take the bin's copies, heaviest first. Cells are bin-major within a
+    # layer, so free cells in (layer, cell) order are already grouped by bin; a stable sort of
+    # the copies by (layer, bin) lines them up (small integer keys: a radix sort).
+    fl, fc = np.nonzero(kept < 0)
+    il, ii = np.nonzero(valid)
+    key = il * B + item_bin[il, ii]
+    io = np.argsort(key.astype(np.int32 if L * B < 2**31 else np.int64), kind="stable")
+    cells[fl, fc] = item_e[il[io], ii[io]]
+    if gpu_dups:
+        cells = _repair_duplicates(cells, per_copy, rank_of_cell, strict=True)
+    if node_dups:
+        cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False, movable=kept < 0)
+    return cells
 
-    # (L, n_group, N): each group's share of each node's cells when groups are laid out in order.
-    runs = _group_runs(w, node_cap, n_group)
-    group_load = np.zeros((L, n_group, N))  # load each group has brought to each node
-    if have_previous:
-        # Home is where the group's kept copies are; a group with none gets its run. No per-group
-        # budget: the few copies to place just go to the least-loaded node near their group.
-        home = np.zeros((L, n_group, N), dtype=bool)
-        home[li, kg, kn] = True
-        home |= ~home.any(2, keepdims=True) & (runs > 0)
-        group_target = None
-    else:
-        home = runs > 0
-        # (L, n_group, N) load each group should bring to each node: its load, split over its run.
-        run_len = runs.sum(2, keepdims=True)  # 0 for a group with no load at all
-        group_target = (
-            w.reshape(L, n_group, gsize).sum(2)[:, :, None] * runs / np.where(run_len > 0, run_len, 1.0)
-        )
-    away = _distance_to(home)
 
-    # Copies still to place, heaviest first (ties: lower expert id first), padded with -1.
-    need = counts - _counts_of(kept, E)  # (L, E) >= 0 by construction of _keep
-    width = int(need.sum(1).max(initial=0))
-    cells = kept.copy()
-    if width == 0:
-        return cells
-    order = np.lexsort((np.broadcast_to(np.arange(E), (L, E)), -per_copy), axis=1)  # (L, E)
-    reps = np.take_along_axis(need, order, axis=1)
-    item_e = np.full((L, width), -1, dtype=np.int64)
-    for layer in range(L):  # np.repeat per layer: the ragged part, cheap (E-sized)
-        seq = np.repeat(order[layer], reps[layer])
-        item_e[layer, : seq.size] = seq
-    valid = item_e >= 0
-    e_safe = np.where(valid, item_e, 0)
-    item_load = np.where(valid, per_copy[rows[:, None], e_safe], 0.0)  # (L, width)
-
-    dup_pen = 1e3 * unit  # a second copy on a node only when no other node has room
-    away_pen = group_affinity * unit * node_cap.mean()  # per node of distance: a share of a node's load
-    inv_cap = 1.0 / node_cap
-
-    def node_cost(e: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """(L, N) cost per cell of putting a copy of expert e (group g) on each node."""
-        cost = node_load * inv_cap + dup_pen * hosts[rows, e] + away_pen * away[rows, g]
-        if group_target is not None:
-            # Least loaded also relative to what this group should bring to the node, so that a
-            # group's heavy copies spread over its whole run instead of its first node.
-            cost += (group_load[rows, g] - group_target[rows, g]) * inv_cap
-        return cost
-
-    def place(i: int, n: np.ndarray) -> None:
-        ok = valid[:, i]
-        e, load = e_safe[:, i], item_load[:, i] * ok
-        node_load[rows, n] += load
-        group_load[rows, e // gsize, n] += load
-        node_free[rows, n] -= ok
-        hosts[rows, e, n] += ok
-
-    if (caps == 1).all():
-        item_node = np.full((L, width), -1, dtype=np.int64)
-        for i in range(width):
-            e = e_safe[:, i]
-            n = np.where(node_free > 0, node_cost(e, e // gsize), np.inf).argmin(1)  # first on ties
-            item_node[:, i] = np.where(valid[:, i], n, -1)
-            place(i, n)
-        # Each node's free cells, in order, take the node's new copies by expert id.
-        fl, fc = np.nonzero(cells < 0)
-        fo = np.lexsort((fc, node_of_cell[fc], fl))
-        il, ii = np.nonzero(valid)
-        io = np.lexsort((item_e[il, ii], item_node[il, ii], il))
-        cells[fl[fo], fc[fo]] = item_e[il[io], ii[io]]
-        return cells
-
-    # Several experts per rank. Pass 1 packs for per-GPU load alone (longest processing time
-    # first over ranks); pass 2 adds the node and group terms but keeps every rank within
-    # ``_PACK_SLACK`` of pass 1's busiest rank, so locality never costs per-GPU balance.
-    node_of_rank = np.zeros(G, dtype=np.int64)
-    node_of_rank[rank_of_cell] = node_of_cell
-    kr = rank_of_cell[cj]
-    rank_load0 = np.zeros((L, G))
-    np.add.at(rank_load0, (li, kr), per_copy[li, ke])
-    rank_free0 = np.broadcast_to(caps, (L, G)) - _counts_of(np.where(kept >= 0, rank_of_cell, -1), G)
-    rank_hosts0 = np.zeros((L, E, G), dtype=bool)
-    rank_hosts0[li, ke, kr] = True
-    first_cell = np.cumsum(caps) - caps  # (G,)
-    cells_per_rank = P / G
-    saved = (node_load.copy(), node_free.copy(), hosts.copy(), group_load.copy())
-
-    def pack(locality: bool, cap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        out = cells.copy()
-        rank_load, rank_free, rank_hosts = rank_load0.copy(), rank_free0.copy(), rank_hosts0.copy()
-        for i in range(width):
-            e = e_safe[:, i]
-            ok = valid[:, i]
-            cost = rank_load + dup_pen * rank_hosts[rows, e]
-            if locality:
-                # Node terms are per cell: scale them to a rank's worth of cells.
-                cost = cost + cells_per_rank * node_cost(e, e // gsize)[:, node_of_rank]
-            if cap is not None:
-                over = rank_load + item_load[:, i : i + 1] - cap[:, None]
-                cost = cost + np.where(over > 0, dup_pen + over, 0.0)
-            r = np.where(rank_free > 0, cost, np.inf).argmin(1)
-            place(i, node_of_rank[r])
-            slot = _next_free(out, rows, first_cell[r], caps[r])  # a rank fills around its kept cells
-            out[rows[ok], slot[ok]] = e[ok]
-            rank_load[rows, r] += item_load[:, i] * ok
-            rank_free[rows, r] -= ok
-            rank_hosts[rows, e, r] |= ok
-        return out, rank_load
-
-    _, load1 = pack(False, None)
-    for arr, orig in zip((node_load, node_free, hosts, group_load), saved, strict=True):
-        arr[...] = orig
-    cells, _ = pack(True, load1.max(1) * (1.0 + _PACK_SLACK))
-    return _repair_duplicates(cells, per_copy, rank_of_cell, strict=True)
+def _align(
+    tl: np.ndarray,
+    ti: np.ndarray,
+    b: np.ndarray,
+    band: np.ndarray,
+    item_key: np.ndarray,
+    bin_key: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-pair one round's pairs (layer ``tl``, copy ``ti``, bin ``b``): within each layer and load
+    ``band`` (copies of nearly equal load), copies in ``item_key`` order take the band's bins in
+    ``bin_key`` order. Pairs come in (layer, position) order, so a band's pairs are contiguous."""
+    seg = tl * (int(band.max()) + 1) + band
+    io = np.lexsort((item_key, seg))
+    bo = np.lexsort((bin_key, seg))
+    return tl, ti[io], b[bo]
 
 
 def _repair_duplicates(
-    cells: np.ndarray, per_copy: np.ndarray, group_of_cell: np.ndarray, strict: bool = True
+    cells: np.ndarray,
+    per_copy: np.ndarray,
+    group_of_cell: np.ndarray,
+    strict: bool = True,
+    movable: np.ndarray | None = None,
 ) -> np.ndarray:
     """Swap away a second copy of an expert in one group of cells (a rank, or a node).
 
@@ -1018,77 +1057,38 @@ def _repair_duplicates(
     hold the expert. Each duplicate is swapped with the copy elsewhere whose load is closest,
     among those that create no new duplicate. ``strict``: raise if that is impossible (two
     copies on one GPU are useless); otherwise leave it (two copies on one node only cost
-    locality). Rare, so a plain loop over the cases.
+    locality). Rare, so a plain loop over the cases. ``movable`` (L, P): only these cells may
+    take part (a re-plan swaps only copies it places anyway, so the repair moves nothing more).
     """
     L, P = cells.shape
     K = int(group_of_cell.max()) + 1
+    E = per_copy.shape[1]
     cells = cells.copy()
     srt = np.sort(cells * K + group_of_cell, axis=1)  # same expert in the same group -> same key
     for layer in np.nonzero((srt[:, 1:] == srt[:, :-1]).any(1))[0]:
         row = cells[layer]
-        members = [set(row[group_of_cell == k].tolist()) for k in range(K)]
-        seen: set[tuple[int, int]] = set()
-        for j in range(P):
+        hosts = np.zeros((K, E), dtype=np.int64)  # copies of each expert in each group
+        np.add.at(hosts, (group_of_cell, row), 1)
+        can = np.ones(P, dtype=bool) if movable is None else movable[layer]
+        for j in np.nonzero((hosts[group_of_cell, row] >= 2) & can)[0].tolist():
             e, g = int(row[j]), int(group_of_cell[j])
-            if (e, g) not in seen:
-                seen.add((e, g))
+            if hosts[g, e] < 2:
                 continue
-            best, best_gap = -1, np.inf
-            for i in range(P):
-                g2, e2 = int(group_of_cell[i]), int(row[i])
-                if g2 == g or e2 in members[g] or e in members[g2]:
-                    continue
-                gap = abs(per_copy[layer, e2] - per_copy[layer, e])
-                if gap < best_gap:
-                    best, best_gap = i, gap
-            if best < 0:
+            # Partner cells elsewhere whose expert g lacks, in a group that lacks e.
+            ok = can & (group_of_cell != g) & (hosts[g, row] == 0) & (hosts[group_of_cell, e] == 0)
+            if not ok.any():
                 if strict:
                     raise PlacementError(f"layer {layer}: cannot avoid two copies of expert {e} on one GPU")
                 continue
-            e2, g2 = int(row[best]), int(group_of_cell[best])
-            row[j], row[best] = e2, e
-            members[g].add(e2)
-            members[g2].discard(e2)
-            members[g2].add(e)
-            seen.add((e2, g))
+            gap = np.where(ok, np.abs(per_copy[layer, row] - per_copy[layer, e]), np.inf)
+            i = int(gap.argmin())
+            e2, g2 = int(row[i]), int(group_of_cell[i])
+            row[j], row[i] = e2, e
+            hosts[g, e] -= 1
+            hosts[g, e2] += 1
+            hosts[g2, e2] -= 1
+            hosts[g2, e] += 1
     return cells
-
-
-def _next_free(cells: np.ndarray, rows: np.ndarray, start: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """(L,) index of the first free (-1) cell in [start, start+cap) of each row; start if none."""
-    width = int(cap.max())
-    idx = start[:, None] + np.arange(width)  # (L, width)
-    inside = np.arange(width)[None, :] < cap[:, None]
-    free = (cells[rows[:, None], np.minimum(idx, cells.shape[1] - 1)] < 0) & inside
-    return np.where(free.any(1), idx[rows, free.argmax(1)], start)
-
-
-def _group_runs(w: np.ndarray, node_cap: np.ndarray, n_group: int) -> np.ndarray:
-    """(L, n_group, N) cells of each node inside group g's run when the groups are laid out in
-    order along the nodes (topology order), each run as long as the group's share of the load.
-
-    Runs sized by load, not by copies: a node then gets its share of the load from its groups,
-    and a group with more (light) copies than its run has cells spills them to a neighbour."""
-    L, E = w.shape
-    share = w.reshape(L, n_group, -1).sum(2) / w.sum(1, keepdims=True)  # (L, n_group)
-    total = node_cap.sum()
-    g_end = np.cumsum(share, axis=1) * total  # in cells along the node line
-    g_start = g_end - share * total
-    n_end = np.cumsum(node_cap)
-    n_start = n_end - node_cap
-    overlap = np.minimum(g_end[:, :, None], n_end) - np.maximum(g_start[:, :, None], n_start)
-    return np.where(overlap > 1e-9, overlap, 0.0)
-
-
-def _distance_to(home: np.ndarray) -> np.ndarray:
-    """(L, n_group, N) float: nodes between each node and the nearest home node of the group
-    along the topology order (0 at home); groups without a home are at distance 0 everywhere."""
-    pos = np.arange(home.shape[2], dtype=np.float64)
-    # Nearest home at or before each node, and at or after it: two running extrema, O(L*groups*N).
-    before = np.maximum.accumulate(np.where(home, pos, -np.inf), axis=2)
-    after = np.minimum.accumulate(np.where(home, pos, np.inf)[:, :, ::-1], axis=2)[:, :, ::-1]
-    d = np.minimum(pos - before, after - pos)
-    return np.where(np.isfinite(d), d, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
