@@ -2,9 +2,12 @@
 rank, and output tokens/s around the switch against the steady state before it (same run).
 
     python bench/rebalance.py [--seconds 60] [--clients 6] [--threshold 2.5]
+    python bench/rebalance.py --scale-out [--threshold 1.6]
 
 Local control plane, two runner nodes (16 rank processes of the tiny EP16 model), the operator as a
-subprocess, skewed traffic from `moe_operator.loadgen`. Targets (issue 9): no request fails, the
+subprocess, skewed traffic from `moe_operator.loadgen`. `--scale-out`: one 24-GPU runner node and
+`maxExtraGpus: 4` with a threshold the 16 ranks cannot reach, so the operator adds rank pods and
+the running group grows (decision -> new ranks serving). Targets (issue 9): no request fails, the
 throughput dip while switching stays under 20%.
 """
 
@@ -46,8 +49,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--threshold", type=float, default=2.5)
+    ap.add_argument("--threshold", type=float, default=None, help="default 2.5 (1.6 with --scale-out)")
+    ap.add_argument("--scale-out", action="store_true", help="measure a scale-out onto extra GPUs instead")
     args = ap.parse_args()
+    if args.threshold is None:
+        args.threshold = 1.6 if args.scale_out else 2.5
     # A cluster of its own: an operator left running elsewhere (make demo's) must not act here.
     os.environ.setdefault("MOE_CLUSTER_DIR", str(devcluster.cache_dir() / "bench-cluster"))
     c = devcluster.up(quiet=True)
@@ -63,7 +69,8 @@ def main() -> int:
     (work / "config.json").write_text(json.dumps(api.parse_deployment(obj).spec.model.architecture.hf_config()))
     subprocess.run([sys.executable, "-m", "moe_worker.cli", "make-checkpoint", "--config", str(work / "config.json"),
                     "--out", str(work / "ckpt"), "--dtype", "bf16", "--seed", "1"], check=True, capture_output=True)
-    devcluster.apply_nodes(devcluster.gpu_nodes(2, gpus=8, prefix=pool, pool=pool, local_runner=True), kc)
+    nodes, gpus = (1, 24) if args.scale_out else (2, 8)
+    devcluster.apply_nodes(devcluster.gpu_nodes(nodes, gpus=gpus, prefix=pool, pool=pool, local_runner=True), kc)
     subprocess.run([kubectl, f"--kubeconfig={kc}", "create", "namespace", ns], check=True, capture_output=True)
     op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
                            "--namespace", ns], cwd=REPO, stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT,
@@ -76,7 +83,8 @@ def main() -> int:
         s["model"]["precision"] = "bf16"
         s["placement"]["nodeSelector"] = {devcluster.POOL_LABEL: pool}
         s["loadBalancing"] = {"enabled": True, "windowSeconds": 10, "intervalSeconds": 2, "cooldownSeconds": 600,
-                              "imbalanceThreshold": args.threshold, "maxReplicasPerExpert": 4}
+                              "imbalanceThreshold": args.threshold, "maxReplicasPerExpert": 4,
+                              "maxExtraGpus": 4 if args.scale_out else 0}
         s["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}, {"name": "MOE_MAP_POLL_S", "value": "0.5"}]
         kube.apply(obj)
         deadline = time.monotonic() + 300
@@ -103,8 +111,16 @@ def main() -> int:
             st = (kube.get("MoEDeployment", "rb", ns) or {}).get("status") or {}
             if decided is None and (st.get("expertMapGeneration") or 1) >= 2:
                 decided = time.monotonic()
-            if decided is not None and live is None and all(g >= 2 for g in rank_generations(kube, ns)):
-                live = time.monotonic()
+                grown = st.get("totalRanks", 16)
+            if decided is not None and live is None:
+                try:
+                    gens = rank_generations(kube, ns)
+                except (OSError, StopIteration):  # a new rank's pod is still starting
+                    gens = []
+                want = (kube.get("MoEDeployment", "rb", ns) or {}).get("status", {}).get("totalRanks", 16)
+                if gens and len(gens) >= want and all(g >= 2 for g in gens):
+                    live = time.monotonic()
+                    grown = want
             time.sleep(0.25)
         th.join()
         res = box["r"]
@@ -122,6 +138,7 @@ def main() -> int:
         steady = statistics.median([v for k, v in rate.items() if 1 <= k < kd - 1] or [0.0])
         during = min(v for k, v in rate.items() if kd <= k <= kl + 1)
         print(f"{'measure':<44} {'value':>10}")
+        print(f"{'ranks after the decision':<44} {grown:>10d}")
         print(f"{'decision -> every rank on the new map (s)':<44} {((live or decided) - decided):>10.2f}")
         print(f"{'steady tokens/s before (median of 2 s buckets)':<44} {steady:>10.1f}")
         print(f"{'lowest tokens/s while switching (2 s bucket)':<44} {during:>10.1f}")

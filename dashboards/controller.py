@@ -63,8 +63,18 @@ def build() -> db.Dashboard:
           "{{deployment}}"))
         .draw_style(cm.GraphDrawStyle.BARS).fill_opacity(60))
     d = d.with_panel(ts(
-        "Imbalance the operator measured", "max/mean rank load per deployment, as the load balancer sees it.",
-        "x", q(f"{OP}_imbalance_ratio{{{DEPLOY}}}", "{{namespace}}/{{deployment}}"), min_zero=False))
+        "Imbalance the operator measured", "max/mean rank load per deployment, as the load balancer sees it, "
+        "and the spec's imbalanceThreshold it acts on.",
+        "x", q(f"{OP}_imbalance_ratio{{{DEPLOY}}}", "{{namespace}}/{{deployment}}"),
+        q(f"{OP}_imbalance_threshold{{{DEPLOY}}}", "threshold {{namespace}}/{{deployment}}", "B"), min_zero=False))
+    d = d.with_panel(ts(
+        "Scaling decisions by action", "Expert-map changes from measured load: rebalance (same ranks), "
+        "scale-out (extra GPUs), scale-in (back to expertParallelSize), restore (no load: resting map).", "short",
+        q(f'sum by (action) (increase({OP}_scaling_decisions_total{{{DEPLOY}}}[{RATE}]))', "{{action}}"))
+        .draw_style(cm.GraphDrawStyle.BARS).fill_opacity(60))
+    d = d.with_panel(ts(
+        "Ranks per EP group", "Ranks in each group's expert map: expertParallelSize plus scale-out ranks.",
+        "none", q(f"{OP}_group_ranks{{{DEPLOY}}}", "{{namespace}}/{{deployment}} g{{group}}")).decimals(0))
     d = d.with_panel(ts(
         "Expert-map generation published", "Generation of the plan ConfigMap per deployment.", "none",
         q(f"{OP}_expert_map_generation{{{DEPLOY}}}", "{{namespace}}/{{deployment}}")).decimals(0))

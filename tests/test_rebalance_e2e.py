@@ -1,13 +1,18 @@
 """Load-driven rebalancing end to end (issue 9): skewed traffic -> the operator measures per-expert
 load on the ranks, publishes a new expert map, the 16 rank processes switch without restarting,
-the measured imbalance falls, and every answer stays the same as before the switch."""
+the measured imbalance falls, and every answer stays the same as before the switch. Then a
+threshold the 16 ranks cannot reach: the operator adds rank pods on free GPUs (maxExtraGpus), the
+running group takes them in without restarting, the imbalance falls below it; traffic stops: after
+the cooldown the group shrinks back to 16 ranks, the extra pods go, answers never change."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -38,7 +43,9 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
     subprocess.run([sys.executable, "-m", "moe_worker.cli", "make-checkpoint", "--config",
                     str(tmp_path / "config.json"), "--out", str(ckpt), "--dtype", "bf16", "--seed", "1"],
                    check=True, cwd=REPO)
-    pool, _ = gpu_pool(nodes=2, gpus=8, local_runner=True)
+    # One 24-GPU NVLink domain (a single node here): 16 ranks + 8 free GPUs next to them, where
+    # extra copies of hot experts take load off (tokens prefer copies on their own node).
+    pool, _ = gpu_pool(nodes=1, gpus=24, local_runner=True)
     op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log",
                          extra_env={"MOE_REBALANCE_MIN_TOKENS": "200"}).start()
     try:
@@ -71,16 +78,16 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         samples = []
         for r in range(16):
             ip = core.read_namespaced_pod(f"rb-g0-r{r}", namespace).status.pod_ip
-            import urllib.request
-
             samples.append(urllib.request.urlopen(f"http://{ip}:9400/metrics", timeout=5).read().decode())
         counts = {}
         for t in samples:
             counts.update(scaling.parse_expert_tokens(t))
         shape = shape_of(spec)
         logical, _ = scaling.loads(counts, shape.moe_layers, shape.n_routed_experts, 16)
-        better = make_plan(shape, Topology.synthetic(2, 8), load=logical + 1e-9, previous=None, redundant=4)
+        better = make_plan(shape, Topology.synthetic(1, 16), load=logical + 1e-9, previous=None, redundant=4)
         reachable = scaling.imbalance(scaling.predicted_physical(better, logical))
+        wider = make_plan(shape, Topology.synthetic(1, 24), load=logical + 1e-9, previous=None, redundant=8)
+        reachable20 = scaling.imbalance(scaling.predicted_physical(wider, logical))
         now_pred = scaling.imbalance(scaling.predicted_physical(current, logical))
         assert reachable < now_pred * 0.9, (reachable, now_pred, before)
         threshold = round((before + max(reachable, 1.0)) / 2, 2)
@@ -107,9 +114,61 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         after = float(status()["imbalance"])
         assert after < threshold, (before, threshold, after, time.monotonic() - t0)
 
+        # Phase D: a threshold only more GPUs reach. The operator adds rank pods (scale-out); the
+        # running group takes them in at a step boundary while the traffic flows.
+        assert reachable20 < reachable * 0.9, (reachable, reachable20)
+        threshold_d = round(reachable20 + 0.4 * (reachable - reachable20), 2)
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "rb", {"spec": {"loadBalancing": {
+            "imbalanceThreshold": threshold_d, "maxExtraGpus": 4}}})
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.update(d=loadgen.run(url, traffic, seconds=90, clients=6)))
+        th.start()
+        try:  # cooldown left from phase B + a window above the threshold + new pods start and join
+            st = wait_for(lambda: (s := status()).get("extraRanks") and s.get("phase") == "Ready"
+                          and s.get("readyRanks") == s.get("totalRanks") and s, 85, "scale-out ranks Ready",
+                          interval=1)
+        except AssertionError:
+            print("status:", json.dumps(status(), indent=1))
+            print("events:", [(ev.reason, ev.message) for ev in core.list_namespaced_event(namespace).items][-12:])
+            raise
+        extra = st["extraRanks"]
+        assert 0 < extra <= 4 and st["totalRanks"] == 16 + extra, st
+        assert "scale-out" in st["lastRebalanceReason"], st
+        grown = Plan.from_json(core.read_namespaced_config_map("rb-g0-plan", namespace).data["plan.json"])
+        assert grown.num_ranks == 16 + extra
+        # the 16 original rank pods are the same processes: the group grew in place
+        now_pods = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
+        assert all(now_pods.get(n) == uid for n, uid in pods_before.items()), "an original rank restarted"
+        th.join()
+        d = box["d"]
+        assert d.errors == 0, d.error_messages[:3]
+        e = loadgen.run(url, traffic, seconds=16, clients=6)  # a full window on the grown group
+        assert e.errors == 0, e.error_messages[:3]
+        after_d = float(status()["imbalance"])
+        assert after_d < threshold_d, (reachable, reachable20, threshold_d, after_d)
+        ip0 = core.read_namespaced_pod(f"rb-g0-r{16 + extra - 1}", namespace).status.pod_ip
+        text = urllib.request.urlopen(f"http://{ip0}:9400/metrics", timeout=5).read().decode()
+        assert scaling.parse_expert_tokens(text), "a new rank computed no routed tokens"
+
+        # Phase E: traffic stops. After the cooldown the group goes back to 16 ranks and the
+        # resting map; the extra ranks leave the group, exit, and their pods are deleted.
+        try:
+            st = wait_for(lambda: (s := status()).get("extraRanks") == 0 and s.get("phase") == "Ready"
+                          and s.get("totalRanks") == 16 and s, 150, "scale-in to 16 ranks", interval=2)
+        except AssertionError:
+            print("status:", json.dumps(status(), indent=1))
+            print("events:", [(ev.reason, ev.message) for ev in core.list_namespaced_event(namespace).items][-12:])
+            raise
+        wait_for(lambda: not [p for p in core.list_namespaced_pod(namespace).items
+                              if int(p.metadata.labels["moe.dev/rank"]) >= 16], 60, "extra rank pods gone")
+        final = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
+        assert final == pods_before, "the original ranks must still be the same pods"
+        f = loadgen.run(url, traffic, seconds=4, clients=2)
+        assert f.errors == 0, f.error_messages[:3]
+
         # Every prompt got one and the same answer in all three phases (before, during, after).
         answers: dict = {}
-        for res in (a, b, c):
+        for res in (a, b, c, d, e, f):
             for p, outs in res.answers.items():
                 answers.setdefault(p, set()).update(outs)
         assert all(len(v) == 1 for v in answers.values()), {p: v for p, v in answers.items() if len(v) > 1}
@@ -123,7 +182,8 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         ids = ids[0] if ids and isinstance(ids[0], list) else ids
         assert answers[hot_prompt] == {tuple(int(x) for x in ids)}
         events = core.list_namespaced_event(namespace).items
-        assert any(e.reason == "Rebalanced" for e in events)
+        reasons = {ev.reason for ev in events}
+        assert {"Rebalanced", "ScaledOut", "ScaledIn"} <= reasons, reasons
     finally:
         op.stop()
         print("---- operator log (tail) ----\n" + op.logs())

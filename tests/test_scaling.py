@@ -121,3 +121,133 @@ def test_too_few_tokens_means_no_action():
     t = feed(st, p, hot, 0, 100)
     d = scaling.decide(st, scaling.Config(min_tokens=10_000, window_s=20), t, SHAPE, p, TOPO, redundant=4)
     assert d.action == "none" and "routed tokens" in d.reason
+
+
+# ---- scale-out onto extra GPUs, scale-in, and the resting map ---------------------------------
+
+# One NVLink domain of 24 GPUs (as one KWOK node): the group's 16 and 8 free. With node-local
+# replica choice, extra GPUs pay off where the hot experts' tokens start (`predicted_physical`).
+ONE = Topology.synthetic(1, 16)
+WIDE = Topology.synthetic(1, 24)
+
+
+def _hot4() -> np.ndarray:
+    hot = np.full((3, 12), 10.0)
+    hot[:, :4] = 400.0  # four hot experts per layer: 4 spare GPUs cannot spread them enough
+    return hot
+
+
+def _one_plan():
+    return plan(SHAPE, ONE, redundant=4)
+
+
+def _grow(st, cfg, p):
+    """Skewed load until the autoscaler scales out; (the grown plan, time)."""
+    t = feed(st, p, _hot4(), 0, 10)
+    scaling.decide(st, cfg, t, SHAPE, p, ONE, redundant=4, grow_topo=WIDE)
+    t = feed(st, p, _hot4(), t + 5, t + 30)
+    d = scaling.decide(st, cfg, t, SHAPE, p, ONE, redundant=4, grow_topo=WIDE)
+    assert d.action == "scale-out", d.reason
+    return d.plan, t
+
+
+def test_scale_out_adds_the_fewest_ranks_that_reach_the_threshold_and_keeps_the_old_ones():
+    p = _one_plan()
+    cfg = scaling.Config(threshold=1.7, window_s=20, cooldown_s=60, min_tokens=100, base_ranks=16, max_extra_gpus=8)
+    st = scaling.State()
+    t = feed(st, p, _hot4(), 0, 10)
+    scaling.decide(st, cfg, t, SHAPE, p, ONE, redundant=4, grow_topo=WIDE)
+    t = feed(st, p, _hot4(), t + 5, t + 30)
+    # Without a budget: only a rebalance within the 16 ranks, which cannot reach 1.7.
+    only = scaling.decide(scaling.State(samples=list(st.samples)), scaling.Config(**{**cfg.__dict__, "max_extra_gpus": 0}),
+                          t, SHAPE, p, ONE, redundant=4, grow_topo=WIDE)
+    assert only.action in ("rebalance", "none") and (only.plan is None or only.plan.num_ranks == 16)
+    d = scaling.decide(st, cfg, t, SHAPE, p, ONE, redundant=4, grow_topo=WIDE)
+    assert d.action == "scale-out", d.reason
+    assert only.predicted is None or only.predicted > cfg.threshold
+    target = cfg.threshold * cfg.scale_in_margin
+    assert 16 < d.plan.num_ranks <= 24 and d.predicted <= target, (d.plan.num_ranks, d.predicted)
+    # fewest: one rank fewer would not have reached the target
+    fewer = scaling._planned(SHAPE, WIDE, _hot4() + 1e-9, p, d.plan.num_ranks - 1 - 12, cfg)
+    assert scaling.imbalance(scaling.predicted_physical(fewer, _hot4())) > target
+    # the group's GPUs stay in the plan; the new ranks are on free GPUs
+    old = {(r.node, r.gpu) for r in p.ranks}
+    assert old <= {(r.node, r.gpu) for r in d.plan.ranks}
+    # no budget left after it: a further evaluation in cooldown does nothing
+    assert scaling.decide(st, cfg, t + 5, SHAPE, d.plan, ONE, redundant=d.plan.num_ranks - 12,
+                          grow_topo=WIDE).action == "none"
+
+
+def test_scale_in_when_the_load_allows_then_never_flaps():
+    p = _one_plan()
+    cfg = scaling.Config(threshold=1.7, window_s=20, cooldown_s=60, min_tokens=100, base_ranks=16, max_extra_gpus=8)
+    st = scaling.State()
+    grown, t = _grow(st, cfg, p)
+    assert grown is not None and grown.num_ranks > 16
+    uniform = np.full((3, 12), 100.0)
+    st.samples.clear()
+    t = feed(st, grown, uniform, t + 5, t + 30)
+    d = scaling.decide(st, cfg, t, SHAPE, grown, WIDE, redundant=grown.num_ranks - 12, grow_topo=WIDE)
+    assert d.action == "none" and "threshold" in d.reason  # below the threshold, but in cooldown
+    t = feed(st, grown, uniform, t + 5, t + 60)
+    d = scaling.decide(st, cfg, t, SHAPE, grown, WIDE, redundant=grown.num_ranks - 12, grow_topo=WIDE)
+    assert d.action == "scale-in", d.reason
+    assert d.plan.num_ranks == 16 and d.predicted <= cfg.threshold * cfg.scale_in_margin
+    # back on the GPUs of ranks 0..15
+    assert {(r.node, r.gpu) for r in d.plan.ranks} <= {(r.node, r.gpu) for r in grown.ranks[:16]} | {
+        (n.name, g) for n in ONE.nodes for g in range(n.gpus)}
+    assert {r.node for r in d.plan.ranks} <= {r.node for r in grown.ranks[:16]}
+    # the same balanced load for ten windows on 16 ranks: nothing more happens
+    small = d.plan
+    st.samples.clear()
+    for _ in range(10):
+        t = feed(st, small, uniform, t + 5, t + 25)
+        d = scaling.decide(st, cfg, t, SHAPE, small, ONE, redundant=4, grow_topo=WIDE)
+        assert d.action == "none" and d.imbalance <= cfg.threshold, d.reason
+
+
+def test_no_load_for_a_cooldown_goes_back_to_the_resting_map():
+    p = _one_plan()
+    cfg = scaling.Config(threshold=1.7, window_s=20, cooldown_s=60, min_tokens=100, base_ranks=16, max_extra_gpus=8)
+    st = scaling.State()
+    grown, t = _grow(st, cfg, p)
+    idle = np.zeros((3, 12))
+    st.samples.clear()
+    t = feed(st, grown, idle, t + 5, t + 30)
+    d = scaling.decide(st, cfg, t, SHAPE, grown, WIDE, redundant=grown.num_ranks - 12, grow_topo=WIDE)
+    assert d.action == "none" and "routed tokens" in d.reason  # idle, but in cooldown
+    t = feed(st, grown, idle, t + 5, t + 60)
+    d = scaling.decide(st, cfg, t, SHAPE, grown, WIDE, redundant=grown.num_ranks - 12, grow_topo=WIDE)
+    assert d.action == "scale-in", d.reason
+    assert d.plan.num_ranks == 16
+    assert np.array_equal(d.plan.replica_counts(12), p.replica_counts(12))  # the uniform-load replicas
+    # A rebalanced map on the spec's ranks goes back too ("restore"); the resting map stays put.
+    def idle_for_two_windows(plan_now):
+        st = scaling.State()
+        t = feed(st, plan_now, idle, 0, 30)
+        first = scaling.decide(st, cfg, t, SHAPE, plan_now, ONE, redundant=4)
+        assert first.action == "none"  # idle for less than a window so far
+        t = feed(st, plan_now, idle, t + 5, t + 30)
+        return scaling.decide(st, cfg, t, SHAPE, plan_now, ONE, redundant=4)
+
+    assert idle_for_two_windows(p).action == "none"
+    late = np.full((3, 12), 10.0)
+    late[:, 8:] = 400.0  # hot experts that uniform load would not replicate
+    skewed = scaling._planned(SHAPE, ONE, late, None, 4, cfg)
+    assert not np.array_equal(skewed.replica_counts(12), p.replica_counts(12))
+    d3 = idle_for_two_windows(skewed)
+    assert d3.action == "restore" and np.array_equal(d3.plan.replica_counts(12), p.replica_counts(12))
+
+
+def test_no_scale_out_onto_a_new_node_that_would_not_help():
+    # The group fills two 8-GPU nodes; the free GPUs are on a third node. With node-local replica
+    # choice the new node's ranks bring their own tokens, so extra copies there do not lower the
+    # busiest GPU's load: the autoscaler must not spend the GPUs.
+    p = base_plan()
+    cfg = scaling.Config(threshold=1.7, window_s=20, cooldown_s=60, min_tokens=100, base_ranks=16, max_extra_gpus=8)
+    st = scaling.State()
+    t = feed(st, p, _hot4(), 0, 10)
+    scaling.decide(st, cfg, t, SHAPE, p, TOPO, redundant=4, grow_topo=Topology.synthetic(3, 8))
+    t = feed(st, p, _hot4(), t + 5, t + 30)
+    d = scaling.decide(st, cfg, t, SHAPE, p, TOPO, redundant=4, grow_topo=Topology.synthetic(3, 8))
+    assert d.action != "scale-out", d.reason

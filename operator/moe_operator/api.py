@@ -389,6 +389,7 @@ class MoEDeploymentStatus(_Model):
     total_ranks: int | None = Field(None, description="Rank pods wanted (all EP groups).")
     ready: str | None = Field(None, description="readyRanks/totalRanks, for kubectl get.")
     nodes_used: int | None = Field(None, description="Distinct nodes hosting rank pods.")
+    extra_ranks: int | None = Field(None, description="Ranks added beyond expertParallelSize by load-driven scale-out.")
     expert_map_generation: int | None = Field(None, description="Generation of the expert map the ranks serve.")
     imbalance: float | None = Field(None, description="Max rank load / mean rank load over the last window (1.0 is perfect).")
     hot_experts: list[HotExpert] = Field(default_factory=list, description="Experts that currently have replicas, hottest first (at most 32 listed).")

@@ -14,3 +14,10 @@ IMBALANCE = Gauge("moe_operator_imbalance_ratio", "Measured max/mean rank load p
                   ["namespace", "deployment"])
 EXPERT_MAP_GENERATION = Gauge("moe_operator_expert_map_generation", "Expert-map generation published.",
                               ["namespace", "deployment"])
+IMBALANCE_THRESHOLD = Gauge("moe_operator_imbalance_threshold", "The spec's loadBalancing.imbalanceThreshold.",
+                            ["namespace", "deployment"])
+RANKS = Gauge("moe_operator_group_ranks", "Ranks in the EP group's current expert map (spec size + scale-out).",
+              ["namespace", "deployment", "group"])
+DECISIONS = Counter("moe_operator_scaling_decisions_total",
+                    "Load-driven expert-map changes by action (rebalance, scale-out, scale-in, restore).",
+                    ["namespace", "deployment", "action"])

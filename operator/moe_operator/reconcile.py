@@ -38,6 +38,9 @@ DEGRADED = "Degraded"        # the deployment was Ready and some ranks are not (
 
 # A pod the scheduler cannot place for this long makes its node count as unusable for a re-plan.
 UNSCHEDULABLE_GRACE_S = 10.0
+# After a scale-in, a rank beyond the new size finishes its sequences and leaves the group, then
+# exits; its pod is deleted then, or after this long at the latest.
+RETIRE_GRACE_S = 600.0
 
 
 def now_iso() -> str:
@@ -55,13 +58,16 @@ def keep_rank_numbers(new: Plan, previous: Plan | None) -> Plan:
 
     Pods are named by rank and pinned to a node, so a rank that changes node means a new pod.
     The planner numbers ranks in topology order; after a node loss that would shift every later
-    rank. Matching by node keeps every surviving pod where it is.
+    rank. Matching by node keeps every surviving pod where it is. When the group grows, the old
+    ranks keep their numbers and the new ones come after them; when it shrinks, the numbers that
+    remain are the lowest (the ranks beyond the new size are the ones that leave).
     """
-    if previous is None or previous.num_ranks != new.num_ranks:
+    if previous is None:
         return new
     prev_by_node: dict[str, list[int]] = {}
     for r in previous.ranks:
-        prev_by_node.setdefault(r.node, []).append(r.rank)
+        if r.rank < new.num_ranks:
+            prev_by_node.setdefault(r.node, []).append(r.rank)
     order = [-1] * new.num_ranks  # order[new rank] = final rank number
     taken: set[int] = set()
     for r in new.ranks:
@@ -129,6 +135,7 @@ class Reconciler:
         # Autoscaler memory per (namespace, name, group); rebuilt within a window after a restart.
         self.balance: dict[tuple[str, str, int], scaling.State] = {}
         self.last_eval: dict[tuple[str, str], float] = {}
+        self.retiring: dict[str, float] = {}  # pod uid -> when it was first seen leaving (scale-in)
 
     # ------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
@@ -244,7 +251,7 @@ class Reconciler:
                     # Re-plans for placement reasons assume uniform load; measured load enters
                     # through `_load_balance`, which re-plans with it.
                     new = make_plan(shape, group_topo, load=None,
-                                    previous=prev if prev is not None and prev.num_ranks == ep else None,
+                                    previous=prev if prev is not None and prev.num_layers == shape.moe_layers else None,
                                     redundant=spec.parallelism.expert_parallel_size * spec.parallelism.max_experts_per_gpu
                                     - shape.n_routed_experts if spec.parallelism.max_experts_per_gpu > 1
                                     else spec.parallelism.redundant_experts,
@@ -281,17 +288,23 @@ class Reconciler:
         spec_hash = resources.pod_spec_hash(spec)
         progressing = self._sync_pods(owner, spec, spec_hash, plans, own_pods, events)
 
-        # Observe.
-        ready = sum(1 for g, p in enumerate(plans) for r in range(p.num_ranks)
-                    if (pod := own_pods.get(resources.pod_name(owner, g, r))) is not None and pod_ready(pod)
-                    and pod["spec"].get("nodeName") == p.ranks[r].node
-                    and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)
+        # Observe. Ranks beyond the spec's size (scale-out) that are still joining do not make the
+        # deployment Degraded: the group serves on its other ranks meanwhile.
+        not_ready = [(g, r) for g, p in enumerate(plans) for r in range(p.num_ranks)
+                     if not ((pod := own_pods.get(resources.pod_name(owner, g, r))) is not None and pod_ready(pod)
+                             and pod["spec"].get("nodeName") == p.ranks[r].node
+                             and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)]
+        total = sum(p.num_ranks for p in plans)
+        ready = total - len(not_ready)
+        joining = [gr for gr in not_ready if gr[1] >= ep]
+        if joining and len(joining) == len(not_ready):
+            progressing = "; ".join(x for x in (progressing, f"{len(joining)} scale-out rank(s) joining") if x)
         nodes_used = len({r.node for p in plans for r in p.ranks})
         conds = set_condition(conds, PLACED, True, "Planned",
                               f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
         was_ready = old_status.get("phase") in ("Ready", "Degraded")
         blocked = next(((n, u[1]) for n, p in sorted(own_pods.items()) if (u := pod_unschedulable(p))), None)
-        if ready == total:
+        if ready == total or (joining and len(joining) == len(not_ready)):
             phase, reason = "Ready", None
         elif was_ready:
             phase = "Degraded"
@@ -300,7 +313,7 @@ class Reconciler:
             phase, reason = "Starting", f"{ready}/{total} ranks ready"
         if blocked and ready < total:
             reason = f"{reason}; {blocked[0]} unschedulable: {blocked[1]}"
-        conds = set_condition(conds, READY, ready == total, "AllRanksReady" if ready == total else "RanksNotReady",
+        conds = set_condition(conds, READY, phase == "Ready", "AllRanksReady" if phase == "Ready" else "RanksNotReady",
                               f"{ready}/{total} ranks ready", gen)
         conds = set_condition(conds, PROGRESSING, bool(progressing), "Reconciling" if progressing else "Stable",
                               progressing or "all rank pods match the plan", gen)
@@ -313,12 +326,21 @@ class Reconciler:
             "phase": phase, "observedGeneration": gen, "conditions": conds, "readyRanks": ready,
             "totalRanks": total, "ready": f"{ready}/{total}", "nodesUsed": nodes_used,
             "expertMapGeneration": max(generations), "reason": reason,
+            "extraRanks": total - ep * groups,
         }
         if prediction is not None:
             status["prediction"] = prediction
         requeue = 1.0 if progressing else 10.0
         if spec.load_balancing.enabled:
-            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, topo,
+            def grow_topo(g: int) -> Topology:
+                used: dict[str, int] = {}
+                for k, p in enumerate(plans):
+                    if k != g:
+                        for r in p.ranks:
+                            used[r.node] = used.get(r.node, 0) + 1
+                return _minus(with_other_pods(), used)
+
+            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, topo, grow_topo,
                                     ready == total and not progressing, old_status, conds, gen, events)
             status.update(lb)
             conds = status["conditions"]
@@ -328,7 +350,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------------
     def _load_balance(self, owner: Owner, spec: api.MoEDeploymentSpec, shape: MoEShape, plans: list[Plan],
                       generations: list[int], own_pods: dict[str, dict], topo: Topology,
-                      serving: bool, old_status: dict, conds: list[dict], gen: int, events: list) -> dict:
+                      grow_topo: Any, serving: bool, old_status: dict, conds: list[dict], gen: int,
+                      events: list) -> dict:
         """Measure per-expert load and publish a rebalanced expert map when it stays skewed."""
         lb = spec.load_balancing
         key = (owner.namespace, owner.name)
@@ -343,7 +366,8 @@ class Reconciler:
         self.last_eval[key] = now
         cfg = scaling.Config(threshold=lb.imbalance_threshold, window_s=lb.window_seconds,
                              cooldown_s=lb.cooldown_seconds, max_replicas_per_expert=lb.max_replicas_per_expert,
-                             min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")))
+                             min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")),
+                             base_ranks=spec.parallelism.expert_parallel_size, max_extra_gpus=lb.max_extra_gpus)
         imbalances, hot = [], []
         try:
             for g, p in enumerate(plans):
@@ -351,19 +375,33 @@ class Reconciler:
                 counts = self._measure(owner, spec, g, p, own_pods)
                 st.samples.append(scaling.Sample(now, counts))
                 st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
-                d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts)
+                try:
+                    wider = grow_topo(g) if cfg.max_extra_gpus > 0 else None
+                except KubeError as e:  # listing pods failed: no scale-out this time
+                    log.warning("free GPUs unknown, no scale-out this pass: %s", e)
+                    wider = None
+                d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts,
+                                   grow_topo=wider)
                 if d.imbalance is not None:
                     imbalances.append(d.imbalance)
                 hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]
-                if d.action == "rebalance" and d.plan is not None:
+                metrics.IMBALANCE_THRESHOLD.labels(owner.namespace, owner.name).set(lb.imbalance_threshold)
+                metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(p.num_ranks)
+                if d.action != "none" and d.plan is not None:
                     new = keep_rank_numbers(d.plan, p)
                     generations[g] += 1
                     self.kube.apply(resources.plan_configmap(owner, g, new, generations[g]))
                     metrics.REBALANCES.labels(deployment=f"{owner.namespace}/{owner.name}").inc()
+                    metrics.DECISIONS.labels(owner.namespace, owner.name, d.action).inc()
                     metrics.EXPERT_MAP_GENERATION.labels(owner.namespace, owner.name).set(generations[g])
+                    metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(new.num_ranks)
                     moved = scaling_moves(p, new)
-                    msg = f"group {g}: expert map generation {generations[g]}: {d.reason}; {moved} expert copies moved"
-                    events.append(("Normal", "Rebalanced", msg))
+                    size = f"; {p.num_ranks} -> {new.num_ranks} ranks" if new.num_ranks != p.num_ranks else ""
+                    msg = (f"group {g}: expert map generation {generations[g]} ({d.action}): {d.reason}{size}; "
+                           f"{moved} expert copies moved")
+                    reason = {"scale-out": "ScaledOut", "scale-in": "ScaledIn", "restore": "Restored"}.get(d.action,
+                                                                                                         "Rebalanced")
+                    events.append(("Normal", reason, msg))
                     out["lastRebalanceTime"] = now_iso()
                     out["lastRebalanceReason"] = msg
                     out["expertMapGeneration"] = max(generations)
@@ -407,6 +445,8 @@ class Reconciler:
 
         def scrape(r: int) -> str:
             pod = own_pods.get(resources.pod_name(owner, group, r))
+            if r >= spec.parallelism.expert_parallel_size and not (pod and pod_ready(pod)):
+                return ""  # a scale-out rank still joining has routed nothing yet
             ip = (pod or {}).get("status", {}).get("podIP")
             if not ip:
                 raise scaling.MetricsError(f"rank {r} has no pod IP")
@@ -438,7 +478,9 @@ class Reconciler:
         """Why the stored plan cannot stay, or None when it can."""
         if prev is None:
             return "initial placement"
-        if prev.num_ranks != spec.parallelism.expert_parallel_size or prev.num_layers != shape.moe_layers:
+        ep = spec.parallelism.expert_parallel_size
+        extra = spec.load_balancing.max_extra_gpus if spec.load_balancing.enabled else 0
+        if not ep <= prev.num_ranks <= ep + extra or prev.num_layers != shape.moe_layers:
             return "size changed"
         free = {n.name: n.gpus for n in topo.nodes}
         per_node: dict[str, int] = {}
@@ -487,6 +529,22 @@ class Reconciler:
         return Outcome({"phase": "Pending", "observedGeneration": gen, "conditions": conds, "reason": why,
                         "totalRanks": total, "readyRanks": 0, "ready": f"0/{total}"}, events, requeue_after=10)
 
+    def _retiring(self, owner: Owner, plans: list[Plan], pod: dict, now: float) -> float | None:
+        """Since when a running pod of a rank beyond its group's new size has been waiting to leave
+        (the group drains it, re-forms without it, then the process exits 0), or None if the pod is
+        not such a rank and goes now."""
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        try:
+            g, r = int(labels.get(resources.L_GROUP, "-1")), int(labels.get(resources.L_RANK, "-1"))
+        except ValueError:
+            return None
+        running = (pod.get("status") or {}).get("phase") == "Running" and not meta.get("deletionTimestamp")
+        if not (0 <= g < len(plans) and r >= plans[g].num_ranks and running):
+            self.retiring.pop(meta["uid"], None)
+            return None
+        return self.retiring.setdefault(meta["uid"], now)
+
     def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, plans: list[Plan],
                    own_pods: dict[str, dict], events: list) -> str:
         """Create missing pods, replace moved/failed ones, roll out spec changes group by group.
@@ -502,8 +560,13 @@ class Reconciler:
         to_create: list[dict] = []
         notes: list[str] = []
         stale_groups = set()
+        now = time.monotonic()
         for name, pod in own_pods.items():
             if name not in wanted:
+                since = self._retiring(owner, plans, pod, now)
+                if since is not None and now - since < RETIRE_GRACE_S:
+                    notes.append(f"{name} leaving the group")
+                    continue
                 to_delete.append(pod)
                 continue
             g, _ = wanted[name]
@@ -551,8 +614,13 @@ class Reconciler:
 
 
 def scaling_moves(old: Plan, new: Plan) -> int:
-    """Expert copies that changed rank between two plans with the same ranks."""
-    return int((old.expert_map != new.expert_map).sum())
+    """Expert copies that changed rank between two plans (ranks matched by number; a rank that
+    is added or removed counts all its copies)."""
+    n = min(old.num_ranks, new.num_ranks)
+    width = min(old.expert_map.shape[2], new.expert_map.shape[2])
+    changed = int((old.expert_map[:, :n, :width] != new.expert_map[:, :n, :width]).sum())
+    extra = old if old.num_ranks > n else new
+    return changed + int((extra.expert_map[:, n:, :] >= 0).sum())
 
 
 def _affinity_node(pod: dict) -> str | None:

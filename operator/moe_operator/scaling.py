@@ -12,7 +12,16 @@ Decisions, with hysteresis and cooldown so that it never flaps:
 - rebalance when imbalance stays above the threshold for a whole window, the cooldown since the
   last change has passed, and the planner's new map is predicted to cut the imbalance by at
   least `min_gain`;
-- never act on a window with too few tokens, or when the metrics are missing or stale.
+- scale out when the ranks the group has cannot bring the predicted imbalance under the
+  threshold but more GPUs (up to `max_extra_gpus` beyond the spec's size) can: the fewest extra
+  ranks predicted at most `scale_in_margin` x the threshold (so measurement noise does not leave
+  it just above), else the best within the budget if that still gains `min_gain`;
+- scale in (back to the spec's size) after the cooldown when the load allows: the base-size plan
+  is predicted at most `scale_in_margin` x the threshold (a band below the threshold, so a
+  scale-in never triggers the next scale-out), or the load is gone;
+- load gone (a whole window with too few tokens) for a cooldown: back to the resting map, the
+  one planned for uniform load on the spec's ranks, so replicas made for old traffic go too;
+- never act on a window with too few tokens otherwise, or when the metrics are missing or stale.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .placement import MoEShape, Plan
+from .placement import MoEShape, PlacementError, Plan
 from .placement import plan as make_plan
 from .topology import Topology
 
@@ -98,16 +107,34 @@ def imbalance(physical: np.ndarray) -> float:
 
 
 def predicted_physical(p: Plan, logical: np.ndarray) -> np.ndarray:
-    """(L, G) load if each expert's tokens split evenly over its copies (the runtime's rule when
-    no copy is on the token's node)."""
+    """(L, G) load of `p` for logical load (L, E) under the runtime's replica choice: tokens sit on
+    the ranks evenly (data-parallel attention), a token uses the expert's copies on its own node
+    if there are any (split evenly among them), else splits evenly over all of the copies.
+
+    So where the copies sit matters, not only how many there are: a node's tokens reach only its
+    own copies, and a copy on a node of g GPUs (out of G) takes g/G of its expert's load divided by
+    the copies there. Adding GPUs on a new node therefore helps little (the new node brings its
+    own share of tokens); adding them on the nodes that hold the hot experts does."""
     L, G, _ = p.expert_map.shape
-    counts = p.replica_counts(logical.shape[1])  # (L, E)
-    share = np.divide(logical, counts, out=np.zeros_like(logical), where=counts > 0)
+    node_names = sorted({r.node for r in p.ranks})
+    node_of = np.array([node_names.index(r.node) for r in p.ranks])  # (G,)
+    N = len(node_names)
+    origin = np.bincount(node_of, minlength=N) / G  # (N,) share of tokens starting on each node
+    E = logical.shape[1]
     out = np.zeros((L, G))
     for layer in range(L):
-        em = p.expert_map[layer]
-        valid = em >= 0
-        out[layer] = np.where(valid, share[layer][np.where(valid, em, 0)], 0).sum(1)
+        em = p.expert_map[layer]  # (G, m)
+        r_idx, s_idx = np.nonzero(em >= 0)
+        ce = em[r_idx, s_idx]
+        cn = node_of[r_idx]
+        cnt = np.zeros((E, N))  # copies of e on node n
+        np.add.at(cnt, (ce, cn), 1)
+        tot = cnt.sum(1)  # (E,)
+        local = cnt > 0
+        pairs = logical[layer][:, None] * origin[None, :]  # (E, N) load by source node
+        remote = (pairs * ~local).sum(1)  # (E,) from nodes without a copy
+        copy_load = np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote / np.maximum(tot, 1))[:, None]
+        np.add.at(out[layer], r_idx, copy_load[ce, cn])
     return out
 
 
@@ -120,6 +147,9 @@ class Config:
     min_tokens: float = 1000.0  # do not judge a window with fewer routed tokens than this
     min_gain: float = 0.05  # the new map must cut imbalance by at least this fraction
     stale_s: float = 0.0  # samples older than this count as stale (0: 3 x window)
+    base_ranks: int = 0  # the spec's expertParallelSize (0: the current plan's size, no scaling)
+    max_extra_gpus: int = 0  # ranks scale-out may add beyond base_ranks
+    scale_in_margin: float = 0.9  # scale in only when the base-size plan is predicted <= this x threshold
 
 
 @dataclass
@@ -128,13 +158,14 @@ class State:
 
     samples: list[Sample] = field(default_factory=list)
     above_since: float | None = None
+    idle_since: float | None = None
     last_change: float = -math.inf
     last_imbalance: float | None = None
 
 
 @dataclass
 class Decision:
-    action: str  # "none" | "rebalance"
+    action: str  # "none" | "rebalance" | "scale-out" | "scale-in" | "restore"
     reason: str
     imbalance: float | None = None
     plan: Plan | None = None
@@ -149,9 +180,65 @@ def hot_experts(p: Plan, n_experts: int, limit: int = 32) -> list[tuple[int, int
     return [(layer, e, c) for c, layer, e in ranked]
 
 
+def base_topology(current: Plan, base: int, topo: Topology) -> Topology:
+    """The GPUs of `current`'s first `base` ranks (the spec's size): where a scale-in goes back to."""
+    from dataclasses import replace
+
+    per_node: dict[str, int] = {}
+    for r in current.ranks[:base]:
+        per_node[r.node] = per_node.get(r.node, 0) + 1
+    nodes = tuple(replace(n, gpus=per_node[n.name]) for n in topo.nodes if n.name in per_node)
+    return Topology(nodes=nodes, skipped=())
+
+
+def _planned(shape: MoEShape, topo: Topology, load: np.ndarray | None, previous: Plan | None, redundant: int,
+             cfg: Config) -> Plan:
+    new = make_plan(shape, topo, load=load, previous=previous, redundant=redundant)
+    return _cap_replicas(new, cfg.max_replicas_per_expert, shape.n_routed_experts)
+
+
+def _scale_in(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
+              logical: np.ndarray | None, why: str) -> Decision | None:
+    """Back to the spec's ranks (and, without load, to the resting map), or None when already there."""
+    base = cfg.base_ranks or current.num_ranks
+    btopo = base_topology(current, base, topo)
+    if logical is None:
+        new = _planned(shape, btopo, None, None, base - shape.n_routed_experts, cfg)
+        same = (new.num_ranks == current.num_ranks
+                and np.array_equal(new.replica_counts(shape.n_routed_experts), current.replica_counts(shape.n_routed_experts)))
+        if same:
+            return None
+        action = "scale-in" if current.num_ranks > base else "restore"
+    else:
+        prev = Plan(ranks=current.ranks[:base], expert_map=current.expert_map[:, :base], metrics={}, shape=current.shape)
+        new = _planned(shape, btopo, logical + 1e-9, prev, base - shape.n_routed_experts, cfg)
+        action = "scale-in"
+    state.above_since = None
+    state.last_change = now
+    return Decision(action, why, state.last_imbalance, new, None, hot_experts(new, shape.n_routed_experts))
+
+
+def _scale_in_if_fits(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
+                      logical: np.ndarray, imb: float) -> Decision | None:
+    """A scale-in to the spec's ranks when their plan is predicted <= `scale_in_margin` x threshold."""
+    base = cfg.base_ranks
+    prev = Plan(ranks=current.ranks[:base], expert_map=current.expert_map[:, :base], metrics={}, shape=current.shape)
+    small = _planned(shape, base_topology(current, base, topo), logical + 1e-9, prev, base - shape.n_routed_experts,
+                     cfg)
+    pred = imbalance(predicted_physical(small, logical))
+    if pred > cfg.threshold * cfg.scale_in_margin:
+        return None
+    state.above_since = None
+    state.last_change = now
+    return Decision("scale-in", f"imbalance {imb:.2f}; {base} ranks are predicted {pred:.2f} "
+                                f"<= {cfg.scale_in_margin:.2f} x threshold {cfg.threshold:.2f}", imb, small, pred,
+                    hot_experts(small, shape.n_routed_experts))
+
+
 def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
-           redundant: int) -> Decision:
-    """One evaluation. `state.samples` must already hold the newest sample."""
+           redundant: int, grow_topo: Topology | None = None) -> Decision:
+    """One evaluation. `state.samples` must already hold the newest sample. `topo` holds at least
+    the current ranks' GPUs; `grow_topo` (free GPUs included) is where a scale-out may add ranks."""
     stale = cfg.stale_s or 3 * cfg.window_s
     if not state.samples or now - state.samples[-1].t > stale:
         state.above_since = None
@@ -159,15 +246,30 @@ def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan
     inc, span = window_increase(state.samples, cfg.window_s, now)
     logical, physical = loads(inc, shape.moe_layers, shape.n_routed_experts, current.num_ranks)
     total = logical.sum()
+    cooled = now - state.last_change >= cfg.cooldown_s
+    base = cfg.base_ranks or current.num_ranks
     if span <= 0 or total < cfg.min_tokens:
         state.above_since = None
+        if span >= cfg.window_s * 0.5:  # samples span the window (the sampling interval quantises it)
+            state.idle_since = state.idle_since if state.idle_since is not None else now
+            if cooled and now - state.idle_since >= cfg.window_s:
+                d = _scale_in(state, cfg, now, shape, current, topo, None,
+                              f"no load for {now - state.idle_since + cfg.window_s:.0f}s: back to the resting map "
+                              f"on {base} ranks")
+                if d is not None:
+                    return d
         return Decision("none", f"only {total:.0f} routed tokens in the window (need {cfg.min_tokens:.0f})",
                         hot=hot_experts(current, shape.n_routed_experts))
+    state.idle_since = None
     imb = imbalance(physical)
     state.last_imbalance = imb
     hot = hot_experts(current, shape.n_routed_experts)
     if imb <= cfg.threshold:
         state.above_since = None
+        if current.num_ranks > base and cooled:
+            d = _scale_in_if_fits(state, cfg, now, shape, current, topo, logical, imb)
+            if d is not None:
+                return d
         return Decision("none", f"imbalance {imb:.2f} <= threshold {cfg.threshold:.2f}", imb, hot=hot)
     if state.above_since is None:
         state.above_since = now
@@ -177,10 +279,34 @@ def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan
     if now - state.last_change < cfg.cooldown_s:
         return Decision("none", f"imbalance {imb:.2f} but in cooldown for "
                                 f"{cfg.cooldown_s - (now - state.last_change):.0f}s more", imb, hot=hot)
-    new = make_plan(shape, topo, load=logical + 1e-9, previous=current, redundant=redundant)
-    new = _cap_replicas(new, cfg.max_replicas_per_expert, shape.n_routed_experts)
+    if current.num_ranks > base:  # the load moved: fewer GPUs may now do (before a same-size rebalance)
+        d = _scale_in_if_fits(state, cfg, now, shape, current, topo, logical, imb)
+        if d is not None:
+            return d
+    new = _planned(shape, topo, logical + 1e-9, current, redundant, cfg)
     predicted = imbalance(predicted_physical(new, logical))
     now_pred = imbalance(predicted_physical(current, logical))
+    budget = base + cfg.max_extra_gpus - current.num_ranks
+    if predicted > cfg.threshold and budget > 0 and grow_topo is not None:
+        best = None
+        for k in range(1, budget + 1):
+            try:
+                bigger = _planned(shape, grow_topo, logical + 1e-9, current, redundant + k, cfg)
+            except PlacementError:
+                break  # no more free GPUs
+            pred = imbalance(predicted_physical(bigger, logical))
+            if best is None or pred < best[1] - 1e-9:
+                best = (bigger, pred, k)
+            if pred <= cfg.threshold * cfg.scale_in_margin:  # aim inside the band: room for noise
+                break
+        if best is not None and best[1] < min(predicted, now_pred) * (1 - cfg.min_gain):
+            bigger, pred, k = best
+            state.above_since = None
+            state.last_change = now
+            return Decision("scale-out", f"imbalance {imb:.2f} > {cfg.threshold:.2f} for {cfg.window_s:.0f}s; "
+                                         f"{current.num_ranks} ranks reach only {predicted:.2f}, "
+                                         f"{k} more predicted {pred:.2f}", imb, bigger, pred,
+                            hot_experts(bigger, shape.n_routed_experts))
     if predicted > now_pred * (1 - cfg.min_gain):
         state.above_since = None
         state.last_change = now  # do not retry every interval: wait a cooldown before trying again

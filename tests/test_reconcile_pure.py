@@ -1,0 +1,46 @@
+"""Pure helpers of the reconcile loop: rank numbering across re-plans and resizes."""
+
+from __future__ import annotations
+
+from moe_operator.placement import MoEShape, plan
+from moe_operator.reconcile import keep_rank_numbers, scaling_moves
+from moe_operator.topology import Topology
+
+SHAPE = MoEShape(moe_layers=3, n_routed_experts=12, n_group=4, topk_group=2, num_experts_per_tok=4)
+
+
+def _nodes(p):
+    return [r.node for r in p.ranks]
+
+
+def test_growing_keeps_every_old_rank_number_on_its_node_and_appends_the_new_ones():
+    small = plan(SHAPE, Topology.synthetic(2, 8), redundant=4)
+    big = keep_rank_numbers(plan(SHAPE, Topology.synthetic(3, 8), previous=small, redundant=8), small)
+    assert big.num_ranks == 20
+    assert _nodes(big)[:16] == _nodes(small)
+    assert [r.rank for r in big.ranks] == list(range(20))
+    # every old rank keeps its experts unless the planner moved them; new ranks count fully
+    assert scaling_moves(small, big) >= int((big.expert_map[:, 16:, :] >= 0).sum())
+
+
+def test_shrinking_keeps_the_low_numbers_and_drops_the_high_ones():
+    big = plan(SHAPE, Topology.synthetic(3, 8), redundant=8)
+    base = Topology.synthetic(3, 8)
+    small = keep_rank_numbers(plan(SHAPE, base, previous=big, redundant=4), big)
+    assert small.num_ranks == 16
+    by_node_big: dict[str, set[int]] = {}
+    for r in big.ranks:
+        by_node_big.setdefault(r.node, set()).add(r.rank)
+    for r in small.ranks:  # each remaining rank number sits on a node that had it before, where possible
+        if r.rank in by_node_big.get(r.node, set()):
+            continue
+        assert all(n >= 16 for n in by_node_big.get(r.node, set())), (r, by_node_big)
+
+
+def test_same_size_replan_after_a_node_loss_keeps_surviving_ranks():
+    p = plan(SHAPE, Topology.synthetic(3, 8), redundant=4)
+    lost = p.ranks[0].node
+    q = keep_rank_numbers(plan(SHAPE, Topology.synthetic(3, 8).without_nodes([lost]), previous=p, redundant=4), p)
+    for r in p.ranks:
+        if r.node != lost:
+            assert q.ranks[r.rank].node == r.node
