@@ -9,6 +9,13 @@ subprocess, skewed traffic from `moe_operator.loadgen`. `--scale-out`: one 24-GP
 `maxExtraGpus: 4` with a threshold the 16 ranks cannot reach, so the operator adds rank pods and
 the running group grows (decision -> new ranks serving). Targets (issue 9): no request fails, the
 throughput dip while switching stays under 20%.
+
+Measured here (2 cores): rebalance 0.94 s to live, lowest 2 s bucket 0.92x steady, 0 errors;
+scale-out 16 -> 20 ranks 11.6 s from decision to every rank serving (pods created, processes
+started, experts loaded, group re-formed), lowest bucket 0.58x steady, 0 errors. The resize step
+itself takes ~0.1 s (tests/worker/test_ep_engine.py prints it); the scale-out dip is the four new
+rank processes importing torch and loading on the same two cores as the sixteen serving ones,
+which separate GPUs/hosts do not share.
 """
 
 from __future__ import annotations

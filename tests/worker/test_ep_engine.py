@@ -285,7 +285,8 @@ def test_a_running_group_grows_and_shrinks_without_restarting(fp8_ckpt, fp8_ref,
     out = spawn_ranks(6, _resize_rank, (str(fp8_ckpt), str(plan_dir)), timeout_s=300)
     want = [fp8_ref.gen[p][0] for p in PROMPTS]
     assert out["outputs"] == [want] * 5  # same tokens before, during and after each resize
-    (_, g1, a1, b1), (_, g2, a2, b2) = out["resizes"]
+    (_, g1, a1, b1, s1), (_, g2, a2, b2, s2) = out["resizes"]
+    print(f"resize step: grow {s1:.3f} s, shrink {s2:.3f} s")
     assert (g1, a1, b1) == (2, 4, 6) and (g2, a2, b2) == (3, 6, 4)
     assert [g for _, g in out["switches"]] == [2, 3] and out["generation"] == 3
 

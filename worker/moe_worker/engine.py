@@ -945,8 +945,9 @@ class GroupEngine:
         self.step = 0
         self.switches: list[tuple[int, int]] = []
         """(step, generation) of every expert-map switch the group took."""
-        self.resizes: list[tuple[int, int, int, int]] = []
-        """(step, generation, old world, new world) of every switch that re-formed the group."""
+        self.resizes: list[tuple[int, int, int, int, float]] = []
+        """(step, generation, old world, new world, seconds the resize step took) of every switch that
+        re-formed the group."""
         self.map_errors: list[str] = []
         """Expert-map errors reported by any rank."""
         self._wake = threading.Condition()
@@ -1161,6 +1162,7 @@ class GroupEngine:
     def _regroup(self, generation: int, world: int) -> None:
         """The resize step: every rank takes `generation` and re-forms the group with `world` ranks."""
         self._resize = None
+        t0 = time.perf_counter()
         release = self.scheduler.resize(world)
         old = self.world
         plan = StepPlan(self.step, [[] for _ in range(old)], release, switch_to=generation, resize=world)
@@ -1170,7 +1172,10 @@ class GroupEngine:
         self.control = _Control(ctx, control_group)
         self.world = world
         self.switches.append((plan.step, generation))
-        self.resizes.append((plan.step, generation, old, world))
+        took = time.perf_counter() - t0
+        self.resizes.append((plan.step, generation, old, world, took))
+        log.info("EP group resized %d -> %d ranks at step %d (generation %d) in %.3f s", old, world, plan.step,
+                 generation, took)
         self.step += 1
 
 
