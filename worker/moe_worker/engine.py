@@ -1364,9 +1364,25 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
                           "(MOE_EXPERT_MAP) says whether it includes this rank")
     deadline = time.monotonic() + cfg.rendezvous_timeout_s
     runner: RankRunner | None = None
+    # Every generation announced so far -> its staged experts (None: the runner's own map). Rank 0
+    # may regroup to one this rank has since superseded (it read the key just before), so each
+    # stays joinable.
+    announced: dict[int, Any] = {}
     while True:
         if store.check(["failed"]):
             raise _start_failure(store, rc.rank)
+        hit = next((g for g in sorted(announced, reverse=True) if store.check([f"resize/{g}"])), None)
+        if hit is not None:
+            if announced[hit] is not None:
+                runner.switcher.staged = announced[hit]
+                runner._switch(hit, -1)
+            world = int(store.get(f"resize/{hit}"))
+            ctx, control_group = membership.form(world, f"pg/{hit}")
+            runner.regroup(ctx)
+            if metrics is not None:
+                metrics.group_ready.labels(**metrics.lbl()).set(1)
+            log.info("rank %d: joined the running EP group (%d ranks, generation %d)", rc.rank, world, hit)
+            return Rank(rc, runner, _Control(ctx, control_group), None, membership)
         if runner is None:
             gen, text = read_plan_files(rc.expert_map)
             emap = parse_plan(text, args, None, gen or 0)
@@ -1377,21 +1393,14 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
         else:
             runner.switcher.poll()
         if runner is not None:
-            target = runner.switcher.staged.emap if runner.switcher.staged is not None else runner.emap
+            staged = runner.switcher.staged
+            target = staged.emap if staged is not None else runner.emap
             if rc.rank >= target.world_size:
                 return Rank(rc, None, None, standby=f"generation {target.generation} has {target.world_size} ranks")
-            store.set(f"join/{rc.rank}", f"{target.generation}:{target.digest}")
-            if store.check([f"resize/{target.generation}"]):
-                if target is not runner.emap:
-                    runner._switch(target.generation, -1)
-                world = int(store.get(f"resize/{target.generation}"))
-                ctx, control_group = membership.form(world, f"pg/{target.generation}")
-                runner.regroup(ctx)
-                if metrics is not None:
-                    metrics.group_ready.labels(**metrics.lbl()).set(1)
-                log.info("rank %d: joined the running EP group (%d ranks, generation %d)", rc.rank, world,
-                         target.generation)
-                return Rank(rc, runner, _Control(ctx, control_group), None, membership)
+            if target.generation not in announced:
+                announced[target.generation] = staged
+                store.set(f"join/{rc.rank}", f"{target.generation}:{target.digest}")
+                continue  # look for its resize key at once
         if time.monotonic() > deadline:
             if runner is None:
                 return Rank(rc, None, None, standby=f"no expert map within {cfg.rendezvous_timeout_s:.0f} s lists it")
