@@ -174,13 +174,6 @@ def test_copies_on_distinct_nodes_and_nodes_balanced(v3_plan: tuple[Topology, np
     assert ours < 1.03 and theirs > 1.3  # EPLB's global policy ignores nodes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rounds of LPT pair copies with nodes one round at a time, and a round's copies come "
-    "from whichever groups hold copies of that load, so under skewed load groups spread over "
-    "most nodes (alignment is exact only where loads are near-equal); the slower per-copy "
-    "planner this replaced held 7 nodes > 90% here",
-)
 def test_groups_stay_on_few_nodes(v3_plan: tuple[Topology, np.ndarray, Plan]) -> None:
     topo, w, p = v3_plan
     node = p.node_of_rank()
@@ -259,6 +252,9 @@ def test_beats_eplb_on_node_ingress_with_the_same_gpu_load() -> None:
     assert ours.gpu_load_max_mean <= theirs.gpu_load_max_mean * 1.01
     assert ours.node_ingress_max_mean < 0.8 * theirs.node_ingress_max_mean
     assert ours.cross_node_fraction <= theirs.cross_node_fraction + 0.002
+    # EPLB's global policy puts each group on its own 4 nodes (expert e on slot e) but ignores
+    # node load; ours keeps groups nearly as close (groups scattered over nodes give ~7.3 here).
+    assert ours.distinct_nodes_per_token < theirs.distinct_nodes_per_token + 0.1
 
 
 def test_uses_only_the_slots_it_needs() -> None:

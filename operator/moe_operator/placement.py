@@ -16,7 +16,16 @@ The planner, for all layers at once (loops run over rounds, never over experts o
 2. Cells kept from the previous plan (re-plans only): every (node, gpu) keeps its expert while
    that expert still needs that many copies; second copies on one node and copies on the busiest
    nodes are dropped first.
-3. The other copies, by rounds of longest-processing-time-first: each round pairs the next f
+3. Fresh plans with one expert per GPU: copies dealt per expert group (``_deal_groups``). The
+   groups lie along the node line in order, each on a run of cells sized so that its nodes end
+   near the mean load: a group lighter than the mean per cell keeps its heaviest copies and
+   hands its lightest to the heavier groups' runs as filler. Inside a run, rounds of
+   longest-processing-time-first, vectorised over (layer, group): heaviest copy to the node
+   that would finish earliest, never to a node that holds its expert. Since DeepSeek-V3 routes
+   a token to ``topk_group`` groups, a group on few nodes bounds the nodes a token reaches.
+   A few swaps (``_refine``, same-group pairs preferred) then trim the busiest node.
+4. The other copies (re-plans, packing, or what a run could not take), by rounds of
+   longest-processing-time-first: each round pairs the next f
    heaviest copies with the f bins (nodes; GPUs when packing) that have room, heaviest copy to
    the least-loaded bin; a copy never joins a node (GPU, when packing) that already holds its
    expert while another has room, so copies sit on distinct nodes and a token finds a local copy
@@ -24,7 +33,7 @@ The planner, for all layers at once (loops run over rounds, never over experts o
    are re-paired by their expert group's place along the node line (groups in order, each as
    long as its share of the load) with bins in topology order: groups align with nodes where
    loads allow (exactly, for uniform load), at no cost in balance beyond that band.
-4. Re-plans only, bounded swaps: when packing, up to P/8 per layer bring GPUs back near a fresh
+5. Re-plans only, bounded swaps: when packing, up to P/8 per layer bring GPUs back near a fresh
    plan's busiest (kept copies carry the new load); ``max_swaps`` (0 by default: moves cost
    weight transfers) does the same for nodes.
 
@@ -61,6 +70,15 @@ DEFAULT_GROUP_AFFINITY = 0.1
 # Packing: loads within this fraction of a cell's mean count as equal when pairing copies with
 # GPUs, so that equal copies go to distinct nodes and near their group.
 _PACK_BAND = 0.02
+
+# After group dealing (fresh plans, one expert per GPU): up to this many swaps per layer between
+# the busiest node and one of the ``_BALANCE_PARTNERS`` lightest, until the busiest is within
+# ``_BALANCE_TOL`` of the mean; a swap across groups scores ``_BALANCE_PEN`` x a node's mean
+# load worse, so swaps inside a group win whenever one helps.
+_BALANCE_SWAPS = 6
+_BALANCE_TOL = 0.005
+_BALANCE_PEN = 1.0
+_BALANCE_PARTNERS = 4
 
 _ROUND = 4  # decimals of the metrics written into a plan (stable JSON across platforms)
 
@@ -888,6 +906,7 @@ def _place(
     caps: np.ndarray,
     n_group: int,
     affinity: float,
+    deal: bool = True,
 ) -> np.ndarray:
     """(L, P) expert of every cell: ``kept`` cells stay, the other copies fill the free cells.
 
@@ -898,6 +917,10 @@ def _place(
     round. Group alignment: within a round, copies of nearly the same load (within ``affinity`` x
     the mean load of a cell) are re-paired with their bins by place along the node line: groups
     laid out in order, each as long as its share of the load, against the bins' node order.
+
+    ``deal``: a fresh plan with one expert per GPU first deals copies per group
+    (``_deal_groups``), these rounds place only what the runs could not take, and a few swaps
+    trim the busiest node.
     """
     L, E = w.shape
     P = kept.shape[1]
@@ -906,6 +929,27 @@ def _place(
     rows = np.arange(L)
     per_copy = w / counts
     packing = bool((caps > 1).any())
+    if deal and not packing and affinity > 0 and n_group > 1 and (kept < 0).all():
+        dealt = _deal_groups(w, counts, node_of_cell, n_group)
+        cells = dealt
+        if (dealt < 0).any():
+            cells = _place(w, counts, dealt, rank_of_cell, node_of_cell, caps, n_group, affinity, deal=False)
+            # A copy its run could not take may find free cells only on nodes holding its expert.
+            cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False)
+        if _BALANCE_SWAPS:
+            mean = w.sum(1) / N
+            cells, _ = _refine(
+                cells,
+                per_copy,
+                node_of_cell,
+                node_of_cell,
+                mean * (1.0 + _BALANCE_TOL),
+                _BALANCE_SWAPS,
+                group_size=gsize,
+                cross_group_penalty=_BALANCE_PEN * mean,
+                partners=_BALANCE_PARTNERS,
+            )
+        return cells
     if packing:
         # Bins are GPUs there, whose balance is the point: pair by place only within narrow bands.
         affinity = min(affinity, _PACK_BAND)
@@ -1025,6 +1069,218 @@ def _place(
     if node_dups:
         cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False, movable=kept < 0)
     return cells
+
+
+def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_group: int) -> np.ndarray:
+    """(L, P) a fresh plan's cells with the copies dealt inside their expert group's run of nodes
+    (one expert per GPU: bins are nodes); -1 where a copy is left to ``_place``'s global rounds.
+
+    Layout. The groups lie along the cell line in order, group g's run ``Q_g`` cells long; a
+    node's cells go to the runs they overlap (integer quotas per (group, node)). Every run should
+    end near the mean load of a cell ``m``:
+    - a run keeps at most one copy of an expert per node (first pass: runs sized by load share);
+      further copies go to a run half the line away;
+    - a group whose copies average less than ``m`` keeps its heaviest, as many as still average
+      ``m``; its lightest copies are filler;
+    - a group above ``m`` gets its copies plus filler, in line order, as many filler copies as
+      bring its load per cell down to ``m`` (the runs share the filler in proportion to their
+      load above ``m``).
+    So the load that leaves a group is that of its lightest copies.
+
+    Dealing. Rounds of longest-processing-time-first per (layer, run), vectorised over both: a
+    round pairs the run's next heaviest copies with its nodes in order of the load per quota cell
+    they would reach with the heaviest copy left (a node more than a copy ahead sits the round
+    out). A copy never joins a node that holds its expert: it takes another node of its run that
+    no copy took this round, or waits; if no node of its run with room lacks the expert, the
+    earliest-finishing free cell of another run of its layer, else the global rounds.
+    """
+    L, E = w.shape
+    P = int(counts[0].sum())
+    N = int(node_of_cell.max()) + 1
+    gsize = E // n_group
+    K = L * n_group  # rows: one per (layer, group)
+    rk = np.arange(K)
+    row_layer = np.repeat(np.arange(L), n_group)
+    per_copy = w / counts
+    pc_g = per_copy.reshape(K, gsize)
+    own = _items(pc_g, counts.reshape(K, gsize), np.broadcast_to(np.arange(gsize), (K, gsize)))  # (K, Mc)
+    Mc = own.shape[1]
+    ok = own >= 0
+    x = np.where(ok, pc_g[rk[:, None], np.maximum(own, 0)], 0.0)  # (K, Mc) heaviest first
+    m = (w.sum(1) / P)[row_layer]  # (K,) mean load of a cell
+    cap = np.bincount(node_of_cell, minlength=N)
+    s = np.concatenate([[0], np.cumsum(cap)])  # (N + 1,) node boundaries on the cell line
+
+    def quotas(q: np.ndarray) -> np.ndarray:
+        """(K, N) cells of each node in each run, for runs of q (K,) cells laid out in order."""
+        bq = np.concatenate([np.zeros((L, 1), dtype=np.int64), np.cumsum(q.reshape(L, n_group), 1)], 1)
+        return np.maximum(
+            np.minimum(bq[:, 1:, None], s[None, None, 1:]) - np.maximum(bq[:, :-1, None], s[None, None, :-1]),
+            0,
+        ).reshape(K, N)
+
+    # First pass, to know the nodes of each run: every run sized by its load share.
+    share = x.sum(1).reshape(L, n_group) / (m.reshape(L, n_group)[:, :1] * P)
+    b0 = np.rint(np.concatenate([np.zeros((L, 1)), np.cumsum(share, 1)], 1) * P).astype(np.int64)
+    b0[:, -1] = P
+    nodes = (quotas(np.diff(b0, axis=1).ravel()) > 0).sum(1)  # (K,)
+    nth = np.zeros((K, Mc), dtype=np.int64)  # copies of an expert are adjacent: which one is this
+    okr, oki = np.nonzero(ok)
+    nth[okr, oki] = _occurrence(okr * gsize + own[okr, oki])
+    mine = ok & (nth < nodes[:, None])  # at most one copy of an expert per node of its run
+
+    # Second pass. A run whose copies average less than m keeps its heaviest, as many as
+    # still average m (to the nearest copy); the rest joins the filler.
+    xm = np.where(mine, x, 0.0)
+    S = np.cumsum(xm, 1)
+    c = np.cumsum(mine, 1)  # copies of the run up to here
+    q0 = (mine & (S >= c * m[:, None])).sum(1)
+    n_mine = mine.sum(1)
+    at_next = mine & (c == (q0 + 1)[:, None])
+    x_next = np.where(at_next.any(1), x[rk, at_next.argmax(1)], 0.0)
+    S0 = np.where(q0 > 0, (xm * (c <= q0[:, None])).sum(1), 0.0)
+    hot = q0 >= n_mine
+    kq = np.where(hot, n_mine, q0 + (S0 - q0 * m > (m - x_next) / 2))  # copies each run keeps
+    keep = mine & (c <= kq[:, None])
+    # Filler in line order (a run's copies beyond one per node, heavy, half the line away): runs
+    # above m take it in line order, each as many copies as bring it down to m.
+    sr, si = np.nonzero(ok & ~keep)
+    far = ~mine[sr, si]
+    o = np.lexsort((si, np.where(far, (sr + n_group // 2) % n_group, sr % n_group), row_layer[sr]))
+    sr, si = sr[o], si[o]
+    sl = row_layer[sr]
+    over = np.where(hot, S[:, -1] - n_mine * m, 0.0).reshape(L, n_group)  # load above m
+    k = _occurrence(sl)  # index of each filler copy among its layer's
+    n_fill = np.bincount(sl, minlength=L)  # (L,)
+    lack = np.zeros((L, int(n_fill.max(initial=0)) + 1))
+    lack[sl, k + 1] = np.maximum(m[sr] - x[sr, si], 0.0)
+    lack = np.cumsum(lack, 1)  # (L, F + 1): load the first f filler copies lack to reach m each
+    tot = over.sum(1, keepdims=True)
+    want = np.cumsum(over, 1) / np.where(tot > 0, tot, 1.0) * lack[np.arange(L), n_fill][:, None]
+    # Where each run's filler ends: the count whose lack is nearest the runs' load above m so far.
+    hi = np.minimum((lack[:, None, :] < want[:, :, None]).sum(2), n_fill[:, None])  # (L, n_group)
+    lo = np.maximum(hi - 1, 0)
+    d_hi = np.take_along_axis(lack, hi, 1) - want
+    d_lo = want - np.take_along_axis(lack, lo, 1)
+    ends = np.where(d_lo < d_hi, lo, hi)
+    last_hot = n_group - 1 - np.argmax(hot.reshape(L, n_group)[:, ::-1], 1)  # (L,)
+    ends = np.where(np.arange(n_group)[None, :] >= last_hot[:, None], n_fill[:, None], ends)
+    ends = np.maximum.accumulate(ends, axis=1)
+    room = np.diff(np.concatenate([np.zeros((L, 1), dtype=np.int64), ends], 1), axis=1)
+    to = (np.cumsum(room, 1)[sl] > k[:, None]).argmax(1)  # receiving group, in line order
+    Qi = keep.sum(1) + room.ravel()  # (K,) cells of each run
+    quota = quotas(Qi)
+    H = int((quota > 0).sum(1).max(initial=0))
+    hn = np.argsort(quota <= 0, axis=1, kind="stable")[:, :H]  # (K, H) the run's nodes, in order
+    free = np.take_along_axis(quota, hn, axis=1)  # (K, H) cells left; 0 on padding
+    kr, ki = np.nonzero(keep)
+    row = np.concatenate([kr, sl * n_group + to])
+    e = np.concatenate([(kr % n_group) * gsize + own[kr, ki], (sr % n_group) * gsize + own[sr, si]])
+    ld = np.concatenate([x[kr, ki], x[sr, si]])
+    # Heaviest first within each row: one sort on row, then load (loads lie in [0, span)).
+    span = float(ld.max(initial=0.0)) + 1.0
+    o = np.argsort(row * span - ld, kind="stable")
+    row, e, ld = row[o], e[o], ld[o]
+    j = _occurrence(row)
+    M = int(j.max(initial=-1)) + 1
+    if M == 0:
+        return np.full((L, P), -1, dtype=np.int64)
+    item_e = np.full((K, M), -1, dtype=np.int64)
+    item_e[row, j] = e
+    item_load = np.zeros((K, M))
+    item_load[row, j] = ld
+
+    inv_q = 1.0 / np.maximum(free, 1)
+    bin_load = np.zeros((K, H))
+    on_node = np.zeros(L * E * N, dtype=bool)  # (layer, expert, node) flattened
+    item_node = np.full((K, M), -1, dtype=np.int64)
+    base = (row_layer * E)[:, None]  # (K, 1)
+    done = item_e < 0
+    n_items = (~done).sum(1)  # (K,) items are a prefix of each row
+    # Each round looks at a window of each row's items from its first one not done: the copies
+    # it deals (one per bin at most) and those waiting for a bin.
+    Wd = min(M, 2 * H + 2)
+    cols = np.arange(Wd)
+    ft = np.zeros(K, dtype=np.int64)  # first item not done
+    for _ in range(4 * M + 8):  # each round deals a copy of every unfinished row but rare waits
+        live = ft < n_items
+        if not live.any():
+            break
+        at = ft[:, None] + cols
+        inwin = at < n_items[:, None]
+        idx = np.minimum(at, M - 1)
+        todo = inwin & ~done[rk[:, None], idx]
+        has = free > 0
+        head = item_load[rk, np.minimum(ft, M - 1)]  # (K,) heaviest copy left
+        key = np.where(has, (bin_load + head[:, None]) * inv_q, np.inf)
+        # A bin sits a round out while it would finish later than another bin taking two copies.
+        thr = np.where(has, (bin_load + 2.0 * head[:, None]) * inv_q, np.inf).min(1)
+        part = has & (key <= thr[:, None] * (1.0 + 1e-12))
+        f = part.sum(1)
+        order = np.argsort(np.where(part, key, np.inf), axis=1, kind="stable")  # earliest finish first
+        pos = np.cumsum(todo, axis=1) - 1
+        tr, tw = np.nonzero(todo & (pos < f[:, None]))
+        h = order[tr, pos[tr, tw]]
+        ti = idx[tr, tw]
+        e = item_e[tr, ti]
+        bad = on_node[(base[tr, 0] + e) * N + hn[tr, h]]
+        hopeless = (tr[:0], ti[:0])
+        if bad.any():
+            # The earliest-finishing bin with room that no copy took this round and lacks the
+            # expert; none free now: wait a round; none at all in the run: the fallback below.
+            used = np.zeros((K, H), dtype=bool)
+            used[tr[~bad], h[~bad]] = True
+            br, be, bi = tr[bad], e[bad], ti[bad]
+            never = ~has[br] | on_node[(base[br] + be[:, None]) * N + hn[br]]
+            blocked = never | used[br]
+            alt = np.where(blocked, np.inf, key[br]).argmin(1)
+            ok = ~blocked[np.arange(br.size), alt]
+            _, first = np.unique(np.where(ok, br * H + alt, -1), return_index=True)
+            ok &= np.isin(np.arange(br.size), first)
+            hopeless = (br[never.all(1)], bi[never.all(1)])
+            tr = np.concatenate([tr[~bad], br[ok]])
+            ti = np.concatenate([ti[~bad], bi[ok]])
+            h = np.concatenate([h[~bad], alt[ok]])
+            e = item_e[tr, ti]
+        n = hn[tr, h]
+        bin_load[tr, h] += item_load[tr, ti]  # one copy per (row, bin) per round
+        free[tr, h] -= 1
+        on_node[(base[tr, 0] + e) * N + n] = True
+        item_node[tr, ti] = n
+        done[tr, ti] = True
+        for r0, i0 in zip(hopeless[0].tolist(), hopeless[1].tolist(), strict=True):
+            # Rare: every node of its run with room holds the expert. The earliest-finishing
+            # free cell of another run of its layer that lacks it, else the global rounds.
+            done[r0, i0] = True
+            rows = slice(r0 - r0 % n_group, r0 - r0 % n_group + n_group)
+            e0, x0 = int(item_e[r0, i0]), float(item_load[r0, i0])
+            cost = np.where(
+                (free[rows] > 0) & ~on_node[(base[rows] + e0) * N + hn[rows]],
+                (bin_load[rows] + x0) * inv_q[rows],
+                np.inf,
+            )
+            g, h0 = np.unravel_index(int(cost.argmin()), cost.shape)
+            if np.isfinite(cost[g, h0]):
+                r1 = r0 - r0 % n_group + int(g)
+                bin_load[r1, h0] += x0
+                free[r1, h0] -= 1
+                on_node[(base[r1, 0] + e0) * N + hn[r1, h0]] = True
+                item_node[r0, i0] = hn[r1, h0]
+        # Move each row's window on; a row with no free cell left is finished (a copy of another
+        # run took one of its cells: its lightest copies go to the global rounds).
+        left = inwin & ~done[rk[:, None], idx]
+        ft = np.where(left.any(1), ft + left.argmax(1), ft + Wd)
+        ft = np.where((free > 0).any(1), ft, n_items)
+
+    # Dealt copies take their nodes' cells: the j-th copy on (layer, node) its j-th cell.
+    out = np.full((L, P), -1, dtype=np.int64)
+    pr, pi = np.nonzero(item_node >= 0)
+    pl, pn, pe = row_layer[pr], item_node[pr, pi], item_e[pr, pi]
+    o = np.argsort(pl * N + pn, kind="stable")
+    pl, pn, pe = pl[o], pn[o], pe[o]
+    first = np.searchsorted(node_of_cell, np.arange(N))  # cells of a node are contiguous
+    out[pl, first[pn] + _occurrence(pl * N + pn)] = pe
+    return out
 
 
 def _align(
@@ -1181,6 +1437,33 @@ class Evaluation:
     per_layer: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
+def local_first_load(cells: np.ndarray, node_of_rank: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Load of one layer under the replica-choice rule the runtime uses: a (token, expert) pair goes
+    to the expert's copies on the token's own node if there are any (split evenly among them), else
+    is split evenly over all of its copies.
+
+    cells (G, m) expert ids per rank (-1: empty), node_of_rank (G,), pairs (E, N) pairs per expert by
+    source node -> (rank load (G,), copies per expert and node (E, N), pairs from nodes without a
+    copy (E,)).
+    """
+    G = cells.shape[0]
+    E, N = pairs.shape
+    r_idx, s_idx = np.nonzero(cells >= 0)
+    ce = cells[r_idx, s_idx]
+    cn = node_of_rank[r_idx]
+    cnt = np.zeros((E, N))
+    np.add.at(cnt, (ce, cn), 1)
+    tot = cnt.sum(1)
+    local = cnt > 0
+    remote = (pairs * ~local).sum(1)
+    # One copy of e on node n: its node's own pairs over the local copies, plus an even share of
+    # the pairs from nodes without a copy.
+    copy_load = np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote / np.maximum(tot, 1))[:, None]
+    rank_load = np.zeros(G)
+    np.add.at(rank_load, r_idx, copy_load[ce, cn])
+    return rank_load, cnt, remote
+
+
 def evaluate(p: Plan, topk_ids: Any, *, token_chunk: int = 4096) -> Evaluation:
     """Measure ``p`` on a trace ``topk_ids`` (L, tokens, k) (or an object with ``topk_ids``)."""
     ids = np.asarray(getattr(topk_ids, "topk_ids", topk_ids))
@@ -1200,25 +1483,13 @@ def evaluate(p: Plan, topk_ids: Any, *, token_chunk: int = 4096) -> Evaluation:
     distinct = np.empty(L)
     for layer in range(L):
         cells = em[layer]  # (G, m)
-        r_idx, s_idx = np.nonzero(cells >= 0)
-        ce = cells[r_idx, s_idx]
-        cn = node_of_rank[r_idx]
-        cnt = np.zeros((E, N))  # copies of e on node n
-        np.add.at(cnt, (ce, cn), 1)
-        tot = cnt.sum(1)  # (E,)
         top = ids[layer]  # (T, k)
         pairs = (
             np.bincount((src[:, None] * E + top).ravel(), minlength=N * E).reshape(N, E).T
         )  # (E, N) by source node
+        rank_load, cnt, remote_pairs = local_first_load(cells, node_of_rank, pairs)
+        tot = cnt.sum(1)  # (E,)
         local = cnt > 0  # (E, N): expert e has a copy on node n
-        remote_pairs = (pairs * ~local).sum(1)  # (E,) pairs from nodes without a copy
-        # Load of one copy of e on node n: its node's own pairs split over the local copies,
-        # plus an even share of the pairs from nodes without a copy.
-        copy_load = (
-            np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote_pairs / np.maximum(tot, 1))[:, None]
-        )
-        rank_load = np.zeros(G)
-        np.add.at(rank_load, r_idx, copy_load[ce, cn])
         gpu_r[layer] = rank_load.max() / rank_load.mean()
         cross[layer] = remote_pairs.sum() / (T * k)
         # Per token and node: probability the token reaches the node = 1 - prod over its remote

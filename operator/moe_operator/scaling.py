@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .placement import MoEShape, PlacementError, Plan
+from .placement import MoEShape, PlacementError, Plan, local_first_load
 from .placement import plan as make_plan
 from .topology import Topology
 
@@ -116,25 +116,12 @@ def predicted_physical(p: Plan, logical: np.ndarray) -> np.ndarray:
     the copies there. Adding GPUs on a new node therefore helps little (the new node brings its
     own share of tokens); adding them on the nodes that hold the hot experts does."""
     L, G, _ = p.expert_map.shape
-    node_names = sorted({r.node for r in p.ranks})
-    node_of = np.array([node_names.index(r.node) for r in p.ranks])  # (G,)
-    N = len(node_names)
-    origin = np.bincount(node_of, minlength=N) / G  # (N,) share of tokens starting on each node
-    E = logical.shape[1]
+    node_of = p.node_of_rank()  # (G,)
+    origin = np.bincount(node_of) / G  # (N,) share of tokens starting on each node
     out = np.zeros((L, G))
     for layer in range(L):
-        em = p.expert_map[layer]  # (G, m)
-        r_idx, s_idx = np.nonzero(em >= 0)
-        ce = em[r_idx, s_idx]
-        cn = node_of[r_idx]
-        cnt = np.zeros((E, N))  # copies of e on node n
-        np.add.at(cnt, (ce, cn), 1)
-        tot = cnt.sum(1)  # (E,)
-        local = cnt > 0
         pairs = logical[layer][:, None] * origin[None, :]  # (E, N) load by source node
-        remote = (pairs * ~local).sum(1)  # (E,) from nodes without a copy
-        copy_load = np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote / np.maximum(tot, 1))[:, None]
-        np.add.at(out[layer], r_idx, copy_load[ce, cn])
+        out[layer] = local_first_load(p.expert_map[layer], node_of, pairs)[0]
     return out
 
 
