@@ -408,3 +408,54 @@ def test_cli_generate_and_logits_with_four_ranks(fp8_ckpt, fp8_ref, tmp_path, ca
     assert "(4 ranks)" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(fp8_ckpt), "--world-size", "0", "--prompt-ids", "1"]) == 2
     assert "--world-size must be >= 1" in capsys.readouterr().err
+
+
+class _Store:
+    """The few TCPStore calls `_join_running` makes, with a hook on every `set`."""
+
+    def __init__(self, on_set):
+        self.kv: dict[str, bytes] = {}
+        self.on_set = on_set
+
+    def check(self, keys):
+        return all(k in self.kv for k in keys)
+
+    def get(self, key):
+        return self.kv[key]
+
+    def set(self, key, value):
+        self.kv[key] = value.encode() if isinstance(value, str) else value
+        self.on_set(self, key, self.kv[key].decode())
+
+
+def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on(fp8_ckpt, tmp_path, monkeypatch):
+    # Rank 4 announces generation 2, then sees generation 3 in its plan file and announces that;
+    # rank 0 had read "2" just before and regroups to 2: the rank must join 2, with 2's map.
+    from moe_worker import engine as eng
+    from moe_worker.checkpoint import Checkpoint
+    from moe_worker.model import ParallelContext
+
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(6, replicas=False, shift=1), 2)
+
+    def on_set(store, key, value):
+        if key == "join/4" and value.startswith("2:"):
+            write_plan_files(plan_dir, plan_doc(6, replicas=True, shift=3), 3)  # the operator moves on
+        elif key == "join/4" and value.startswith("3:"):
+            store.kv["resize/2"] = b"6"  # rank 0 regrouped to what it had read: generation 2
+
+    formed = []
+
+    def form(self, world, prefix):
+        formed.append((world, prefix))
+        return ParallelContext(self.rank, world, None), None
+
+    monkeypatch.setattr(eng._Membership, "form", form)
+    store = _Store(on_set)
+    rc = RankConfig(rank=4, world_size=6, checkpoint=str(fp8_ckpt), expert_map=str(plan_dir / "plan.json"),
+                    engine=ENGINE)
+    membership = eng._Membership(store, 4, "gloo", torch.device("cpu"), None)
+    rank = eng._join_running(rc, membership, Checkpoint(str(fp8_ckpt)).args, None, None)
+    assert formed == [(6, "pg/2")]
+    assert rank.runner.emap.generation == 2 and rank.runner.ctx.world_size == 6
+    assert store.kv["join/4"].decode().startswith("3:")  # it had moved on, and still joined 2
