@@ -251,3 +251,35 @@ def test_no_scale_out_onto_a_new_node_that_would_not_help():
     t = feed(st, p, _hot4(), t + 5, t + 30)
     d = scaling.decide(st, cfg, t, SHAPE, p, TOPO, redundant=4, grow_topo=Topology.synthetic(3, 8))
     assert d.action != "scale-out", d.reason
+
+
+def test_at_deepseek_scale_scale_out_onto_new_nodes_does_help():
+    # 36 nodes x 8 GPUs hold EP288 (256 experts + 32 spares); four free 8-GPU nodes. With many
+    # nodes, copies on distinct nodes split their expert's load evenly, so new nodes pay off.
+    shape = MoEShape(moe_layers=4, n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8)
+    base_topo, wide = Topology.synthetic(36, 8), Topology.synthetic(40, 8)
+    p = plan(shape, base_topo, redundant=32)
+    load = np.full((4, 256), 10.0)
+    load[:, :48] = 120.0  # 48 hot experts per layer: 32 spares cannot give each a second copy
+    cfg = scaling.Config(threshold=1.3, window_s=20, cooldown_s=60, min_tokens=100, base_ranks=288,
+                         max_extra_gpus=32, max_replicas_per_expert=4)
+    st = scaling.State()
+
+    def expo(pl, logical):
+        counts = pl.replica_counts(256)
+        return {(r, layer, e): logical[layer, e] / counts[layer, e]
+                for layer in range(4) for r in range(pl.num_ranks) for e in pl.experts_on(layer, r)}
+
+    for t in range(0, 65, 5):
+        st.samples.append(scaling.Sample(float(t), expo(p, load * t)))
+        d = scaling.decide(st, cfg, float(t), shape, p, base_topo, redundant=32, grow_topo=wide)
+        if d.action != "none":
+            break
+    # 32 spares give 32 of the 48 hot experts a second copy, so the busiest GPU stays as it is;
+    # 16 more GPUs give all 48 a second copy (more would not lower the busiest GPU further).
+    assert d.action == "scale-out", d.reason
+    assert d.plan.num_ranks == 288 + 16, d.reason
+    same_size = scaling._planned(shape, base_topo, load + 1e-9, p, 32, cfg)
+    assert d.predicted < scaling.imbalance(scaling.predicted_physical(same_size, load)) * 0.95
+    assert 288 < d.plan.num_ranks <= 320
+    assert {(r.node, r.gpu) for r in p.ranks} <= {(r.node, r.gpu) for r in d.plan.ranks}
