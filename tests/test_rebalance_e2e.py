@@ -24,6 +24,19 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GROUP, VERSION, PLURAL = "serving.moe.dev", "v1alpha1", "moedeployments"
 
 
+def _print_rank_logs(namespace: str) -> None:
+    """The tail of rank 0's and every scale-out rank's container log (the local runner keeps them)."""
+    import os
+    from pathlib import Path
+
+    pods = Path(os.environ.get("MOE_CLUSTER_DIR", "")) / "runner" / "pods"
+    for d in sorted(pods.glob(f"{namespace}_rb-g0-r*")):
+        rank = int(d.name.split("_")[1].rsplit("-r", 1)[1])
+        if rank == 0 or rank >= 16:
+            lines = (d / "container.log").read_text(errors="replace").splitlines() if (d / "container.log").exists() else []
+            print(f"---- {d.name} ----\n" + "\n".join(lines[-15:]))
+
+
 def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubeconfig, namespace, gpu_pool,
                                                        crd_installed, tmp_path):
     from kubernetes import client
@@ -120,17 +133,26 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         threshold_d = round(reachable20 + 0.4 * (reachable - reachable20), 2)
         custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "rb", {"spec": {"loadBalancing": {
             "imbalanceThreshold": threshold_d, "maxExtraGpus": 4}}})
-        box: dict = {}
-        th = threading.Thread(target=lambda: box.update(d=loadgen.run(url, traffic, seconds=90, clients=6)))
+        chunks: list = []
+        stop = threading.Event()
+
+        def traffic_until_stopped() -> None:  # traffic throughout, however long the scale-out takes
+            while not stop.is_set():
+                chunks.append(loadgen.run(url, traffic, seconds=10, clients=6))
+
+        th = threading.Thread(target=traffic_until_stopped)
         th.start()
         try:  # cooldown left from phase B + a window above the threshold + new pods start and join
             st = wait_for(lambda: (s := status()).get("extraRanks") and s.get("phase") == "Ready"
-                          and s.get("readyRanks") == s.get("totalRanks") and s, 85, "scale-out ranks Ready",
+                          and s.get("readyRanks") == s.get("totalRanks") and s, 180, "scale-out ranks Ready",
                           interval=1)
         except AssertionError:
             print("status:", json.dumps(status(), indent=1))
             print("events:", [(ev.reason, ev.message) for ev in core.list_namespaced_event(namespace).items][-12:])
+            _print_rank_logs(namespace)
             raise
+        finally:
+            stop.set()
         extra = st["extraRanks"]
         assert 0 < extra <= 4 and st["totalRanks"] == 16 + extra, st
         assert "scale-out" in st["lastRebalanceReason"], st
@@ -140,7 +162,13 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         now_pods = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
         assert all(now_pods.get(n) == uid for n, uid in pods_before.items()), "an original rank restarted"
         th.join()
-        d = box["d"]
+        d = loadgen.Result()
+        for ch in chunks:
+            d.requests += ch.requests
+            d.errors += ch.errors
+            d.error_messages += ch.error_messages
+            for prompt, outs in ch.answers.items():
+                d.answers.setdefault(prompt, set()).update(outs)
         assert d.errors == 0, d.error_messages[:3]
         e = loadgen.run(url, traffic, seconds=16, clients=6)  # a full window on the grown group
         assert e.errors == 0, e.error_messages[:3]
@@ -158,6 +186,7 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         except AssertionError:
             print("status:", json.dumps(status(), indent=1))
             print("events:", [(ev.reason, ev.message) for ev in core.list_namespaced_event(namespace).items][-12:])
+            _print_rank_logs(namespace)
             raise
         wait_for(lambda: not [p for p in core.list_namespaced_pod(namespace).items
                               if int(p.metadata.labels["moe.dev/rank"]) >= 16], 60, "extra rank pods gone")

@@ -375,13 +375,15 @@ class Reconciler:
                 counts = self._measure(owner, spec, g, p, own_pods)
                 st.samples.append(scaling.Sample(now, counts))
                 st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
-                try:
-                    wider = grow_topo(g) if cfg.max_extra_gpus > 0 else None
-                except KubeError as e:  # listing pods failed: no scale-out this time
-                    log.warning("free GPUs unknown, no scale-out this pass: %s", e)
-                    wider = None
+                def wider(g: int = g) -> Topology | None:
+                    try:
+                        return grow_topo(g)
+                    except KubeError as err:  # listing pods failed: no scale-out this time
+                        log.warning("free GPUs unknown, no scale-out this pass: %s", err)
+                        return None
+
                 d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts,
-                                   grow_topo=wider)
+                                   grow_topo=wider if cfg.max_extra_gpus > 0 else None)
                 if d.imbalance is not None:
                     imbalances.append(d.imbalance)
                 hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -223,9 +224,11 @@ def _scale_in_if_fits(state: State, cfg: Config, now: float, shape: MoEShape, cu
 
 
 def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
-           redundant: int, grow_topo: Topology | None = None) -> Decision:
+           redundant: int, grow_topo: Topology | Callable[[], Topology | None] | None = None) -> Decision:
     """One evaluation. `state.samples` must already hold the newest sample. `topo` holds at least
-    the current ranks' GPUs; `grow_topo` (free GPUs included) is where a scale-out may add ranks."""
+    the current ranks' GPUs; `grow_topo` (free GPUs included; or a function that returns it, called
+    only when a scale-out is considered, since finding free GPUs means listing every pod) is where
+    a scale-out may add ranks."""
     stale = cfg.stale_s or 3 * cfg.window_s
     if not state.samples or now - state.samples[-1].t > stale:
         state.above_since = None
@@ -274,7 +277,9 @@ def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan
     predicted = imbalance(predicted_physical(new, logical))
     now_pred = imbalance(predicted_physical(current, logical))
     budget = base + cfg.max_extra_gpus - current.num_ranks
-    if predicted > cfg.threshold and budget > 0 and grow_topo is not None:
+    if predicted > cfg.threshold and budget > 0 and callable(grow_topo):
+        grow_topo = grow_topo()
+    if predicted > cfg.threshold and budget > 0 and isinstance(grow_topo, Topology):
         best = None
         for k in range(1, budget + 1):
             try:
