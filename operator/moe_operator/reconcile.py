@@ -9,6 +9,7 @@ tolerates "already exists".
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -297,14 +298,15 @@ class Reconciler:
         total = sum(p.num_ranks for p in plans)
         ready = total - len(not_ready)
         joining = [gr for gr in not_ready if gr[1] >= ep]
-        if joining and len(joining) == len(not_ready):
+        only_joining = bool(joining) and len(joining) == len(not_ready)
+        if only_joining:
             progressing = "; ".join(x for x in (progressing, f"{len(joining)} scale-out rank(s) joining") if x)
         nodes_used = len({r.node for p in plans for r in p.ranks})
         conds = set_condition(conds, PLACED, True, "Planned",
                               f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
         was_ready = old_status.get("phase") in ("Ready", "Degraded")
         blocked = next(((n, u[1]) for n, p in sorted(own_pods.items()) if (u := pod_unschedulable(p))), None)
-        if ready == total or (joining and len(joining) == len(not_ready)):
+        if ready == total or only_joining:
             phase, reason = "Ready", None
         elif was_ready:
             phase = "Degraded"
@@ -332,13 +334,18 @@ class Reconciler:
             status["prediction"] = prediction
         requeue = 1.0 if progressing else 10.0
         if spec.load_balancing.enabled:
-            def grow_topo(g: int) -> Topology:
+            def grow_topo(g: int) -> Topology | None:
+                """Free GPUs for group `g` (listing every pod: only called when a scale-out is weighed)."""
                 used: dict[str, int] = {}
                 for k, p in enumerate(plans):
                     if k != g:
                         for r in p.ranks:
                             used[r.node] = used.get(r.node, 0) + 1
-                return _minus(with_other_pods(), used)
+                try:
+                    return _minus(with_other_pods(), used)
+                except KubeError as err:  # listing pods failed: no scale-out this time
+                    log.warning("free GPUs unknown, no scale-out this pass: %s", err)
+                    return None
 
             lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, topo, grow_topo,
                                     ready == total and not progressing, old_status, conds, gen, events)
@@ -375,15 +382,8 @@ class Reconciler:
                 counts = self._measure(owner, spec, g, p, own_pods)
                 st.samples.append(scaling.Sample(now, counts))
                 st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
-                def wider(g: int = g) -> Topology | None:
-                    try:
-                        return grow_topo(g)
-                    except KubeError as err:  # listing pods failed: no scale-out this time
-                        log.warning("free GPUs unknown, no scale-out this pass: %s", err)
-                        return None
-
                 d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts,
-                                   grow_topo=wider if cfg.max_extra_gpus > 0 else None)
+                                   grow_topo=functools.partial(grow_topo, g) if cfg.max_extra_gpus > 0 else None)
                 if d.imbalance is not None:
                     imbalances.append(d.imbalance)
                 hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]
@@ -531,7 +531,7 @@ class Reconciler:
         return Outcome({"phase": "Pending", "observedGeneration": gen, "conditions": conds, "reason": why,
                         "totalRanks": total, "readyRanks": 0, "ready": f"0/{total}"}, events, requeue_after=10)
 
-    def _retiring(self, owner: Owner, plans: list[Plan], pod: dict, now: float) -> float | None:
+    def _retiring(self, plans: list[Plan], pod: dict, now: float) -> float | None:
         """Since when a running pod of a rank beyond its group's new size has been waiting to leave
         (the group drains it, re-forms without it, then the process exits 0), or None if the pod is
         not such a rank and goes now."""
@@ -565,7 +565,7 @@ class Reconciler:
         now = time.monotonic()
         for name, pod in own_pods.items():
             if name not in wanted:
-                since = self._retiring(owner, plans, pod, now)
+                since = self._retiring(plans, pod, now)
                 if since is not None and now - since < RETIRE_GRACE_S:
                     notes.append(f"{name} leaving the group")
                     continue

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -170,8 +170,6 @@ def hot_experts(p: Plan, n_experts: int, limit: int = 32) -> list[tuple[int, int
 
 def base_topology(current: Plan, base: int, topo: Topology) -> Topology:
     """The GPUs of `current`'s first `base` ranks (the spec's size): where a scale-in goes back to."""
-    from dataclasses import replace
-
     per_node: dict[str, int] = {}
     for r in current.ranks[:base]:
         per_node[r.node] = per_node.get(r.node, 0) + 1
@@ -185,42 +183,71 @@ def _planned(shape: MoEShape, topo: Topology, load: np.ndarray | None, previous:
     return _cap_replicas(new, cfg.max_replicas_per_expert, shape.n_routed_experts)
 
 
-def _scale_in(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
-              logical: np.ndarray | None, why: str) -> Decision | None:
-    """Back to the spec's ranks (and, without load, to the resting map), or None when already there."""
+def _on_base_ranks(shape: MoEShape, cfg: Config, current: Plan, topo: Topology, logical: np.ndarray | None) -> Plan:
+    """A plan on the GPUs of `current`'s first `base_ranks` ranks: for measured load, keeping what
+    it can of their experts; without load (None), the resting map planned from scratch."""
     base = cfg.base_ranks or current.num_ranks
-    btopo = base_topology(current, base, topo)
-    if logical is None:
-        new = _planned(shape, btopo, None, None, base - shape.n_routed_experts, cfg)
-        same = (new.num_ranks == current.num_ranks
-                and np.array_equal(new.replica_counts(shape.n_routed_experts), current.replica_counts(shape.n_routed_experts)))
-        if same:
-            return None
-        action = "scale-in" if current.num_ranks > base else "restore"
-    else:
-        prev = Plan(ranks=current.ranks[:base], expert_map=current.expert_map[:, :base], metrics={}, shape=current.shape)
-        new = _planned(shape, btopo, logical + 1e-9, prev, base - shape.n_routed_experts, cfg)
-        action = "scale-in"
+    prev = None if logical is None else Plan(ranks=current.ranks[:base], expert_map=current.expert_map[:, :base],
+                                             metrics={}, shape=current.shape)
+    return _planned(shape, base_topology(current, base, topo), None if logical is None else logical + 1e-9, prev,
+                    base - shape.n_routed_experts, cfg)
+
+
+def _changed(state: State, now: float, action: str, why: str, imb: float | None, new: Plan, predicted: float | None,
+             shape: MoEShape) -> Decision:
+    """A decision that publishes `new`: the window and cooldown start again."""
     state.above_since = None
     state.last_change = now
-    return Decision(action, why, state.last_imbalance, new, None, hot_experts(new, shape.n_routed_experts))
+    return Decision(action, why, imb, new, predicted, hot_experts(new, shape.n_routed_experts))
+
+
+def _restore(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
+             why: str) -> Decision | None:
+    """Back to the resting map on the spec's ranks, or None when `current` already has its ranks
+    and replica counts."""
+    new = _on_base_ranks(shape, cfg, current, topo, None)
+    if new.num_ranks == current.num_ranks and np.array_equal(new.replica_counts(shape.n_routed_experts),
+                                                             current.replica_counts(shape.n_routed_experts)):
+        return None
+    action = "scale-in" if current.num_ranks > new.num_ranks else "restore"
+    return _changed(state, now, action, why, state.last_imbalance, new, None, shape)
 
 
 def _scale_in_if_fits(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
                       logical: np.ndarray, imb: float) -> Decision | None:
     """A scale-in to the spec's ranks when their plan is predicted <= `scale_in_margin` x threshold."""
-    base = cfg.base_ranks
-    prev = Plan(ranks=current.ranks[:base], expert_map=current.expert_map[:, :base], metrics={}, shape=current.shape)
-    small = _planned(shape, base_topology(current, base, topo), logical + 1e-9, prev, base - shape.n_routed_experts,
-                     cfg)
+    small = _on_base_ranks(shape, cfg, current, topo, logical)
     pred = imbalance(predicted_physical(small, logical))
     if pred > cfg.threshold * cfg.scale_in_margin:
         return None
-    state.above_since = None
-    state.last_change = now
-    return Decision("scale-in", f"imbalance {imb:.2f}; {base} ranks are predicted {pred:.2f} "
-                                f"<= {cfg.scale_in_margin:.2f} x threshold {cfg.threshold:.2f}", imb, small, pred,
-                    hot_experts(small, shape.n_routed_experts))
+    return _changed(state, now, "scale-in", f"imbalance {imb:.2f}; {small.num_ranks} ranks are predicted {pred:.2f} "
+                                            f"<= {cfg.scale_in_margin:.2f} x threshold {cfg.threshold:.2f}",
+                    imb, small, pred, shape)
+
+
+def _scale_out(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, wide: Topology,
+               logical: np.ndarray, redundant: int, imb: float, predicted: float, now_pred: float) -> Decision | None:
+    """The fewest extra ranks on `wide`'s free GPUs predicted inside the band (<= `scale_in_margin`
+    x threshold), else the best within the budget; None unless it gains `min_gain` over both the
+    current map and a same-size rebalance (`predicted`)."""
+    budget = (cfg.base_ranks or current.num_ranks) + cfg.max_extra_gpus - current.num_ranks
+    best = None
+    for k in range(1, budget + 1):
+        try:
+            bigger = _planned(shape, wide, logical + 1e-9, current, redundant + k, cfg)
+        except PlacementError:
+            break  # no more free GPUs
+        pred = imbalance(predicted_physical(bigger, logical))
+        if best is None or pred < best[1] - 1e-9:
+            best = (bigger, pred, k)
+        if pred <= cfg.threshold * cfg.scale_in_margin:  # aim inside the band: room for noise
+            break
+    if best is None or best[1] >= min(predicted, now_pred) * (1 - cfg.min_gain):
+        return None
+    bigger, pred, k = best
+    return _changed(state, now, "scale-out", f"imbalance {imb:.2f} > {cfg.threshold:.2f} for {cfg.window_s:.0f}s; "
+                                             f"{current.num_ranks} ranks reach only {predicted:.2f}, "
+                                             f"{k} more predicted {pred:.2f}", imb, bigger, pred, shape)
 
 
 def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan, topo: Topology,
@@ -243,9 +270,9 @@ def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan
         if span >= cfg.window_s * 0.5:  # samples span the window (the sampling interval quantises it)
             state.idle_since = state.idle_since if state.idle_since is not None else now
             if cooled and now - state.idle_since >= cfg.window_s:
-                d = _scale_in(state, cfg, now, shape, current, topo, None,
-                              f"no load for {now - state.idle_since + cfg.window_s:.0f}s: back to the resting map "
-                              f"on {base} ranks")
+                d = _restore(state, cfg, now, shape, current, topo,
+                             f"no load for {now - state.idle_since + cfg.window_s:.0f}s: back to the resting map "
+                             f"on {base} ranks")
                 if d is not None:
                     return d
         return Decision("none", f"only {total:.0f} routed tokens in the window (need {cfg.min_tokens:.0f})",
@@ -276,38 +303,18 @@ def decide(state: State, cfg: Config, now: float, shape: MoEShape, current: Plan
     new = _planned(shape, topo, logical + 1e-9, current, redundant, cfg)
     predicted = imbalance(predicted_physical(new, logical))
     now_pred = imbalance(predicted_physical(current, logical))
-    budget = base + cfg.max_extra_gpus - current.num_ranks
-    if predicted > cfg.threshold and budget > 0 and callable(grow_topo):
-        grow_topo = grow_topo()
-    if predicted > cfg.threshold and budget > 0 and isinstance(grow_topo, Topology):
-        best = None
-        for k in range(1, budget + 1):
-            try:
-                bigger = _planned(shape, grow_topo, logical + 1e-9, current, redundant + k, cfg)
-            except PlacementError:
-                break  # no more free GPUs
-            pred = imbalance(predicted_physical(bigger, logical))
-            if best is None or pred < best[1] - 1e-9:
-                best = (bigger, pred, k)
-            if pred <= cfg.threshold * cfg.scale_in_margin:  # aim inside the band: room for noise
-                break
-        if best is not None and best[1] < min(predicted, now_pred) * (1 - cfg.min_gain):
-            bigger, pred, k = best
-            state.above_since = None
-            state.last_change = now
-            return Decision("scale-out", f"imbalance {imb:.2f} > {cfg.threshold:.2f} for {cfg.window_s:.0f}s; "
-                                         f"{current.num_ranks} ranks reach only {predicted:.2f}, "
-                                         f"{k} more predicted {pred:.2f}", imb, bigger, pred,
-                            hot_experts(bigger, shape.n_routed_experts))
+    if predicted > cfg.threshold and current.num_ranks < base + cfg.max_extra_gpus and grow_topo is not None:
+        wide = grow_topo() if callable(grow_topo) else grow_topo
+        d = None if wide is None else _scale_out(state, cfg, now, shape, current, wide, logical, redundant, imb,
+                                                  predicted, now_pred)
+        if d is not None:
+            return d
     if predicted > now_pred * (1 - cfg.min_gain):
         state.above_since = None
         state.last_change = now  # do not retry every interval: wait a cooldown before trying again
         return Decision("none", f"imbalance {imb:.2f}; a new map would only reach {predicted:.2f}", imb, hot=hot)
-    state.above_since = None
-    state.last_change = now
-    return Decision("rebalance", f"imbalance {imb:.2f} > {cfg.threshold:.2f} for {cfg.window_s:.0f}s; "
-                                 f"new map predicted {predicted:.2f}", imb, new, predicted,
-                    hot_experts(new, shape.n_routed_experts))
+    return _changed(state, now, "rebalance", f"imbalance {imb:.2f} > {cfg.threshold:.2f} for {cfg.window_s:.0f}s; "
+                                             f"new map predicted {predicted:.2f}", imb, new, predicted, shape)
 
 
 def _cap_replicas(p: Plan, cap: int, n_experts: int) -> Plan:
