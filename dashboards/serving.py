@@ -14,6 +14,11 @@ def _rate(metric: str, extra: str = "") -> str:
     return f"rate({metric}{{{sel}}}[{RATE}])"
 
 
+def _p50_p99(metric: str, by: str, legend: str) -> tuple:
+    """Median and 99th percentile of histogram `metric` by `by`, as queries A and B."""
+    return (q(quantile(0.5, metric, by), f"p50 {legend}", "A"), q(quantile(0.99, metric, by), f"p99 {legend}", "B"))
+
+
 def build() -> db.Dashboard:
     d = dashboard(UID, "MoE / Serving",
                   "Requests, tokens and latency of MoEDeployments, and the expert-parallel all-to-all "
@@ -47,16 +52,13 @@ def build() -> db.Dashboard:
         q(f"sum by (outcome) ({_rate('moe_requests_total')})", "{{outcome}}")))
     d = d.with_panel(ts(
         "Time to first token", "From request arrival to its first token.", "s",
-        q(quantile(0.5, "moe_time_to_first_token_seconds", G), "p50 {{deployment}} g{{group}}", "A"),
-        q(quantile(0.99, "moe_time_to_first_token_seconds", G), "p99 {{deployment}} g{{group}}", "B"), w=8))
+        *_p50_p99("moe_time_to_first_token_seconds", G, "{{deployment}} g{{group}}"), w=8))
     d = d.with_panel(ts(
         "Inter-token latency", "Time between consecutive output tokens of a request.", "s",
-        q(quantile(0.5, "moe_inter_token_seconds", G), "p50 {{deployment}} g{{group}}", "A"),
-        q(quantile(0.99, "moe_inter_token_seconds", G), "p99 {{deployment}} g{{group}}", "B"), w=8))
+        *_p50_p99("moe_inter_token_seconds", G, "{{deployment}} g{{group}}"), w=8))
     d = d.with_panel(ts(
         "Request duration", "End-to-end request latency.", "s",
-        q(quantile(0.5, "moe_request_duration_seconds", G), "p50 {{deployment}} g{{group}}", "A"),
-        q(quantile(0.99, "moe_request_duration_seconds", G), "p99 {{deployment}} g{{group}}", "B"), w=8))
+        *_p50_p99("moe_request_duration_seconds", G, "{{deployment}} g{{group}}"), w=8))
     d = d.with_panel(ts(
         "Queue depth and running batch", "Requests waiting, and requests in the running batch.", "short",
         q(f"sum by ({G}) (moe_queue_depth_requests{{{WORKER}}})", "queued {{deployment}} g{{group}}", "A"),
@@ -69,18 +71,15 @@ def build() -> db.Dashboard:
     d = d.with_row(db.Row("Expert parallelism"))
     d = d.with_panel(ts(
         "Dispatch all-to-all latency per rank",
-        "One dispatch (counts + payload) for one MoE layer. A rank far above the others is the straggler "
+        "One dispatch (rows out, their counts in a header; an extra round only when a bucket overflows) for one MoE layer. A rank far above the others is the straggler "
         "every other rank waits for.", "s",
-        q(quantile(0.5, "moe_dispatch_seconds", f"{G}, rank"), "p50 g{{group}} r{{rank}}", "A"),
-        q(quantile(0.99, "moe_dispatch_seconds", f"{G}, rank"), "p99 g{{group}} r{{rank}}", "B")))
+        *_p50_p99("moe_dispatch_seconds", f"{G}, rank", "g{{group}} r{{rank}}")))
     d = d.with_panel(ts(
         "Combine all-to-all latency per rank", "One combine for one MoE layer.", "s",
-        q(quantile(0.5, "moe_combine_seconds", f"{G}, rank"), "p50 g{{group}} r{{rank}}", "A"),
-        q(quantile(0.99, "moe_combine_seconds", f"{G}, rank"), "p99 g{{group}} r{{rank}}", "B")))
+        *_p50_p99("moe_combine_seconds", f"{G}, rank", "g{{group}} r{{rank}}")))
     d = d.with_panel(ts(
         "Step time by phase", "One forward step of the EP group (prefill and decode steps apart).", "s",
-        q(quantile(0.5, "moe_step_seconds", "phase"), "p50 {{phase}}", "A"),
-        q(quantile(0.99, "moe_step_seconds", "phase"), "p99 {{phase}}", "B")))
+        *_p50_p99("moe_step_seconds", "phase", "{{phase}}")))
     d = d.with_panel(ts(
         "Ranks up per group", "Ranks exporting metrics, and of those the ones reporting the group joined.",
         "short",
