@@ -844,7 +844,7 @@ class _Membership:
     backend and the timeout. A group of G ranks that switches to a map of G' ranks re-forms in
     place: every rank destroys its process group and creates one of G' ranks on a fresh store
     prefix (`pg/<generation>`); ranks >= G' leave; new ranks (started as pods beforehand, waiting
-    in `join_running`) join at the same moment. No process restarts; KV caches stay."""
+    in `_join_running`) join at the same moment. No process restarts; KV caches stay."""
 
     def __init__(self, store: Any, rank: int, backend: str, device: torch.device, timeout: datetime.timedelta):
         self.store, self.rank, self.backend, self.device, self.timeout = store, rank, backend, device, timeout
