@@ -115,6 +115,10 @@ class EngineConfig:
     """How often a rank looks at its expert-map files (0: every step)."""
     background_load: bool = True
     """Load the experts of a new map generation in a background thread."""
+    dist_backend: str = "auto"
+    """Process-group backend for the exchanges: "nccl", "gloo", or "auto" (NCCL on CUDA, gloo on
+    CPU). gloo on CUDA moves through host memory: for ranks that share one GPU (NCCL refuses two
+    ranks on one device) and for debugging, never for speed."""
     dist_timeout_s: float = 30.0
     """Collective timeout: the longest a rank waits for a hung peer."""
     rendezvous_timeout_s: float = 600.0
@@ -127,7 +131,7 @@ class EngineConfig:
         choices = {
             "dtype": ("auto", *DTYPES), "attn_impl": ("absorb", "naive"), "precision": ("auto", "fp8", "bf16"),
             "dispatch_fp8": ("auto", "on", "off"), "combine_dtype": ("auto", *DTYPES),
-            "overlap": ("auto", "on", "off"),
+            "overlap": ("auto", "on", "off"), "dist_backend": ("auto", "nccl", "gloo"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -178,7 +182,7 @@ class RankConfig:
         MOE_PRECISION, MOE_MODEL_NAME. Optional `EngineConfig` knobs: MOE_DTYPE, MOE_DEVICE,
         MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
-        MOE_MAX_PREFILL_TOKENS, MOE_MAP_POLL_S, MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S,
+        MOE_MAX_PREFILL_TOKENS, MOE_MAP_POLL_S, MOE_DIST_BACKEND, MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S,
         MOE_THREADS. Other MOE_* variables (ports, node) are the server's."""
         env = os.environ if env is None else env
         if not env.get("MOE_CHECKPOINT"):
@@ -199,6 +203,7 @@ class RankConfig:
             max_new_tokens=_env_int(env, "MOE_MAX_NEW_TOKENS", e.max_new_tokens),
             max_prefill_tokens=_env_int(env, "MOE_MAX_PREFILL_TOKENS", e.max_prefill_tokens),
             map_poll_s=_env_float(env, "MOE_MAP_POLL_S", e.map_poll_s),
+            dist_backend=env.get("MOE_DIST_BACKEND", e.dist_backend),
             dist_timeout_s=_env_float(env, "MOE_DIST_TIMEOUT_S", e.dist_timeout_s),
             rendezvous_timeout_s=_env_float(env, "MOE_RENDEZVOUS_TIMEOUT_S", e.rendezvous_timeout_s),
             model_name=env.get("MOE_MODEL_NAME", e.model_name),
@@ -222,6 +227,15 @@ def resolve_device(spec: str, rank: int = 0) -> torch.device:
             return torch.device("cuda", rank % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(spec)
+
+
+def dist_backend(spec: str, device: torch.device) -> str:
+    """The process-group backend for `spec` ("auto": NCCL on CUDA, gloo on CPU)."""
+    if spec == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if spec == "nccl" and device.type != "cuda":
+        raise ValueError(f"dist_backend 'nccl' needs a CUDA device, got {device}")
+    return spec
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -1310,7 +1324,7 @@ def start_rank(
     rdv = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
     store = _tcp_store(rc, rdv)
     device = resolve_device(cfg.device, rc.rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = dist_backend(cfg.dist_backend, device)
     membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s))
     resizable = rc.expert_map is not None  # the group follows the plan file's ranks
     world = rc.world_size

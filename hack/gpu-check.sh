@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one short run (about 5 minutes on an H200): the CUDA tests of
+# the worker (blockwise FP8 torch._scaled_mm, the model and engine ranks on the device) and the
+# expert benchmark in TFLOPS. Uses the machine's own python3 with torch; nothing is installed.
+# Logs go to $OUT (or ./gpu-check-out). Usage: bash hack/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-check-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/worker:$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' \
+  2>&1 | tee -a "$out/gpu.txt"
+rc=0
+# Which scale layouts cuBLAS's blockwise FP8 GEMM accepts on this torch (fp8._scaled_mm_blockwise
+# uses the first: 1x128 activation scales outer-dim-major, 128x128 weight scales as (K/128, N/128)).
+python3 - <<'PY' 2>&1 | tee "$out/layouts.txt"
+import torch
+from moe_worker import fp8
+q, s = fp8.quantize_weight(torch.randn(2048, 7168) / 7168**0.5)
+q, s = q.cuda(), s.cuda()
+x = torch.randn(64, 7168, device="cuda", dtype=torch.bfloat16)
+xq, xs = fp8.act_quant(x)
+for an, sa in (("a outer-major", xs.t().contiguous().t()), ("a row-major", xs.contiguous())):
+    for bn, sb in (("b (K/128,N/128) view", s.t()), ("b contiguous", s.t().contiguous())):
+        try:
+            torch._scaled_mm(xq, q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+            print("ok  ", an, "|", bn)
+        except Exception as e:
+            print("FAIL", an, "|", bn, "|", str(e).splitlines()[0][:300])
+PY
+timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/test_worker_cuda.py \
+  tests/worker/test_worker_fp8.py 2>&1 | tee "$out/pytest.log" || rc=1
+timeout 240 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 | tee "$out/expert.log" || rc=1
+exit $rc

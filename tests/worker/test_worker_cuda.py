@@ -1,0 +1,145 @@
+"""The worker on a CUDA device: the blockwise FP8 kernel, the model and one NCCL rank.
+
+Skipped without a CUDA device of compute capability >= 8.9 (everything here has an exact CPU
+counterpart tested elsewhere). On such a device these tests are what says the production path
+works: `torch._scaled_mm` with 1x128 / 128x128 block scales must run (no silent fallback to the
+emulated path), agree with the exact emulation, and carry a whole model and an engine rank.
+
+Bounds. `scaled_mm` and `emulate` multiply the same e4m3 values with the same scales; they differ by
+fp32 summation order and by the bf16 rounding of the output (2**-9 relative per element), so a
+kernel-level relative error (Frobenius) of 4e-3 leaves room for rounding and none for a wrong
+scale layout (one transposed scale grid gives errors of order 1). The whole model is compared with
+fp32 activations (scaled_mm writes fp32): both devices then quantize the same activations to the
+same e4m3 values and differ by summation order alone (1e-4). In bf16 a random tiny model is no good
+reference: a few bf16 roundings flip near-tied top-k choices of its gate (18% relative logit error
+against fp32 seen on CPU), so bf16 on the GPU is compared only with itself (the engine test).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from moe_worker import fp8
+from moe_worker.checkpoint import load_model, make_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="needs a CUDA device with compute capability >= 8.9",
+)
+
+# Every FP8 linear of this model has in_features % 128 == 0 and out_features % 16 == 0, so all of
+# them take the scaled_mm path (TINY's 320-wide layers would fall back to emulation by design).
+WIDER = {"hidden_size": 512, "intermediate_size": 512, "moe_intermediate_size": 256, "q_lora_rank": 256,
+         "kv_lora_rank": 128}
+PROMPT = (3, 17, 101, 42, 7, 250, 9, 64, 128, 5, 77, 31)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def _no_fallback():
+    """Any warning (the scaled_mm -> emulate fallback warns) fails the test."""
+    fp8._SCALED_MM_BROKEN.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
+    assert not fp8._SCALED_MM_BROKEN
+
+
+@pytest.fixture
+def fp8_ckpt128(tiny_config, tmp_path):
+    """TINY with every FP8 width a multiple of 128."""
+    return make_checkpoint(tiny_config | WIDER, tmp_path / "ckpt", dtype="fp8", seed=3)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64, 512])
+@pytest.mark.parametrize("shape", [(2048, 7168), (7168, 2048), (576, 7168), (1536, 7168), (32768, 512)])
+def test_blockwise_scaled_mm_matches_emulation(tokens, shape):
+    """DeepSeek-V3's FP8 shapes (expert up/down, kv_a, q_a, kv_b): the kernel itself, no fallback."""
+    g = torch.Generator().manual_seed(tokens * 7 + shape[0])
+    out_f, in_f = shape
+    q, s = fp8.quantize_weight(torch.randn(out_f, in_f, generator=g) / in_f**0.5)
+    q, s = q.cuda(), s.cuda()
+    x = (torch.randn(tokens, in_f, generator=g) * torch.exp2(torch.randint(-3, 4, (tokens, in_f), generator=g).float()))
+    x = x.to("cuda", torch.bfloat16)
+    y = fp8._scaled_mm_blockwise(x, q, s, None)  # raises if cuBLAS refuses the block scales
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, out_f)
+    ref = fp8.linear(x.float().cpu(), q.cpu(), s.cpu(), impl="emulate")  # exact, fp32
+    assert rel(y, ref) < 4e-3
+    assert torch.equal(fp8.linear(x, q, s, impl="scaled_mm"), y)  # linear() takes that kernel
+
+
+def test_emulate_on_cuda_equals_emulate_on_cpu():
+    """The exact path gives the same numbers on both devices (up to fp32 summation order)."""
+    g = torch.Generator().manual_seed(5)
+    q, s = fp8.quantize_weight(torch.randn(576, 7168, generator=g) / 7168**0.5)
+    x = torch.randn(33, 7168, generator=g)
+    cpu = fp8.linear(x, q, s, impl="emulate")
+    gpu = fp8.linear(x.cuda(), q.cuda(), s.cuda(), impl="emulate")
+    assert rel(gpu, cpu) < 1e-5
+
+
+def test_model_on_cuda_matches_the_cpu_reference(fp8_ckpt128, monkeypatch):
+    calls = {"scaled_mm": 0, "emulate": 0}
+
+    def counted(name, fn):
+        def wrapper(*a):
+            calls[name] += 1
+            return fn(*a)
+
+        return wrapper
+
+    monkeypatch.setattr(fp8, "_scaled_mm_blockwise", counted("scaled_mm", fp8._scaled_mm_blockwise))
+    monkeypatch.setattr(fp8, "_emulate", counted("emulate", fp8._emulate))
+    gpu = load_model(fp8_ckpt128, dtype=torch.float32, fp8_impl="auto", device="cuda")
+    tokens = torch.tensor([PROMPT], device="cuda")
+    y_gpu = gpu(tokens)[0]
+    assert calls["emulate"] == 0 and calls["scaled_mm"] >= 5 * gpu.args.num_hidden_layers
+    monkeypatch.undo()
+    ref = load_model(fp8_ckpt128, dtype=torch.float32, fp8_impl="emulate")(torch.tensor([PROMPT]))[0]
+    assert rel(y_gpu, ref) < 1e-4
+    # Incremental decode with the latent cache on the GPU agrees with the full forward.
+    cache = gpu.new_cache(1, 32)
+    steps = [gpu(tokens[:, :8], 0, cache)[0]]
+    steps += [gpu(tokens[:, i : i + 1], i, cache)[0] for i in range(8, len(PROMPT))]
+    assert rel(torch.cat(steps), y_gpu) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_engine_rank_on_cuda(fp8_ckpt128, dtype):
+    """A group of one rank on the GPU: scheduler, KV cache, greedy decode."""
+    from moe_worker.engine import EngineConfig
+    from moe_worker.engine_api import GenerationRequest
+    from moe_worker.launch import Job, Phase, run_local
+
+    req = GenerationRequest("cuda-0", PROMPT, max_tokens=6)
+    cfg = EngineConfig(device="cuda", dtype=dtype)
+    res = run_local(fp8_ckpt128, 1, Job([Phase([req], logits_prompt=PROMPT)]), engine=cfg)
+    out, logits = res.phases[0].results[0], torch.from_numpy(res.phases[0].logits)
+    assert len(out["output_ids"]) == 6 and all(0 <= t < 256 for t in out["output_ids"])
+    assert out["output_ids"][0] == int(logits[-1].argmax())  # prefill's next-token argmax
+    if dtype == "fp32":  # the engine computes what the model computes (same device and dtype)
+        model = load_model(fp8_ckpt128, dtype=torch.float32, device="cuda")
+        assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 1e-4
+
+
+def test_two_ranks_on_one_gpu_dispatch_cuda_tensors(fp8_ckpt128):
+    """The EP runtime on CUDA tensors: two ranks share the GPU (gloo, which NCCL would refuse), so
+    dispatch packing, the exchanges, the experts and the combine all run on device tensors."""
+    from moe_worker.engine import EngineConfig
+    from moe_worker.engine_api import GenerationRequest
+    from moe_worker.launch import Job, Phase, run_local
+
+    req = GenerationRequest("cuda-ep", PROMPT, max_tokens=4)
+    cfg = EngineConfig(device="cuda", dtype="fp32", dist_backend="gloo")
+    res = run_local(fp8_ckpt128, 2, Job([Phase([req], logits_prompt=PROMPT)]), engine=cfg)
+    logits = torch.from_numpy(res.phases[0].logits)
+    model = load_model(fp8_ckpt128, dtype=torch.float32, device="cuda")
+    assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 1e-4
+    assert res.dispatch and res.phases[0].results[0]["output_ids"][0] == int(logits[-1].argmax())
