@@ -28,6 +28,14 @@ for an, sa in (("a outer-major", xs.t().contiguous().t()), ("a row-major", xs.co
             print("ok  ", an, "|", bn)
         except Exception as e:
             print("FAIL", an, "|", bn, "|", str(e).splitlines()[0][:300])
+for rows in (1, 3, 4, 8, 16, 64):  # token rows the raw kernel takes (fp8.py pads to SCALED_MM_ROWS)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        xq, xs = fp8.act_quant(x[:rows].float())
+        try:
+            torch._scaled_mm(xq, q.t(), scale_a=xs.t().contiguous().t(), scale_b=s.t(), out_dtype=out_dtype)
+            print("ok  ", rows, "rows", out_dtype)
+        except Exception as e:
+            print("FAIL", rows, "rows", out_dtype, "|", str(e).splitlines()[0][:200])
 PY
 timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/test_worker_cuda.py \
   tests/worker/test_worker_fp8.py 2>&1 | tee "$out/pytest.log" || rc=1

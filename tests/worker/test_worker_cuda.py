@@ -58,7 +58,7 @@ def fp8_ckpt128(tiny_config, tmp_path):
     return make_checkpoint(tiny_config | WIDER, tmp_path / "ckpt", dtype="fp8", seed=3)
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 64, 512])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64, 100, 512])
 @pytest.mark.parametrize("shape", [(2048, 7168), (7168, 2048), (576, 7168), (1536, 7168), (32768, 512)])
 def test_blockwise_scaled_mm_matches_emulation(tokens, shape):
     """DeepSeek-V3's FP8 shapes (expert up/down, kv_a, q_a, kv_b): the kernel itself, no fallback."""

@@ -222,11 +222,14 @@ class RankConfig:
 
 
 def resolve_device(spec: str, rank: int = 0) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", rank % torch.cuda.device_count())
+    """"auto": this rank's GPU (rank mod the GPUs visible) or the CPU; "cuda" without an index: the
+    same rank-local GPU; anything else as given."""
+    if spec == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device(spec)
+    device = torch.device("cuda" if spec == "auto" else spec)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return device
 
 
 def dist_backend(spec: str, device: torch.device) -> str:

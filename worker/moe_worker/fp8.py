@@ -9,8 +9,9 @@ Format (README_WEIGHTS.md, report section 3.3.2):
 
 `linear()` is the only place that decides how a product is computed (`Linear.impl`):
 - "scaled_mm": CUDA with compute capability >= 8.9: act_quant + `torch._scaled_mm` with 1x128 x
-  128x128 block scales (cuBLAS blockwise scaling; sm90). If the kernel refuses (older CUDA, sm89 or
-  sm100 without blockwise support) the call falls back to "emulate" once per device, with a warning.
+  128x128 block scales (cuBLAS blockwise scaling; sm90), token rows padded to a multiple of 16. If the
+  kernel refuses (older CUDA, sm89 or sm100 without blockwise support) the call falls back to
+  "emulate" for that weight shape on that device, with one warning.
 - "emulate": the exact CPU fallback. It computes what the FP8 kernel computes,
   sum_k (qa[m,k] * sa[m,k//128]) * (qw[n,k] * sw[n//128,k//128]), with the same e4m3 values and
   scales (activation rounding bit-identical to `act_quant`), in fp32: it differs from the GPU
@@ -48,7 +49,10 @@ IMPLS: tuple[str, ...] = ("auto", "scaled_mm", "emulate", "weight_only")
 TILE_ELEMENTS = 1 << 20
 """Weight elements decoded per tile on the CPU paths (about 4 MB of fp32 scratch)."""
 
-_SCALED_MM_BROKEN: set[str] = set()  # devices where torch._scaled_mm refused blockwise scales
+_SCALED_MM_BROKEN: set[tuple[str, int, int]] = set()  # (device, out, in) where torch._scaled_mm refused
+SCALED_MM_ROWS = 16
+"""scaled_mm pads the token rows to a multiple of this: cuBLAS's blockwise FP8 GEMM refused 1 and 3
+rows (CUBLAS_STATUS_NOT_SUPPORTED) on an H200 with torch 2.11 + CUDA 13.0, and ran 64."""
 _SCRATCH = threading.local()  # per-thread reusable decode buffers: fresh 8 MB buffers page-fault
 
 
@@ -333,7 +337,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"fp8 impl {impl!r}: expected one of {IMPLS}")
     if impl == "auto":
-        return "scaled_mm" if scaled_mm_supported(device) and str(device) not in _SCALED_MM_BROKEN else "emulate"
+        return "scaled_mm" if scaled_mm_supported(device) else "emulate"
     if impl == "scaled_mm" and not scaled_mm_supported(device):
         raise ValueError(f"fp8 impl 'scaled_mm' needs a CUDA device with compute capability >= 8.9, got {device}")
     return impl
@@ -375,16 +379,16 @@ def _emulate(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_
 
 
 def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
-    device = str(x2.device)
     out_f, in_f = weight.shape
-    if device not in _SCALED_MM_BROKEN and in_f % FP8_BLOCK == 0 and out_f % 16 == 0:
+    key = (str(x2.device), out_f, in_f)
+    if key not in _SCALED_MM_BROKEN and in_f % FP8_BLOCK == 0 and out_f % 16 == 0:
         try:
             return _scaled_mm_blockwise(x2, weight, scale, scale_fmt)
         except (RuntimeError, NotImplementedError) as e:
-            _SCALED_MM_BROKEN.add(device)
+            _SCALED_MM_BROKEN.add(key)
             warnings.warn(
-                f"torch._scaled_mm with 1x128/128x128 block scales failed on {device} ({e}); "
-                "using the emulated FP8 path on this device from now on",
+                f"torch._scaled_mm with 1x128/128x128 block scales failed on {key[0]} for a {out_f}x{in_f} "
+                f"weight ({e}); using the emulated FP8 path for that shape from now on",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -392,16 +396,25 @@ def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
 
 
 def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
-    """cuBLAS blockwise FP8 GEMM: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales."""
+    """cuBLAS blockwise FP8 GEMM: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales.
+
+    Token rows are zero-padded to a multiple of SCALED_MM_ROWS (their outputs are dropped). fp32
+    activations get an fp32 output, anything else bf16 (cast back to the activation dtype).
+    """
+    T = x2.shape[0]
+    pad = -T % SCALED_MM_ROWS
+    if pad:
+        x2 = F.pad(x2, (0, 0, 0, pad))
     xq, xs = act_quant(x2, scale_fmt)  # (T, K) e4m3, (T, K/128) fp32
     xs = xs.t().contiguous().t()  # 1x128 scales must be outer-dim-major (stride 1 along tokens)
-    return torch._scaled_mm(
+    y = torch._scaled_mm(
         xq,
         weight.t(),  # (K, N) column-major view of the row-major (N, K) weight
         scale_a=xs,
         scale_b=scale.t(),  # (K/128, N/128), K-major
-        out_dtype=x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16,
-    ).to(x2.dtype)
+        out_dtype=torch.float32 if x2.dtype == torch.float32 else torch.bfloat16,
+    )
+    return (y[:T] if pad else y).to(x2.dtype)
 
 
 class Linear(nn.Module):
