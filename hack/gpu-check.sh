@@ -37,6 +37,26 @@ for rows in (1, 3, 4, 8, 16, 64):  # token rows the raw kernel takes (fp8.py pad
         except Exception as e:
             print("FAIL", rows, "rows", out_dtype, "|", str(e).splitlines()[0][:200])
 PY
+# Where an FP8 linear's time goes (2048 x 7168, CUDA events, median of 50 back-to-back calls).
+python3 - <<'PY' 2>&1 | tee "$out/breakdown.txt"
+import torch, torch.nn.functional as F
+from moe_worker import fp8
+from moe_worker.fp8_triton import act_quant_padded
+def t(fn, n=50):
+    fn(); torch.cuda.synchronize(); a, b = torch.cuda.Event(True), torch.cuda.Event(True); a.record()
+    for _ in range(n): fn()
+    b.record(); b.synchronize(); return a.elapsed_time(b) / n * 1e3
+q, s = fp8.quantize_weight(torch.randn(2048, 7168) / 7168**0.5); q, s = q.cuda(), s.cuda()
+w16 = fp8.dequantize_weight(q, s, torch.bfloat16)
+print("us per call:  T  bf16_mm  act_quant_torch  act_quant_triton  scaled_mm_only  linear_scaled_mm")
+for T in (1, 16, 128, 512, 4096):
+    x = torch.randn(T, 7168, device="cuda", dtype=torch.bfloat16)
+    xq, xs = act_quant_padded(x, None, 16, fp8.ACT_AMAX_FLOOR, fp8.FP8_MAX)
+    print(f"{T:>5} {t(lambda: x @ w16.t()):8.1f} {t(lambda: fp8.act_quant(x)):8.1f} "
+          f"{t(lambda: act_quant_padded(x, None, 16, 1e-4, 448.0)):8.1f} "
+          f"{t(lambda: torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(), out_dtype=torch.bfloat16)):8.1f} "
+          f"{t(lambda: fp8.linear(x, q, s, impl='scaled_mm')):8.1f}")
+PY
 timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/test_worker_cuda.py \
   tests/worker/test_worker_fp8.py 2>&1 | tee "$out/pytest.log" || rc=1
 timeout 240 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 | tee "$out/expert.log" || rc=1

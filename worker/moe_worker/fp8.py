@@ -398,15 +398,18 @@ def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
 def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
     """cuBLAS blockwise FP8 GEMM: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales.
 
-    Token rows are zero-padded to a multiple of SCALED_MM_ROWS (their outputs are dropped). fp32
-    activations get an fp32 output, anything else bf16 (cast back to the activation dtype).
+    Token rows are zero-padded to a multiple of SCALED_MM_ROWS (their outputs are dropped). The
+    activations are quantized by one Triton kernel where Triton is installed, else by `act_quant`
+    (same numbers). fp32 activations get an fp32 output, anything else bf16 (cast back).
     """
     T = x2.shape[0]
-    pad = -T % SCALED_MM_ROWS
-    if pad:
-        x2 = F.pad(x2, (0, 0, 0, pad))
-    xq, xs = act_quant(x2, scale_fmt)  # (T, K) e4m3, (T, K/128) fp32
-    xs = xs.t().contiguous().t()  # 1x128 scales must be outer-dim-major (stride 1 along tokens)
+    triton_quant = _triton_act_quant()
+    if triton_quant is not None:
+        xq, xs = triton_quant(x2, scale_fmt, SCALED_MM_ROWS, ACT_AMAX_FLOOR, FP8_MAX)
+    else:
+        pad = -T % SCALED_MM_ROWS
+        xq, xs = act_quant(F.pad(x2, (0, 0, 0, pad)) if pad else x2, scale_fmt)  # (Tp, K) e4m3, (Tp, K/128)
+        xs = xs.t().contiguous().t()  # 1x128 scales must be outer-dim-major (stride 1 along tokens)
     y = torch._scaled_mm(
         xq,
         weight.t(),  # (K, N) column-major view of the row-major (N, K) weight
@@ -414,7 +417,21 @@ def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
         scale_b=scale.t(),  # (K/128, N/128), K-major
         out_dtype=torch.float32 if x2.dtype == torch.float32 else torch.bfloat16,
     )
-    return (y[:T] if pad else y).to(x2.dtype)
+    return (y[:T] if y.shape[0] != T else y).to(x2.dtype)
+
+
+_TRITON_ACT_QUANT: list = []
+
+
+def _triton_act_quant():
+    """fp8_triton.act_quant_padded, or None where Triton is not installed (imported once)."""
+    if not _TRITON_ACT_QUANT:
+        try:
+            from .fp8_triton import act_quant_padded
+        except ImportError:
+            act_quant_padded = None
+        _TRITON_ACT_QUANT.append(act_quant_padded)
+    return _TRITON_ACT_QUANT[0]
 
 
 class Linear(nn.Module):

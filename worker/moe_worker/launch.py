@@ -321,7 +321,7 @@ def run_job(engine: Any, job: Job, expert_map: str | None) -> JobResult:
         logits = engine.prompt_logits(ph.logits_prompt) if ph.logits_prompt is not None else None
         results = [engine._wait(t, None) for t in tickets]
         d = engine.runner.dispatcher
-        out.append(PhaseResult([asdict(r) for r in results], None if logits is None else logits.numpy(),
+        out.append(PhaseResult([asdict(r) for r in results], None if logits is None else logits.cpu().numpy(),
                                (first_step, engine.step), asdict(d.stats) if d is not None else {}))
     d = engine.runner.dispatcher
     return JobResult(out, list(engine.switches), engine.runner.emap.generation, list(engine.map_errors),
