@@ -8,7 +8,8 @@ shared machine hits both alike; the table gives medians and the median of per-ro
 CPU target (issue 6): FP8 time <= 1.3x bf16 while holding half the bytes. On a CUDA device the
 "scaled_mm" path is timed as well (instead of the emulated CPU reference) and reported in TFLOPS
 against 1979 (H100/H200 dense FP8 peak); GPU times are CUDA-event times of back-to-back calls
-(about 20 ms per timing), so launch overhead is included, as a rank pays it.
+(about 20 ms per timing), so launch overhead is included, as an eager rank pays it; `--graphs`
+times CUDA-graph replays instead (the GPU's own time, as a rank that captures its decode step).
 
     PYTHONPATH=worker python bench/expert.py [--tokens 1,16,128,512] [--rounds 7] [--impls emulate,weight_only]
 """
@@ -67,6 +68,20 @@ def timed(fn, device, reps: int = 1) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def graphed(fn, device):
+    """`fn` captured once in a CUDA graph; the returned callable replays it (no host work per call).
+    A path that syncs with the host cannot be captured: it is timed eagerly, and says so."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        print(f"  (not graph-capturable, timed eagerly: {str(e).splitlines()[0][:100]})")
+        torch.cuda.synchronize(device)
+        return fn
+    return graph.replay
+
+
 def reps_for(fn, device, target_s: float) -> int:
     """Calls per timing so one timing lasts about `target_s` (1 on CPU: calls there are long)."""
     if device.type != "cuda":
@@ -80,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--impls", default=None, help="fp8 paths to time (default: emulate,weight_only [+scaled_mm on CUDA])")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--graphs", action="store_true", help="CUDA: time CUDA-graph replays (GPU time, no launch overhead)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     impls = a.impls.split(",") if a.impls else ["emulate", "weight_only"]
@@ -90,7 +106,10 @@ def main(argv=None) -> int:
     expert, w16 = build(device)
     fp8_bytes = sum(t.numel() * t.element_size() for t in expert.parameters())
     bf16_bytes = sum(t.numel() * t.element_size() for t in w16.values())
-    print(f"device: {device} ({torch.get_num_threads()} threads)  torch {torch.__version__}")
+    if a.graphs and device.type != "cuda":
+        p.error("--graphs needs a CUDA device")
+    mode = ", CUDA-graph replays" if a.graphs else (", eager calls" if device.type == "cuda" else "")
+    print(f"device: {device} ({torch.get_num_threads()} threads{mode})  torch {torch.__version__}")
     print(
         f"bytes per expert: bf16 {bf16_bytes / 1e6:.2f} MB, fp8 {fp8_bytes / 1e6:.2f} MB "
         f"(weights + weight_scale_inv) = {fp8_bytes / bf16_bytes:.4f}x"
@@ -115,6 +134,8 @@ def main(argv=None) -> int:
                 runs[impl] = run
             for fn in runs.values():  # warm-up
                 fn()
+            if a.graphs:
+                runs = {k: graphed(fn, device) for k, fn in runs.items()}
             reps = {k: reps_for(fn, device, 0.02) for k, fn in runs.items()}
             times: dict[str, list[float]] = {k: [] for k in runs}
             ratios: dict[str, list[float]] = {k: [] for k in impls}

@@ -28,6 +28,14 @@ for an, sa in (("a outer-major", xs.t().contiguous().t()), ("a row-major", xs.co
             print("ok  ", an, "|", bn)
         except Exception as e:
             print("FAIL", an, "|", bn, "|", str(e).splitlines()[0][:300])
+for K in (128, 256, 384, 640, 896, 1024):  # which K the blockwise GEMM gets right (fp8.SCALED_MM_K)
+    qk, sk = fp8.quantize_weight(torch.randn(256, K) / K**0.5)
+    xk = torch.randn(32, K, device="cuda")
+    a_q, a_s = fp8.act_quant(xk)
+    y = torch._scaled_mm(a_q, qk.cuda().t(), scale_a=a_s.t().contiguous().t(), scale_b=sk.cuda().t(),
+                         out_dtype=torch.float32)
+    ref = fp8.linear(xk.cpu(), qk, sk, impl="emulate")
+    print("K", K, "relative error", float((y.cpu() - ref).norm() / ref.norm()))
 for rows in (1, 3, 4, 8, 16, 64):  # token rows the raw kernel takes (fp8.py pads to SCALED_MM_ROWS)
     for out_dtype in (torch.bfloat16, torch.float32):
         xq, xs = fp8.act_quant(x[:rows].float())
@@ -59,5 +67,7 @@ for T in (1, 16, 128, 512, 4096):
 PY
 timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/test_worker_cuda.py \
   tests/worker/test_worker_fp8.py 2>&1 | tee "$out/pytest.log" || rc=1
-timeout 240 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 | tee "$out/expert.log" || rc=1
+timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 | tee "$out/expert.log" || rc=1
+timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 --graphs --impls scaled_mm \
+  2>&1 | tee "$out/expert-graphs.log" || rc=1
 exit $rc

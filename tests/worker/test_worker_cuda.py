@@ -32,10 +32,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device with compute capability >= 8.9",
 )
 
-# Every FP8 linear of this model has in_features % 128 == 0 and out_features % 16 == 0, so all of
+# Every FP8 linear of this model has in_features % 512 == 0 and out_features % 16 == 0, so all of
 # them take the scaled_mm path (TINY's 320-wide layers would fall back to emulation by design).
-WIDER = {"hidden_size": 512, "intermediate_size": 512, "moe_intermediate_size": 256, "q_lora_rank": 256,
-         "kv_lora_rank": 128}
+WIDER = {"hidden_size": 512, "intermediate_size": 512, "moe_intermediate_size": 512, "q_lora_rank": 512,
+         "kv_lora_rank": 512, "v_head_dim": 128}
 PROMPT = (3, 17, 101, 42, 7, 250, 9, 64, 128, 5, 77, 31)
 
 
@@ -56,19 +56,19 @@ def _no_fallback():
 
 @pytest.fixture
 def fp8_ckpt128(tiny_config, tmp_path):
-    """TINY with every FP8 width a multiple of 128."""
+    """TINY with every FP8 input width a multiple of fp8.SCALED_MM_K."""
     return make_checkpoint(tiny_config | WIDER, tmp_path / "ckpt", dtype="fp8", seed=3)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 17, 64, 100, 512])
 @pytest.mark.parametrize(
     "shape",
-    [(2048, 7168), (7168, 2048), (576, 7168), (1536, 7168), (32768, 512), (144, 512), (256, 128), (512, 256)],
+    [(2048, 7168), (7168, 2048), (576, 7168), (1536, 7168), (32768, 512), (144, 512), (192, 1024)],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_blockwise_scaled_mm_matches_emulation(tokens, shape, dtype):
-    """DeepSeek-V3's FP8 shapes (expert up/down, kv_a, q_a, kv_b) and the small model's (one and two
-    128-column blocks, a partial 128-row block): the kernel itself, no fallback."""
+    """DeepSeek-V3's FP8 shapes (expert up/down, kv_a, q_a, kv_b) and small ones (a partial 128-row
+    block): the kernel itself, no fallback."""
     g = torch.Generator().manual_seed(tokens * 7 + shape[0])
     out_f, in_f = shape
     q, s = fp8.quantize_weight(torch.randn(out_f, in_f, generator=g) / in_f**0.5)
@@ -99,11 +99,27 @@ def test_triton_act_quant_is_bit_exact(shape, dtype, scale_fmt):
     q, s = act_quant_padded(x, scale_fmt, 16, fp8.ACT_AMAX_FLOOR, fp8.FP8_MAX)
     rq, rs = fp8.act_quant(x, scale_fmt)
     assert q.shape[0] % 16 == 0 and q.shape[0] >= T and s.shape == (q.shape[0], rs.shape[1]) and s.stride(0) == 1
-    assert torch.equal(q[:T].view(torch.uint8), rq.view(torch.uint8))
+    codes, ref_codes = q[:T].view(torch.uint8), rq.view(torch.uint8)
+    diff = codes != ref_codes
+    assert not diff.any(), (
+        f"{int(diff.sum())} of {diff.numel()} codes differ, e.g. x {x[:T][diff][:4].tolist()}: "
+        f"{q[:T][diff][:4].float().tolist()} vs act_quant {rq[diff][:4].float().tolist()}"
+    )
     assert torch.equal(s[:T], rs)
     assert not q[T:].float().any()
     zq, zs = fp8.act_quant(torch.zeros(1, K, device="cuda"), scale_fmt)
     assert torch.equal(s[T:], zs.expand(q.shape[0] - T, -1))
+
+
+@pytest.mark.parametrize("in_f", [128, 256, 640])
+def test_narrow_weights_take_the_emulated_path(in_f):
+    """K not a multiple of SCALED_MM_K: cuBLAS's blockwise GEMM gave wrong numbers for K = 128 and
+    256 on an H200, so linear() must not hand such weights to it."""
+    g = torch.Generator().manual_seed(in_f)
+    q, s = fp8.quantize_weight(torch.randn(256, in_f, generator=g) / in_f**0.5)
+    x = torch.randn(5, in_f, generator=g).to("cuda", torch.bfloat16)
+    y = fp8.linear(x, q.cuda(), s.cuda(), impl="scaled_mm")
+    assert torch.equal(y, fp8.linear(x, q.cuda(), s.cuda(), impl="emulate"))
 
 
 def test_emulate_on_cuda_equals_emulate_on_cpu():

@@ -9,7 +9,8 @@ Format (README_WEIGHTS.md, report section 3.3.2):
 
 `linear()` is the only place that decides how a product is computed (`Linear.impl`):
 - "scaled_mm": CUDA with compute capability >= 8.9: act_quant + `torch._scaled_mm` with 1x128 x
-  128x128 block scales (cuBLAS blockwise scaling; sm90), token rows padded to a multiple of 16. If the
+  128x128 block scales (cuBLAS blockwise scaling; sm90), token rows padded to a multiple of 16, for
+  in_features a multiple of 512 (SCALED_MM_K; other widths are emulated). If the
   kernel refuses (older CUDA, sm89 or sm100 without blockwise support) the call falls back to
   "emulate" for that weight shape on that device, with one warning.
 - "emulate": the exact CPU fallback. It computes what the FP8 kernel computes,
@@ -52,7 +53,12 @@ TILE_ELEMENTS = 1 << 20
 _SCALED_MM_BROKEN: set[tuple[str, int, int]] = set()  # (device, out, in) where torch._scaled_mm refused
 SCALED_MM_ROWS = 16
 """scaled_mm pads the token rows to a multiple of this: cuBLAS's blockwise FP8 GEMM refused 1 and 3
-rows (CUBLAS_STATUS_NOT_SUPPORTED) on an H200 with torch 2.11 + CUDA 13.0, and ran 64."""
+rows (CUBLAS_STATUS_NOT_SUPPORTED) on an H200 with torch 2.11 + CUDA 13.0, and ran 4 and more."""
+SCALED_MM_K = 512
+"""scaled_mm only for in_features a multiple of this. On that H200 the blockwise GEMM returned
+garbage, without an error, for K = 128 and 256 (relative error 0.2 to 1e11 against the exact
+product) and was right for K = 512, 2048 and 7168. Every FP8 linear of DeepSeek-V3 has such a K
+(7168, 1536, 512, 2048, 16384, 18432); other widths take the exact emulated path."""
 _SCRATCH = threading.local()  # per-thread reusable decode buffers: fresh 8 MB buffers page-fault
 
 
@@ -381,7 +387,7 @@ def _emulate(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_
 def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
     out_f, in_f = weight.shape
     key = (str(x2.device), out_f, in_f)
-    if key not in _SCALED_MM_BROKEN and in_f % FP8_BLOCK == 0 and out_f % 16 == 0:
+    if key not in _SCALED_MM_BROKEN and in_f % SCALED_MM_K == 0 and out_f % 16 == 0:
         try:
             return _scaled_mm_blockwise(x2, weight, scale, scale_fmt)
         except (RuntimeError, NotImplementedError) as e:

@@ -42,7 +42,7 @@ def _act_quant_kernel(
     if UE8M0:  # smallest power of two >= s (s is a positive normal float)
         bits = s.to(tl.int32, bitcast=True)
         s = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    v = x / s[:, None]
+    v = tl.math.div_rn(x, s[:, None])  # IEEE division, as PyTorch's (plain `/` is approximate)
     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
     q = v.to(tl.float8e4nv)  # round to nearest even (cvt.rn.satfinite on sm89+)
     out_q = cols[None, :] < K
