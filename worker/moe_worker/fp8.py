@@ -59,7 +59,8 @@ SCALED_MM_K = 512
 wrong numbers, without an error, for K = 128, 256, 384, 640 and 896 (relative error 0.39 to 2e3
 against the exact product) and was right for K = 512, 1024, 2048 and 7168: K/128 scale columns not
 a multiple of 4 (the weight scales' leading dimension then is not 16-byte aligned, our guess). Every
-FP8 linear of DeepSeek-V3 has such a K (7168, 1536, 512, 2048, 16384, 18432); other widths take the exact emulated path."""
+FP8 linear of DeepSeek-V3 has such a K (7168, 1536, 512, 2048, 16384, 18432); other widths take
+the exact emulated path."""
 _SCRATCH = threading.local()  # per-thread reusable decode buffers: fresh 8 MB buffers page-fault
 
 
