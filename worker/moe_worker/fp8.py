@@ -10,8 +10,7 @@ Format (README_WEIGHTS.md, report section 3.3.2):
 `linear()` is the only place that decides how a product is computed (`Linear.impl`):
 - "scaled_mm": CUDA with compute capability >= 8.9: act_quant + `torch._scaled_mm` with 1x128 x
   128x128 block scales (cuBLAS blockwise scaling; sm90), token rows padded to a multiple of 16, for
-  in_features a multiple of 512 (SCALED_MM_K; other widths are emulated); decode-sized batches
-  (<= 64 tokens) use our Triton kernel instead (fp8_triton.fp8_gemm). If the
+  in_features a multiple of 512 (SCALED_MM_K; other widths are emulated). If the
   kernel refuses (older CUDA, sm89 or sm100 without blockwise support) the call falls back to
   "emulate" for that weight shape on that device, with one warning.
 - "emulate": the exact CPU fallback. It computes what the FP8 kernel computes,
@@ -405,22 +404,16 @@ def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
 
 
 def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
-    """Blockwise FP8 GEMM on CUDA: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales.
+    """cuBLAS blockwise FP8 GEMM: A (T, K) e4m3 with 1x128 scales, B = W^T with 128x128 scales.
 
-    Where Triton is installed the activations are quantized by one Triton kernel (else by
-    `act_quant`, same numbers), and up to TRITON_GEMM_MAX_TOKENS tokens multiply in our Triton
-    kernel (`fp8_triton.fp8_gemm`); larger batches, or no Triton, go to cuBLAS through
-    `torch._scaled_mm`, with token rows zero-padded to a multiple of SCALED_MM_ROWS. fp32
-    activations get an fp32 output, anything else bf16 (cast back to the activation dtype).
+    Token rows are zero-padded to a multiple of SCALED_MM_ROWS (their outputs are dropped). The
+    activations are quantized by one Triton kernel where Triton is installed, else by `act_quant`
+    (same numbers). fp32 activations get an fp32 output, anything else bf16 (cast back).
     """
     T = x2.shape[0]
-    out_dtype = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
-    triton_kernels = _triton_kernels()
-    if triton_kernels is not None:
-        act_quant_padded, fp8_gemm = triton_kernels
-        xq, xs = act_quant_padded(x2, scale_fmt, SCALED_MM_ROWS, ACT_AMAX_FLOOR, FP8_MAX)
-        if T <= TRITON_GEMM_MAX_TOKENS:
-            return fp8_gemm(xq, xs, weight, scale, T, out_dtype).to(x2.dtype)
+    triton_quant = _triton_act_quant()
+    if triton_quant is not None:
+        xq, xs = triton_quant(x2, scale_fmt, SCALED_MM_ROWS, ACT_AMAX_FLOOR, FP8_MAX)
     else:
         pad = -T % SCALED_MM_ROWS
         xq, xs = act_quant(F.pad(x2, (0, 0, 0, pad)) if pad else x2, scale_fmt)  # (Tp, K) e4m3, (Tp, K/128)
@@ -430,26 +423,23 @@ def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
         weight.t(),  # (K, N) column-major view of the row-major (N, K) weight
         scale_a=xs,
         scale_b=scale.t(),  # (K/128, N/128), K-major
-        out_dtype=out_dtype,
+        out_dtype=torch.float32 if x2.dtype == torch.float32 else torch.bfloat16,
     )
     return (y[:T] if y.shape[0] != T else y).to(x2.dtype)
 
 
-TRITON_GEMM_MAX_TOKENS = 64
-"""Batches up to this many tokens use the Triton FP8 GEMM (decode sizes), larger ones cuBLAS."""
-_TRITON: list = []
+_TRITON_ACT_QUANT: list = []
 
 
-def _triton_kernels():
-    """(act_quant_padded, fp8_gemm) from fp8_triton, or None where Triton is not installed."""
-    if not _TRITON:
+def _triton_act_quant():
+    """fp8_triton.act_quant_padded, or None where Triton is not installed (imported once)."""
+    if not _TRITON_ACT_QUANT:
         try:
-            from .fp8_triton import act_quant_padded, fp8_gemm
-
-            _TRITON.append((act_quant_padded, fp8_gemm))
+            from .fp8_triton import act_quant_padded
         except ImportError:
-            _TRITON.append(None)
-    return _TRITON[0]
+            act_quant_padded = None
+        _TRITON_ACT_QUANT.append(act_quant_padded)
+    return _TRITON_ACT_QUANT[0]
 
 
 class Linear(nn.Module):
