@@ -197,3 +197,21 @@ def test_two_ranks_on_one_gpu_dispatch_cuda_tensors(fp8_ckpt128):
     model = load_model(fp8_ckpt128, dtype=torch.float32, device="cuda")
     assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 1e-4
     assert res.dispatch and res.phases[0].results[0]["output_ids"][0] == int(logits[-1].argmax())
+
+
+def test_four_ranks_on_one_gpu_with_overlap_and_fp8_dispatch(fp8_ckpt128):
+    """Two overlapped micro-batches and the FP8 dispatch payload (e4m3 rows + 1x128 scales) on
+    CUDA tensors, three requests batched over four ranks."""
+    from moe_worker.engine import EngineConfig
+    from moe_worker.engine_api import GenerationRequest
+    from moe_worker.launch import Job, Phase, run_local
+
+    prompts = [PROMPT, PROMPT[3:], PROMPT[::-1]]
+    reqs = [GenerationRequest(f"cuda-ov-{i}", p, max_tokens=5) for i, p in enumerate(prompts)]
+    cfg = EngineConfig(device="cuda", dtype="fp32", dist_backend="gloo", overlap="on", dispatch_fp8="on")
+    res = run_local(fp8_ckpt128, 4, Job([Phase(reqs, logits_prompt=PROMPT)]), engine=cfg)
+    model = load_model(fp8_ckpt128, dtype=torch.float32, device="cuda")
+    logits = torch.from_numpy(res.phases[0].logits)
+    assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 0.1  # FP8 model level, see above
+    assert [len(r["output_ids"]) for r in res.phases[0].results] == [5, 5, 5]
+    assert res.dispatch
