@@ -68,3 +68,65 @@ def act_quant_padded(
         AMAX_FLOOR=amax_floor, FP8_MAX=fp8_max, UE8M0=scale_fmt == "ue8m0", BLOCK_T=BLOCK_T, GROUP=GROUP,
     )  # fmt: skip
     return q, s.t()
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_a, stride_as, stride_b, stride_bs, stride_cs, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """C[split] (M, N) = sum over this split's 128-wide K blocks g of (A_g @ B_g^T) * sa[:, g] * sb[n // 128, g].
+
+    Each block's product is a fresh fp32 dot, scaled, then added to the fp32 accumulator: the
+    per-block promotion DeepSeek-V3 prescribes for Hopper's FP8 tensor cores (report 3.5.2). With
+    SPLIT_K > 1 every split writes its own fp32 partial (summed after, in a fixed order)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    G = tl.cdiv(K, GROUP)
+    per_split = tl.cdiv(G, SPLIT_K)
+    g0 = pid_k * per_split
+    g1 = tl.minimum(g0 + per_split, G)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, GROUP)
+    a_ptrs = a_ptr + rm[:, None] * stride_a + g0 * GROUP + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_b + g0 * GROUP + rk[None, :]
+    sa_ptrs = as_ptr + rm  # outer-dim-major scales: stride 1 along tokens
+    sb_ptrs = bs_ptr + (rn // GROUP) * stride_bs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g0, g1):
+        k_left = K - g * GROUP
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < k_left), other=0.0)
+        sa = tl.load(sa_ptrs + g * stride_as, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptrs + g, mask=rn < N, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        a_ptrs += GROUP
+        b_ptrs += GROUP
+    c = acc.to(c_ptr.dtype.element_ty)
+    c_ptrs = c_ptr + pid_k * stride_cs + rm[:, None] * stride_c + rn[None, :]
+    tl.store(c_ptrs, c, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def fp8_gemm(
+    xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, M: int, out_dtype: torch.dtype,
+    *, block_m: int = 16, block_n: int = 32, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+) -> torch.Tensor:  # fmt: skip
+    """Blockwise FP8 product for few tokens: xq (>= M, K) e4m3 with 1x128 scales xs (stride 1 along
+    tokens, as `act_quant_padded` writes them), w (N, K) e4m3 with 128x128 scales ws -> (M, N).
+
+    For decode-sized batches, where cuBLAS's blockwise kernels leave most of the GPU idle: small
+    tiles over N and, with split_k > 1, the K blocks split over more programs (fp32 partials summed
+    in a fixed order, so results do not depend on scheduling)."""
+    N, K = w.shape
+    if split_k == 1:
+        c = torch.empty(1, M, N, dtype=out_dtype, device=xq.device)
+    else:
+        c = torch.empty(split_k, M, N, dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    _fp8_gemm_kernel[grid](
+        xq, xs, w, ws, c, M, N, K, xq.stride(0), xs.stride(1), w.stride(0), ws.stride(0), c.stride(0), c.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP=GROUP, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return c[0] if split_k == 1 else c.sum(0).to(out_dtype)
