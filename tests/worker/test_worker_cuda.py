@@ -215,3 +215,21 @@ def test_four_ranks_on_one_gpu_with_overlap_and_fp8_dispatch(fp8_ckpt128):
     assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 0.1  # FP8 model level, see above
     assert [len(r["output_ids"]) for r in res.phases[0].results] == [5, 5, 5]
     assert res.dispatch
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("cfg", [(16, 32, 1), (16, 64, 4), (64, 32, 8)])
+@pytest.mark.parametrize("shape", [(2048, 7168), (7168, 2048)])
+def test_triton_fp8_gemm_on_the_gpu(tokens, cfg, shape):
+    """Our Triton GEMM (bench/fp8_gemm.py sweeps it against cuBLAS): tiles and K splits on the GPU."""
+    from moe_worker.fp8_triton import act_quant_padded, fp8_gemm
+
+    block_m, block_n, split_k = cfg
+    g = torch.Generator().manual_seed(tokens + shape[0])
+    q, s = fp8.quantize_weight(torch.randn(*shape, generator=g) / shape[1] ** 0.5)
+    q, s = q.cuda(), s.cuda()
+    x = torch.randn(tokens, shape[1], generator=g).to("cuda", torch.bfloat16)
+    xq, xs = act_quant_padded(x, None, block_m, fp8.ACT_AMAX_FLOOR, fp8.FP8_MAX)
+    ref = fp8.linear(x.float(), q, s, impl="emulate")
+    y = fp8_gemm(xq, xs, q, s, tokens, torch.float32, block_m=block_m, block_n=block_n, split_k=split_k)
+    assert rel(y, ref) < 1e-3
