@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one short run (about 5 minutes on an H200): the CUDA tests of
-# the worker (blockwise FP8 torch._scaled_mm, the model and engine ranks on the device) and the
-# expert benchmark in TFLOPS. Uses the machine's own python3 with torch; nothing is installed.
+# the worker (blockwise FP8 torch._scaled_mm, the model and engine ranks on the device), the expert
+# benchmark in TFLOPS (eager and CUDA graphs) and the Triton FP8 GEMM sweep (bench/fp8_gemm.py). Uses the machine's own python3 with torch; nothing is installed.
 # Logs go to $OUT (or ./gpu-check-out). Usage: bash hack/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,4 +70,5 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/
 timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 | tee "$out/expert.log" || rc=1
 timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 --graphs --impls scaled_mm \
   2>&1 | tee "$out/expert-graphs.log" || rc=1
+timeout 170 python3 bench/fp8_gemm.py --budget-s 110 2>&1 | tee "$out/fp8_gemm.log" || rc=1
 exit $rc
