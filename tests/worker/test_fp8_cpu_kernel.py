@@ -1,0 +1,74 @@
+"""The AVX512-BF16 FP8 kernel (`fp8_cpu`): every e4m3 code exact, products exact, sums fp32.
+
+Skipped where the kernel cannot be built (no C compiler, or a CPU without AVX512-BF16); then
+`fp8.linear` keeps the PyTorch path, which test_worker_fp8.py covers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_worker import fp8, fp8_cpu
+
+pytestmark = pytest.mark.skipif(fp8_cpu.kernel() is None, reason="fp8_cpu kernel not available here")
+
+G = torch.Generator().manual_seed(11)
+
+
+def exact(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x.double() @ fp8.dequantize_weight(q, s).double().t()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
+def test_every_code_decodes_exactly(tokens):
+    """Row i of the weight is code i repeated; a one-hot token reads column j back, per variant
+    (4-row groups and the single-row tail: 254 rows is not a multiple of 4)."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # the two NaN codes never occur in weights
+    q = codes[:, None].expand(-1, 160).contiguous().view(fp8.FP8_DTYPE)
+    x = torch.zeros(tokens, 160, dtype=torch.bfloat16)
+    for t in range(tokens):
+        x[t, 37 * t % 160] = 1.0
+    y = fp8_cpu.matmul(x, q, torch.ones(2, 2))
+    assert torch.equal(y.float(), q.float()[:, 0].expand(tokens, -1))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("shape", [(200, 300), (257, 320), (576, 1024), (130, 129)])
+def test_products_are_exact_and_sums_fp32(tokens, shape):
+    """Only the fp32 summation and the bf16 output round: |y - exact| <= 2**-8 |exact| + 1e-5 sum|x w|."""
+    out_f, in_f = shape
+    q, s = fp8.quantize_weight(torch.randn(out_f, in_f, generator=G) / in_f**0.5)
+    x = (torch.randn(tokens, in_f, generator=G) * torch.exp2(torch.randint(-6, 6, (tokens, in_f), generator=G))).to(
+        torch.bfloat16
+    )
+    y = fp8_cpu.matmul(x, q, s)
+    ref = exact(x, q, s)
+    mag = x.double().abs() @ fp8.dequantize_weight(q, s).double().abs().t()
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, out_f)
+    assert ((y.double() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-5 * mag).all()
+
+
+def test_weight_only_takes_the_kernel_for_few_tokens(monkeypatch):
+    calls = []
+    real = fp8_cpu.matmul
+    monkeypatch.setattr(fp8_cpu, "matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    q, s = fp8.quantize_weight(torch.randn(256, 512, generator=G))
+    for tokens in (1, fp8_cpu.MAX_TOKENS, fp8_cpu.MAX_TOKENS + 1):
+        fp8.linear(torch.randn(tokens, 512, generator=G).bfloat16(), q, s, impl="weight_only")
+    big = torch.full((1, 512), fp8_cpu.X_LIMIT, dtype=torch.bfloat16)  # 2**112 * x would overflow
+    y = fp8.linear(big, q, s, impl="weight_only")
+    assert calls == [1, fp8_cpu.MAX_TOKENS]
+    assert torch.isfinite(y).all()
+
+
+def test_switched_off_by_env():
+    code = "from moe_worker import fp8_cpu; print(fp8_cpu.kernel() is None)"
+    env = dict(os.environ, MOE_FP8_CPU_KERNEL="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
