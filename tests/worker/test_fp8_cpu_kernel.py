@@ -72,3 +72,30 @@ def test_switched_off_by_env():
     env = dict(os.environ, MOE_FP8_CPU_KERNEL="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (257, 320), (130, 129), (1024, 7168)])
+def test_dequant_rows_equals_weight_dequant(shape):
+    """bf16(value * s) bit for bit as fp8.dequantize_weight, for any row range and ragged widths."""
+    q, s = fp8.quantize_weight(torch.randn(*shape, generator=G) / shape[1] ** 0.5)
+    ref = fp8.dequantize_weight(q, s, torch.bfloat16)
+    out = torch.full((shape[0], shape[1] + 5), float("nan"), dtype=torch.bfloat16)  # wider rows
+    fp8_cpu.dequant_rows(q, s, 0, shape[0], out)
+    assert torch.equal(out[:, : shape[1]], ref) and out[:, shape[1] :].isnan().all()
+    n0, n1 = shape[0] // 3, shape[0] - 1
+    part = torch.empty(n1 - n0, shape[1], dtype=torch.bfloat16)
+    fp8_cpu.dequant_rows(q, s, n0, n1, part)
+    assert torch.equal(part, ref[n0:n1])
+
+
+@pytest.mark.parametrize("tokens", [9, 16, 100])
+def test_weight_only_beyond_the_kernel_uses_dequantized_tiles(tokens, monkeypatch):
+    """More tokens: tiles of bf16(value * s) rows (DeepSeek's weight_dequant) through PyTorch's GEMM."""
+    monkeypatch.setattr(fp8, "DEQUANT_TILE_ROWS", 128)  # several tiles, the last one partial
+    q, s = fp8.quantize_weight(torch.randn(300, 512, generator=G) / 512**0.5)
+    x = torch.randn(tokens, 512, generator=G).bfloat16()
+    y = fp8.linear(x, q, s, impl="weight_only")
+    w16 = fp8.dequantize_weight(q, s, torch.bfloat16)
+    ref = x.double() @ w16.double().t()  # the same bf16 weights, exact sums
+    assert y.shape == (tokens, 300)
+    assert ((y.double() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3 * (x.double().abs() @ w16.double().abs().t())).all()

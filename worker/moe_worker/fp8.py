@@ -272,9 +272,10 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
     """
     T = x2.shape[0]
     N, K = q.shape
-    if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and T <= fp8_cpu.MAX_TOKENS:
-        if fp8_cpu.kernel() is not None and float(x2.abs().max()) < fp8_cpu.X_LIMIT:
+    if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and fp8_cpu.kernel() is not None:
+        if T <= fp8_cpu.MAX_TOKENS and float(x2.abs().max()) < fp8_cpu.X_LIMIT:
             return fp8_cpu.matmul(x2, q, scale)  # exact products, fp32 sums: within this path's bound
+        return _dequant_tiles_matmul(x2, q, scale)
     if x2.dtype != torch.bfloat16 or float(scale.max()) >= 2.0**7:  # 2**120 * s must stay finite in bf16
         return _tiled_matmul(x2, q, scale, x2.dtype)
     kb = math.ceil(K / FP8_BLOCK)
@@ -314,6 +315,27 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
         else:
             raw.view(r, kb, FP8_BLOCK).mul_(row_scale[n0 : n0 + r, :, None])
             torch.mm(raw[:, :K], x2.t(), out=yt[n0 : n0 + r])
+    return yt.t()
+
+
+DEQUANT_TILE_ROWS = 512
+"""Weight rows dequantized per tile by the C kernel before PyTorch's bf16 GEMM (T > 8 tokens)."""
+
+
+def _dequant_tiles_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 x (T, K) @ bf16(dequant(q))^T: the C kernel writes a tile of rows as DeepSeek's
+    weight_dequant would (fp32 product, one rounding), PyTorch's GEMM multiplies it while it is hot."""
+    T = x2.shape[0]
+    N, K = q.shape
+    qc, sc = q.contiguous(), scale.float().contiguous()
+    rows = min(DEQUANT_TILE_ROWS, N)
+    tile = _scratch("dq", rows, K, torch.bfloat16, x2.device)
+    yt = torch.empty(N, T, dtype=torch.bfloat16)  # (N, T): tiles are contiguous rows
+    xt = x2.t()
+    for n0 in range(0, N, rows):
+        r = min(rows, N - n0)
+        fp8_cpu.dequant_rows(qc, sc, n0, n0 + r, tile)
+        torch.mm(tile[:r], xt, out=yt[n0 : n0 + r])
     return yt.t()
 
 

@@ -137,6 +137,41 @@ void fp8_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const
     for (; t < T; t++) tokens(rows_4_1, 4, rows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
 }
 
+/* out[n - n0, k] = bf16(value(q[n, k]) * s[n / 128, k / 128]) for n0 <= n < n1: the fp32 product
+   rounded once to nearest even, as DeepSeek's weight_dequant (and fp8.dequantize_weight) computes it.
+   out has row stride ldo >= K. */
+static void dequant_rows(const uint8_t *q, int K, const float *s, int KB, uint16_t *out, long ldo,
+                         int n0, int n1, __m512i table) {
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *qr = q + (long)n * K;
+        const float *sr = s + (long)(n / 128) * KB;
+        uint16_t *o = out + (long)(n - n0) * ldo;
+        for (int k = 0; k < K; k += 32) {
+            int left = K - k;
+            __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);
+            _mm_prefetch((const char *)(qr + k + PREFETCH), _MM_HINT_T0);
+            __m512i w = decode32(qr + k, valid, table); /* value * 2**-112, exact */
+            __m512 sc = _mm512_set1_ps(sr[k / 128] * 0x1p112f);
+            __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+            __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+            __m512bh b = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc));
+            _mm512_mask_storeu_epi16(o + k, valid, (__m512i)b);
+        }
+    }
+}
+
+void fp8_dequant(const uint8_t *q, int K, const float *s, int KB, uint16_t *out, long ldo, int n0, int n1,
+                 int threads) {
+    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
+    __m512i table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
+    int rows = n1 - n0, per = (rows + threads - 1) / threads;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int i = 0; i < threads; i++) {
+        int a = n0 + i * per, b = a + per < n1 ? a + per : n1;
+        if (a < b) dequant_rows(q, K, s, KB, out + (long)(a - n0) * ldo, ldo, a, b, table);
+    }
+}
+
 /* All N rows, 128-row blocks spread over `threads` OpenMP threads. Built with -fopenmp, this
    library needs libgomp.so.1, which the loader finds already loaded by PyTorch: the same runtime
    and thread pool as PyTorch's own operators, so no second set of threads spins against them. */
@@ -191,6 +226,10 @@ def _build() -> ctypes.CDLL | None:
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    f = dll.fp8_dequant
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     return dll
 
 
@@ -217,3 +256,18 @@ def matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     threads = max(1, min(torch.get_num_threads(), -(-N // 128)))
     dll.fp8_matmul(xs.data_ptr(), kp, T, K, qc.data_ptr(), sc.data_ptr(), sc.shape[1], y.data_ptr(), N, N, threads)
     return y.to(torch.bfloat16)
+
+
+def dequant_rows(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows n0..n1 of the e4m3 weight q (N, K) with its block scales, as bf16 into out[: n1 - n0, :K]
+    (out: bf16, row stride >= K, contiguous rows): bf16(value * s), the fp32 product rounded once."""
+    dll = kernel()
+    N, K = q.shape
+    if not (q.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()):
+        raise ValueError("dequant_rows needs a contiguous weight and contiguous fp32 scales")
+    if out.dtype != torch.bfloat16 or out.stride(1) != 1 or out.shape[0] < n1 - n0 or out.shape[1] < K:
+        raise ValueError("dequant_rows needs a bf16 output of at least (rows, K) with unit column stride")
+    threads = max(1, min(torch.get_num_threads(), n1 - n0))
+    dll.fp8_dequant(q.view(torch.uint8).data_ptr(), K, scale.data_ptr(), scale.shape[1], out.data_ptr(),
+                    out.stride(0), n0, n1, threads)  # fmt: skip
+    return out
