@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the tests and the demo use (Prometheus, openssl). Installs only what is missing.
+# Debian packages the tests and the demo use (Prometheus, openssl, a C compiler for the worker's
+# FP8 CPU kernel, moe_worker/fp8_cpu.py). Installs only what is missing.
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
+command -v cc >/dev/null || need+=(gcc)
 if ((${#need[@]})); then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
   $SUDO apt-get update -qq
