@@ -88,7 +88,7 @@ def test_dequant_rows_equals_weight_dequant(shape):
     assert torch.equal(part, ref[n0:n1])
 
 
-@pytest.mark.parametrize("tokens", [9, 16, 100])
+@pytest.mark.parametrize("tokens", [17, 100])
 def test_weight_only_beyond_the_kernel_uses_dequantized_tiles(tokens, monkeypatch):
     """More tokens: tiles of bf16(value * s) rows (DeepSeek's weight_dequant) through PyTorch's GEMM."""
     monkeypatch.setattr(fp8, "DEQUANT_TILE_ROWS", 128)  # several tiles, the last one partial
@@ -99,3 +99,27 @@ def test_weight_only_beyond_the_kernel_uses_dequantized_tiles(tokens, monkeypatc
     ref = x.double() @ w16.double().t()  # the same bf16 weights, exact sums
     assert y.shape == (tokens, 300)
     assert ((y.double() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3 * (x.double().abs() @ w16.double().abs().t())).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("shape", [(200, 300), (257, 320), (130, 129)])
+def test_rounded_kernel_multiplies_weight_dequant_rows(tokens, shape):
+    """matmul_rounded = x @ bf16(value * s)^T with fp32 sums: the weights DeepSeek's bf16 path uses."""
+    out_f, in_f = shape
+    q, s = fp8.quantize_weight(torch.randn(out_f, in_f, generator=G) / in_f**0.5)
+    x = torch.randn(tokens, in_f, generator=G).bfloat16()
+    w16 = fp8.dequantize_weight(q, s, torch.bfloat16)
+    ref = x.double() @ w16.double().t()
+    y = fp8_cpu.matmul_rounded(x, q, s)
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, out_f)
+    assert ((y.double() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-5 * (x.double().abs() @ w16.double().abs().t())).all()
+
+
+def test_weight_only_picks_the_rounded_kernel_between(monkeypatch):
+    calls = []
+    real = fp8_cpu.matmul_rounded
+    monkeypatch.setattr(fp8_cpu, "matmul_rounded", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    q, s = fp8.quantize_weight(torch.randn(256, 512, generator=G))
+    for tokens in (fp8_cpu.MAX_TOKENS, fp8_cpu.MAX_TOKENS + 1, fp8_cpu.ROUNDED_MAX_TOKENS, fp8_cpu.ROUNDED_MAX_TOKENS + 1):
+        fp8.linear(torch.randn(tokens, 512, generator=G).bfloat16(), q, s, impl="weight_only")
+    assert calls == [fp8_cpu.MAX_TOKENS + 1, fp8_cpu.ROUNDED_MAX_TOKENS]

@@ -19,8 +19,8 @@ Format (README_WEIGHTS.md, report section 3.3.2):
   kernel only by fp32 rounding and summation order (~1e-7 relative), not by any quantization.
 - "weight_only": like DeepSeek's `gemm_impl="bf16"`: unquantized activations times dequantized
   weights in the activation dtype; the fast CPU path, not the FP8 numerics (see `_weight_only`).
-  Up to 8 bf16 tokens on an AVX512-BF16 CPU it is one fused C kernel (`fp8_cpu`: exact products,
-  fp32 sums).
+  On an AVX512-BF16 CPU with bf16 activations it is our C code (`fp8_cpu`): a fused kernel up to
+  16 tokens (exact products up to 4), dequantized tiles into PyTorch's GEMM above.
 - "auto": "scaled_mm" where supported, else "emulate".
 
 CPU paths never keep a dequantized copy of a weight: they decode a few hundred rows at a time into
@@ -275,6 +275,8 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
     if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and fp8_cpu.kernel() is not None:
         if T <= fp8_cpu.MAX_TOKENS and float(x2.abs().max()) < fp8_cpu.X_LIMIT:
             return fp8_cpu.matmul(x2, q, scale)  # exact products, fp32 sums: within this path's bound
+        if T <= fp8_cpu.ROUNDED_MAX_TOKENS:
+            return fp8_cpu.matmul_rounded(x2, q, scale)
         return _dequant_tiles_matmul(x2, q, scale)
     if x2.dtype != torch.bfloat16 or float(scale.max()) >= 2.0**7:  # 2**120 * s must stay finite in bf16
         return _tiled_matmul(x2, q, scale, x2.dtype)

@@ -7,9 +7,13 @@ each weight byte is read once, nothing is written back. Four weight rows share e
 (four independent accumulation chains), and every row stream is prefetched 2 KB ahead: without the
 prefetch, cold weights (a rank's experts never fit in cache) arrived at a third of the bandwidth.
 
+From 5 to 16 tokens `matmul_rounded` decodes to bf16(value * s) instead (DeepSeek's weight_dequant
+rounding): the scale inside the weight frees the per-block accumulators, so two rows x eight tokens
+fit the registers. Above 16 tokens `dequant_rows` writes such rows into a tile for PyTorch's GEMM.
+
 Measured here (`bench/expert.py --impls weight_only`, one DeepSeek-V3 expert, 2 cores, Zen 4):
-0.69x / 0.48x / 0.57x / 1.02x the bf16 time at 1 / 2 / 4 / 8 tokens, where PyTorch's path took
-1.99x / 2.04x / 2.04x / 1.95x.
+0.67x / 0.58x / 0.76x / 1.14x the bf16 time at 1 / 4 / 8 / 16 tokens, where PyTorch's path took
+1.99x / 2.04x / 1.95x / 1.78x.
 
 Numbers: every e4m3 value times 2**-112 is a normal bf16 number, written exactly (normals by
 integer ops, the 7 subnormal codes by a table), and the activations enter as bf16(x) * 2**112,
@@ -34,10 +38,14 @@ from pathlib import Path
 
 import torch
 
-MAX_TOKENS = 8
-"""Up to this many tokens per call. Beyond, every weight row re-reads all tokens' activations from
-L2 and oneDNN's bf16 GEMM on a decoded tile is faster (measured: 16 tokens 1.5-2x, 32 tokens 3-4x
-slower than at 8 per token)."""
+MAX_TOKENS = 4
+"""Up to this many tokens `matmul` (exact products; the fastest there: four rows share each
+activation load). Beyond, its per-block accumulators leave room for one row at a time and every
+row re-reads all tokens' activations, and `matmul_rounded` is faster."""
+ROUNDED_MAX_TOKENS = 16
+"""Up to this many tokens `matmul_rounded`; beyond, dequantized tiles into PyTorch's GEMM are faster.
+Measured (expert, 2 cores): 8 tokens 0.76-0.79x bf16 rounded vs 1.07x exact; 16 tokens 1.14-1.18x
+vs 1.25x with tiles; 24 tokens 1.39x vs about 1.1x with tiles."""
 X_LIMIT = 2.0**15
 """|x| below this keeps bf16(x) * 2**112 finite."""
 
@@ -137,6 +145,74 @@ void fp8_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const
     for (; t < T; t++) tokens(rows_4_1, 4, rows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
 }
 
+/* The rounded variant, for more tokens: weights decoded to bf16(value * s) in registers (DeepSeek's
+   weight_dequant rounding, one per weight) and multiplied with plain bf16(x); with the scale inside
+   the weight no per-block accumulators are needed, so two rows x eight tokens fit the registers
+   and each activation load serves two rows. */
+static inline __m512i decode32_scaled(const uint8_t *p, __mmask32 valid, __m512i table, __m512 sc) {
+    __m512i w = decode32(p, valid, table); /* value * 2**-112, exact; sc = s * 2**112 */
+    __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+    __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc));
+}
+
+#define KERNEL_ROUNDED(R, TT)                                                                        \
+static void rrows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *q, const float *s,     \
+                             int KB, float *y, long ldy, int n0, int n1, __m512i table) {             \
+    for (int n = n0; n + R <= n1; n += R) {                                                         \
+        const float *sr = s + (long)(n / 128) * KB;                                                 \
+        __m512 acc[R][TT];                                                                          \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();                           \
+        for (int k = 0; k < K; k += 32) {                                                           \
+            int left = K - k;                                                                       \
+            __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);   \
+            __m512 sc = _mm512_set1_ps(sr[k / 128] * 0x1p112f);                                     \
+            __m512i xv[TT];                                                                         \
+            for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
+            for (int r = 0; r < R; r++) {                                                           \
+                long ahead = (long)k + PREFETCH;                                                    \
+                _mm_prefetch((const char *)(q + (ahead < K ? (long)(n + r) * K + ahead                  \
+                                                 : (long)(n + R + r) * K + ahead - K)), _MM_HINT_T0);  \
+                __m512i w = decode32_scaled(q + (long)(n + r) * K + k, valid, table, sc);           \
+                for (int t = 0; t < TT; t++)                                                        \
+                    acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)xv[t], (__m512bh)w);          \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int t = 0; t < TT; t++) y[t * ldy + n + r] = _mm512_reduce_add_ps(acc[r][t]);      \
+    }                                                                                               \
+}
+KERNEL_ROUNDED(2, 8)
+KERNEL_ROUNDED(1, 8)
+KERNEL_ROUNDED(4, 4)
+KERNEL_ROUNDED(1, 4)
+KERNEL_ROUNDED(4, 2)
+KERNEL_ROUNDED(1, 2)
+KERNEL_ROUNDED(4, 1)
+KERNEL_ROUNDED(1, 1)
+
+static void rounded_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
+                         float *y, long ldy, int n0, int n1, __m512i table) {
+    int t = 0;
+    for (; t + 8 <= T; t += 8) tokens(rrows_2_8, 2, rrows_1_8, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
+    for (; t + 4 <= T; t += 4) tokens(rrows_4_4, 4, rrows_1_4, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
+    for (; t + 2 <= T; t += 2) tokens(rrows_4_2, 4, rrows_1_2, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
+    for (; t < T; t++) tokens(rrows_4_1, 4, rrows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
+}
+
+void fp8_matmul_rounded(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
+                        float *y, long ldy, int N, int threads) {
+    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
+    __m512i table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
+    int blocks = (N + 127) / 128;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < blocks; b++) {
+        int n1 = (b + 1) * 128 < N ? (b + 1) * 128 : N;
+        rounded_rows(x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1, table);
+    }
+}
+
 /* out[n - n0, k] = bf16(value(q[n, k]) * s[n / 128, k / 128]) for n0 <= n < n1: the fp32 product
    rounded once to nearest even, as DeepSeek's weight_dequant (and fp8.dequantize_weight) computes it.
    out has row stride ldo >= K. */
@@ -226,6 +302,10 @@ def _build() -> ctypes.CDLL | None:
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    f = dll.fp8_matmul_rounded
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]  # fmt: skip
     f = dll.fp8_dequant
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
@@ -271,3 +351,21 @@ def dequant_rows(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: to
     dll.fp8_dequant(q.view(torch.uint8).data_ptr(), K, scale.data_ptr(), scale.shape[1], out.data_ptr(),
                     out.stride(0), n0, n1, threads)  # fmt: skip
     return out
+
+
+def matmul_rounded(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x2 (T, K) bf16 @ bf16(dequant(q, scale))^T -> (T, N) bf16: the weights rounded once to bf16
+    as DeepSeek's weight_dequant does, decoded in registers, fp32 sums."""
+    dll = kernel()
+    T, K = x2.shape
+    N = q.shape[0]
+    kp = -(-K // 32) * 32
+    xs = torch.zeros(T, kp, dtype=torch.bfloat16)
+    xs[:, :K] = x2
+    qc = q.contiguous().view(torch.uint8)
+    sc = scale.float().contiguous()
+    y = torch.empty(T, N, dtype=torch.float32)
+    threads = max(1, min(torch.get_num_threads(), -(-N // 128)))
+    dll.fp8_matmul_rounded(xs.data_ptr(), kp, T, K, qc.data_ptr(), sc.data_ptr(), sc.shape[1], y.data_ptr(), N, N,
+                           threads)  # fmt: skip
+    return y.to(torch.bfloat16)
