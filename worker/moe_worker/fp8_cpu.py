@@ -72,12 +72,33 @@ static inline __m512i decode32(const uint8_t *p, __mmask32 valid, __m512i table)
     return v;
 }
 
+/* bf16 bits of M * 2**-9 * 2**-112 = M * 2**-121 for M = 0..7 (0 stays 0): decode32's table. */
+static inline __m512i subnormal_table(void) {
+    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
+    return _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
+}
+
+/* decode32's lanes (value * 2**-112) times sc = s * 2**112, rounded once to bf16: bf16(value * s). */
+static inline __m512i scale32(__m512i w, __m512 sc) {
+    __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+    __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc));
+}
+
+#define PREFETCH 2048 /* bytes ahead in each weight row: cold weights arrive from DRAM in time */
+/* Row n + r of a group of R, k bytes in: prefetch the same row further on, or the next group's. */
+#define PREFETCH_ROW(q, K, n, r, R, k)                                                               \
+    do {                                                                                            \
+        long ahead_ = (long)(k) + PREFETCH;                                                         \
+        _mm_prefetch((const char *)((q) + (ahead_ < (K) ? (long)((n) + (r)) * (K) + ahead_             \
+                                               : (long)((n) + (R) + (r)) * (K) + ahead_ - (K))), _MM_HINT_T0); \
+    } while (0)
+
 /* y[t, n] (fp32) = sum_k x[t, k] * w[n, k] for rows n0 <= n < n1 in groups of R rows, TT tokens.
    x: (T, K) bf16 bits of bf16(x) * 2**112, row stride ldx (>= K, zero-padded to a multiple of 32);
    q: (N, K) e4m3 codes; s: (ceil(N/128), ceil(K/128)) fp32 block scales. R rows share one decoded
    activation load and give R * TT independent accumulation chains (one chain alone is latency-bound);
    R divides 128 and n0 is a multiple of R, so a group's rows share their block scales. */
-#define PREFETCH 2048 /* bytes ahead in each weight row: cold weights arrive from DRAM in time */
 #define KERNEL(R, TT)                                                                                \
 static void rows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *q, const float *s,      \
                             int KB, float *y, long ldy, int n0, int n1, __m512i table) {              \
@@ -97,9 +118,7 @@ static void rows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *q
                 __m512i xv[TT];                                                                     \
                 for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
                 for (int r = 0; r < R; r++) {                                                       \
-                    long ahead = (long)k + PREFETCH; /* same row further on, or the next group's */ \
-                    _mm_prefetch((const char *)(q + (ahead < K ? (long)(n + r) * K + ahead              \
-                                                     : (long)(n + R + r) * K + ahead - K)), _MM_HINT_T0); \
+                    PREFETCH_ROW(q, K, n, r, R, k);                                                 \
                     __m512i w = decode32(q + (long)(n + r) * K + k, valid, table);                  \
                     for (int t = 0; t < TT; t++)                                                    \
                         blk[r][t] = _mm512_dpbf16_ps(blk[r][t], (__m512bh)xv[t], (__m512bh)w);      \
@@ -133,11 +152,8 @@ static void tokens(rows_fn grouped, int R, rows_fn single, const uint16_t *x, lo
     if (whole < n1) single(x, ldx, K, q, s, KB, y, ldy, whole, n1, table);
 }
 
-void fp8_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
-              float *y, long ldy, int n0, int n1) {
-    /* bf16 bits of M * 2**-9 * 2**-112 = M * 2**-121 for M = 0..7 (0 stays 0). */
-    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
-    __m512i table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
+static void exact_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
+                       float *y, long ldy, int n0, int n1, __m512i table) {
     int t = 0;
     for (; t + 8 <= T; t += 8) tokens(rows_1_8, 1, rows_1_8, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
     for (; t + 4 <= T; t += 4) tokens(rows_2_4, 2, rows_1_4, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
@@ -149,13 +165,6 @@ void fp8_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const
    weight_dequant rounding, one per weight) and multiplied with plain bf16(x); with the scale inside
    the weight no per-block accumulators are needed, so two rows x eight tokens fit the registers
    and each activation load serves two rows. */
-static inline __m512i decode32_scaled(const uint8_t *p, __mmask32 valid, __m512i table, __m512 sc) {
-    __m512i w = decode32(p, valid, table); /* value * 2**-112, exact; sc = s * 2**112 */
-    __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-    __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc));
-}
-
 #define KERNEL_ROUNDED(R, TT)                                                                        \
 static void rrows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *q, const float *s,     \
                              int KB, float *y, long ldy, int n0, int n1, __m512i table) {             \
@@ -171,10 +180,8 @@ static void rrows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *
             __m512i xv[TT];                                                                         \
             for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
             for (int r = 0; r < R; r++) {                                                           \
-                long ahead = (long)k + PREFETCH;                                                    \
-                _mm_prefetch((const char *)(q + (ahead < K ? (long)(n + r) * K + ahead                  \
-                                                 : (long)(n + R + r) * K + ahead - K)), _MM_HINT_T0);  \
-                __m512i w = decode32_scaled(q + (long)(n + r) * K + k, valid, table, sc);           \
+                PREFETCH_ROW(q, K, n, r, R, k);                                                     \
+                __m512i w = scale32(decode32(q + (long)(n + r) * K + k, valid, table), sc);         \
                 for (int t = 0; t < TT; t++)                                                        \
                     acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)xv[t], (__m512bh)w);          \
             }                                                                                       \
@@ -201,18 +208,6 @@ static void rounded_rows(const uint16_t *x, long ldx, int T, int K, const uint8_
     for (; t < T; t++) tokens(rrows_4_1, 4, rrows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
 }
 
-void fp8_matmul_rounded(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
-                        float *y, long ldy, int N, int threads) {
-    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
-    __m512i table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
-    int blocks = (N + 127) / 128;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        int n1 = (b + 1) * 128 < N ? (b + 1) * 128 : N;
-        rounded_rows(x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1, table);
-    }
-}
-
 /* out[n - n0, k] = bf16(value(q[n, k]) * s[n / 128, k / 128]) for n0 <= n < n1: the fp32 product
    rounded once to nearest even, as DeepSeek's weight_dequant (and fp8.dequantize_weight) computes it.
    out has row stride ldo >= K. */
@@ -226,20 +221,15 @@ static void dequant_rows(const uint8_t *q, int K, const float *s, int KB, uint16
             int left = K - k;
             __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);
             _mm_prefetch((const char *)(qr + k + PREFETCH), _MM_HINT_T0);
-            __m512i w = decode32(qr + k, valid, table); /* value * 2**-112, exact */
             __m512 sc = _mm512_set1_ps(sr[k / 128] * 0x1p112f);
-            __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-            __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
-            __m512bh b = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc));
-            _mm512_mask_storeu_epi16(o + k, valid, (__m512i)b);
+            _mm512_mask_storeu_epi16(o + k, valid, scale32(decode32(qr + k, valid, table), sc));
         }
     }
 }
 
 void fp8_dequant(const uint8_t *q, int K, const float *s, int KB, uint16_t *out, long ldo, int n0, int n1,
                  int threads) {
-    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
-    __m512i table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
+    __m512i table = subnormal_table();
     int rows = n1 - n0, per = (rows + threads - 1) / threads;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < threads; i++) {
@@ -250,14 +240,16 @@ void fp8_dequant(const uint8_t *q, int K, const float *s, int KB, uint16_t *out,
 
 /* All N rows, 128-row blocks spread over `threads` OpenMP threads. Built with -fopenmp, this
    library needs libgomp.so.1, which the loader finds already loaded by PyTorch: the same runtime
-   and thread pool as PyTorch's own operators, so no second set of threads spins against them. */
+   and thread pool as PyTorch's own operators, so no second set of threads spins against them.
+   rounded: x is plain bf16(x) and the weights are rounded (rounded_rows), else x carries 2**112. */
 void fp8_matmul(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
-                float *y, long ldy, int N, int threads) {
+                float *y, long ldy, int N, int threads, int rounded) {
+    __m512i table = subnormal_table();
     int blocks = (N + 127) / 128;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; b++) {
         int n1 = (b + 1) * 128 < N ? (b + 1) * 128 : N;
-        fp8_rows(x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1);
+        (rounded ? rounded_rows : exact_rows)(x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1, table);
     }
 }
 """
@@ -301,11 +293,7 @@ def _build() -> ctypes.CDLL | None:
     f = dll.fp8_matmul
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]  # fmt: skip
-    f = dll.fp8_matmul_rounded
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]  # fmt: skip
+                  ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     f = dll.fp8_dequant
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
@@ -322,19 +310,30 @@ def kernel():
 
 
 def matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x2 (T, K) bf16, T <= MAX_TOKENS, |x| < X_LIMIT; q (N, K) e4m3; scale (ceil(N/128), ceil(K/128))
-    fp32 -> (T, N) bf16 = x2 @ dequant(q, scale)^T with exact products and fp32 sums."""
+    """x2 (T, K) bf16, |x| < X_LIMIT; q (N, K) e4m3; scale (ceil(N/128), ceil(K/128)) fp32 -> (T, N)
+    bf16 = x2 @ dequant(q, scale)^T with exact products and fp32 sums (fastest up to MAX_TOKENS)."""
+    return _matmul(x2, q, scale, rounded=False)
+
+
+def matmul_rounded(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x2 (T, K) bf16 @ bf16(dequant(q, scale))^T -> (T, N) bf16: the weights rounded once to bf16
+    as DeepSeek's weight_dequant does, decoded in registers, fp32 sums (up to ROUNDED_MAX_TOKENS)."""
+    return _matmul(x2, q, scale, rounded=True)
+
+
+def _matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rounded: bool) -> torch.Tensor:
     dll = kernel()
     T, K = x2.shape
     N = q.shape[0]
     kp = -(-K // 32) * 32
     xs = torch.zeros(T, kp, dtype=torch.bfloat16)
-    xs[:, :K] = x2.float().mul_(2.0**112)  # exact: a power of two, |x| < 2**15
+    xs[:, :K] = x2 if rounded else x2.float().mul_(2.0**112)  # exact: a power of two, |x| < 2**15
     qc = q.contiguous().view(torch.uint8)
     sc = scale.float().contiguous()
     y = torch.empty(T, N, dtype=torch.float32)
     threads = max(1, min(torch.get_num_threads(), -(-N // 128)))
-    dll.fp8_matmul(xs.data_ptr(), kp, T, K, qc.data_ptr(), sc.data_ptr(), sc.shape[1], y.data_ptr(), N, N, threads)
+    dll.fp8_matmul(xs.data_ptr(), kp, T, K, qc.data_ptr(), sc.data_ptr(), sc.shape[1], y.data_ptr(), N, N, threads,
+                   int(rounded))  # fmt: skip
     return y.to(torch.bfloat16)
 
 
@@ -352,20 +351,3 @@ def dequant_rows(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: to
                     out.stride(0), n0, n1, threads)  # fmt: skip
     return out
 
-
-def matmul_rounded(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x2 (T, K) bf16 @ bf16(dequant(q, scale))^T -> (T, N) bf16: the weights rounded once to bf16
-    as DeepSeek's weight_dequant does, decoded in registers, fp32 sums."""
-    dll = kernel()
-    T, K = x2.shape
-    N = q.shape[0]
-    kp = -(-K // 32) * 32
-    xs = torch.zeros(T, kp, dtype=torch.bfloat16)
-    xs[:, :K] = x2
-    qc = q.contiguous().view(torch.uint8)
-    sc = scale.float().contiguous()
-    y = torch.empty(T, N, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), -(-N // 128)))
-    dll.fp8_matmul_rounded(xs.data_ptr(), kp, T, K, qc.data_ptr(), sc.data_ptr(), sc.shape[1], y.data_ptr(), N, N,
-                           threads)  # fmt: skip
-    return y.to(torch.bfloat16)
