@@ -15,9 +15,8 @@ Measured here (`bench/expert.py --impls weight_only`, one DeepSeek-V3 expert, 2 
 0.67x / 0.58x / 0.76x / 1.14x the bf16 time at 1 / 4 / 8 / 16 tokens, where PyTorch's path took
 1.99x / 2.04x / 1.95x / 1.78x.
 
-Numbers: every e4m3 value times 2**-112 is a normal bf16 number, written exactly (normals by
-integer ops, the 7 subnormal codes by a table), and the activations enter as bf16(x) * 2**112,
-also exact. So each product is exact, the sum of one 128-wide block is accumulated in fp32 and
+Numbers: every e4m3 value is a normal bf16 number, written exactly (normals by integer ops, the 7
+subnormal codes by a table), and the activations enter as bf16. So each product is exact, the sum of one 128-wide block is accumulated in fp32 and
 multiplied by that block's scale in fp32, and the only rounding besides fp32 summation is the
 output's. DeepSeek's bf16 path (dequantize to bf16, bf16 matmul) rounds the weights too.
 
@@ -46,24 +45,22 @@ ROUNDED_MAX_TOKENS = 16
 """Up to this many tokens `matmul_rounded`; beyond, dequantized tiles into PyTorch's GEMM are faster.
 Measured (expert, 2 cores): 8 tokens 0.76-0.79x bf16 rounded vs 1.07x exact; 16 tokens 1.14-1.18x
 vs 1.25x with tiles; 24 tokens 1.39x vs about 1.1x with tiles."""
-X_LIMIT = 2.0**15
-"""|x| below this keeps bf16(x) * 2**112 finite."""
 
 _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 
-/* 32 e4m3 codes -> 32 bf16 lanes holding value * 2**-112, exactly (every such value is a normal
-   bf16). A normal code S EEEE MMM is 2**(E-7) * (1 + M/8): its bf16 has the sign, exponent field
-   E + 8 and mantissa MMM0000. Sign-extending the byte to 16 bits and shifting left by 4 puts S in
-   bit 15 and EEEEMMM in bits 10..4 (the mask clears the extension's copies of S), and adding
-   8 << 7 rebases the exponent. The 7 subnormal codes (E == 0: M * 2**-9, so M * 2**-121 here) and
+/* 32 e4m3 codes -> 32 bf16 lanes holding their values exactly (every e4m3 value is a normal bf16).
+   A normal code S EEEE MMM is 2**(E-7) * (1 + M/8): its bf16 has the sign, exponent field E + 120
+   and mantissa MMM0000. Sign-extending the byte to 16 bits and shifting left by 4 puts S in bit 15
+   and EEEEMMM in bits 10..4 (the mask clears the extension's copies of S), and adding 120 << 7
+   rebases the exponent (no carry reaches the sign). The 7 subnormal codes (E == 0: M * 2**-9) and
    zero come from an 8-entry table; they are rare in real weights, so the lookup is a branch. */
 static inline __m512i decode32(const uint8_t *p, __mmask32 valid, __m512i table) {
     __m512i b = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(valid, p));
     __m512i v = _mm512_and_si512(_mm512_slli_epi16(b, 4), _mm512_set1_epi16((short)0x87F0));
     __mmask32 sub = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x0780));
-    v = _mm512_add_epi16(v, _mm512_set1_epi16(8 << 7));
+    v = _mm512_add_epi16(v, _mm512_set1_epi16(120 << 7));
     if (sub) {
         __m512i mag = _mm512_permutexvar_epi16(b, table); /* index: the low 5 bits, M when E == 0 */
         __m512i sign = _mm512_and_si512(v, _mm512_set1_epi16((short)0x8000));
@@ -72,13 +69,13 @@ static inline __m512i decode32(const uint8_t *p, __mmask32 valid, __m512i table)
     return v;
 }
 
-/* bf16 bits of M * 2**-9 * 2**-112 = M * 2**-121 for M = 0..7 (0 stays 0): decode32's table. */
+/* bf16 bits of M * 2**-9 for M = 0..7 (0 stays 0): decode32's table. */
 static inline __m512i subnormal_table(void) {
-    static const short sub[8] = {0, 0x0300, 0x0380, 0x03C0, 0x0400, 0x0420, 0x0440, 0x0460};
+    static const short sub[8] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
     return _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sub));
 }
 
-/* decode32's lanes (value * 2**-112) times sc = s * 2**112, rounded once to bf16: bf16(value * s). */
+/* decode32's lanes (the values) times the block scale sc, rounded once to bf16: bf16(value * s). */
 static inline __m512i scale32(__m512i w, __m512 sc) {
     __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
     __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
@@ -95,7 +92,7 @@ static inline __m512i scale32(__m512i w, __m512 sc) {
     } while (0)
 
 /* y[t, n] (fp32) = sum_k x[t, k] * w[n, k] for rows n0 <= n < n1 in groups of R rows, TT tokens.
-   x: (T, K) bf16 bits of bf16(x) * 2**112, row stride ldx (>= K, zero-padded to a multiple of 32);
+   x: (T, K) bf16, row stride ldx (>= K, zero-padded to a multiple of 32);
    q: (N, K) e4m3 codes; s: (ceil(N/128), ceil(K/128)) fp32 block scales. R rows share one decoded
    activation load and give R * TT independent accumulation chains (one chain alone is latency-bound);
    R divides 128 and n0 is a multiple of R, so a group's rows share their block scales. */
@@ -176,7 +173,7 @@ static void rrows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *
         for (int k = 0; k < K; k += 32) {                                                           \
             int left = K - k;                                                                       \
             __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);   \
-            __m512 sc = _mm512_set1_ps(sr[k / 128] * 0x1p112f);                                     \
+            __m512 sc = _mm512_set1_ps(sr[k / 128]);                                                \
             __m512i xv[TT];                                                                         \
             for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
             for (int r = 0; r < R; r++) {                                                           \
@@ -221,7 +218,7 @@ static void dequant_rows(const uint8_t *q, int K, const float *s, int KB, uint16
             int left = K - k;
             __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);
             _mm_prefetch((const char *)(qr + k + PREFETCH), _MM_HINT_T0);
-            __m512 sc = _mm512_set1_ps(sr[k / 128] * 0x1p112f);
+            __m512 sc = _mm512_set1_ps(sr[k / 128]);
             _mm512_mask_storeu_epi16(o + k, valid, scale32(decode32(qr + k, valid, table), sc));
         }
     }
@@ -241,7 +238,7 @@ void fp8_dequant(const uint8_t *q, int K, const float *s, int KB, uint16_t *out,
 /* All N rows, 128-row blocks spread over `threads` OpenMP threads. Built with -fopenmp, this
    library needs libgomp.so.1, which the loader finds already loaded by PyTorch: the same runtime
    and thread pool as PyTorch's own operators, so no second set of threads spins against them.
-   rounded: x is plain bf16(x) and the weights are rounded (rounded_rows), else x carries 2**112. */
+   rounded: the weights are rounded to bf16(value * s) (rounded_rows), else products are exact. */
 void fp8_matmul(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
                 float *y, long ldy, int N, int threads, int rounded) {
     __m512i table = subnormal_table();
@@ -310,7 +307,7 @@ def kernel():
 
 
 def matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x2 (T, K) bf16, |x| < X_LIMIT; q (N, K) e4m3; scale (ceil(N/128), ceil(K/128)) fp32 -> (T, N)
+    """x2 (T, K) bf16; q (N, K) e4m3; scale (ceil(N/128), ceil(K/128)) fp32 -> (T, N)
     bf16 = x2 @ dequant(q, scale)^T with exact products and fp32 sums (fastest up to MAX_TOKENS)."""
     return _matmul(x2, q, scale, rounded=False)
 
@@ -327,7 +324,7 @@ def _matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rounded: boo
     N = q.shape[0]
     kp = -(-K // 32) * 32
     xs = torch.zeros(T, kp, dtype=torch.bfloat16)
-    xs[:, :K] = x2 if rounded else x2.float().mul_(2.0**112)  # exact: a power of two, |x| < 2**15
+    xs[:, :K] = x2
     qc = q.contiguous().view(torch.uint8)
     sc = scale.float().contiguous()
     y = torch.empty(T, N, dtype=torch.float32)
