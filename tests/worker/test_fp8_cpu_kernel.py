@@ -24,18 +24,58 @@ def exact(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return x.double() @ fp8.dequantize_weight(q, s).double().t()
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
-def test_every_code_decodes_exactly(tokens):
-    """Row i of the weight is code i repeated; a one-hot token reads column j back, per variant
-    (4-row groups and the single-row tail: 254 rows is not a multiple of 4)."""
+def every_code() -> torch.Tensor:
+    """(254, 160) weight whose row i is code i repeated (the two NaN codes never occur in weights)."""
     codes = torch.arange(256, dtype=torch.int32)
-    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # the two NaN codes never occur in weights
-    q = codes[:, None].expand(-1, 160).contiguous().view(fp8.FP8_DTYPE)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)
+    return codes[:, None].expand(-1, 160).contiguous().view(fp8.FP8_DTYPE)
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 16])
+def test_every_code_decodes_exactly(tokens, rounded):
+    """A one-hot token reads each row's code back, per variant (4- and 2-row groups and the single
+    row tail: 254 rows is not a multiple of 4); with scale 1 the rounded kernel is exact too."""
+    q = every_code()
     x = torch.zeros(tokens, 160, dtype=torch.bfloat16)
     for t in range(tokens):
         x[t, 37 * t % 160] = 1.0
-    y = fp8_cpu.matmul(x, q, torch.ones(2, 2))
+    y = (fp8_cpu.matmul_rounded if rounded else fp8_cpu.matmul)(x, q, torch.ones(2, 2))
     assert torch.equal(y.float(), q.float()[:, 0].expand(tokens, -1))
+    out = torch.empty(254, 160, dtype=torch.bfloat16)
+    assert torch.equal(fp8_cpu.dequant_rows(q, torch.ones(2, 2), 0, 254, out).float(), q.float())
+
+
+def test_inputs_the_kernels_cannot_take_are_refused():
+    q, s = fp8.quantize_weight(torch.randn(256, 512, generator=G))
+    x = torch.randn(2, 512, generator=G).bfloat16()
+    with pytest.raises(ValueError, match="activations"):
+        fp8_cpu.matmul(x[:, :256], q, s)  # K does not match: would read past the weight
+    with pytest.raises(ValueError, match="activations"):
+        fp8_cpu.matmul(x.float(), q, s)
+    with pytest.raises(ValueError, match="weight_scale_inv"):
+        fp8_cpu.matmul(x, q, s[:1])
+    with pytest.raises(ValueError, match="weight:"):
+        fp8_cpu.matmul(x, q.view(torch.uint8), s)
+    with pytest.raises(ValueError, match="rows"):
+        fp8_cpu.dequant_rows(q, s, 0, 257, torch.empty(257, 512, dtype=torch.bfloat16))
+
+
+def test_an_unwritable_cache_means_the_pytorch_path(tmp_path):
+    """No place to build the kernel: a warning, kernel() None, and weight_only still works."""
+    code = (
+        "import warnings, torch\n"
+        "from moe_worker import fp8, fp8_cpu\n"
+        "fp8_cpu._SOURCE += '/* new */'\n"  # a source no earlier run has built
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(fp8_cpu.kernel() is None, any('unavailable' in str(x.message) for x in w))\n"
+        "q, s = fp8.quantize_weight(torch.randn(64, 128))\n"
+        "print(fp8.linear(torch.randn(1, 128).bfloat16(), q, s, impl='weight_only').shape)\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME="/proc/no-such-dir")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["True True", "torch.Size([1, 64])"]
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 4, 7, 8])

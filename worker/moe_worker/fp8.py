@@ -269,6 +269,10 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
     - T > 32 (compute-bound): to the weights, raw * bf16(s * 2**120), then x @ w^T.
     Either way one extra bf16 rounding (of x * s, or of s) on top of DeepSeek's weight_dequant, so
     each product carries at most 2**-8 relative error, plus the bf16 output rounding.
+
+    On an AVX512-BF16 CPU (bf16 activations) our C code runs instead (`fp8_cpu`): exact products
+    up to fp8_cpu.MAX_TOKENS tokens, DeepSeek's weight_dequant rounding (bf16(value * s)) above,
+    fp32 sums; both are inside the bound above.
     """
     T = x2.shape[0]
     N, K = q.shape
@@ -321,7 +325,8 @@ def _weight_only(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 DEQUANT_TILE_ROWS = 512
-"""Weight rows dequantized per tile by the C kernel before PyTorch's bf16 GEMM (T > 8 tokens)."""
+"""Weight rows dequantized per tile by the C code before PyTorch's bf16 GEMM (more than
+fp8_cpu.ROUNDED_MAX_TOKENS tokens)."""
 
 
 def _dequant_tiles_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -330,7 +335,7 @@ def _dequant_tiles_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     T = x2.shape[0]
     N, K = q.shape
     qc, sc = q.contiguous(), scale.float().contiguous()
-    rows = min(DEQUANT_TILE_ROWS, N)
+    rows = max(1, min(DEQUANT_TILE_ROWS, N))
     tile = _scratch("dq", rows, K, torch.bfloat16, x2.device)
     yt = torch.empty(N, T, dtype=torch.bfloat16)  # (N, T): tiles are contiguous rows
     xt = x2.t()

@@ -16,9 +16,14 @@ Measured here (`bench/expert.py --impls weight_only`, one DeepSeek-V3 expert, 2 
 1.99x / 2.04x / 1.95x / 1.78x.
 
 Numbers: every e4m3 value is a normal bf16 number, written exactly (normals by integer ops, the 7
-subnormal codes by a table), and the activations enter as bf16. So each product is exact, the sum of one 128-wide block is accumulated in fp32 and
+subnormal codes by a table), and the activations enter as bf16. So each product is exact (except
+that `vdpbf16ps` reads bf16 subnormal activations, below 2**-126, as zero, and flushes such
+products), the sum of one 128-wide block is accumulated in fp32 and
 multiplied by that block's scale in fp32, and the only rounding besides fp32 summation is the
 output's. DeepSeek's bf16 path (dequantize to bf16, bf16 matmul) rounds the weights too.
+
+The two e4m3 NaN codes decode as +-480, as `fp8.dequantize_weight` reads them (real weights never
+hold them: quantization saturates at 448).
 
 Built with the system C compiler into ~/.cache/moe-operator/kernels (source hash in the name) the
 first time it is needed; where there is no compiler or no AVX512-BF16, `kernel()` is None and
@@ -33,6 +38,7 @@ import os
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -269,10 +275,27 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("MOE_FP8_CPU_KERNEL", "1") == "0" or not _cpu_has("avx512f", "avx512bw", "avx512_bf16"):
+    if os.environ.get("MOE_FP8_CPU_KERNEL", "1") == "0":
         return None
+    if not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_bf16"):
+        return None
+    try:
+        return _compile_and_load()
+    except (OSError, subprocess.SubprocessError) as e:  # no compiler, unwritable cache, noexec mount, ...
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(
+            f"FP8 CPU kernel unavailable ({e}{': ' + detail.decode(errors='replace')[-500:] if detail else ''}); "
+            "using the PyTorch path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _compile_and_load() -> ctypes.CDLL:
     digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-operator" / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = Path(base) / "moe-operator" / "kernels"
     lib = cache / f"fp8_cpu-{digest}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -281,10 +304,7 @@ def _build() -> ctypes.CDLL | None:
             src.write_text(_SOURCE)
             out = Path(tmp) / lib.name
             cc = os.environ.get("CC", "cc")
-            try:
-                subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                return None
+            subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
             os.replace(out, lib)  # atomic: concurrent ranks may build the same file
     dll = ctypes.CDLL(str(lib))
     f = dll.fp8_matmul
@@ -295,6 +315,20 @@ def _build() -> ctypes.CDLL | None:
     f.restype = None
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                   ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    return dll
+
+
+def _check(q: torch.Tensor, scale: torch.Tensor) -> ctypes.CDLL:
+    """The library, after checking what the kernels read without bounds checks of their own."""
+    dll = kernel()
+    if dll is None:
+        raise RuntimeError("the FP8 CPU kernel is not available here (see fp8_cpu.kernel())")
+    N, K = q.shape
+    want = (-(-N // 128), -(-K // 128))
+    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu":
+        raise ValueError(f"weight: expected float8_e4m3fn on the CPU, got {q.dtype} on {q.device}")
+    if scale.device.type != "cpu" or tuple(scale.shape) != want:
+        raise ValueError(f"weight_scale_inv: expected shape {want} on the CPU, got {tuple(scale.shape)} on {scale.device}")
     return dll
 
 
@@ -319,7 +353,10 @@ def matmul_rounded(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def _matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rounded: bool) -> torch.Tensor:
-    dll = kernel()
+    dll = _check(q, scale)
+    if x2.dtype != torch.bfloat16 or x2.device.type != "cpu" or x2.dim() != 2 or x2.shape[1] != q.shape[1]:
+        raise ValueError(f"activations: expected bf16 (T, {q.shape[1]}) on the CPU, got {x2.dtype} "
+                         f"{tuple(x2.shape)} on {x2.device}")  # fmt: skip
     T, K = x2.shape
     N = q.shape[0]
     kp = -(-K // 32) * 32
@@ -337,10 +374,12 @@ def _matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rounded: boo
 def dequant_rows(q: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
     """Rows n0..n1 of the e4m3 weight q (N, K) with its block scales, as bf16 into out[: n1 - n0, :K]
     (out: bf16, row stride >= K, contiguous rows): bf16(value * s), the fp32 product rounded once."""
-    dll = kernel()
+    dll = _check(q, scale)
     N, K = q.shape
     if not (q.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()):
         raise ValueError("dequant_rows needs a contiguous weight and contiguous fp32 scales")
+    if not 0 <= n0 <= n1 <= N:
+        raise ValueError(f"rows {n0}..{n1} outside the weight's 0..{N}")
     if out.dtype != torch.bfloat16 or out.stride(1) != 1 or out.shape[0] < n1 - n0 or out.shape[1] < K:
         raise ValueError("dequant_rows needs a bf16 output of at least (rows, K) with unit column stride")
     threads = max(1, min(torch.get_num_threads(), n1 - n0))

@@ -7,7 +7,8 @@ GEMM, set an FP8 expert's time. `act_quant_padded` does it in one kernel: it rea
 the e4m3 values and the 1x128 scales already outer-dim-major (the layout cuBLAS's blockwise GEMM
 wants), and zero-fills the token rows up to a multiple of `rows` (the padding the GEMM needs).
 
-The numbers are those of `fp8.act_quant`, bit for bit: s = max(amax, 1e-4) / 448 in fp32 (rounded
+The numbers are those of `fp8.act_quant`, bit for bit, for finite activations (a NaN is dropped
+from amax and clamped, where act_quant propagates it): s = max(amax, 1e-4) / 448 in fp32 (rounded
 up to a power of two for "ue8m0"), q = e4m3(clamp(x / s, -448, 448)) rounded to nearest even.
 Padding rows come out as q = 0 with the scale of an all-zero group. Tested against `act_quant` on
 the GPU (tests/worker/test_worker_cuda.py). Triton's CPU interpreter runs it too, but its own
@@ -39,7 +40,7 @@ def _act_quant_kernel(
     """One program: BLOCK_T token rows x one 128-wide group. Rows >= T read as zeros."""
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # row offsets pass 2**31 for long prefills
     cols = g * GROUP + tl.arange(0, GROUP)
     in_x = (rows[:, None] < T) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=in_x, other=0.0).to(tl.float32)
@@ -93,8 +94,8 @@ def _fp8_gemm_kernel(
     per_split = tl.cdiv(G, SPLIT_K)
     g0 = pid_k * per_split
     g1 = tl.minimum(g0 + per_split, G)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, GROUP)
     a_ptrs = a_ptr + rm[:, None] * stride_a + g0 * GROUP + rk[None, :]
     b_ptrs = b_ptr + rn[:, None] * stride_b + g0 * GROUP + rk[None, :]
@@ -126,6 +127,10 @@ def fp8_gemm(
     tiles over N and, with split_k > 1, the K blocks split over more programs (fp32 partials summed
     in a fixed order, so results do not depend on scheduling)."""
     N, K = w.shape
+    if xq.shape[0] < M or xq.shape[1] != K or xq.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"fp8_gemm: activations {tuple(xq.shape)} do not fit {M} tokens x K={K} (unit column stride)")
+    if xs.stride(0) != 1 or not ws.is_contiguous() or ws.shape != (triton.cdiv(N, GROUP), triton.cdiv(K, GROUP)):
+        raise ValueError("fp8_gemm: activation scales must be outer-dim-major, weight scales contiguous (N/128, K/128)")
     if split_k == 1:
         c = torch.empty(1, M, N, dtype=out_dtype, device=xq.device)
     else:
