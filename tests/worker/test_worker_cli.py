@@ -58,3 +58,19 @@ def test_errors_are_reported_not_raised(tiny_config, tmp_path, capsys):
     assert "outside the vocabulary 0..255" in capsys.readouterr().err
     assert main(["logits", "--checkpoint", str(ckpt), "--input-ids", "1", "--out", "o.npy", "--world-size", "0"]) == 2
     assert "--world-size must be >= 1" in capsys.readouterr().err
+
+
+def test_device_option(tiny_config, tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config))
+    ckpt = tmp_path / "ckpt"
+    main(["make-checkpoint", "--config", str(cfg), "--out", str(ckpt), "--dtype", "bf16"])
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["logits", "--checkpoint", str(ckpt), "--input-ids", "7,8", "--out", str(a)]) == 0
+    assert main(["logits", "--checkpoint", str(ckpt), "--input-ids", "7,8", "--out", str(b), "--device", "auto"]) == 0
+    if not torch.cuda.is_available():  # auto is the CPU here: the same numbers
+        assert np.array_equal(np.load(a), np.load(b))
+        assert main(["logits", "--checkpoint", str(ckpt), "--input-ids", "7", "--out", str(b), "--device", "cuda"]) == 2
+        assert "device 'cuda': no CUDA device is visible" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "7", "--device", "tpu:0"]) == 2
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

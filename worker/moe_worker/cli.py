@@ -55,22 +55,34 @@ def _cmd_logits(a: argparse.Namespace) -> int:
         raise UsageError(f"--world-size must be >= 1, got {a.world_size}")
     if a.world_size > 1:
         return _logits_ep(a)
-    model = load_model(a.checkpoint, dtype=DTYPES[a.dtype], attn_impl=a.attn, fp8_impl=a.fp8_impl)
+    device = _device(a.device)
+    model = load_model(a.checkpoint, dtype=DTYPES[a.dtype], attn_impl=a.attn, fp8_impl=a.fp8_impl, device=device)
     vocab = model.args.vocab_size
     bad = [i for i in a.input_ids if not 0 <= i < vocab]
     if bad:
         raise UsageError(f"--input-ids {bad} outside the vocabulary 0..{vocab - 1}")
-    tokens = torch.tensor([a.input_ids], dtype=torch.long)
-    logits = model(tokens)[0]  # (tokens, vocab) fp32
+    tokens = torch.tensor([a.input_ids], dtype=torch.long, device=device)
+    logits = model(tokens)[0].cpu()  # (tokens, vocab) fp32
     np.save(a.out, logits.numpy().astype(np.float32))
     print(f"wrote logits {tuple(logits.shape)} float32 to {a.out}")
     return 0
 
 
+def _device(spec: str) -> torch.device:
+    """--device: "auto" (the first GPU if there is one), "cpu", "cuda" or "cuda:N"."""
+    from .engine import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
 def _engine_config(a: argparse.Namespace, dtype: str):
     from .engine import EngineConfig
 
-    return EngineConfig(dtype=dtype, attn_impl=a.attn, fp8_impl=a.fp8_impl,
+    _device(a.device)  # a clear error here rather than inside every rank
+    return EngineConfig(dtype=dtype, attn_impl=a.attn, fp8_impl=a.fp8_impl, device=a.device,
                         overlap=getattr(a, "overlap", "auto"), dispatch_fp8=getattr(a, "dispatch_fp8", "auto"))
 
 
@@ -158,6 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="activation dtype")
     lg.add_argument("--attn", choices=("absorb", "naive"), default="absorb")
     lg.add_argument("--fp8-impl", choices=IMPLS, default="auto")
+    lg.add_argument("--device", default="cpu", help="cpu (default: the exact reference), cuda, cuda:N or auto")
     lg.set_defaults(func=_cmd_logits)
 
     gn = sub.add_parser("generate", help="generate tokens greedily (or sampled) on N local EP ranks")
@@ -173,6 +186,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="activation dtype (auto: fp32 on CPU)")
     gn.add_argument("--attn", choices=("absorb", "naive"), default="absorb")
     gn.add_argument("--fp8-impl", choices=IMPLS, default="auto")
+    gn.add_argument("--device", default="auto", help="auto (each rank's GPU if there is one, else the CPU), "
+                    "cpu, cuda or cuda:N")
     gn.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="two overlapped micro-batches")
     gn.add_argument("--dispatch-fp8", choices=("auto", "on", "off"), default="auto", help="FP8 dispatch payload")
     gn.set_defaults(func=_cmd_generate)

@@ -226,7 +226,12 @@ def resolve_device(spec: str, rank: int = 0) -> torch.device:
     same rank-local GPU; anything else as given."""
     if spec == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device("cuda" if spec == "auto" else spec)
+    try:
+        device = torch.device("cuda" if spec == "auto" else spec)
+    except RuntimeError:
+        raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: no CUDA device is visible to this process")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", rank % torch.cuda.device_count())
     return device
