@@ -75,6 +75,11 @@ static inline __m512i decode32(const uint8_t *p, __mmask32 valid, __m512i table)
     return v;
 }
 
+/* The first min(left, 32) of 32 lanes: the columns left in a row or block. */
+static inline __mmask32 tail_mask(int left) {
+    return left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);
+}
+
 /* bf16 bits of M * 2**-9 for M = 0..7 (0 stays 0): decode32's table. */
 static inline __m512i subnormal_table(void) {
     static const short sub[8] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
@@ -116,8 +121,7 @@ static void rows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *q
                 for (int t = 0; t < TT; t++) blk[r][t] = _mm512_setzero_ps();                       \
             int k1 = (kb + 1) * 128 < K ? (kb + 1) * 128 : K;                                       \
             for (int k = kb * 128; k < k1; k += 32) {                                               \
-                int left = k1 - k;                                                                  \
-                __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1); \
+                __mmask32 valid = tail_mask(k1 - k);                                                \
                 __m512i xv[TT];                                                                     \
                 for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
                 for (int r = 0; r < R; r++) {                                                       \
@@ -146,23 +150,23 @@ KERNEL(1, 4)
 typedef void (*rows_fn)(const uint16_t *, long, int, const uint8_t *, const float *, int, float *, long,
                         int, int, __m512i);
 
-/* TT tokens of x at a time: the R-row kernel over whole groups, then the rows left one by one. */
-static void tokens(rows_fn grouped, int R, rows_fn single, const uint16_t *x, long ldx, int K,
-                   const uint8_t *q, const float *s, int KB, float *y, long ldy, int n0, int n1,
-                   __m512i table) {
-    int whole = n0 + (n1 - n0) / R * R;
-    grouped(x, ldx, K, q, s, KB, y, ldy, n0, whole, table);
-    if (whole < n1) single(x, ldx, K, q, s, KB, y, ldy, whole, n1, table);
+/* How one kernel family takes T tokens: chunks of TT tokens, largest first; each chunk runs the
+   R-row kernel over whole groups of rows, then the one-row kernel over the rows left. */
+typedef struct { int tt, r; rows_fn grouped, single; } chunk;
+
+static void by_chunks(const chunk *plan, const uint16_t *x, long ldx, int T, int K, const uint8_t *q,
+                      const float *s, int KB, float *y, long ldy, int n0, int n1, __m512i table) {
+    int t = 0;
+    for (const chunk *c = plan; c->tt; c++)
+        for (; t + c->tt <= T; t += c->tt) {
+            int whole = n0 + (n1 - n0) / c->r * c->r;
+            c->grouped(x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, whole, table);
+            if (whole < n1) c->single(x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, whole, n1, table);
+        }
 }
 
-static void exact_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
-                       float *y, long ldy, int n0, int n1, __m512i table) {
-    int t = 0;
-    for (; t + 8 <= T; t += 8) tokens(rows_1_8, 1, rows_1_8, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t + 4 <= T; t += 4) tokens(rows_2_4, 2, rows_1_4, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t + 2 <= T; t += 2) tokens(rows_4_2, 4, rows_1_2, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t < T; t++) tokens(rows_4_1, 4, rows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-}
+static const chunk EXACT[] = {
+    {8, 1, rows_1_8, rows_1_8}, {4, 2, rows_2_4, rows_1_4}, {2, 4, rows_4_2, rows_1_2}, {1, 4, rows_4_1, rows_1_1}, {0}};
 
 /* The rounded variant, for more tokens: weights decoded to bf16(value * s) in registers (DeepSeek's
    weight_dequant rounding, one per weight) and multiplied with plain bf16(x); with the scale inside
@@ -177,8 +181,7 @@ static void rrows_##R##_##TT(const uint16_t *x, long ldx, int K, const uint8_t *
         for (int r = 0; r < R; r++)                                                                 \
             for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();                           \
         for (int k = 0; k < K; k += 32) {                                                           \
-            int left = K - k;                                                                       \
-            __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);   \
+            __mmask32 valid = tail_mask(K - k);                                                     \
             __m512 sc = _mm512_set1_ps(sr[k / 128]);                                                \
             __m512i xv[TT];                                                                         \
             for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * ldx + k)); \
@@ -202,14 +205,9 @@ KERNEL_ROUNDED(1, 2)
 KERNEL_ROUNDED(4, 1)
 KERNEL_ROUNDED(1, 1)
 
-static void rounded_rows(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
-                         float *y, long ldy, int n0, int n1, __m512i table) {
-    int t = 0;
-    for (; t + 8 <= T; t += 8) tokens(rrows_2_8, 2, rrows_1_8, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t + 4 <= T; t += 4) tokens(rrows_4_4, 4, rrows_1_4, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t + 2 <= T; t += 2) tokens(rrows_4_2, 4, rrows_1_2, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-    for (; t < T; t++) tokens(rrows_4_1, 4, rrows_1_1, x + t * ldx, ldx, K, q, s, KB, y + t * ldy, ldy, n0, n1, table);
-}
+static const chunk ROUNDED[] = {
+    {8, 2, rrows_2_8, rrows_1_8}, {4, 4, rrows_4_4, rrows_1_4}, {2, 4, rrows_4_2, rrows_1_2}, {1, 4, rrows_4_1, rrows_1_1},
+    {0}};
 
 /* out[n - n0, k] = bf16(value(q[n, k]) * s[n / 128, k / 128]) for n0 <= n < n1: the fp32 product
    rounded once to nearest even, as DeepSeek's weight_dequant (and fp8.dequantize_weight) computes it.
@@ -221,8 +219,7 @@ static void dequant_rows(const uint8_t *q, int K, const float *s, int KB, uint16
         const float *sr = s + (long)(n / 128) * KB;
         uint16_t *o = out + (long)(n - n0) * ldo;
         for (int k = 0; k < K; k += 32) {
-            int left = K - k;
-            __mmask32 valid = left >= 32 ? (__mmask32)0xFFFFFFFFu : (((__mmask32)1 << left) - 1);
+            __mmask32 valid = tail_mask(K - k);
             _mm_prefetch((const char *)(qr + k + PREFETCH), _MM_HINT_T0);
             __m512 sc = _mm512_set1_ps(sr[k / 128]);
             _mm512_mask_storeu_epi16(o + k, valid, scale32(decode32(qr + k, valid, table), sc));
@@ -244,7 +241,7 @@ void fp8_dequant(const uint8_t *q, int K, const float *s, int KB, uint16_t *out,
 /* All N rows, 128-row blocks spread over `threads` OpenMP threads. Built with -fopenmp, this
    library needs libgomp.so.1, which the loader finds already loaded by PyTorch: the same runtime
    and thread pool as PyTorch's own operators, so no second set of threads spins against them.
-   rounded: the weights are rounded to bf16(value * s) (rounded_rows), else products are exact. */
+   rounded: the weights are rounded to bf16(value * s) (the rrows kernels), else products are exact. */
 void fp8_matmul(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, const float *s, int KB,
                 float *y, long ldy, int N, int threads, int rounded) {
     __m512i table = subnormal_table();
@@ -252,7 +249,7 @@ void fp8_matmul(const uint16_t *x, long ldx, int T, int K, const uint8_t *q, con
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; b++) {
         int n1 = (b + 1) * 128 < N ? (b + 1) * 128 : N;
-        (rounded ? rounded_rows : exact_rows)(x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1, table);
+        by_chunks(rounded ? ROUNDED : EXACT, x, ldx, T, K, q, s, KB, y, ldy, b * 128, n1, table);
     }
 }
 """
