@@ -6,8 +6,8 @@ weights in bf16 and plain `torch.matmul`. Runs alternate (bf16, fp8 paths, bf16,
 shared machine hits both alike; the table gives medians and the median of per-round ratios.
 
 CPU target (issue 6): FP8 time <= 1.3x bf16 while holding half the bytes. On an AVX512-BF16 CPU
-`weight_only` is the fused C kernel (`moe_worker.fp8_cpu`) up to 8 tokens and C-dequantized bf16
-tiles into PyTorch's GEMM above; `MOE_FP8_CPU_KERNEL=0` times the PyTorch-only path. On a CUDA device the
+`weight_only` is our C code (`moe_worker.fp8_cpu`): fused kernels up to 16 tokens and C-dequantized
+bf16 tiles into PyTorch's GEMM above; `MOE_FP8_CPU_KERNEL=0` times the PyTorch-only path. On a CUDA device the
 "scaled_mm" path is timed as well (instead of the emulated CPU reference) and reported in TFLOPS
 against 1979 (H100/H200 dense FP8 peak); GPU times are CUDA-event times of back-to-back calls
 (about 20 ms per timing), so launch overhead is included, as an eager rank pays it; `--graphs`
@@ -169,8 +169,9 @@ def main(argv=None) -> int:
     )
     if device.type == "cpu" and fp8_cpu.kernel() is not None:
         print(
-            f"weight_only here: the fused C kernel up to {fp8_cpu.MAX_TOKENS} tokens (no scratch), above "
-            f"that tiles of {fp8.DEQUANT_TILE_ROWS} dequantized rows (the 'dq' scratch) into PyTorch's GEMM"
+            f"weight_only here: fused C kernels up to {fp8_cpu.ROUNDED_MAX_TOKENS} tokens (no scratch; exact "
+            f"products up to {fp8_cpu.MAX_TOKENS}), above that tiles of {fp8.DEQUANT_TILE_ROWS} dequantized rows "
+            "(the 'dq' scratch) into PyTorch's GEMM"
         )
     else:
         xq = max(max(1, fp8.WO_TILE_ELEMENTS // (k * 128)) * fp8._WO_ACT_SIDE_TOKENS * k * 2 for k in (HIDDEN, INTER))

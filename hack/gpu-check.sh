@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one short run (about 5 minutes on an H200): the CUDA tests of
 # the worker (blockwise FP8 torch._scaled_mm, the model and engine ranks on the device), the expert
-# benchmark in TFLOPS (eager and CUDA graphs) and the Triton FP8 GEMM sweep (bench/fp8_gemm.py). Uses the machine's own python3 with torch; nothing is installed.
+# benchmark in TFLOPS (eager and CUDA graphs) and the Triton FP8 GEMM sweep (bench/fp8_gemm.py).
+# Uses the machine's own python3 with torch; nothing is installed.
 # Logs go to $OUT (or ./gpu-check-out). Usage: bash hack/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
