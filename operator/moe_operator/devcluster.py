@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -63,7 +64,31 @@ def testbin(build: bool = True) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768..60999)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _free_port() -> int:
+    """A free port to listen on later, below the ephemeral range when there is room: a port from
+    that range can be taken by any outgoing connection (the API server's to etcd, say) between now
+    and the moment a component binds it, which once failed kube-controller-manager's start with
+    'address already in use'."""
+    lo, _ = _ephemeral_range()
+    if lo > 11000:
+        rng = random.Random()
+        for _ in range(100):
+            port = rng.randrange(10000, lo)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
