@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -24,19 +25,22 @@ import pytest
 import torch
 import yaml
 
-from moe_worker.checkpoint import load_model, make_checkpoint
+from moe_worker.checkpoint import Checkpoint, load_model, make_checkpoint
 from moe_worker.engine import (
     EngineConfig,
     RankConfig,
+    StepPlan,
     _Chunk,
+    build_runner,
     run_rank_from_env,
     split_micro_batches,
     start_rank,
 )
 from moe_worker.engine_api import GenerationRequest, RequestError
-from moe_worker.expertmap import write_plan_files
+from moe_worker.expertmap import parse_plan, write_plan_files
 from moe_worker.launch import FAULT_EXIT_CODE, GroupFailed, Job, Phase, run_local, spawn_ranks
 from moe_worker.metrics import WorkerMetrics
+from moe_worker.model import ParallelContext
 
 REPO = Path(__file__).resolve().parents[2]
 MARGIN = 1e-3
@@ -321,6 +325,53 @@ def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_pa
     finally:
         engine.shutdown()
     assert not engine.ready()
+
+
+def test_a_rank_holds_exactly_its_new_maps_experts_after_racing_switches(fp8_ckpt, tmp_path):
+    """Generation 2 staged, 3 loading in the background, the group switches to 2: after the switch
+    to 3 the rank holds exactly what 3 assigns it (3 == 1 here: it brings back every expert 2
+    dropped), and a switch that finds an expert still missing reads it rather than failing later."""
+    plan = write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=0), 1)
+    cfg = EngineConfig(map_poll_s=0.0, background_load=True)
+    emap = parse_plan(plan.read_text(), Checkpoint(fp8_ckpt).args, 4, 1)
+    runner = build_runner(fp8_ckpt, emap, cfg, ctx=ParallelContext(1, 4, None), plan_path=plan)
+    gate, reads = threading.Event(), []
+    read = runner.switcher.load_experts
+
+    def gated(added):
+        reads.append(added)
+        if len(reads) == 2:
+            gate.wait(20)
+        return read(added)
+
+    runner.switcher.load_experts = gated
+
+    def held():
+        return {m.layer_id: tuple(sorted(m.local_experts())) for m in runner.model.moe_layers()}
+
+    def switch(step, generation):
+        runner.run_step(StepPlan(step, [[] for _ in range(4)], [[] for _ in range(4)], switch_to=generation))
+
+    assert held() == emap.owned(1)
+    write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=1), 2)
+    runner.switcher.poll()
+    runner.switcher.wait_idle(20)
+    write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=0), 3)
+    runner.switcher.poll()
+    switch(0, 2)
+    assert held() == runner.emap.owned(1) and runner.emap.generation == 2
+    gate.set()
+    runner.switcher.wait_idle(20)
+    switch(1, 3)
+    assert held() == emap.owned(1) and runner.emap.generation == 3
+
+    # A staged generation that lacks a module (as a loader racing another map would leave it).
+    write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=2), 4)
+    runner.switcher.poll()
+    runner.switcher.wait_idle(20)
+    runner.switcher.staged.experts.clear()
+    switch(2, 4)
+    assert held() == runner.emap.owned(1) and runner.emap.generation == 4
 
 
 def test_micro_batches_split_a_prompt_in_two_halves():

@@ -238,3 +238,35 @@ def test_replica_choice_is_balanced_per_sender():
         # The i-th pair of an expert goes to candidate (i + rank) mod n.
         first0 = int(torch.nonzero(flat == 0)[0])
         assert int(dest[first0]) == [4, 5, 6][rank % 3]
+
+
+def test_a_generation_loaded_while_the_group_switches_to_the_staged_one_has_every_expert(tmp_path):
+    """g2 is staged, g3 loads in the background, the group takes g2 meanwhile: g3 must bring back
+    the experts g2 dropped (it was once computed against g1 only, which still held them)."""
+    gate = threading.Event()
+    loads = []
+
+    def load(added):
+        loads.append(added)
+        if len(loads) == 2:  # g3's load finishes only after the group has switched to g2
+            gate.wait(10)
+        return {layer: {e: f"expert {layer}.{e}" for e in ids} for layer, ids in added.items()}
+
+    plan = write_plan_files(tmp_path, default_map(ARGS, 4, generation=1), 1)
+    sw = MapSwitcher(parse_plan(plan.read_text(), ARGS, 4, 1), 1, ARGS, plan_path=plan, load_experts=load,
+                     poll_interval_s=0, background=True)
+    assert sw.current.owned(1)[1] == (3, 4, 5)
+    write_plan_files(tmp_path, _shifted(1), 2)  # rank 1: 4, 5, 6 (drops 3)
+    sw.poll()
+    sw.wait_idle(10)
+    assert sw.staged_key()[0] == 2
+    write_plan_files(tmp_path, _shifted(0), 3)  # rank 1: 3, 4, 5 again
+    sw.poll()
+    assert sw._loading == 3
+    sw.take(2)
+    gate.set()
+    sw.wait_idle(10)
+    staged = sw.take(3)
+    assert loads[1] == {1: (3,), 2: (3,), 3: (3,)}  # what g3 adds over what both g1 and g2 hold
+    for layer in (1, 2, 3):
+        assert set(staged.experts[layer]) == {3}

@@ -68,7 +68,7 @@ from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .dispatch import DispatchConfig, Dispatcher, interleave
 from .engine_api import EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
-from .expertmap import ExpertMap, MapSwitcher, agreed_switch, default_map, parse_plan, read_plan_files
+from .expertmap import ExpertMap, MapSwitcher, Staged, agreed_switch, default_map, parse_plan, read_plan_files
 from .fp8 import resolve_impl
 from .model import KVCache, MoE, ParallelContext, Transformer, causal_mask
 
@@ -405,20 +405,44 @@ class RankRunner:
             self.metrics.expert_map_errors.labels(**self.metrics.lbl()).inc()
 
     def _switch(self, generation: int, step: int) -> None:
-        old = self.switcher.current
         staged = self.switcher.take(generation)
-        _, removed = old.changes(staged.emap, self.rank)
-        for moe in self.model.moe_layers():
-            for e, module in staged.experts.get(moe.layer_id, {}).items():
-                moe.add_expert(e, module)
-            for e in removed.get(moe.layer_id, ()):
-                moe.remove_expert(e)
+        self._hold_exactly(staged)
         if self.dispatcher is not None and staged.emap.world_size == self.ctx.world_size:
             self.dispatcher.set_map(staged.emap)  # (a resize builds a new dispatcher in `regroup`)
         self.switches.append((step, generation))
         if self.metrics is not None:
             self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(generation)
         log.info("rank %d: serving expert map generation %d from step %d", self.rank, generation, step)
+
+    def _hold_exactly(self, staged: Staged) -> None:
+        """Make this rank hold exactly the experts `staged.emap` assigns to it, whatever it held
+        before: register the staged modules it lacks, read any still missing now (a generation
+        staged against another map; slow, logged), drop the rest, then check."""
+        want = staged.emap.owned(self.rank)
+        moes = {m.layer_id: m for m in self.model.moe_layers()}
+        missing: dict[int, tuple[int, ...]] = {}
+        for layer, moe in moes.items():
+            need, have = set(want.get(layer, ())), set(moe.local_experts())
+            loaded = staged.experts.get(layer, {})
+            for e in sorted(need - have):
+                if e in loaded:
+                    moe.add_expert(e, loaded[e])
+            for e in sorted(have - need):
+                moe.remove_expert(e)
+            lacking = tuple(sorted(need - set(moe.local_experts())))
+            if lacking:
+                missing[layer] = lacking
+        if missing:
+            log.warning("rank %d: generation %d: experts %s were not staged; reading them at the switch",
+                        self.rank, staged.emap.generation, missing)
+            for layer, modules in self._read_experts(missing).items():
+                for e, module in modules.items():
+                    moes[layer].add_expert(e, module)
+        wrong = {layer: sorted(moe.local_experts()) for layer, moe in moes.items()
+                 if set(moe.local_experts()) != set(want.get(layer, ()))}
+        if wrong:
+            raise RuntimeError(f"rank {self.rank}: after switching to generation {staged.emap.generation} it holds "
+                               f"experts {wrong}, the map assigns {dict(want)}")
 
     # ---- the step ----
 

@@ -364,8 +364,7 @@ class MapSwitcher:
             return
         if self._loading is not None:  # a newer generation supersedes the one loading
             log.info("rank %d: generation %d supersedes %d while loading", self.rank, generation, self._loading)
-        base = self.current
-        added, _ = base.changes(emap, self.rank)
+        added = self._to_load(emap)
         self._loading = generation
         if self.background:
             self._thread = threading.Thread(
@@ -375,6 +374,18 @@ class MapSwitcher:
         else:
             self._load(emap, added)
             self._collect()
+
+    def _to_load(self, emap: ExpertMap) -> dict[int, tuple[int, ...]]:
+        """Experts `emap` assigns to this rank that it may not hold when the switch comes. The
+        group may take the staged generation while this one loads, so the rank may then serve
+        either map: load what `emap` needs beyond the experts both of them hold."""
+        held = self.current.owned(self.rank)
+        if self.staged is not None:
+            also = self.staged.emap.owned(self.rank)
+            held = {layer: tuple(sorted(set(ids) & set(also.get(layer, ())))) for layer, ids in held.items()}
+        need = emap.owned(self.rank)
+        added = {layer: tuple(sorted(set(ids) - set(held.get(layer, ())))) for layer, ids in need.items()}
+        return {layer: ids for layer, ids in added.items() if ids}
 
     def _load(self, emap: ExpertMap, added: dict[int, tuple[int, ...]]) -> None:
         try:
