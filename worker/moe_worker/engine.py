@@ -67,10 +67,19 @@ import torch.distributed as dist
 from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .dispatch import DispatchConfig, Dispatcher, interleave
-from .engine_api import EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
+from .engine_api import (
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    OverloadedError,
+    RequestError,
+    SequenceError,
+)
 from .expertmap import ExpertMap, MapSwitcher, Staged, agreed_switch, default_map, parse_plan, read_plan_files
 from .fp8 import resolve_impl
 from .model import KVCache, MoE, ParallelContext, Transformer, causal_mask
+from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,12 @@ class EngineConfig:
     max_new_tokens: int = 1024
     max_prefill_tokens: int = 8192
     """New prompt tokens admitted per step over the group (at least one request is always admitted)."""
+    kv_cache_tokens: int = 0
+    """KV cache positions one rank may hold over all its sequences (each sequence takes prompt +
+    max_tokens); a request waits while its rank has no room. 0: max_seqs_per_rank x max_context.
+    The operator sets it from its memory model (what the GPU has after weights and buffers)."""
+    max_queue: int = 1024
+    """Requests waiting for admission; beyond it a request is refused as overloaded (HTTP 429)."""
     idle_heartbeat_s: float = 1.0
     map_poll_s: float = 1.0
     """How often a rank looks at its expert-map files (0: every step)."""
@@ -135,27 +150,86 @@ class EngineConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
+                raise ConfigFieldError(name, f"{getattr(self, name)!r}: expected one of {allowed}")
+        for name, (low, floating) in _LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "threads":
+                continue
+            ok = isinstance(value, (int, float) if floating else int) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value < low:
+                kind = "a finite number" if floating else "an integer"
+                raise ConfigFieldError(name, f"{value!r}: expected {kind} >= {low}")
+        if self.kv_cache_tokens == 1:
+            raise ConfigFieldError("kv_cache_tokens", "expected 0 (no limit of its own) or at least 2")
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+class ConfigFieldError(ValueError):
+    """An `EngineConfig` field out of range; `field` names it (`from_env` names the variable)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name} {message}")
+        self.field = name
+        self.detail = message
+
+
+_LIMITS: dict[str, tuple[float, bool]] = {
+    # field: (lowest allowed value, float field)
+    "overlap_min_tokens": (0, False), "max_seqs_per_rank": (1, False), "max_context": (2, False),
+    "max_new_tokens": (1, False), "max_prefill_tokens": (1, False), "kv_cache_tokens": (0, False),
+    "max_queue": (1, False), "idle_heartbeat_s": (0.001, True), "map_poll_s": (0, True),
+    "dist_timeout_s": (0.001, True), "rendezvous_timeout_s": (0.001, True), "threads": (1, False),
+}
+"""Range checks of the numeric `EngineConfig` fields (a zero or negative limit hangs or breaks a rank)."""
+
+_ENV_FIELDS: dict[str, str] = {
+    # EngineConfig field: the env variable of a rank pod that sets it
+    "dtype": "MOE_DTYPE", "device": "MOE_DEVICE", "attn_impl": "MOE_ATTN", "fp8_impl": "MOE_FP8_IMPL",
+    "precision": "MOE_PRECISION", "dispatch_fp8": "MOE_DISPATCH_FP8", "combine_dtype": "MOE_COMBINE_DTYPE",
+    "overlap": "MOE_OVERLAP", "overlap_min_tokens": "MOE_OVERLAP_MIN_TOKENS",
+    "max_seqs_per_rank": "MOE_MAX_SEQS_PER_RANK", "max_context": "MOE_MAX_CONTEXT",
+    "max_new_tokens": "MOE_MAX_NEW_TOKENS", "max_prefill_tokens": "MOE_MAX_PREFILL_TOKENS",
+    "kv_cache_tokens": "MOE_KV_CACHE_TOKENS", "max_queue": "MOE_MAX_QUEUE", "map_poll_s": "MOE_MAP_POLL_S",
+    "dist_backend": "MOE_DIST_BACKEND", "dist_timeout_s": "MOE_DIST_TIMEOUT_S",
+    "rendezvous_timeout_s": "MOE_RENDEZVOUS_TIMEOUT_S", "model_name": "MOE_MODEL_NAME", "threads": "MOE_THREADS",
+}
+
+
+def env_number(env: Mapping[str, str], name: str, default: float, *, low: float = 0, high: float = math.inf,
+               integer: bool = False) -> Any:
+    """Env variable `name` as a finite number in [low, high] (`default` when unset or empty);
+    ValueError naming the variable otherwise."""
     v = env.get(name)
-    if v is None or v == "":
+    if v is None or v.strip() == "":
         return default
+    kind = "an integer" if integer else "a finite number"
     try:
-        return float(v)
+        x: float = int(v) if integer else float(v)
     except ValueError:
-        raise ValueError(f"env {name}={v!r}: expected a number") from None
+        raise ValueError(f"env {name}={v!r}: expected {kind}") from None
+    if not math.isfinite(x) or not low <= x <= high:
+        bound = f">= {low}" if high == math.inf else f"in {low}..{high}"
+        raise ValueError(f"env {name}={v!r}: expected {kind} {bound}")
+    return x
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    v = env.get(name)
-    if v is None or v == "":
-        return default
+def _engine_config_from_env(env: Mapping[str, str]) -> EngineConfig:
+    """EngineConfig from the `_ENV_FIELDS` variables; every number range-checked, errors name the variable."""
+    defaults = EngineConfig()
+    kw: dict[str, Any] = {}
+    for name, var in _ENV_FIELDS.items():
+        default = getattr(defaults, name)
+        if name in _LIMITS:
+            low, floating = _LIMITS[name]
+            if name == "threads":  # 0 or unset: torch's default
+                kw[name] = env_number(env, var, 0, integer=True) or None
+                continue
+            kw[name] = env_number(env, var, default, low=low, integer=not floating)
+        else:
+            kw[name] = env.get(var, default)
     try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"env {name}={v!r}: expected an integer") from None
+        return EngineConfig(**kw)
+    except ConfigFieldError as e:
+        raise ValueError(f"env {_ENV_FIELDS[e.field]}={env.get(_ENV_FIELDS[e.field])!r}: {e.detail}") from None
 
 
 @dataclass(frozen=True)
@@ -182,42 +256,21 @@ class RankConfig:
         MOE_PRECISION, MOE_MODEL_NAME. Optional `EngineConfig` knobs: MOE_DTYPE, MOE_DEVICE,
         MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
-        MOE_MAX_PREFILL_TOKENS, MOE_MAP_POLL_S, MOE_DIST_BACKEND, MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S,
-        MOE_THREADS. Other MOE_* variables (ports, node) are the server's."""
+        MOE_MAX_PREFILL_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
+        MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS (`_ENV_FIELDS`). Every number is
+        range-checked: a ValueError names the variable. Other MOE_* variables (ports, node) are the server's."""
         env = os.environ if env is None else env
         if not env.get("MOE_CHECKPOINT"):
             raise ValueError("env MOE_CHECKPOINT (the checkpoint directory) is not set")
-        e = EngineConfig()
-        eng = EngineConfig(
-            dtype=env.get("MOE_DTYPE", e.dtype),
-            device=env.get("MOE_DEVICE", e.device),
-            attn_impl=env.get("MOE_ATTN", e.attn_impl),
-            fp8_impl=env.get("MOE_FP8_IMPL", e.fp8_impl),
-            precision=env.get("MOE_PRECISION", e.precision),
-            dispatch_fp8=env.get("MOE_DISPATCH_FP8", e.dispatch_fp8),
-            combine_dtype=env.get("MOE_COMBINE_DTYPE", e.combine_dtype),
-            overlap=env.get("MOE_OVERLAP", e.overlap),
-            overlap_min_tokens=_env_int(env, "MOE_OVERLAP_MIN_TOKENS", e.overlap_min_tokens),
-            max_seqs_per_rank=_env_int(env, "MOE_MAX_SEQS_PER_RANK", e.max_seqs_per_rank),
-            max_context=_env_int(env, "MOE_MAX_CONTEXT", e.max_context),
-            max_new_tokens=_env_int(env, "MOE_MAX_NEW_TOKENS", e.max_new_tokens),
-            max_prefill_tokens=_env_int(env, "MOE_MAX_PREFILL_TOKENS", e.max_prefill_tokens),
-            map_poll_s=_env_float(env, "MOE_MAP_POLL_S", e.map_poll_s),
-            dist_backend=env.get("MOE_DIST_BACKEND", e.dist_backend),
-            dist_timeout_s=_env_float(env, "MOE_DIST_TIMEOUT_S", e.dist_timeout_s),
-            rendezvous_timeout_s=_env_float(env, "MOE_RENDEZVOUS_TIMEOUT_S", e.rendezvous_timeout_s),
-            model_name=env.get("MOE_MODEL_NAME", e.model_name),
-            threads=_env_int(env, "MOE_THREADS", 0) or None,
-        )
         return cls(
-            rank=_env_int(env, "RANK", 0),
-            world_size=_env_int(env, "WORLD_SIZE", 1),
+            rank=env_number(env, "RANK", 0, integer=True),
+            world_size=env_number(env, "WORLD_SIZE", 1, low=1, integer=True),
             checkpoint=env["MOE_CHECKPOINT"],
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_env_int(env, "MASTER_PORT", 29500),
-            group=_env_int(env, "MOE_GROUP", 0),
+            master_port=env_number(env, "MASTER_PORT", 29500, low=1, high=65535, integer=True),
+            group=env_number(env, "MOE_GROUP", 0, integer=True),
             expert_map=env.get("MOE_EXPERT_MAP") or None,
-            engine=eng,
+            engine=_engine_config_from_env(env),
         )
 
 
@@ -303,6 +356,8 @@ class StepReply:
     """Generation served in this step."""
     errors: list[str] = field(default_factory=list)
     """Expert-map errors since the last reply."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """seq -> why it failed in this step on this rank (its request fails; the group goes on)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,43 +510,49 @@ class RankRunner:
         if self.before_step is not None:
             self.before_step(plan, self.rank)
         out: dict[int, tuple[int, float]] = {}
+        failed: dict[int, str] = {}
         if plan.has_work():
             t0 = time.perf_counter()
-            mine = plan.work[self.rank]
-            for w in mine:
-                if w.new:
-                    gen = None
-                    if w.temperature > 0:
-                        gen = torch.Generator(device=self.device)
-                        gen.manual_seed(w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little"))
-                    self.seqs[w.seq] = _SeqState(
-                        self.model.new_cache(1, w.max_len), w.temperature, gen, w.want_logits
-                    )
+            mine = [w for w in plan.work[self.rank] if not (w.new and self._admit(w, failed))]
             logits = self.forward(mine, plan.micro_batches)
             for seq, row in logits.items():
-                out[seq] = self._sample(seq, row)
+                try:
+                    st = self.seqs[seq]
+                    out[seq] = sample(row, st.temperature, st.generator), float(row.sum())
+                except SequenceError as e:
+                    failed[seq] = str(e)
             if self.dispatcher is not None:
                 self.dispatcher.flush_metrics()
             if self.metrics is not None:
                 phase = "prefill" if any(w.new for w in mine) else "decode"
                 lbl = self.metrics.lbl()
                 self.metrics.step_seconds.labels(**lbl, phase=phase).observe(time.perf_counter() - t0)
-                cap = self.cfg.max_seqs_per_rank * self.cfg.max_context
+                cap = kv_budget(self.cfg)
                 used = sum(s.cache.max_len for s in self.seqs.values())
                 self.metrics.kv_cache_usage.labels(**lbl).set(used / cap if cap else 0.0)
         self.switcher.poll()
         errors, self._errors = self._errors, []
-        return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors)
+        for seq in failed:
+            self.seqs.pop(seq, None)
+            self.kept_logits.pop(seq, None)
+        return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
 
-    def _sample(self, seq: int, row: torch.Tensor) -> tuple[int, float]:
-        """row (vocab,) fp32 -> (token, row sum); greedy for temperature 0 (first max on ties)."""
-        st = self.seqs[seq]
-        if st.temperature > 0:
-            probs = torch.softmax(row / st.temperature, dim=-1)
-            tok = int(torch.multinomial(probs, 1, generator=st.generator))
-        else:
-            tok = int(torch.argmax(row))
-        return tok, float(row.sum())
+    def _admit(self, w: SeqWork, failed: dict[int, str]) -> bool:
+        """Set up a new sequence (KV cache, sampler); False when it fits, True when it failed
+        (recorded in `failed`: its request fails alone, the step runs without it)."""
+        try:
+            gen = None
+            if w.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little"))
+            self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, gen, w.want_logits)
+            return False
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            failed[w.seq] = f"rank {self.rank} has no memory for a KV cache of {w.max_len} positions: {e}"
+        except (RuntimeError, ValueError) as e:
+            failed[w.seq] = f"rank {self.rank} could not set up the sequence: {type(e).__name__}: {e}"
+        log.error("sequence %d: %s", w.seq, failed[w.seq])
+        return True
 
     def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
         """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
@@ -691,6 +752,7 @@ class _Running:
     rank: int
     pos: int = 0  # positions in the KV cache
     work: SeqWork | None = None
+    kv: int = 0  # KV cache positions the rank allocated for it (prompt + max_tokens)
 
 
 class Scheduler:
@@ -704,6 +766,9 @@ class Scheduler:
         self.waiting: deque[_Ticket] = deque()
         self.running: dict[int, _Running] = {}
         self.per_rank = [0] * world_size
+        self.kv_budget = kv_budget(cfg)
+        self.kv_used = [0] * world_size
+        """KV cache positions allocated on each rank (admission keeps it <= kv_budget)."""
         self._rotate = 0  # ties between equally loaded ranks go round-robin, not always to rank 0
         self.release: list[list[int]] = [[] for _ in range(world_size)]
         self._next_seq = 0
@@ -741,11 +806,11 @@ class Scheduler:
                 n = len(t.req.prompt_ids)
                 if admitted and n > budget:
                     break
+                kv = n + t.req.max_tokens
                 if t.want_logits:
-                    rank = 0 if self.per_rank[0] < self.cfg.max_seqs_per_rank else None
+                    rank = 0 if self._has_room(0, kv) else None
                 else:
-                    free = [r for r in range(self.world)
-                            if self.per_rank[r] < self.cfg.max_seqs_per_rank and r not in self.draining]
+                    free = [r for r in range(self.world) if self._has_room(r, kv) and r not in self.draining]
                     # Least loaded first; among equals, round-robin from the last pick, so that a
                     # few requests spread over every node instead of piling onto the first one
                     # (tokens prefer expert replicas on their own node).
@@ -760,8 +825,9 @@ class Scheduler:
                 req = t.req
                 w = SeqWork(seq, [int(x) for x in req.prompt_ids], 0, new=True, max_len=n + req.max_tokens,
                             temperature=req.temperature, seed=req.seed, want_logits=t.want_logits)
-                self.running[seq] = _Running(t, rank, 0, w)
+                self.running[seq] = _Running(t, rank, 0, w, kv)
                 self.per_rank[rank] += 1
+                self.kv_used[rank] += kv
                 work[rank].append(w)
                 budget -= n
                 admitted += 1
@@ -770,11 +836,18 @@ class Scheduler:
         mb = {"on": 2, "off": 1}.get(self.overlap, 2 if busiest >= self.cfg.overlap_min_tokens else 1)
         return StepPlan(step, work, release, micro_batches=mb, switch_to=switch_to)
 
+    def _has_room(self, rank: int, kv: int) -> bool:
+        """Rank `rank` can take one more sequence of `kv` cache positions."""
+        return self.per_rank[rank] < self.cfg.max_seqs_per_rank and self.kv_used[rank] + kv <= self.kv_budget
+
     def update(self, plan: StepPlan, replies: list[StepReply], kept_logits: dict[int, torch.Tensor]) -> None:
         """Apply the tokens the ranks sampled; finish requests that are done."""
         now = time.monotonic()
         with self.lock:
             for reply in replies:
+                for seq, why in reply.failed.items():
+                    if seq in self.running:
+                        self._finish(seq, "failed", SequenceError(why))
                 for seq, (tok, lsum) in reply.tokens.items():
                     r = self.running.get(seq)
                     if r is None:
@@ -807,19 +880,25 @@ class Scheduler:
             if any(r.rank >= world for r in self.running.values()):
                 raise RuntimeError("resize below a rank that still runs sequences")
             self.per_rank = (self.per_rank + [0] * world)[:world]
+            self.kv_used = (self.kv_used + [0] * world)[:world]
             self.world = world
             self.draining = set()
             self._rotate %= world
             return release
 
-    def _finish(self, seq: int, reason: str) -> None:
+    def _finish(self, seq: int, reason: str, err: BaseException | None = None) -> None:
+        """End a running sequence: its rank frees the cache before the next step; the request
+        gets its result, or `err` ("failed"), or a cancellation ("cancelled")."""
         r = self.running.pop(seq)
         self.per_rank[r.rank] -= 1
+        self.kv_used[r.rank] -= r.kv
         self.release[r.rank].append(seq)
         if reason == "cancelled":
             r.ticket.fail(asyncio.CancelledError())
-            return
-        r.ticket.finish(reason)
+        elif err is not None:
+            r.ticket.fail(err)
+        else:
+            r.ticket.finish(reason)
 
     def fail_all(self, err: BaseException) -> None:
         with self.lock:
@@ -827,6 +906,7 @@ class Scheduler:
             self.running.clear()
             self.waiting.clear()
             self.per_rank = [0] * self.world
+            self.kv_used = [0] * self.world
         for t in tickets:
             t.fail(err)
 
@@ -958,13 +1038,21 @@ def worker_loop(runner: RankRunner, control: _Control, membership: _Membership |
 # ---------------------------------------------------------------------------------------------
 
 
+def kv_budget(cfg: EngineConfig) -> int:
+    """KV cache positions one rank may allocate over all its sequences."""
+    return cfg.kv_cache_tokens or cfg.max_seqs_per_rank * cfg.max_context
+
+
 def model_info(args: ModelArgs, cfg: EngineConfig) -> ModelInfo:
+    """What the server tells clients; a request's context is bounded by the model, the config and
+    one rank's KV budget (a longer one could never be admitted)."""
     eos = args.extra.get("eos_token_id")
+    context = min(cfg.max_context, args.max_position_embeddings, kv_budget(cfg))
     return ModelInfo(
         name=cfg.model_name,
         vocab_size=args.vocab_size,
-        max_context=min(cfg.max_context, args.max_position_embeddings),
-        max_new_tokens=max(1, min(cfg.max_new_tokens, min(cfg.max_context, args.max_position_embeddings) - 1)),
+        max_context=context,
+        max_new_tokens=max(1, min(cfg.max_new_tokens, context - 1)),
         eos_token_id=eos if isinstance(eos, int) and not isinstance(eos, bool) else None,
     )
 
@@ -1066,15 +1154,8 @@ class GroupEngine:
 
     def submit(self, req: GenerationRequest, *, want_logits: bool = False) -> _Ticket:
         """Queue a request (thread-safe); the ticket's `done` event fires when it finishes."""
-        self.validate(req)
-        if self._failed is not None:
-            raise self._failed
-        if not self.ready():
-            raise EngineError("engine is not running")
         t = _Ticket(req, want_logits)
-        self.scheduler.add(t)
-        with self._wake:
-            self._wake.notify_all()
+        self._enqueue(t)
         return t
 
     def run(self, reqs: list[GenerationRequest], timeout: float | None = None) -> list[GenerationResult]:
@@ -1143,6 +1224,9 @@ class GroupEngine:
             raise self._failed
         if not self.ready():
             raise EngineError("engine is not running")
+        if len(self.scheduler.waiting) >= self.cfg.max_queue:
+            raise OverloadedError(f"{len(self.scheduler.waiting)} requests are waiting (MOE_MAX_QUEUE "
+                                  f"{self.cfg.max_queue}); retry later")
         self.scheduler.add(t)
         with self._wake:
             self._wake.notify_all()

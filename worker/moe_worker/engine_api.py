@@ -21,6 +21,20 @@ class RequestError(ValueError):
     """The request itself is invalid (too long, bad parameters); maps to HTTP 400 / INVALID_ARGUMENT."""
 
 
+class SequenceError(RuntimeError):
+    """This request failed inside a step (non-finite logits, no memory for its KV cache); the
+    engine goes on serving the others. Maps to HTTP 500 / INTERNAL."""
+
+
+class OverloadedError(RuntimeError):
+    """The engine's queue is full; retry later. Maps to HTTP 429 / RESOURCE_EXHAUSTED."""
+
+
+class DeadlineError(RuntimeError):
+    """The request did not finish within the server's deadline and was cancelled. Maps to HTTP 504
+    / DEADLINE_EXCEEDED."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str

@@ -32,8 +32,16 @@ from typing import Any
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .engine_api import EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
+from .engine_api import (
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    RequestError,
+    SequenceError,
+)
 from .model import KVCache, Transformer
+from .sampling import sample
 
 _END = object()  # end of a stream
 
@@ -289,6 +297,10 @@ class LocalEngine:
             if seq.cancelled:
                 continue
             tok = next_ids[row]
+            if isinstance(tok, SequenceError):  # this request fails alone; its cohort goes on
+                self._fail(seq, tok)
+                next_ids[row] = 0
+                continue
             seq.out.append(tok)
             seq.logit_sums.append(sums[row])
             if len(seq.out) == 1:
@@ -310,14 +322,14 @@ class LocalEngine:
         c.last = last
 
     @staticmethod
-    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """logits (B, vocab) fp32 -> one id per row: argmax at temperature 0, else a seeded draw."""
-        ids = logits.argmax(dim=-1).tolist()
+    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int | SequenceError]:
+        """logits (B, vocab) fp32 -> one id per row (`sampling.sample`), or why that row failed."""
+        ids: list[int | SequenceError] = []
         for row, seq in enumerate(seqs):
-            t = seq.req.temperature
-            if t > 0:
-                probs = torch.softmax(logits[row] / t, dim=-1)
-                ids[row] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
+            try:
+                ids.append(sample(logits[row], seq.req.temperature, seq.generator))
+            except SequenceError as e:
+                ids.append(e)
         return ids
 
     # ---- results back to the callers' loops ----

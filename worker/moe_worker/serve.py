@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -64,16 +65,57 @@ class HealthServer:
         self.httpd.server_close()
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """The server's own variables (the engine's are `RankConfig.from_env`'s)."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    request_timeout_s: float
+    checkpoint: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ServeConfig:
+        """POD_IP, MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, MOE_REQUEST_TIMEOUT_S; ValueError
+        naming the variable when one is out of range."""
+        from .engine import env_number
+        from .server import DEFAULT_REQUEST_TIMEOUT_S
+
+        def port(name: str, default: int) -> int:
+            return env_number(env, name, default, low=1, high=65535, integer=True)
+
+        return cls(host=env.get("POD_IP") or "0.0.0.0", http_port=port("MOE_HTTP_PORT", 8080),
+                   grpc_port=port("MOE_GRPC_PORT", 8081), metrics_port=port("MOE_METRICS_PORT", 9400),
+                   request_timeout_s=env_number(env, "MOE_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S, low=0.001),
+                   checkpoint=env.get("MOE_CHECKPOINT"))
+
+
+def check_env(env: Mapping[str, str]) -> ServeConfig:
+    """Every variable of a rank pod, checked before anything starts (ValueError names the first bad one)."""
+    from .engine import RankConfig
+
+    RankConfig.from_env(env)
+    return ServeConfig.from_env(env)
+
+
 def main(env: Mapping[str, str] | None = None) -> int:
     from .engine import run_rank_from_env
 
     env = os.environ if env is None else env
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(levelname)s %(message)s"
                         .replace("%(rank)s", env.get("RANK", "0")))
-    rank, group = int(env.get("RANK", "0")), int(env.get("MOE_GROUP", "0"))
-    host = env.get("POD_IP") or "0.0.0.0"
+    try:
+        sc = check_env(env)
+    except ValueError as e:
+        log.error("moe-worker serve: %s", e)
+        print(f"moe-worker serve: {e}", file=sys.stderr)
+        return 2
+    rank, group = int(env.get("RANK") or 0), int(env.get("MOE_GROUP") or 0)
+    host = sc.host
     metrics = WorkerMetrics(rank=rank, group=group)
-    health = HealthServer(host, int(env.get("MOE_METRICS_PORT", "9400")), metrics)
+    health = HealthServer(host, sc.metrics_port, metrics)
     group_ready = metrics.group_ready.labels(**metrics.lbl())
     health.ready_fn = lambda: group_ready._value.get() == 1
     try:
@@ -87,17 +129,19 @@ def main(env: Mapping[str, str] | None = None) -> int:
         return 0
     health.ready_fn = engine.ready
     try:
-        return asyncio.run(_serve_front(engine, metrics, host, env))
+        return asyncio.run(_serve_front(engine, metrics, sc))
     finally:
         engine.shutdown()
         health.close()
 
 
-async def _serve_front(engine, metrics: WorkerMetrics, host: str, env: Mapping[str, str]) -> int:
+async def _serve_front(engine, metrics: WorkerMetrics, sc: ServeConfig) -> int:
     from .server import serve
 
-    server = await serve(engine, engine.info, metrics, host, int(env.get("MOE_HTTP_PORT", "8080")),
-                         int(env.get("MOE_GRPC_PORT", "8081")), checkpoint_dir=env.get("MOE_CHECKPOINT"))
+    server = await serve(engine, engine.info, metrics, sc.host, sc.http_port, sc.grpc_port,
+                         checkpoint_dir=sc.checkpoint,
+                         request_timeout_s=sc.request_timeout_s)
+    host = sc.host
     log.info("serving %s: HTTP %s:%d, gRPC %s:%d", engine.info.name, host, server.http_port, host, server.grpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,8 +25,13 @@ The model, one inference request = one sequence:
   any, stops generation.
 
 Errors: a bad request gets HTTP 400 / INVALID_ARGUMENT with a message naming the input or
-parameter; an unknown model or version 404 / NOT_FOUND; an engine that is not ready or fails
-(`EngineError`) 503 / UNAVAILABLE. HTTP error bodies are `{"error": "..."}` (what tritonclient reads).
+parameter; an unknown model or version 404 / NOT_FOUND; a full queue 429 / RESOURCE_EXHAUSTED; a
+request that failed alone inside a step (`SequenceError`: non-finite logits, no memory for its
+cache) 500 / INTERNAL, while the engine goes on serving; an engine that is not ready or fails
+(`EngineError`) 503 / UNAVAILABLE; a request past the server's deadline (`request_timeout_s`,
+queueing included) 504 / DEADLINE_EXCEEDED. HTTP error bodies are `{"error": "..."}` (what
+tritonclient reads). A client that disconnects (HTTP) or cancels (gRPC) cancels its generation:
+its sequence is freed at the next step.
 
 Metrics (`WorkerMetrics`): this module counts finished inference requests by outcome, their latency,
 time to first token and inter-token time (mean gap per request, observed once per gap), prompt and
@@ -58,7 +63,16 @@ from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tritonclient.grpc import service_pb2 as pb
 
-from .engine_api import Engine, EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
+from .engine_api import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    OverloadedError,
+    RequestError,
+    SequenceError,
+)
 from .metrics import WorkerMetrics
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -69,6 +83,8 @@ INPUT_IDS, INPUT_TEXT = "input_ids", "text"
 OUTPUT_IDS, OUTPUT_TEXT = "output_ids", "text"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+"""Server-side deadline of one request, queueing included (MOE_REQUEST_TIMEOUT_S); then 504."""
 MAX_BODY_BYTES = 64 << 20
 """Largest HTTP body or gRPC message, compressed or not (a DeepSeek-V3 context of INT64 ids is 1.3 MB)."""
 PARAMETERS = ("max_tokens", "temperature", "seed")
@@ -94,16 +110,19 @@ except Exception:  # not installed as a distribution (a source checkout on sys.p
 class InferError(Exception):
     """A request the server answers with an error; `kind` picks the HTTP status and gRPC code."""
 
-    HTTP = {"invalid": 400, "not_found": 404, "too_large": 413, "unavailable": 503, "internal": 500}
+    HTTP = {"invalid": 400, "not_found": 404, "too_large": 413, "overloaded": 429, "unavailable": 503,
+            "internal": 500, "deadline": 504}
     GRPC = {
         "invalid": grpc.StatusCode.INVALID_ARGUMENT,
         "not_found": grpc.StatusCode.NOT_FOUND,
         "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
         "unavailable": grpc.StatusCode.UNAVAILABLE,
         "internal": grpc.StatusCode.INTERNAL,
+        "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
     }
-    OUTCOME = {"invalid": "invalid", "not_found": "not_found", "too_large": "invalid",
-               "unavailable": "unavailable", "internal": "error"}
+    OUTCOME = {"invalid": "invalid", "not_found": "not_found", "too_large": "invalid", "overloaded": "overloaded",
+               "unavailable": "unavailable", "internal": "error", "deadline": "timeout"}
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -208,8 +227,10 @@ def _split_bytes(name: str, raw: bytes) -> list[bytes]:
 class Frontend:
     """What both protocols share: metadata, readiness, parsing, running and metrics."""
 
-    def __init__(self, engine: Engine, info: ModelInfo, metrics: WorkerMetrics, tokenizer: Tokenizer | None):
+    def __init__(self, engine: Engine, info: ModelInfo, metrics: WorkerMetrics, tokenizer: Tokenizer | None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
         self.engine = engine
+        self.request_timeout_s = request_timeout_s
         self.info = info
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -400,9 +421,20 @@ class Frontend:
         self.in_flight += 1
         start = time.perf_counter()
         try:
-            result: GenerationResult = await self.engine.generate(job.request)
+            result: GenerationResult = await asyncio.wait_for(self.engine.generate(job.request),
+                                                              self.request_timeout_s)
+        except asyncio.TimeoutError:  # wait_for cancelled the generation: its sequence is freed
+            raise InferError("deadline", f"request {job.request.request_id} did not finish within the server's "
+                             f"deadline of {self.request_timeout_s:g} s (MOE_REQUEST_TIMEOUT_S)") from None
+        except asyncio.CancelledError:  # the client left (HTTP disconnect, gRPC cancel or deadline)
+            self.metrics.requests.labels(**self.metrics.lbl(), outcome="cancelled").inc()
+            raise
         except RequestError as e:
             raise _invalid(str(e)) from None
+        except SequenceError as e:
+            raise InferError("internal", f"request {job.request.request_id} failed: {e}") from None
+        except OverloadedError as e:
+            raise InferError("overloaded", str(e)) from None
         except EngineError as e:
             raise InferError("unavailable", f"the engine cannot serve: {e}") from None
         except Exception as e:
@@ -850,6 +882,7 @@ async def serve(
     tokenizer: Tokenizer | None = None,
     checkpoint_dir: str | Path | None = None,
     grace: float = 5.0,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> Server:
     """Start KServe v2 over HTTP and gRPC for `engine` on this event loop; return the running Server.
 
@@ -858,9 +891,12 @@ async def serve(
     """
     if tokenizer is None:
         tokenizer = load_tokenizer(checkpoint_dir, info.vocab_size)
-    front = Frontend(engine, info, metrics, tokenizer)
+    front = Frontend(engine, info, metrics, tokenizer, request_timeout_s)
     # auto_decompress off: _decompress gives clear errors for bad gzip/deflate and bounds the size.
-    runner = web.AppRunner(HttpApp(front).app, access_log=None, shutdown_timeout=grace, auto_decompress=False)
+    # handler_cancellation: a client that disconnects cancels its handler, and so its generation
+    # (aiohttp's default keeps generating to max_tokens for nobody).
+    runner = web.AppRunner(HttpApp(front).app, access_log=None, shutdown_timeout=grace, auto_decompress=False,
+                           handler_cancellation=True)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, http_port)
