@@ -270,3 +270,29 @@ def test_a_generation_loaded_while_the_group_switches_to_the_staged_one_has_ever
     assert loads[1] == {1: (3,), 2: (3,), 3: (3,)}  # what g3 adds over what both g1 and g2 hold
     for layer in (1, 2, 3):
         assert set(staged.experts[layer]) == {3}
+
+
+def test_a_bad_or_older_generation_is_reported_once_not_at_every_poll(tmp_path):
+    errors = []
+    plan = write_plan_files(tmp_path, default_map(ARGS, 4), 3)
+    sw = MapSwitcher(parse_plan(plan.read_text(), ARGS, 4, 3), 0, ARGS, plan_path=plan,
+                     load_experts=lambda added: {}, poll_interval_s=0, background=False, on_error=errors.append)
+    (tmp_path / "generation").write_text("2.5\n")  # the operator's non-integer generation
+    for _ in range(50):
+        sw.poll()
+    assert len(errors) == 1 and "generation must be an integer" in errors[0] and len(sw.errors) == 1
+    write_plan_files(tmp_path, _shifted(0), 1)  # a reset operator: the generation went backwards
+    for _ in range(50):
+        sw.poll()
+    assert len(errors) == 2 and "generation 1 is older than the generation this rank serves" in errors[1]
+    assert sw.current.generation == 3 and sw.staged is None
+    write_plan_files(tmp_path, _shifted(1), 4)  # repaired: taken as usual
+    sw.poll()
+    assert sw.staged_key()[0] == 4 and len(errors) == 2
+    (tmp_path / "generation").write_text("x\n")  # broken again: reported again, once
+    for _ in range(10):
+        sw.poll()
+    assert len(errors) == 3
+    for i in range(300):  # the window of kept errors is bounded
+        sw._fail(None, f"error {i}")
+    assert len(sw.errors) == 100 and sw.errors[-1].endswith("error 299; keeping generation 3")

@@ -76,7 +76,16 @@ from .engine_api import (
     RequestError,
     SequenceError,
 )
-from .expertmap import ExpertMap, MapSwitcher, Staged, agreed_switch, default_map, parse_plan, read_plan_files
+from .expertmap import (
+    MAX_ERRORS,
+    ExpertMap,
+    MapSwitcher,
+    Staged,
+    agreed_switch,
+    default_map,
+    parse_plan,
+    read_plan_files,
+)
 from .fp8 import resolve_impl
 from .model import KVCache, MoE, ParallelContext, Transformer, causal_mask
 from .sampling import sample
@@ -1082,8 +1091,8 @@ class GroupEngine:
         self.resizes: list[tuple[int, int, int, int, float]] = []
         """(step, generation, old world, new world, seconds the resize step took) of every switch that
         re-formed the group."""
-        self.map_errors: list[str] = []
-        """Expert-map errors reported by any rank."""
+        self.map_errors: deque[str] = deque(maxlen=MAX_ERRORS)
+        """The latest expert-map errors reported by any rank (a bounded window)."""
         self._wake = threading.Condition()
         self._failed: EngineError | None = None
         self._stopping = False

@@ -31,6 +31,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,9 @@ def write_plan_files(directory: str | Path, emap_or_doc: ExpertMap | Mapping[str
 # Switching
 # ---------------------------------------------------------------------------------------------
 
+MAX_ERRORS = 100
+"""Expert-map errors a rank (and rank 0 for its group) keeps; older ones are in the log."""
+
 LoadedExperts = dict[int, dict[int, Any]]
 """MoE layer id -> expert id -> module read for the new map (not registered yet)."""
 
@@ -325,7 +329,9 @@ class MapSwitcher:
         self.staged: Staged | None = None
         self.failed: set[int] = set()
         """Generations this rank could not take (never retried; a newer one may succeed)."""
-        self.errors: list[str] = []
+        self.errors: deque[str] = deque(maxlen=MAX_ERRORS)
+        """The latest errors (a bounded window; each distinct error of the files is reported once)."""
+        self._file_error: str | None = None  # the error the plan files gave at the last poll
         self._last_poll = float("-inf")
         self._loading: int | None = None  # generation being loaded in the background
         self._ready: Staged | BaseException | None = None  # written by the loader thread
@@ -346,14 +352,25 @@ class MapSwitcher:
         except ExpertMapError as e:
             if "changed while being read" in str(e):
                 return  # mid-swap: the next poll reads a consistent pair
-            self._fail(None, str(e))
+            self._file_fault(str(e))
             return
+        if gen is not None and gen < self.current.generation:
+            self._file_fault(f"{self.plan_path}: generation {gen} is older than the generation this rank serves; "
+                             "ignored (generations must only grow)")
+            return
+        self._file_error = None
         if gen is None:
             return  # no generation: nothing to order it by; the first map stays
         newest = self.staged.emap.generation if self.staged is not None else self.current.generation
         if gen <= newest or gen in self.failed or gen == self._loading:
             return
         self.offer(text, gen)
+
+    def _file_fault(self, message: str) -> None:
+        """Report what is wrong with the plan files once, not at every poll, until it changes."""
+        if message != self._file_error:
+            self._file_error = message
+            self._fail(None, message)
 
     def offer(self, plan: Mapping[str, Any] | str, generation: int) -> None:
         """Prepare `plan` as `generation` (parse, then load new experts, maybe in the background)."""
