@@ -84,6 +84,18 @@ CASES: list[tuple[str, dict, str]] = [
 ]
 
 
+# (case id, metadata.name) of names the API refuses, each with a valid spec: every error names
+# metadata.name. Each passes the API server's own check of object names (a DNS-1123 subdomain), so
+# only our rules (CEL on the CRD's root, `api.check_name`) can refuse it.
+LONGEST_NAME = "n" * 53  # names.MAX_NAME_LENGTH; tests/test_names.py checks the two agree
+INVALID_NAMES: list[tuple[str, str]] = [
+    ("name-too-long", LONGEST_NAME + "x"),  # rank pod hostname NAME-g99-r8191 would be 64 characters
+    ("name-with-dot", "my.model"),  # Services need DNS-1035 labels
+    ("name-starts-with-digit", "9lives"),
+    ("name-ends-in-ranks", "tiny-ranks"),  # its client Service would be tiny's headless Service
+]
+
+
 def invalid_spec(changes: dict) -> dict:
     spec = copy.deepcopy(tiny_spec())
     for path, value in changes.items():

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from invalid_specs import CASES, invalid_spec, tiny_spec
+from invalid_specs import CASES, INVALID_NAMES, LONGEST_NAME, invalid_spec, tiny_spec
 from support import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -56,6 +56,22 @@ def test_invalid_specs_are_rejected_naming_the_field(custom, namespace):
                 failures.append(f"{case}: HTTP {e.status}, expected {field!r} in: {msg}")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 25
+
+
+def test_unusable_names_are_rejected_and_the_longest_usable_one_accepted(custom, namespace):
+    from kubernetes import client
+
+    failures = []
+    for case, name in INVALID_NAMES:
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body(name, tiny_spec()))
+            failures.append(f"{case}: {name!r} accepted")
+        except client.ApiException as e:
+            msg = json.loads(e.body).get("message", e.body)
+            if e.status != 422 or "metadata.name" not in msg:
+                failures.append(f"{case}: HTTP {e.status}, expected 'metadata.name' in: {msg}")
+    assert not failures, "\n".join(failures)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body(LONGEST_NAME, tiny_spec()))
 
 
 def test_architecture_is_immutable(custom, namespace):

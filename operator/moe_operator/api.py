@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from . import names
 
 GROUP = "serving.moe.dev"
 VERSION = "v1alpha1"
@@ -169,12 +171,12 @@ class Parallelism(_Model):
          "fieldPath": ".attentionTensorParallel"},
     ]
 
-    expert_parallel_size: Pos = Field(288, description="GPUs in one expert-parallel group (one pod per GPU). With one expert per GPU it must equal routed + redundant experts.")
+    expert_parallel_size: Pos = Field(288, le=names.MAX_EXPERT_PARALLEL, description="GPUs in one expert-parallel group (one pod per GPU). With one expert per GPU it must equal routed + redundant experts.")
     max_experts_per_gpu: Pos = Field(1, description="Most experts one GPU hosts per MoE layer; 1 is the large-EP layout.")
     redundant_experts: NonNeg = Field(32, description="Extra physical expert slots per layer that hold replicas of hot experts.")
     attention_data_parallel: Pos | None = Field(None, description="Attention data-parallel degree; default expertParallelSize / attentionTensorParallel.")
     attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree inside one data-parallel attention group.")
-    replicas: Pos = Field(1, description="Independent EP groups serving the same model.")
+    replicas: Pos = Field(1, le=names.MAX_REPLICAS, description="Independent EP groups serving the same model.")
     allow_small_expert_parallel: bool = Field(False, description="Allow expertParallelSize below 16 (tests and tiny demos).")
 
     @property
@@ -241,7 +243,7 @@ class LoadBalancing(_Model):
     imbalance_threshold: float = Field(1.3, gt=1.0, description="Rebalance when max rank load / mean rank load stays above this for a window.")
     cooldown_seconds: Pos = Field(300, description="Minimum time between rebalances, and before extra GPUs are released.")
     max_replicas_per_expert: Pos = Field(4, description="Most physical copies of one logical expert.")
-    max_extra_gpus: NonNeg = Field(0, description="GPUs scale-out may add beyond expertParallelSize.")
+    max_extra_gpus: NonNeg = Field(0, le=names.MAX_EXTRA_GPUS, description="GPUs scale-out may add beyond expertParallelSize.")
 
     @model_validator(mode="after")
     def _check(self) -> LoadBalancing:
@@ -399,11 +401,30 @@ class MoEDeploymentStatus(_Model):
     prediction: Prediction | None = Field(None, description="Performance model estimate.")
 
 
+# CEL rules on the whole object (the CRD's root schema): the deployment's name, which every object
+# it owns is named after (see `names`).
+NAME_CEL: list[dict[str, str]] = [{"rule": rule, "message": message} for rule, _, message in names.NAME_RULES]
+
+
+def check_name(name: str) -> None:
+    """Raise SpecError when `name` cannot name a MoEDeployment (the CRD's NAME_CEL, in Python)."""
+    problem = names.name_problem(name)
+    if problem:
+        raise SpecError("metadata.name", problem)
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = ""
     namespace: str | None = None
     generation: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if v:  # a manifest without a name (generateName, or an offline `moe plan` input)
+            check_name(v)
+        return v
 
 
 class MoEDeployment(BaseModel):

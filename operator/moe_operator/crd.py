@@ -156,6 +156,7 @@ def crd() -> dict[str, Any]:
                         "status": status,
                     },
                     "required": ["spec"],
+                    "x-kubernetes-validations": [dict(r) for r in api.NAME_CEL],
                 }},
             }],
         },

@@ -175,6 +175,7 @@ class Reconciler:
         owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
 
         try:
+            api.check_name(owner.name)  # the CRD checks it too; an object admitted before it did is refused here
             spec = api.parse_spec(obj.get("spec") or {})
         except api.SpecError as e:
             conds = set_condition(conds, PLACED, False, "InvalidSpec", str(e), gen)

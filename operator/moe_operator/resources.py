@@ -4,7 +4,7 @@ Per EP group g of deployment D:
 - a ConfigMap `D-g<g>-plan` with the plan (ranks, expert map) and its generation;
 - one Pod per rank `D-g<g>-r<rank>`, pinned to the planned node by required node affinity;
 and per deployment a headless Service `D-ranks` (rendezvous and per-pod DNS), a client Service `D`
-(front ranks: KServe v2 HTTP and gRPC) and a PodDisruptionBudget.
+(front ranks: KServe v2 HTTP and gRPC) and a PodDisruptionBudget. The names come from `names`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import api
+from . import api, names
 from .placement import Plan
 
 MANAGER = "moe-operator"  # the one server-side-apply field manager
@@ -54,15 +54,15 @@ def group_labels(owner: Owner, group: int | None = None) -> dict[str, str]:
 
 
 def pod_name(owner: Owner, group: int, rank: int) -> str:
-    return f"{owner.name}-g{group}-r{rank}"
+    return names.pod(owner.name, group, rank)
 
 
 def plan_configmap_name(owner: Owner, group: int) -> str:
-    return f"{owner.name}-g{group}-plan"
+    return names.plan_configmap(owner.name, group)
 
 
 def headless_service_name(owner: Owner) -> str:
-    return f"{owner.name}-ranks"
+    return names.headless_service(owner.name)
 
 
 def pod_spec_hash(spec: api.MoEDeploymentSpec) -> str:
@@ -116,7 +116,7 @@ def headless_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any
 def client_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(owner.name, owner, group_labels(owner)),
+        "metadata": _meta(names.client_service(owner.name), owner, group_labels(owner)),
         "spec": {
             "selector": {L_DEPLOYMENT: owner.name, L_FRONT: "true"},
             "ports": [{"name": "http", "port": spec.serving.http_port, "targetPort": "http"},
@@ -131,7 +131,7 @@ def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
     # rank at a time, which the operator re-places, instead of blocking drains forever.
     return {
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": _meta(owner.name, owner, group_labels(owner)),
+        "metadata": _meta(names.pod_disruption_budget(owner.name), owner, group_labels(owner)),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {L_DEPLOYMENT: owner.name}}},
     }
 
