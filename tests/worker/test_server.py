@@ -283,6 +283,17 @@ def test_sampling_is_seeded(srv):
     assert a != c  # 8 draws at temperature 0.9 over 512 ids: equal by chance ~never
 
 
+def test_extreme_temperatures_are_served_by_the_local_engine_too(srv, ref):
+    """LocalEngine shares the sampling rule: 1e-45 and 1e-30 are greedy, 1e30 is served, and the
+    requests batched in the same cohort are untouched."""
+    want = list(ref.greedy(tuple(PROMPT), 6))
+    for t in (1e-45, 1e-30):
+        assert ids_of(http_generate(srv.http(), [PROMPT], binary=True, max_tokens=6, temperature=t, seed=1)) == want
+    out = ids_of(http_generate(srv.http(), [PROMPT], binary=True, max_tokens=6, temperature=1e30, seed=1))
+    assert len(out) == 6
+    assert ids_of(http_generate(srv.http(), [PROMPT], binary=True, max_tokens=6)) == want
+
+
 # ---------------------------------------------------------------------------------------------
 # Concurrency and batching
 # ---------------------------------------------------------------------------------------------
