@@ -29,6 +29,7 @@ class _State:
     elector: LeaderElector | None = None
     loops: dict[tuple[str, str], asyncio.Task] = {}
     wakeups: dict[tuple[str, str], asyncio.Event] = {}
+    gone: set[tuple[str, str]] = set()  # deployments whose DELETED event came: their loop ends after its pass
     elect_task: asyncio.Task | None = None
 
 
@@ -44,14 +45,14 @@ def _wake(namespace: str | None, name: str | None) -> None:
 async def _control_loop(namespace: str, name: str) -> None:
     key = (namespace, name)
     wake = S.wakeups[key]
-    while True:
+    while key not in S.gone:
         wake.clear()
         if not S.elector.is_leader():
             delay = 1.0
         else:
             try:
                 out = await asyncio.to_thread(S.reconciler.reconcile, namespace, name)
-                if out is None:  # deleted
+                if out is None:  # deleted (the reconciler has forgotten it)
                     break
                 delay = out.requeue_after
             except Exception as e:  # the API server may go away; keep the loop alive
@@ -61,8 +62,12 @@ async def _control_loop(namespace: str, name: str) -> None:
             await asyncio.wait_for(wake.wait(), timeout=delay)
         except asyncio.TimeoutError:
             pass
+    # Forgotten here, after the last pass, so that a pass still running when the DELETED event
+    # came cannot bring a series back after it was removed.
+    S.reconciler.forget(namespace, name)
     S.loops.pop(key, None)
     S.wakeups.pop(key, None)
+    S.gone.discard(key)
 
 
 async def _elect() -> None:
@@ -108,11 +113,14 @@ async def cleanup(**_):
 async def moedeployment_event(type: str, name: str, namespace: str, **_):
     key = (namespace, name)
     if type == "DELETED":
-        task = S.loops.pop(key, None)
-        if task:
-            task.cancel()
-        S.wakeups.pop(key, None)
+        # Not cancelled: the loop finishes the pass it may be in, then forgets the deployment's
+        # state and metric series. A watch event is enough here (no finalizer, no on.delete
+        # handler): the state is in this process's memory only, and a DELETED event this process
+        # missed (watch gap) ends the loop anyway, when its next pass finds the object gone.
+        S.gone.add(key)
+        _wake(namespace, name)
         return
+    S.gone.discard(key)  # re-created before its old loop ended: the loop goes on (the uid tells it apart)
     if key not in S.loops:
         S.wakeups[key] = asyncio.Event()
         S.loops[key] = asyncio.get_running_loop().create_task(_control_loop(namespace, name))

@@ -21,3 +21,27 @@ RANKS = Gauge("moe_operator_group_ranks", "Ranks in the EP group's current exper
 DECISIONS = Counter("moe_operator_scaling_decisions_total",
                     "Load-driven expert-map changes by action (rebalance, scale-out, scale-in, restore).",
                     ["namespace", "deployment", "action"])
+
+
+# Every series labelled with one deployment: (metric, its label names, the labels that name the deployment).
+_PER_DEPLOYMENT = (
+    (IMBALANCE, ("namespace", "deployment"), lambda ns, name: {"namespace": ns, "deployment": name}),
+    (EXPERT_MAP_GENERATION, ("namespace", "deployment"), lambda ns, name: {"namespace": ns, "deployment": name}),
+    (IMBALANCE_THRESHOLD, ("namespace", "deployment"), lambda ns, name: {"namespace": ns, "deployment": name}),
+    (RANKS, ("namespace", "deployment", "group"), lambda ns, name: {"namespace": ns, "deployment": name}),
+    (DECISIONS, ("namespace", "deployment", "action"), lambda ns, name: {"namespace": ns, "deployment": name}),
+    (REBALANCES, ("deployment",), lambda ns, name: {"deployment": f"{ns}/{name}"}),
+)
+
+
+def forget_deployment(namespace: str, name: str) -> None:
+    """Remove every labelled series of one deployment (it was deleted): a stale imbalance series
+    would keep alerts firing, and one re-created under the same name must start from nothing."""
+    for metric, label_names, match in _PER_DEPLOYMENT:
+        want = match(namespace, name)
+        series = {tuple(sample.labels.get(k) for k in label_names)
+                  for family in metric.collect() for sample in family.samples
+                  if all(sample.labels.get(k) == v for k, v in want.items())}
+        for values in series:
+            if None not in values:
+                metric.remove(*values)

@@ -134,9 +134,22 @@ class Reconciler:
         self.kube = kube
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-apply")
         # Autoscaler memory per (namespace, name, group); rebuilt within a window after a restart.
+        # All per-deployment state is dropped by `forget` when the deployment goes, and when one of
+        # the same name but another uid turns up (deleted and re-created while we were not looking).
         self.balance: dict[tuple[str, str, int], scaling.State] = {}
         self.last_eval: dict[tuple[str, str], float] = {}
-        self.retiring: dict[str, float] = {}  # pod uid -> when it was first seen leaving (scale-in)
+        # (namespace, name, pod uid) -> when that pod was first seen leaving (scale-in)
+        self.retiring: dict[tuple[str, str, str], float] = {}
+        self.uids: dict[tuple[str, str], str] = {}
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop everything remembered about a deployment, and its operator metric series."""
+        for d in (self.balance, self.retiring):
+            for k in [k for k in list(d) if k[:2] == (namespace, name)]:
+                del d[k]
+        self.last_eval.pop((namespace, name), None)
+        self.uids.pop((namespace, name), None)
+        metrics.forget_deployment(namespace, name)
 
     # ------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> Outcome | None:
@@ -144,7 +157,11 @@ class Reconciler:
         t0 = time.perf_counter()
         obj = self.kube.get("MoEDeployment", name, namespace)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
+            self.forget(namespace, name)
             return None
+        if self.uids.setdefault((namespace, name), obj["metadata"]["uid"]) != obj["metadata"]["uid"]:
+            self.forget(namespace, name)  # a new deployment of the same name: no inherited cooldown
+            self.uids[(namespace, name)] = obj["metadata"]["uid"]
         try:
             out = self._reconcile(obj)
         except KubeError as e:
@@ -543,10 +560,11 @@ class Reconciler:
         except ValueError:
             return None
         running = (pod.get("status") or {}).get("phase") == "Running" and not meta.get("deletionTimestamp")
+        key = (meta["namespace"], labels.get(resources.L_DEPLOYMENT, ""), meta["uid"])
         if not (0 <= g < len(plans) and r >= plans[g].num_ranks and running):
-            self.retiring.pop(meta["uid"], None)
+            self.retiring.pop(key, None)
             return None
-        return self.retiring.setdefault(meta["uid"], now)
+        return self.retiring.setdefault(key, now)
 
     def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, plans: list[Plan],
                    own_pods: dict[str, dict], events: list) -> str:

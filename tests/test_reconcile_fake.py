@@ -1,0 +1,142 @@
+"""The reconciler against an in-memory API server (tests/fakekube.py): what one pass decides, no cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+from fakekube import FakeKube
+from prometheus_client import REGISTRY
+
+from moe_operator import reconcile
+from support import REPO
+
+NS = "ns"
+
+
+class Clock:
+    """Stands in for the `time` module inside `reconcile`: the test moves time on."""
+
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def time(self) -> float:
+        return self.t
+
+    monotonic = perf_counter = time
+
+
+def tiny(name: str = "tiny") -> dict:
+    obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
+    obj["metadata"] = {"name": name}
+    obj["spec"]["loadBalancing"].update({"windowSeconds": 10, "intervalSeconds": 5, "cooldownSeconds": 600})
+    return obj
+
+
+def skewed_load(rec: reconcile.Reconciler, clock: Clock):
+    """`_measure` for tests: cumulative per-(rank, layer, expert) counters with expert 0 ten times as hot."""
+
+    def measure(owner, spec, group, p, own_pods):
+        n = clock.t
+        return {(r, layer, e): n * (10.0 if e == 0 else 1.0)
+                for r in range(p.num_ranks) for layer in range(p.num_layers) for e in p.experts_on(layer, r)}
+
+    rec._measure = measure
+
+
+def ready_deployment(kube: FakeKube, rec: reconcile.Reconciler, name: str = "tiny") -> dict:
+    kube.add_deployment(tiny(name), NS)
+    rec.reconcile(NS, name)
+    kube.bind_all(NS)
+    out = rec.reconcile(NS, name)
+    assert out.status["phase"] == "Ready", out.status
+    return kube.get("MoEDeployment", name, NS)
+
+
+def series(name: str, deployment: str = "tiny", **labels) -> float | None:
+    return REGISTRY.get_sample_value(name, {"namespace": NS, "deployment": deployment, **labels})
+
+
+@pytest.fixture
+def world(monkeypatch):
+    kube = FakeKube()
+    kube.add_gpu_nodes(4, gpus=8)
+    clock = Clock()
+    monkeypatch.setattr(reconcile, "time", clock)
+    rec = reconcile.Reconciler(kube, workers=2)
+    skewed_load(rec, clock)
+    return kube, rec, clock
+
+
+def rebalance_once(kube: FakeKube, rec: reconcile.Reconciler, clock: Clock, name: str = "tiny") -> None:
+    """Passes, 5 s apart, until the skewed load has made the operator publish a new expert map."""
+    for _ in range(10):
+        clock.t += 5
+        rec.reconcile(NS, name)
+        if any(reason == "Rebalanced" for n, _, reason, _ in kube.events if n == name):
+            return
+    raise AssertionError(f"no rebalance; events: {kube.events}")
+
+
+# --- item 9: per-deployment state and metric series go with the deployment ---------------------------
+
+def _per_deployment_series(deployment: str = "tiny") -> dict[str, float | None]:
+    return {
+        "imbalance": series("moe_operator_imbalance_ratio", deployment),
+        "threshold": series("moe_operator_imbalance_threshold", deployment),
+        "generation": series("moe_operator_expert_map_generation", deployment),
+        "ranks": series("moe_operator_group_ranks", deployment, group="0"),
+        "decisions": series("moe_operator_scaling_decisions_total", deployment, action="rebalance"),
+        "rebalances": REGISTRY.get_sample_value("moe_operator_rebalances_total",
+                                                {"deployment": f"{NS}/{deployment}"}),
+    }
+
+
+def test_deleting_a_deployment_forgets_its_state_and_removes_its_series(world):
+    from moe_operator import main
+
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    ready_deployment(kube, rec, "other")
+    rebalance_once(kube, rec, clock)
+    rebalance_once(kube, rec, clock, "other")
+    assert all(v is not None for v in _per_deployment_series().values()), _per_deployment_series()
+    assert rec.balance and rec.last_eval
+
+    class Leader:
+        def is_leader(self):
+            return True
+
+    async def scenario():
+        main.S.reconciler, main.S.elector = rec, Leader()
+        await main.moedeployment_event(type=None, name="tiny", namespace=NS)  # what kopf sends on start
+        assert ("ns", "tiny") in main.S.loops
+        kube.delete("MoEDeployment", "tiny", NS)
+        await main.moedeployment_event(type="DELETED", name="tiny", namespace=NS)
+        for _ in range(100):
+            if ("ns", "tiny") not in main.S.loops:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the control loop did not end")
+
+    asyncio.run(scenario())
+    assert _per_deployment_series() == dict.fromkeys(_per_deployment_series())  # every series gone
+    assert not [k for k in rec.balance if k[1] == "tiny"] and ("ns", "tiny") not in rec.last_eval
+    # the other deployment's series and state stay
+    assert all(v is not None for v in _per_deployment_series("other").values())
+    assert ("ns", "other", 0) in rec.balance
+
+
+def test_a_deployment_recreated_under_the_same_name_does_not_inherit_the_cooldown(world):
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    rebalance_once(kube, rec, clock)
+    assert rec.balance[("ns", "tiny", 0)].last_change == clock.t  # in cooldown for 600 s now
+    # Deleted and re-created while the operator was not watching (no DELETED event, no pass between).
+    kube.objects.clear()
+    kube.add_gpu_nodes(4, gpus=8)
+    assert series("moe_operator_imbalance_ratio") is not None
+    ready_deployment(kube, rec)
+    assert series("moe_operator_scaling_decisions_total", action="rebalance") is None
+    rebalance_once(kube, rec, clock)  # acts after one window, not after the old cooldown
