@@ -140,3 +140,61 @@ def test_a_deployment_recreated_under_the_same_name_does_not_inherit_the_cooldow
     ready_deployment(kube, rec)
     assert series("moe_operator_scaling_decisions_total", action="rebalance") is None
     rebalance_once(kube, rec, clock)  # acts after one window, not after the old cooldown
+
+
+# --- items 5 and 6: the plan's generation never goes back, and a garbled plan is repaired -------------
+
+def plan_cm(kube: FakeKube, name: str = "tiny") -> dict:
+    return kube.get("ConfigMap", f"{name}-g0-plan", NS)
+
+
+def test_a_deleted_plan_configmap_continues_above_the_last_generation(world):
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    rebalance_once(kube, rec, clock)
+    before = int(plan_cm(kube)["data"]["generation"])
+    assert before == 2
+    kube.delete("ConfigMap", "tiny-g0-plan", NS)
+    rec.reconcile(NS, "tiny")
+    cm = plan_cm(kube)
+    assert int(cm["data"]["generation"]) > before
+    assert cm["metadata"]["annotations"]["moe.dev/expert-map-generation"] == cm["data"]["generation"]
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert st["publishedGeneration"] == int(cm["data"]["generation"]) == st["expertMapGeneration"]
+
+
+def test_the_published_generation_is_recorded_before_the_configmap(world):
+    # An operator that dies between the two writes must not publish the same number twice.
+    kube, rec, clock = world
+    kube.add_deployment(tiny(), NS)
+    rec.reconcile(NS, "tiny")
+    writes = [(v, k) for v, k, _ in kube.writes if k in ("MoEDeployment", "ConfigMap")]
+    assert writes.index(("patch_status", "MoEDeployment")) < writes.index(("apply", "ConfigMap"))
+    assert kube.get("MoEDeployment", "tiny", NS)["status"]["publishedGeneration"] == 1
+    # Status says 1 was published; the ConfigMap is gone (deleted, or never written): the next is 2.
+    kube.delete("ConfigMap", "tiny-g0-plan", NS)
+    rec.reconcile(NS, "tiny")
+    assert plan_cm(kube)["data"]["generation"] == "2"
+
+
+@pytest.mark.parametrize("garble", ["generation", "plan"])
+def test_a_garbled_plan_configmap_is_published_again_with_a_higher_generation(world, garble):
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    cm = kube.objects[("ConfigMap", NS, "tiny-g0-plan")]
+    good_plan = cm["data"]["plan.json"]
+    if garble == "generation":
+        cm["data"]["generation"] = "two"
+    else:
+        cm["data"]["plan.json"] = "{not json"
+    rec.reconcile(NS, "tiny")
+    fixed = plan_cm(kube)
+    assert int(fixed["data"]["generation"]) >= 2
+    if garble == "generation":
+        assert fixed["data"]["plan.json"] == good_plan  # the same plan, published again: no expert moves
+    bad = [m for n, _, reason, m in kube.events if reason == "BadPlan"]
+    assert len(bad) == 1, bad
+    kube.bind_all(NS)
+    out = rec.reconcile(NS, "tiny")  # repaired: no more BadPlan, and the deployment serves
+    assert len([1 for _, _, reason, _ in kube.events if reason == "BadPlan"]) == 1
+    assert out.status["phase"] == "Ready" and out.status["expertMapGeneration"] == int(fixed["data"]["generation"])

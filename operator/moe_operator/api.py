@@ -393,6 +393,7 @@ class MoEDeploymentStatus(_Model):
     nodes_used: int | None = Field(None, description="Distinct nodes hosting rank pods.")
     extra_ranks: int | None = Field(None, description="Ranks added beyond expertParallelSize by load-driven scale-out.")
     expert_map_generation: int | None = Field(None, description="Generation of the expert map the ranks serve.")
+    published_generation: int | None = Field(None, description="Highest expert-map generation ever published for this deployment (any group); a plan ConfigMap written again continues above it, so generations never go back.")
     imbalance: float | None = Field(None, description="Max rank load / mean rank load over the last window (1.0 is perfect).")
     hot_experts: list[HotExpert] = Field(default_factory=list, description="Experts that currently have replicas, hottest first (at most 32 listed).")
     last_rebalance_time: str | None = Field(None, description="When the expert map last changed because of load.")

@@ -120,6 +120,43 @@ def same_plan(a: Plan | None, b: Plan) -> bool:
     return a is not None and a.ranks == b.ranks and np.array_equal(a.expert_map, b.expert_map)
 
 
+def _int_or_zero(v: Any) -> int:
+    try:
+        return max(0, int(v))
+    except (TypeError, ValueError):
+        return 0
+
+
+def stored_plan(cm: dict | None) -> tuple[Plan | None, int, str | None]:
+    """(plan, generation, problem) of a plan ConfigMap. A plan that cannot be read is None and a
+    generation that cannot be read is the annotation's, else 0; `problem` says what was wrong (the
+    ConfigMap must then be written again, whole)."""
+    if cm is None:
+        return None, 0, None
+    data = cm.get("data") or {}
+    annotated = _int_or_zero(((cm.get("metadata") or {}).get("annotations") or {}).get(resources.A_GENERATION))
+    problems = []
+    try:
+        plan = Plan.from_json(data["plan.json"])
+    except (PlacementError, KeyError, ValueError, TypeError) as e:
+        plan = None
+        problems.append(f"plan.json: {e}")
+    raw = data.get("generation")
+    try:
+        gen = int(raw)
+        if gen < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        gen = annotated
+        problems.append(f"generation {raw!r} is not a positive integer")
+    return plan, max(gen, 0), "; ".join(problems) or None
+
+
+def published_generation(status: dict) -> int:
+    """The highest expert-map generation this deployment is known to have published."""
+    return max(_int_or_zero(status.get("publishedGeneration")), _int_or_zero(status.get("expertMapGeneration")))
+
+
 @dataclass
 class Outcome:
     """What one pass decided: the status to write and the events to post."""
@@ -187,7 +224,9 @@ class Reconciler:
     def _reconcile(self, obj: dict) -> Outcome:
         meta = obj["metadata"]
         gen = int(meta.get("generation") or 0)
-        old_status = obj.get("status") or {}
+        if not isinstance(obj.get("status"), dict):
+            obj["status"] = {}
+        old_status = obj["status"]
         conds = list(old_status.get("conditions") or [])
         owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
 
@@ -246,13 +285,10 @@ class Reconciler:
         replanned_reasons: list[str] = []
         for g in range(groups):
             cm = self.kube.get("ConfigMap", resources.plan_configmap_name(owner, g), owner.namespace)
-            prev, prev_gen = None, 0
-            if cm:
-                try:
-                    prev = Plan.from_json(cm["data"]["plan.json"])
-                    prev_gen = int(cm["data"].get("generation", "0"))
-                except (PlacementError, KeyError, ValueError) as e:
-                    events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({e}); re-planning"))
+            prev, prev_gen, bad = stored_plan(cm)
+            if bad:
+                events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({bad}); "
+                                                     + ("re-planning" if prev is None else "publishing it again")))
             group_topo = _minus(topo, used_by_other_groups)
             why = self._replan_reason(prev, spec, shape, group_topo, own_pods, owner, g)
             full = self._unschedulable_nodes(prev, spec, own_pods, owner, g) if why is None else []
@@ -284,16 +320,17 @@ class Reconciler:
                 new = keep_rank_numbers(new, prev)
                 if same_plan(prev, new):
                     new, why = prev, None
+            if why is None and bad:
+                why = f"stored plan repaired: {bad}"
             if why is not None:
-                prev_gen += 1
-                if prev is not None:
+                if prev is not None and not bad:
                     metrics.REPLANS.labels(reason=why.split(":")[0]).inc()
                     replanned_reasons.append(f"group {g}: {why}")
-                moved = new.metrics.get("moved_experts")
+                prev_gen = self._publish(owner, old_status, g, new, prev_gen)
+                moved = new.metrics.get("moved_experts") if new is not prev else 0
                 msg = f"group {g}: expert map generation {prev_gen} ({why})" + (
                     f", {moved} expert copies moved" if moved is not None else "")
                 events.append(("Normal", "Planned", msg))
-                self.kube.apply(resources.plan_configmap(owner, g, new, prev_gen))
             for r in new.ranks:
                 used_by_other_groups[r.node] = used_by_other_groups.get(r.node, 0) + 1
             plans.append(new)
@@ -409,8 +446,7 @@ class Reconciler:
                 metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(p.num_ranks)
                 if d.action != "none" and d.plan is not None:
                     new = keep_rank_numbers(d.plan, p)
-                    generations[g] += 1
-                    self.kube.apply(resources.plan_configmap(owner, g, new, generations[g]))
+                    generations[g] = self._publish(owner, old_status, g, new, generations[g])
                     metrics.REBALANCES.labels(deployment=f"{owner.namespace}/{owner.name}").inc()
                     metrics.DECISIONS.labels(owner.namespace, owner.name, d.action).inc()
                     metrics.EXPERT_MAP_GENERATION.labels(owner.namespace, owner.name).set(generations[g])
@@ -439,6 +475,20 @@ class Reconciler:
             metrics.IMBALANCE.labels(owner.namespace, owner.name).set(max(imbalances))
         out["hotExperts"] = hot[:32]
         return out
+
+    def _publish(self, owner: Owner, status: dict, group: int, plan: Plan, known: int) -> int:
+        """Write `plan` as the next generation of the group's plan ConfigMap and return it.
+
+        Ranks ignore a generation at or below the one they serve, so it never goes back: it is
+        above `known` (the ConfigMap's) and above every generation this deployment published
+        (status.publishedGeneration, written before the ConfigMap, so a ConfigMap deleted or
+        garbled later, even after an operator crash between the two writes, continues above it).
+        """
+        gen = max(known, published_generation(status)) + 1
+        self.kube.patch_status("MoEDeployment", owner.name, owner.namespace, {"publishedGeneration": gen})
+        status["publishedGeneration"] = gen  # `status` is the object's as this pass read it
+        self.kube.apply(resources.plan_configmap(owner, group, plan, gen))
+        return gen
 
     def _measure(self, owner: Owner, spec: api.MoEDeploymentSpec, group: int, p: Plan,
                  own_pods: dict[str, dict]) -> dict[tuple[int, int, int], float]:
