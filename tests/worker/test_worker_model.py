@@ -121,7 +121,7 @@ def test_yarn_frequencies(args, tiny_config):
 # ---- attention and cache ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ckpt_name, dtype, tol", [("bf16_ckpt", torch.float32, 1e-5), ("bf16_ckpt", torch.bfloat16, 3e-2), ("fp8_ckpt", torch.float32, 1e-5)])
+@pytest.mark.parametrize("ckpt_name, dtype, tol", [("bf16_ckpt", torch.float32, 1e-5), ("fp8_ckpt", torch.float32, 1e-5)])
 def test_absorbed_equals_naive(request, ckpt_name, dtype, tol):
     path = request.getfixturevalue(ckpt_name)
     # weight_only keeps fp8 weights but no activation rounding, so both forms compute the same math
@@ -131,6 +131,23 @@ def test_absorbed_equals_naive(request, ckpt_name, dtype, tol):
     ln, la = naive(t), absorb(t)
     assert ln.dtype == torch.float32 and ln.shape == (2, 11, 256)
     assert rel(la, ln) < tol
+
+
+def test_absorbed_equals_naive_attention_in_bf16(bf16_ckpt):
+    """In bf16 the two forms round differently (~3e-3 per layer); through the whole model that can
+    flip a top-k expert choice, which moves the logits by far more than any attention tolerance
+    (torch 2.15's CPU kernels did at this seed). So compare every layer's attention on the same input."""
+    model = load_model(bf16_ckpt, dtype=torch.bfloat16, attn_impl="naive", fp8_impl="weight_only")
+    inputs = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args)) for b in model.layers]
+    model(tokens(2, 11))
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(model.layers)
+    for block, (x, rope, start, mask, cache, _) in zip(model.layers, inputs, strict=True):
+        naive = block.attn(x, rope, start, mask, cache, "naive")
+        absorbed = block.attn(x, rope, start, mask, cache, "absorb")
+        assert absorbed.dtype == torch.bfloat16 and rel(absorbed.float(), naive.float()) < 3e-2
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
