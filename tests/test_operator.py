@@ -108,6 +108,21 @@ def test_too_few_gpus_is_pending_with_the_count(custom, namespace, gpu_pool, ope
     wait_phase(custom, namespace, "small", "Ready", timeout=90)
 
 
+def test_two_deployments_applied_together_both_become_ready_on_separate_gpus(core, custom, namespace, gpu_pool,
+                                                                           operator):
+    pool, nodes = gpu_pool(nodes=4, gpus=8)  # exactly the 32 GPUs of two EP16 groups
+    for name in ("twin-a", "twin-b"):
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest(name, pool))
+    for name in ("twin-a", "twin-b"):
+        st = wait_phase(custom, namespace, name, "Ready", timeout=90)
+        assert st["expertMapGeneration"] == 1, f"{name} re-planned: {st}"  # planned right the first time
+    per_node: dict[str, int] = {}
+    for name in ("twin-a", "twin-b"):
+        for p in rank_pods(core, namespace, name).values():
+            per_node[p.spec.node_name] = per_node.get(p.spec.node_name, 0) + 1
+    assert per_node == dict.fromkeys(nodes, 8), per_node
+
+
 def test_deleted_rank_pod_is_recreated_in_its_slot(core, custom, namespace, gpu_pool, operator):
     pool, _ = gpu_pool(nodes=2, gpus=8)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest("heal", pool))

@@ -198,3 +198,38 @@ def test_a_garbled_plan_configmap_is_published_again_with_a_higher_generation(wo
     out = rec.reconcile(NS, "tiny")  # repaired: no more BadPlan, and the deployment serves
     assert len([1 for _, _, reason, _ in kube.events if reason == "BadPlan"]) == 1
     assert out.status["phase"] == "Ready" and out.status["expertMapGeneration"] == int(fixed["data"]["generation"])
+
+
+# --- item 4: two deployments never plan onto the same GPUs ---------------------------------------------
+
+def nodes_of(kube: FakeKube, name: str) -> dict[str, int]:
+    per_node: dict[str, int] = {}
+    for r in yaml.safe_load(plan_cm(kube, name)["data"]["plan.json"])["ranks"]:
+        per_node[r["node"]] = per_node.get(r["node"], 0) + 1
+    return per_node
+
+
+def test_a_second_deployment_does_not_plan_onto_the_first_ones_unbound_rank_pods(world):
+    kube, rec, clock = world  # 4 nodes x 8 GPUs: room for exactly two EP16 deployments
+    kube.add_deployment(tiny("a"), NS)
+    kube.add_deployment(tiny("b"), NS)
+    rec.reconcile(NS, "a")  # a's 16 rank pods exist, pinned to their nodes, not bound yet
+    assert kube.list("Pod", NS, labels="moe.dev/deployment=a") and not kube.list("Pod", fields="spec.nodeName!=")
+    rec.reconcile(NS, "b")
+    a, b = nodes_of(kube, "a"), nodes_of(kube, "b")
+    assert not set(a) & set(b), (a, b)
+    kube.bind_all(NS)
+    assert rec.reconcile(NS, "a").status["phase"] == rec.reconcile(NS, "b").status["phase"] == "Ready"
+
+
+def test_a_published_plan_holds_its_gpus_before_its_pods_exist(world):
+    # Scale-out publishes a plan whose new rank pods the next pass creates; meanwhile those GPUs
+    # are not free for another deployment's planner.
+    kube, rec, clock = world
+    kube.add_deployment(tiny("a"), NS)
+    rec.reconcile(NS, "a")
+    for p in kube.list("Pod", NS):
+        kube.delete("Pod", p["metadata"]["name"], NS)
+    kube.add_deployment(tiny("b"), NS)
+    rec.reconcile(NS, "b")
+    assert not set(nodes_of(kube, "a")) & set(nodes_of(kube, "b"))

@@ -44,3 +44,31 @@ def test_same_size_replan_after_a_node_loss_keeps_surviving_ranks():
     for r in p.ranks:
         if r.node != lost:
             assert q.ranks[r.rank].node == r.node
+
+
+def _pod(ns, dep, node=None, pinned=None, gpus=1, phase="Pending"):
+    spec = {"containers": [{"resources": {"requests": {"nvidia.com/gpu": str(gpus)}}}]}
+    if node:
+        spec["nodeName"] = node
+    if pinned:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [pinned]}]}]}}}
+    labels = {"moe.dev/deployment": dep} if dep else {}
+    return {"metadata": {"namespace": ns, "labels": labels}, "spec": spec, "status": {"phase": phase}}
+
+
+def test_claimed_gpus_count_pending_pods_pinned_to_a_node_and_other_deployments_plans():
+    from moe_operator.reconcile import claimed_gpus
+
+    pods = [
+        *[_pod("a", "x", pinned="n1") for _ in range(8)],  # deployment x's rank pods, created, not bound yet
+        *[_pod("a", "x", node="n2", pinned="n2", phase="Running") for _ in range(3)],
+        _pod("b", None, node="n3", gpus=2, phase="Running"),  # some other workload
+        _pod("b", None, gpus=4),  # pending, free to go anywhere: takes nothing yet
+        _pod("b", None, node="n3", gpus=4, phase="Succeeded"),  # finished
+    ]
+    assert claimed_gpus(pods, {}, "nvidia.com/gpu") == {"n1": 8, "n2": 3, "n3": 2}
+    # Deployment y published a plan on n4 and n2 whose pods do not exist yet; x's plan holds 5 on n2
+    # (2 ranks not created yet): each deployment counts the larger of its pods and its plan per node.
+    plans = {("a", "y"): {"n4": 8, "n2": 1}, ("a", "x"): {"n1": 8, "n2": 5}}
+    assert claimed_gpus(pods, plans, "nvidia.com/gpu") == {"n1": 8, "n2": 6, "n3": 2, "n4": 8}

@@ -14,6 +14,7 @@ from moe_operator.topology import (
     gpus_used_by_pods,
     natural_key,
     parse_quantity,
+    pinned_node,
 )
 
 
@@ -181,6 +182,26 @@ def test_toleration_dicts_and_cli_form() -> None:
         Toleration.from_dict({"key": "a", "operator": "In"})
     nl = nodelist(node("t", taints=[{"key": "gpu", "effect": "NoSchedule"}]))
     assert Topology.from_nodelist(nl, tolerations=[{"key": "gpu", "operator": "Exists"}]).num_slots == 8
+
+
+def _pinned(p: dict, *nodes: str, values: int = 1) -> dict:
+    terms = [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [n] * values}]} for n in nodes]
+    p["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": terms}}}
+    return p
+
+
+def test_pending_pods_pinned_to_a_node_hold_its_gpus() -> None:
+    pods = [
+        _pinned(pod(None, 2), "a"),  # not bound yet, but the scheduler can only put it on a
+        _pinned(pod(None, 1), "b", "b"),  # two terms naming the same node
+        _pinned(pod(None, 4), "b", "c"),  # may go to b or c: pins neither
+        _pinned(pod(None, 4), "c", values=2),  # In [c, c]: not the one-node form, not read
+        _pinned(pod(None, 8, phase="Failed"), "d"),
+        pod(None, 8),  # free to go anywhere
+    ]
+    assert [pinned_node(p) for p in pods] == ["a", "b", None, None, "d", None]
+    assert gpus_used_by_pods(pods) == {"a": 2, "b": 1}
 
 
 def test_gpus_used_by_pods_are_subtracted() -> None:

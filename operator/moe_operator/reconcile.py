@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -27,7 +28,7 @@ from .kube import Kube, KubeError
 from .placement import MoEShape, PlacementError, Plan, RankSlot
 from .placement import plan as make_plan
 from .resources import Owner
-from .topology import Topology, TopologyLabels
+from .topology import Topology, TopologyLabels, gpus_used_by_pods, pinned_node
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,30 @@ def same_plan(a: Plan | None, b: Plan) -> bool:
     return a is not None and a.ranks == b.ranks and np.array_equal(a.expert_map, b.expert_map)
 
 
+def claimed_gpus(pods: list[dict], plans: dict[tuple[str, str], dict[str, int]],
+                 gpu_resource: str) -> dict[str, int]:
+    """GPUs on each node that are not free for the deployment being planned.
+
+    `pods`: every live pod but that deployment's; a pod bound to a node, or pinned to it by
+    required node affinity though not bound yet (another MoEDeployment's rank pods just created),
+    holds its GPUs there. `plans`: (namespace, name) -> {node: ranks} of the other MoEDeployments'
+    current plans. A MoEDeployment holds on each node the larger of what its pods and its plans
+    hold there: the rank pods of a plan just published may not exist yet, and a retiring rank's
+    pod outlives its place in the plan.
+    """
+    mine: dict[tuple[str, str] | None, list[dict]] = {}
+    for p in pods:
+        meta = p.get("metadata") or {}
+        dep = (meta.get("labels") or {}).get(resources.L_DEPLOYMENT)
+        mine.setdefault((meta.get("namespace") or "", dep) if dep else None, []).append(p)
+    out = gpus_used_by_pods(mine.pop(None, []), gpu_resource)
+    for key in set(mine) | set(plans):
+        by_pods, by_plan = gpus_used_by_pods(mine.get(key, []), gpu_resource), plans.get(key, {})
+        for node in set(by_pods) | set(by_plan):
+            out[node] = out.get(node, 0) + max(by_pods.get(node, 0), by_plan.get(node, 0))
+    return out
+
+
 def _int_or_zero(v: Any) -> int:
     try:
         return max(0, int(v))
@@ -178,10 +203,18 @@ class Reconciler:
         # (namespace, name, pod uid) -> when that pod was first seen leaving (scale-in)
         self.retiring: dict[tuple[str, str, str], float] = {}
         self.uids: dict[tuple[str, str], str] = {}
+        # GPUs each EP group's current plan holds: (namespace, name, group) -> {node: ranks}. Another
+        # deployment's planner counts them, as the plan's pods may not exist yet.
+        self.claims: dict[tuple[str, str, int], dict[str, int]] = {}
+        # One pass at a time, from reading what other deployments hold to the end of the pass (its
+        # plans recorded, its pods created): two deployments planned together would otherwise both
+        # take the same free GPUs. Passes that do not plan never take it.
+        self.planning = threading.Lock()
+        self._held = threading.local()
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop everything remembered about a deployment, and its operator metric series."""
-        for d in (self.balance, self.retiring):
+        for d in (self.balance, self.retiring, self.claims):
             for k in [k for k in list(d) if k[:2] == (namespace, name)]:
                 del d[k]
         self.last_eval.pop((namespace, name), None)
@@ -206,6 +239,9 @@ class Reconciler:
             log.warning("reconcile %s/%s: %s", namespace, name, e)
             raise
         finally:
+            if getattr(self._held, "planning", False):
+                self._held.planning = False
+                self.planning.release()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
             metrics.RECONCILES.inc()
         self._write_status(obj, out)
@@ -258,10 +294,13 @@ class Reconciler:
         full_topo: list[Topology] = []
 
         def with_other_pods() -> Topology:
+            """Free GPUs: what other pods and other deployments' plans hold taken out (see claimed_gpus)."""
             if not full_topo:
-                busy = [p for p in self.kube.list("Pod", fields="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed")
+                self._plan_alone()
+                busy = [p for p in self.kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
                         if p["metadata"]["uid"] not in own_uids]
-                full_topo.append(Topology.from_nodelist({"items": nodes}, pods={"items": busy}, **topo_args))
+                taken = claimed_gpus(busy, self._claims_of_others(owner), spec.placement.gpu_resource)
+                full_topo.append(Topology.from_nodelist({"items": nodes}, used=taken, **topo_args))
             return full_topo[0]
 
         events: list[tuple[str, str, str]] = []
@@ -333,6 +372,7 @@ class Reconciler:
                 events.append(("Normal", "Planned", msg))
             for r in new.ranks:
                 used_by_other_groups[r.node] = used_by_other_groups.get(r.node, 0) + 1
+            self._claim(owner, g, new)
             plans.append(new)
             generations.append(prev_gen)
 
@@ -488,7 +528,29 @@ class Reconciler:
         self.kube.patch_status("MoEDeployment", owner.name, owner.namespace, {"publishedGeneration": gen})
         status["publishedGeneration"] = gen  # `status` is the object's as this pass read it
         self.kube.apply(resources.plan_configmap(owner, group, plan, gen))
+        self._claim(owner, group, plan)
         return gen
+
+    def _claim(self, owner: Owner, group: int, plan: Plan) -> None:
+        per_node: dict[str, int] = {}
+        for r in plan.ranks:
+            per_node[r.node] = per_node.get(r.node, 0) + 1
+        self.claims[(owner.namespace, owner.name, group)] = per_node
+
+    def _claims_of_others(self, owner: Owner) -> dict[tuple[str, str], dict[str, int]]:
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        for (ns, name, _), per_node in list(self.claims.items()):
+            if (ns, name) != (owner.namespace, owner.name):
+                d = out.setdefault((ns, name), {})
+                for node, n in per_node.items():
+                    d[node] = d.get(node, 0) + n
+        return out
+
+    def _plan_alone(self) -> None:
+        """Take `planning` for the rest of this pass (released by `reconcile`)."""
+        if not getattr(self._held, "planning", False):
+            self.planning.acquire()
+            self._held.planning = True
 
     def _measure(self, owner: Owner, spec: api.MoEDeploymentSpec, group: int, p: Plan,
                  own_pods: dict[str, dict]) -> dict[tuple[int, int, int], float]:
@@ -657,7 +719,7 @@ class Reconciler:
                     to_delete.append(pod)  # re-issued: forced below if its node is gone
                 continue
             phase = (pod.get("status") or {}).get("phase")
-            assigned = pod["spec"].get("nodeName") or _affinity_node(pod)
+            assigned = pod["spec"].get("nodeName") or pinned_node(pod)
             if g in stale_groups:
                 to_delete.append(pod)
             elif assigned != node:
@@ -692,14 +754,6 @@ def scaling_moves(old: Plan, new: Plan) -> int:
     changed = int((old.expert_map[:, :n, :width] != new.expert_map[:, :n, :width]).sum())
     extra = old if old.num_ranks > n else new
     return changed + int((extra.expert_map[:, n:, :] >= 0).sum())
-
-
-def _affinity_node(pod: dict) -> str | None:
-    try:
-        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        return terms[0]["matchFields"][0]["values"][0]
-    except (KeyError, IndexError, TypeError):
-        return None
 
 
 def _minus(topo: Topology, used: dict[str, int]) -> Topology:

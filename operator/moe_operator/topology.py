@@ -314,15 +314,19 @@ def gpus_used_by_pods(
     gpu_resource: str = DEFAULT_GPU_RESOURCE,
     ignore: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> dict[str, int]:
-    """``{node: GPUs requested by bound, non-terminated pods}``.
+    """``{node: GPUs requested by non-terminated pods bound or pinned to it}``.
 
-    A pod's request is the larger of the sum over its containers and the largest init container
-    (the scheduler's rule). Extended resources must have requests == limits, so either is read.
+    A pod not bound yet counts against the node its required node affinity pins it to (see
+    `pinned_node`): the scheduler can put it nowhere else, so its GPUs are as good as taken (another
+    MoEDeployment's rank pods, just created, are such pods). A pending pod free to go anywhere
+    takes nothing yet. A pod's request is the larger of the sum over its containers and the
+    largest init container (the scheduler's rule). Extended resources must have requests ==
+    limits, so either is read.
     """
     used: dict[str, int] = {}
     for pod in _items(pods, "PodList"):
         spec = pod.get("spec") or {}
-        node = spec.get("nodeName")
+        node = spec.get("nodeName") or pinned_node(pod)
         phase = (pod.get("status") or {}).get("phase")
         if not node or phase in _TERMINAL_POD_PHASES or (ignore is not None and ignore(pod)):
             continue
@@ -332,6 +336,28 @@ def gpus_used_by_pods(
         if n:
             used[node] = used.get(node, 0) + n
     return used
+
+
+def pinned_node(pod: Mapping[str, Any]) -> str | None:
+    """The one node a pod's required node affinity allows, or None.
+
+    Only the form that names a node outright is read: every node selector term (terms are ORed)
+    holds ``matchFields: [{key: metadata.name, operator: In, values: [NODE]}]`` with the same NODE,
+    as the operator's rank pods and DaemonSet pods have.
+    """
+    try:
+        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+    except (KeyError, TypeError):
+        return None
+    found: set[str] = set()
+    for term in terms or []:
+        names = [f["values"][0] for f in (term or {}).get("matchFields") or []
+                 if f.get("key") == "metadata.name" and f.get("operator") == "In" and len(f.get("values") or []) == 1]
+        if len(names) != 1:
+            return None
+        found.add(names[0])
+    return found.pop() if len(found) == 1 else None
 
 
 def _container_gpus(container: Mapping[str, Any], gpu_resource: str) -> int:
@@ -381,4 +407,5 @@ __all__ = [
     "gpus_used_by_pods",
     "natural_key",
     "parse_quantity",
+    "pinned_node",
 ]
