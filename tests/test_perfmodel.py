@@ -335,3 +335,58 @@ def test_docs_calibration_table_matches_the_model(calibration):
     table = plan_cli.calibration_markdown(list(calibration.values()))
     missing = [line for line in table.splitlines() if line not in doc]
     assert not missing, "docs/perfmodel.md is stale; regenerate with `moe plan --calibration`:\n" + "\n".join(missing)
+
+
+# --- KV admission on each rank ------------------------------------------------------------------
+
+
+def test_kv_budget_is_the_memory_left_after_weights_buffers_and_activations():
+    spec, hw = manifest_spec("deepseek-v3-ep320"), perfmodel.hardware("h800")
+    a = spec.model.architecture
+    per_token = (a.kv_lora_rank + a.qk_rope_head_dim) * 2 * a.num_hidden_layers  # MLA latent cache, BF16
+    assert per_token == perfmodel.kv_bytes_per_token(a) == 70272
+    kv = perfmodel.kv_admission(spec, hw, max_seqs=64)
+    fixed = perfmodel.memory(spec, hw, Workload("decode", 64, 1))
+    free = hw.capacity - (fixed.total - fixed.kv_cache)
+    assert kv.cache_tokens == int(free // per_token)
+    assert 700_000 < kv.cache_tokens < 800_000  # ~54 GB of an 80 GB GPU
+    assert kv.max_seqs == 64 and kv.max_context == kv.model_context == 163840 and not kv.clamped
+    # With every sequence at its budget share, memory is full and not over.
+    full = perfmodel.memory(spec, hw, Workload("decode", 64, kv.cache_tokens / 64))
+    assert full.total <= hw.capacity < full.total + 64 * per_token
+
+
+def test_kv_admission_default_sequence_count_fills_the_budget_with_typical_requests():
+    spec, hw = manifest_spec("deepseek-v3-ep320"), perfmodel.hardware("h800")
+    kv = perfmodel.kv_admission(spec, hw)
+    # as many 4096-token sequences as fit, and the budget holds them all
+    assert kv.max_seqs * 4096 <= kv.cache_tokens < (kv.max_seqs + 2) * 4096
+    assert perfmodel.memory(spec, hw, Workload("decode", kv.max_seqs, 4096)).fits
+    assert not perfmodel.memory(spec, hw, Workload("decode", kv.max_seqs + 1, 4096)).fits
+    # attention TP: every rank of a TP group keeps the group's whole latent cache
+    spec2 = ds_spec(320, 1, 64, attentionTensorParallel=2)
+    fixed = perfmodel.memory(spec2, hw, Workload("decode", 64, 1))
+    free = hw.capacity - (fixed.total - fixed.kv_cache)
+    assert perfmodel.kv_admission(spec2, hw, max_seqs=64).cache_tokens == int(free // (2 * 70272))
+
+
+def test_a_budget_below_the_models_context_clamps_the_context():
+    import dataclasses
+
+    spec = manifest_spec("deepseek-v3-ep320")
+    small = dataclasses.replace(perfmodel.hardware("h800"), name="small", memory_gb=30.3)
+    assert perfmodel.check_fits(spec, small)[0]
+    kv = perfmodel.kv_admission(spec, small, max_seqs=64)
+    assert kv.clamped and kv.max_context == kv.cache_tokens < kv.model_context == 163840
+    assert 60_000 < kv.cache_tokens < 80_000
+    # the spec's own context, when it sets one below the budget, is kept
+    assert perfmodel.kv_admission(spec, small, max_seqs=64, max_context=32768).max_context == 32768
+    with pytest.raises(perfmodel.PerfModelError, match="no GPU memory left"):
+        perfmodel.kv_admission(spec, small, max_seqs=4000)  # activations and buffers alone overflow
+
+
+def test_kv_admission_for_the_tiny_demo_model_is_sane():
+    kv = perfmodel.kv_admission(manifest_spec("tiny-ep16"), perfmodel.hardware("h100"))
+    # the model's whole context, a bounded count, and a budget the count can use up (not 200M tokens)
+    assert (kv.max_context, kv.max_seqs) == (4096, perfmodel.MAX_SEQS_PER_RANK)
+    assert kv.cache_tokens == perfmodel.MAX_SEQS_PER_RANK * 4096

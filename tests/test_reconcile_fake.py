@@ -233,3 +233,56 @@ def test_a_published_plan_holds_its_gpus_before_its_pods_exist(world):
     kube.add_deployment(tiny("b"), NS)
     rec.reconcile(NS, "b")
     assert not set(nodes_of(kube, "a")) & set(nodes_of(kube, "b"))
+
+
+# --- item 8: rank pods carry the memory model's KV admission -----------------------------------------
+
+def env_of(pod: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_rank_pods_get_the_kv_budget_context_and_sequence_count(world):
+    from moe_operator import api, perfmodel
+
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    # KWOK/devcluster nodes say NVIDIA-H100-80GB-HBM3: the h100 profile
+    kv = perfmodel.kv_admission(api.parse_spec(tiny()["spec"]), perfmodel.hardware("h100"))
+    pods = kube.list("Pod", NS, labels="moe.dev/deployment=tiny")
+    assert len(pods) == 16
+    for p in pods:
+        env = env_of(p)
+        assert env["MOE_KV_CACHE_TOKENS"] == str(kv.cache_tokens)
+        assert env["MOE_MAX_CONTEXT"] == "4096" and env["MOE_MAX_SEQS_PER_RANK"] == str(kv.max_seqs)
+    pred = kube.get("MoEDeployment", "tiny", NS)["status"]["prediction"]
+    assert (pred["kvCacheTokensPerRank"], pred["maxContext"], pred["maxSequencesPerRank"]) == (
+        kv.cache_tokens, 4096, kv.max_seqs)
+
+
+def test_the_specs_own_sequence_count_is_kept_and_sizes_the_budget(world):
+    from moe_operator import api, perfmodel
+
+    kube, rec, clock = world
+    obj = tiny()
+    obj["spec"]["worker"]["env"] = [{"name": "MOE_MAX_SEQS_PER_RANK", "value": "8"}]
+    kube.add_deployment(obj, NS)
+    rec.reconcile(NS, "tiny")
+    env = [e for e in kube.list("Pod", NS)[0]["spec"]["containers"][0]["env"]]
+    assert [e["value"] for e in env if e["name"] == "MOE_MAX_SEQS_PER_RANK"] == ["8"]  # the spec's, once
+    want = perfmodel.kv_admission(api.parse_spec(obj["spec"]), perfmodel.hardware("h100"), max_seqs=8)
+    assert env_of(kube.list("Pod", NS)[0])["MOE_KV_CACHE_TOKENS"] == str(want.cache_tokens) == str(8 * 4096)
+
+
+def test_a_context_longer_than_the_budget_is_clamped_with_a_warning(world):
+    kube, rec, clock = world
+    obj = tiny()
+    obj["spec"]["placement"]["hardwareProfile"] = "h800"
+    obj["spec"]["model"]["architecture"]["maxPositionEmbeddings"] = 10**9  # more than 80 GB can cache
+    kube.add_deployment(obj, NS)
+    rec.reconcile(NS, "tiny")
+    env = env_of(kube.list("Pod", NS)[0])
+    assert int(env["MOE_MAX_CONTEXT"]) == int(env["MOE_KV_CACHE_TOKENS"]) < 10**9
+    warned = [m for _, t, reason, m in kube.events if reason == "ContextClamped"]
+    assert len(warned) == 1 and env["MOE_MAX_CONTEXT"] in warned[0]
+    rec.reconcile(NS, "tiny")
+    assert len([1 for _, _, reason, _ in kube.events if reason == "ContextClamped"]) == 1

@@ -377,6 +377,9 @@ class Prediction(_Model):
     memory_per_gpu_gib: float = Field(0.0, description="Predicted memory use per GPU, GiB.")
     decode_tokens_per_second_per_gpu: float = Field(0.0, description="Predicted decode output tokens/s per GPU.")
     time_per_output_token_ms: float = Field(0.0, description="Predicted time per output token, ms.")
+    kv_cache_tokens_per_rank: int = Field(0, description="KV cache positions one rank may hold over all its sequences: GPU memory after weights, buffers and activations, per latent-cache token (rank pods' MOE_KV_CACHE_TOKENS).")
+    max_context: int = Field(0, description="Prompt + generated tokens one request may have: the model's context, clamped to kvCacheTokensPerRank when that is smaller (MOE_MAX_CONTEXT).")
+    max_sequences_per_rank: int = Field(0, description="Sequences one rank serves at once (MOE_MAX_SEQS_PER_RANK).")
 
 
 class MoEDeploymentStatus(_Model):

@@ -46,6 +46,9 @@ DEFAULT_TPOT_TARGET_S = 0.050
 DEFAULT_CONTEXT = 4096
 DEFAULT_PREFILL_TOKENS = 16384  # per GPU per step: DeepSeek profile-data prefill setting
 MAX_DECODE_BATCH = 4096
+# Most sequences a rank admits by default (kv_admission): DeepSeek-V3 on an 80 GB Hopper fits
+# fewer of 4096 tokens; the bound keeps tiny CPU demo models from admitting thousands per rank.
+MAX_SEQS_PER_RANK = 256
 
 
 class PerfModelError(ValueError):
@@ -786,6 +789,57 @@ def plan(spec: api.MoEDeploymentSpec, hw: Hardware, *, context: int = DEFAULT_CO
                           micro_batches=micro_batches, imbalance=imbalance)
     pre = step(spec, hw, Workload("prefill", prefill_tokens, prompt, cache_hit, micro_batches, imbalance))
     return Plan(hw, limit, pre, admission_memory(spec, hw, context))
+
+
+# --- KV admission on each rank ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KvAdmission:
+    """What one rank may admit, from the memory model; set on rank pods as MOE_KV_CACHE_TOKENS,
+    MOE_MAX_CONTEXT and MOE_MAX_SEQS_PER_RANK (the worker admits a sequence while its rank holds
+    fewer than `max_seqs` and the sum of their cache positions stays within `cache_tokens`)."""
+
+    cache_tokens: int  # latent-cache positions one rank may hold over all its sequences
+    max_context: int  # prompt + generated tokens of one sequence: the model's, at most `cache_tokens`
+    max_seqs: int  # sequences per rank: the batch the memory for activations and buffers is sized for
+    model_context: int  # what the model (or the spec's MOE_MAX_CONTEXT) allows, before the budget
+
+    @property
+    def clamped(self) -> bool:
+        return self.max_context < self.model_context
+
+
+def kv_admission(spec: api.MoEDeploymentSpec, hw: Hardware, *, max_seqs: int | None = None,
+                 max_context: int | None = None, typical_context: int = DEFAULT_CONTEXT) -> KvAdmission:
+    """Per-rank KV budget: GPU memory left after weights, buffers and activations for `max_seqs`
+    sequences and the runtime reserve, divided by the latent cache's bytes per token
+    ((kv_lora_rank + qk_rope_head_dim) x BF16 x layers); with attention TP every rank of a TP group
+    holds the group's whole cache, so a rank's own sequences get 1/tp of it.
+
+    `max_seqs` (the spec's, when it sets one) default: as many sequences of `typical_context`
+    tokens as the budget holds (the largest decode batch that fits in memory, which sizes the
+    activations and buffers too), at least 1 and at most MAX_SEQS_PER_RANK. `max_context` (the
+    spec's) default: max_position_embeddings; clamped to the budget when the budget is smaller
+    (`clamped`). The budget is at most max_seqs x max_context: beyond that the count binds first.
+    Raises PerfModelError when it holds not even two positions (`check_fits` refuses such a
+    deployment before).
+    """
+    a = spec.model.architecture
+    model_context = min(max_context or a.max_position_embeddings, a.max_position_embeddings)
+    typical = max(1, min(typical_context, model_context))
+    if max_seqs is None:
+        lim = max_batch(spec, hw, "decode", context=typical, tpot_target=None, cap=MAX_SEQS_PER_RANK)
+        max_seqs = max(1, lim.batch)
+    fixed = memory(spec, hw, Workload("decode", max_seqs, 1, micro_batches=2))
+    free = fixed.capacity - (fixed.total - fixed.kv_cache)
+    tokens = int(free // (kv_bytes_per_token(a) * spec.parallelism.attention_tensor_parallel))
+    if tokens < 2:
+        raise PerfModelError(f"no GPU memory left for the KV cache on {hw.name}: {free / GB:.1f} GB after weights, "
+                             f"buffers and activations for {max_seqs} sequences")
+    tokens = min(tokens, max_seqs * model_context)
+    return KvAdmission(cache_tokens=tokens, max_context=min(model_context, tokens), max_seqs=max_seqs,
+                       model_context=model_context)
 
 
 # --- EP sweep -----------------------------------------------------------------------------------

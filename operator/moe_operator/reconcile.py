@@ -306,7 +306,7 @@ class Reconciler:
         events: list[tuple[str, str, str]] = []
         # Admission: refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists.
         hw = self._hardware(spec, nodes)
-        prediction = None
+        prediction, kv = None, None
         if hw is not None:
             fits, breakdown = perfmodel.check_fits(spec, hw)
             if not fits:
@@ -316,7 +316,24 @@ class Reconciler:
                 return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": msg},
                                events=[("Warning", "InsufficientMemory", msg)] if old_status.get("reason") != msg else [],
                                requeue_after=60)
-            prediction = perfmodel.plan(spec, hw).prediction().model_dump(by_alias=True)
+            try:
+                kv = self._kv_admission(spec, hw)
+            except perfmodel.PerfModelError as e:
+                msg = f"does not fit in GPU memory: {e}"
+                conds = set_condition(conds, PLACED, False, "InsufficientMemory", msg, gen)
+                conds = set_condition(conds, READY, False, "InsufficientMemory", msg, gen)
+                return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": msg},
+                               events=[("Warning", "InsufficientMemory", msg)] if old_status.get("reason") != msg else [],
+                               requeue_after=60)
+            prediction = perfmodel.plan(spec, hw).prediction().model_copy(update={
+                "kv_cache_tokens_per_rank": kv.cache_tokens, "max_context": kv.max_context,
+                "max_sequences_per_rank": kv.max_seqs}).model_dump(by_alias=True)
+            if kv.clamped and (old_status.get("prediction") or {}).get("maxContext") != kv.max_context:
+                # Documented choice: serve shorter requests rather than refuse the deployment.
+                events.append(("Warning", "ContextClamped",
+                               f"requests limited to {kv.max_context} tokens (MOE_MAX_CONTEXT): one rank's KV cache "
+                               f"holds {kv.cache_tokens} tokens on {hw.name}, less than the context of "
+                               f"{kv.model_context}"))
         shape = shape_of(spec)
         plans: list[Plan] = []
         generations: list[int] = []
@@ -381,8 +398,8 @@ class Reconciler:
                   resources.pod_disruption_budget(owner)):
             self.kube.apply(o)
 
-        spec_hash = resources.pod_spec_hash(spec)
-        progressing = self._sync_pods(owner, spec, spec_hash, plans, own_pods, events)
+        spec_hash = resources.pod_spec_hash(spec, kv)
+        progressing = self._sync_pods(owner, spec, spec_hash, kv, plans, own_pods, events)
 
         # Observe. Ranks beyond the spec's size (scale-out) that are still joining do not make the
         # deployment Degraded: the group serves on its other ranks meanwhile.
@@ -595,6 +612,12 @@ class Reconciler:
         return out
 
     @staticmethod
+    def _kv_admission(spec: api.MoEDeploymentSpec, hw: perfmodel.Hardware) -> perfmodel.KvAdmission:
+        """The rank pods' admission limits; a sequence count or context the spec's worker.env sets is kept."""
+        return perfmodel.kv_admission(spec, hw, max_seqs=resources.spec_env_int(spec, resources.ENV_MAX_SEQS),
+                                      max_context=resources.spec_env_int(spec, resources.ENV_MAX_CONTEXT))
+
+    @staticmethod
     def _hardware(spec: api.MoEDeploymentSpec, nodes: list[dict]) -> perfmodel.Hardware | None:
         if spec.placement.hardware_profile:
             return perfmodel.hardware(spec.placement.hardware_profile)
@@ -678,7 +701,8 @@ class Reconciler:
             return None
         return self.retiring.setdefault(key, now)
 
-    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, plans: list[Plan],
+    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, kv: perfmodel.KvAdmission | None,
+                   plans: list[Plan],
                    own_pods: dict[str, dict], events: list) -> str:
         """Create missing pods, replace moved/failed ones, roll out spec changes group by group.
 
@@ -711,7 +735,7 @@ class Reconciler:
             if pod is None:
                 if g in stale_groups:
                     continue  # the group restarts as a whole: create after every old rank is gone
-                to_create.append(resources.rank_pod(owner, spec, plans[g], g, r, h))
+                to_create.append(resources.rank_pod(owner, spec, plans[g], g, r, h, kv))
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 notes.append(f"{name} terminating")

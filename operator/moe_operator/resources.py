@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import api, names
+from .perfmodel import KvAdmission
 from .placement import Plan
 
 MANAGER = "moe-operator"  # the one server-side-apply field manager
@@ -31,6 +32,11 @@ L_RANK = "moe.dev/rank"
 L_FRONT = "moe.dev/front"
 A_SPEC_HASH = "moe.dev/spec-hash"
 A_GENERATION = "moe.dev/expert-map-generation"
+
+# The worker's admission settings (moe_worker.engine.EngineConfig), set from the memory model.
+ENV_KV_CACHE_TOKENS = "MOE_KV_CACHE_TOKENS"
+ENV_MAX_CONTEXT = "MOE_MAX_CONTEXT"
+ENV_MAX_SEQS = "MOE_MAX_SEQS_PER_RANK"
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,32 @@ def headless_service_name(owner: Owner) -> str:
     return names.headless_service(owner.name)
 
 
-def pod_spec_hash(spec: api.MoEDeploymentSpec) -> str:
+def spec_env_int(spec: api.MoEDeploymentSpec, name: str) -> int | None:
+    """The spec's own `worker.env` value of `name` as a positive integer, or None (unset or not one:
+    the worker then reports the bad value itself)."""
+    for e in reversed(spec.worker.env):  # the last of duplicates wins, as in the kubelet
+        if e.name == name:
+            try:
+                return int(e.value) if int(e.value) > 0 else None
+            except ValueError:
+                return None
+    return None
+
+
+def kv_env(spec: api.MoEDeploymentSpec, kv: KvAdmission | None) -> list[dict[str, str]]:
+    """The admission settings for rank pods; a variable the spec's `worker.env` sets is left to it."""
+    if kv is None:  # hardware unknown: the worker's defaults
+        return []
+    own = {e.name for e in spec.worker.env}
+    values = {ENV_KV_CACHE_TOKENS: kv.cache_tokens, ENV_MAX_CONTEXT: kv.max_context, ENV_MAX_SEQS: kv.max_seqs}
+    return [{"name": k, "value": str(v)} for k, v in values.items() if k not in own]
+
+
+def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None) -> str:
     """Hash of everything that needs the rank processes restarted when it changes.
 
-    Not the expert map (ranks switch maps live) and not load-balancing settings.
+    Not the expert map (ranks switch maps live) and not load-balancing settings. The admission
+    settings are in: a group's ranks must agree on them.
     """
     relevant = {
         "model": spec.model.model_dump(mode="json"),
@@ -78,6 +106,8 @@ def pod_spec_hash(spec: api.MoEDeploymentSpec) -> str:
         "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
         "gpuResource": spec.placement.gpu_resource,
     }
+    if kv_env(spec, kv):
+        relevant["admission"] = kv_env(spec, kv)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,8 +167,9 @@ def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
 
 
 def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, rank: int,
-             spec_hash: str) -> dict[str, Any]:
-    """The pod of one rank: one GPU, pinned to the planned node, the plan mounted from its ConfigMap."""
+             spec_hash: str, kv: KvAdmission | None = None) -> dict[str, Any]:
+    """The pod of one rank: one GPU, pinned to the planned node, the plan mounted from its ConfigMap,
+    the admission limits `kv` from the memory model (None: hardware unknown, the worker's defaults)."""
     slot = plan.ranks[rank]
     name = pod_name(owner, group, rank)
     svc = headless_service_name(owner)
@@ -164,6 +195,7 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
         {"name": "MOE_METRICS_PORT", "value": str(s.metrics_port)},
         {"name": "MOE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        *kv_env(spec, kv),
         *({"name": e.name, "value": e.value} for e in w.env),
     ]
     if ckpt.pvc_name:
@@ -221,11 +253,11 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
 
 
 def desired_objects(owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan],
-                    generations: list[int]) -> list[dict[str, Any]]:
+                    generations: list[int], kv: KvAdmission | None = None) -> list[dict[str, Any]]:
     """Everything one deployment consists of, for the given per-group plans."""
-    h = pod_spec_hash(spec)
+    h = pod_spec_hash(spec, kv)
     out = [headless_service(owner, spec), client_service(owner, spec), pod_disruption_budget(owner)]
     for g, (plan, gen) in enumerate(zip(plans, generations, strict=True)):
         out.append(plan_configmap(owner, g, plan, gen))
-        out.extend(rank_pod(owner, spec, plan, g, r, h) for r in range(plan.num_ranks))
+        out.extend(rank_pod(owner, spec, plan, g, r, h, kv) for r in range(plan.num_ranks))
     return out
