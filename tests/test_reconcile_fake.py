@@ -286,3 +286,79 @@ def test_a_context_longer_than_the_budget_is_clamped_with_a_warning(world):
     assert len(warned) == 1 and env["MOE_MAX_CONTEXT"] in warned[0]
     rec.reconcile(NS, "tiny")
     assert len([1 for _, _, reason, _ in kube.events if reason == "ContextClamped"]) == 1
+
+
+# --- leadership: a pass that outlives its Lease stops writing; renewals never wait for passes -----
+
+def test_a_pass_stops_at_its_first_write_after_the_lease_is_lost(world):
+    from moe_operator.kube import LeaderOnly, NotLeader
+
+    kube, _, clock = world
+    lease = {"held": True, "creates_left": 5, "writes_at_loss": None}
+
+    def is_leader():
+        return lease["held"]
+
+    guarded = LeaderOnly(kube, is_leader)
+    orig_create = kube.create
+
+    def create(obj):  # the Lease lapses while the fifth rank pod is being created
+        out = orig_create(obj)
+        lease["creates_left"] -= 1
+        if lease["creates_left"] == 0:
+            lease["held"], lease["writes_at_loss"] = False, len(kube.writes)
+        return out
+
+    kube.add_deployment(tiny(), NS)
+    kube.create = create
+    rec = reconcile.Reconciler(guarded, workers=1)
+    with pytest.raises(NotLeader):
+        rec.reconcile(NS, "tiny")
+    assert len(kube.list("Pod", NS)) == 5  # stopped at the next write: 11 rank pods never created
+    assert len(kube.writes) == lease["writes_at_loss"]  # and nothing else written (no status, no event)
+    assert not [e for e in kube.events if e[0] == "tiny"]
+    assert not rec.planning.locked()  # the aborted pass let go of the planning lock
+    n = len(kube.writes)
+    with pytest.raises(NotLeader):
+        rec.reconcile(NS, "tiny")
+    assert len(kube.writes) == n  # a non-leader writes nothing at all
+    lease["held"] = True
+    kube.bind_all(NS)
+    rec.reconcile(NS, "tiny")
+    kube.bind_all(NS)
+    assert rec.reconcile(NS, "tiny").status["phase"] == "Ready"
+
+
+def test_lease_renewals_do_not_wait_behind_reconcile_passes(monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_operator import main
+
+    renewals = []
+    busy = threading.Event()
+
+    class Elector:
+        identity, renew_s = "me", 0.01
+
+        def is_leader(self):
+            return True
+
+        def try_acquire_or_renew(self):
+            renewals.append(1)
+            return True
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        blocker = loop.run_in_executor(None, busy.wait, 5)  # a long pass holds every default thread
+        monkeypatch.setattr(main.S, "elector", Elector())
+        monkeypatch.setattr(main.S, "lease_pool", ThreadPoolExecutor(max_workers=1), raising=False)
+        task = loop.create_task(main._elect())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        busy.set()
+        await blocker
+
+    asyncio.run(scenario())
+    assert len(renewals) >= 5, renewals

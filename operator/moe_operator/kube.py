@@ -35,6 +35,54 @@ class KubeError(RuntimeError):
         self.message = message
 
 
+class NotLeader(KubeError):
+    """A write refused because this operator replica no longer holds the Lease."""
+
+    def __init__(self, verb: str, kind: str, name: str):
+        super().__init__(0, f"not the leader any more: {verb} {kind} {name} not sent", "NotLeader")
+
+
+class LeaderOnly:
+    """The reconciler's client: reads pass through, and every write first checks that this replica
+    still leads (`is_leader`), so a pass that outlives its Lease stops at its next write instead
+    of acting next to a new leader. The Lease itself is renewed through another client."""
+
+    def __init__(self, kube: Any, is_leader: Any):
+        self.kube, self.is_leader = kube, is_leader
+
+    def _check(self, verb: str, kind: str, name: str) -> None:
+        if not self.is_leader():
+            raise NotLeader(verb, kind, name)
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        return self.kube.get(kind, name, namespace)
+
+    def list(self, kind: str, namespace: str | None = None, labels: str | None = None,
+             fields: str | None = None) -> list[dict]:
+        return self.kube.list(kind, namespace, labels=labels, fields=fields)
+
+    def apply(self, obj: dict, force: bool = True) -> dict:
+        self._check("apply", obj["kind"], obj["metadata"]["name"])
+        return self.kube.apply(obj, force=force)
+
+    def create(self, obj: dict) -> dict | None:
+        self._check("create", obj["kind"], obj["metadata"]["name"])
+        return self.kube.create(obj)
+
+    def delete(self, kind: str, name: str, namespace: str | None = None, uid: str | None = None,
+               grace_seconds: int | None = None) -> bool:
+        self._check("delete", kind, name)
+        return self.kube.delete(kind, name, namespace, uid=uid, grace_seconds=grace_seconds)
+
+    def patch_status(self, kind: str, name: str, namespace: str, status: dict) -> dict:
+        self._check("patch status of", kind, name)
+        return self.kube.patch_status(kind, name, namespace, status)
+
+    def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+        if self.is_leader():  # best effort, like every Event
+            self.kube.event(involved, type_, reason, message)
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None, kubeconfig: str | None = None,
                  timeout: float = 30.0):

@@ -3,8 +3,8 @@
 Each MoEDeployment gets a control loop (an asyncio task) that runs the level-triggered reconcile
 in a thread; watch events only start, wake or stop loops. No finalizers: everything the operator
 creates carries an owner reference, so deletion is the garbage collector's job and never waits
-for the operator. Only the holder of the `moe-operator` Lease reconciles (see `election`), so
-two replicas never act at once.
+for the operator. Only the holder of the `moe-operator` Lease reconciles (see `election`), and
+every write checks that it still holds it (`kube.LeaderOnly`), so two replicas never act at once.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 from prometheus_client import start_http_server
 
 from . import api, reconcile
 from .election import LeaderElector
-from .kube import Kube
+from .kube import Kube, LeaderOnly, NotLeader
 from .resources import L_DEPLOYMENT
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class _State:
     wakeups: dict[tuple[str, str], asyncio.Event] = {}
     gone: set[tuple[str, str]] = set()  # deployments whose DELETED event came: their loop ends after its pass
     elect_task: asyncio.Task | None = None
+    # Lease renewals run here, never behind reconcile passes in the default executor: a renewal
+    # that waits for a thread would let the Lease lapse while this replica still acts.
+    lease_pool: ThreadPoolExecutor | None = None
 
 
 S = _State()
@@ -55,6 +59,9 @@ async def _control_loop(namespace: str, name: str) -> None:
                 if out is None:  # deleted (the reconciler has forgotten it)
                     break
                 delay = out.requeue_after
+            except NotLeader as e:  # the Lease lapsed during the pass: it stopped at its next write
+                log.warning("reconcile %s/%s stopped: %s", namespace, name, e)
+                delay = 1.0
             except Exception as e:  # the API server may go away; keep the loop alive
                 log.warning("reconcile %s/%s failed, retrying: %s", namespace, name, e)
                 delay = 3.0
@@ -71,9 +78,10 @@ async def _control_loop(namespace: str, name: str) -> None:
 
 
 async def _elect() -> None:
+    loop = asyncio.get_running_loop()
     while True:
         was = S.elector.is_leader()
-        now = await asyncio.to_thread(S.elector.try_acquire_or_renew)
+        now = await loop.run_in_executor(S.lease_pool, S.elector.try_acquire_or_renew)
         if now and not was:
             log.info("leader election: %s is the leader", S.elector.identity)
             for ev in S.wakeups.values():
@@ -89,10 +97,14 @@ async def configure(settings: kopf.OperatorSettings, **_):
     settings.watching.server_timeout = 270
     settings.networking.error_backoffs = [1, 2, 5, 10]
     settings.persistence.finalizer = "serving.moe.dev/unused"  # no handler here needs one
-    kube = Kube(kubeconfig=os.environ.get("KUBECONFIG"))
-    S.reconciler = reconcile.Reconciler(kube)
-    S.elector = LeaderElector(kube, name=os.environ.get("MOE_LEASE_NAME", "moe-operator"), duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
+    kubeconfig = os.environ.get("KUBECONFIG")
+    # The Lease has a client (connections) and a thread of its own; the reconciler's client
+    # refuses writes once the Lease is no longer ours.
+    S.elector = LeaderElector(Kube(kubeconfig=kubeconfig), name=os.environ.get("MOE_LEASE_NAME", "moe-operator"),
+                              duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
                               renew_s=float(os.environ.get("MOE_LEASE_RENEW_SECONDS", "5")))
+    S.lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-lease")
+    S.reconciler = reconcile.Reconciler(LeaderOnly(Kube(kubeconfig=kubeconfig), S.elector.is_leader))
     S.elect_task = asyncio.get_running_loop().create_task(_elect())
     port = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
     if port:
@@ -106,7 +118,7 @@ async def cleanup(**_):
     if S.elect_task is not None:  # stop renewing before letting go, or we would take it right back
         S.elect_task.cancel()
     if S.elector is not None:
-        await asyncio.to_thread(S.elector.release)
+        await asyncio.get_running_loop().run_in_executor(S.lease_pool, S.elector.release)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, id="moedeployment-event")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import api, metrics, perfmodel, resources, scaling
-from .kube import Kube, KubeError
+from .kube import Kube, KubeError, LeaderOnly
 from .placement import MoEShape, PlacementError, Plan, RankSlot
 from .placement import plan as make_plan
 from .resources import Owner
@@ -192,7 +192,7 @@ class Outcome:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, workers: int = 32):
+    def __init__(self, kube: Kube | LeaderOnly, workers: int = 32):
         self.kube = kube
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-apply")
         # Autoscaler memory per (namespace, name, group); rebuilt within a window after a restart.
