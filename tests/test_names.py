@@ -85,3 +85,17 @@ def test_every_manifest_name_is_accepted():
 
     for path in sorted((REPO / "manifests").glob("*.yaml")):
         api.check_name(yaml.safe_load(path.read_text())["metadata"]["name"])
+
+
+def test_a_deployment_admitted_before_the_rule_existed_fails_with_the_reason():
+    from fakekube import FakeKube
+
+    from moe_operator.reconcile import Reconciler
+
+    kube = FakeKube()
+    kube.add_gpu_nodes(2)
+    kube.add_deployment({"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
+                         "metadata": {"name": "my.model"}, "spec": tiny_spec()}, "ns")
+    out = Reconciler(kube, workers=1).reconcile("ns", "my.model")
+    assert out.status["phase"] == "Failed" and out.status["reason"].startswith("metadata.name: must be a DNS-1035")
+    assert not kube.list("Pod", "ns") and not kube.list("Service", "ns")

@@ -414,7 +414,7 @@ def check_name(name: str) -> None:
     """Raise SpecError when `name` cannot name a MoEDeployment (the CRD's NAME_CEL, in Python)."""
     problem = names.name_problem(name)
     if problem:
-        raise SpecError("metadata.name", problem)
+        raise SpecError("metadata.name", problem.removeprefix("metadata.name "))
 
 
 class ObjectMeta(BaseModel):
