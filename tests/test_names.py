@@ -89,7 +89,6 @@ def test_every_manifest_name_is_accepted():
 
 def test_a_deployment_admitted_before_the_rule_existed_fails_with_the_reason():
     from fakekube import FakeKube
-
     from moe_operator.reconcile import Reconciler
 
     kube = FakeKube()

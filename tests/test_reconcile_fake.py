@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 import yaml
-from fakekube import FakeKube
 from prometheus_client import REGISTRY
 
+from fakekube import FakeKube
 from moe_operator import reconcile
 from support import REPO
 
