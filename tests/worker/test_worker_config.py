@@ -175,3 +175,38 @@ def test_real_config_builds_with_671b_parameters():
     others = sum(p.numel() for n, p in m.named_parameters() if not n.endswith("scale") and ".experts." not in n)
     total = others + len(a.moe_layers) * a.n_routed_experts * expert_params
     assert total / 1e9 == pytest.approx(671.0, abs=0.1)  # report: 671 B (without the MTP layer)
+
+
+# What transformers 4.x's `PretrainedConfig.to_dict()` adds to every model's dump (its generation
+# defaults and bookkeeping), with the values it writes; none of them changes inference.
+TRANSFORMERS4_GENERIC = {
+    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
+    "torch_dtype": "bfloat16", "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {},
+    "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "is_decoder": False,
+    "cross_attention_hidden_size": None, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "typical_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False,
+    "return_dict_in_generate": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "architectures": ["DeepseekV3ForCausalLM"], "finetuning_task": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "tokenizer_class": None, "prefix": None, "bos_token_id": 0, "pad_token_id": None, "eos_token_id": 1,
+    "sep_token_id": None, "decoder_start_token_id": None, "task_specific_params": None, "problem_type": None,
+    "_name_or_path": "", "transformers_version": "4.57.1",
+}
+
+
+def test_a_full_to_dict_dump_is_accepted(tiny_config):
+    """A config.json written by `DeepseekV3Config(...).to_dict()` (transformers 4.x adds generic
+    fields such as bad_words_ids; 5.x writes its own dump) reads like the plain config."""
+    plain = ModelArgs.from_hf_config(tiny_config)
+    assert ModelArgs.from_hf_config({**tiny_config, **TRANSFORMERS4_GENERIC}).hidden_size == plain.hidden_size
+    transformers = pytest.importorskip("transformers")
+    dump = transformers.DeepseekV3Config(**{k: v for k, v in tiny_config.items() if k != "architectures"}).to_dict()
+    args = ModelArgs.from_hf_config(dump)
+    assert (args.hidden_size, args.n_routed_experts, args.kv_lora_rank) == (
+        plain.hidden_size, plain.n_routed_experts, plain.kv_lora_rank)
+    with pytest.raises(ConfigError, match="unknown field 'bad_word_ids'"):  # a typo is still an error
+        ModelArgs.from_hf_config({**tiny_config, "bad_word_ids": None})

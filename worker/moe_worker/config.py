@@ -237,6 +237,13 @@ _IGNORED = frozenset(
         "chunk_size_feed_forward", "tie_encoder_decoder", "add_cross_attention", "is_decoder",
         "decoder_start_token_id", "sep_token_id", "task_specific_params", "finetuning_task", "prefix",
         "pruned_heads", "tf_legacy_loss", "use_bfloat16", "max_length",
+        # transformers 4.x `PretrainedConfig.to_dict()` also writes its generation defaults
+        "cross_attention_hidden_size", "min_length", "do_sample", "early_stopping", "num_beams",
+        "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+        "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+        "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
     }
 )
 
