@@ -23,13 +23,10 @@ def test_crd_is_generated_from_the_models():
     assert out.stdout == committed, "crds/moedeployment.yaml is stale: run `make crd`"
 
 
-def test_chart_crd_copy_matches():
-    chart_copy = REPO / "charts" / "moe-operator" / "crds" / "moedeployment.yaml"
-    if not chart_copy.exists():
-        import pytest
-
-        pytest.skip("chart not written yet (issue 10)")
-    assert chart_copy.read_text() == (REPO / "crds" / "moedeployment.yaml").read_text()
+def test_chart_crd_copies_match():
+    committed = (REPO / "crds" / "moedeployment.yaml").read_text()
+    for copy in ("moe-operator/crds/moedeployment.yaml", "moe-operator-crds/files/moedeployment.yaml"):
+        assert (REPO / "charts" / copy).read_text() == committed, f"charts/{copy} differs from crds/: copy it"
 
 
 def test_model_code_never_imports_torch_distributed():

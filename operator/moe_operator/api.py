@@ -348,8 +348,6 @@ class MoEDeploymentSpec(_Model):
 
 # --- status -------------------------------------------------------------------------------------
 
-PHASES = ("Pending", "Placing", "Starting", "Ready", "Degraded", "Failed")
-
 
 class Condition(_Model):
     """A standard Kubernetes condition."""
@@ -387,7 +385,7 @@ class MoEDeploymentStatus(_Model):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore")
 
-    phase: Literal["Pending", "Placing", "Starting", "Ready", "Degraded", "Failed"] | None = Field(None, description="Pending, Placing, Starting, Ready, Degraded or Failed.")
+    phase: Literal["Pending", "Starting", "Ready", "Degraded", "Failed"] | None = Field(None, description="Pending, Starting, Ready, Degraded or Failed.")
     observed_generation: int | None = Field(None, description="The .metadata.generation the status describes.")
     conditions: list[Condition] = Field(default_factory=list, description="Placed, Ready, Progressing, Degraded.")
     ready_ranks: int | None = Field(None, description="Rank pods Ready.")
