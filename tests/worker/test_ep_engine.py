@@ -30,12 +30,12 @@ from moe_worker.engine import (
     EngineConfig,
     RankConfig,
     StepPlan,
-    _Chunk,
     build_runner,
     run_rank_from_env,
     split_micro_batches,
     start_rank,
 )
+from moe_worker.engine.runner import _Chunk
 from moe_worker.engine_api import GenerationRequest, RequestError
 from moe_worker.expertmap import parse_plan, write_plan_files
 from moe_worker.launch import FAULT_EXIT_CODE, GroupFailed, Job, Phase, run_local, spawn_ranks
@@ -318,7 +318,8 @@ def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_pa
         doc = plan_doc(1, replicas=False, shift=0)
         doc["ranks"][0]["node"] = "elsewhere"
         write_plan_files(tmp_path / "plan", doc, 3)
-        assert wait_for(lambda: value("moe_expert_map_generation", lbl) == 3)  # taken at an idle heartbeat
+        # taken at an idle heartbeat (the rank sets the gauge; the engine records the switch after the step)
+        assert wait_for(lambda: value("moe_expert_map_generation", lbl) == 3 and engine.switches)
         assert [g for _, g in engine.switches] == [3] and engine.runner.emap.nodes == ("elsewhere",)
         out = engine.run(requests("after"), timeout=60)
         assert [r.output_ids for r in out] == [fp8_ref.gen[p][0] for p in PROMPTS]
@@ -482,8 +483,9 @@ class _Store:
 def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on(fp8_ckpt, tmp_path, monkeypatch):
     # Rank 4 announces generation 2, then sees generation 3 in its plan file and announces that;
     # rank 0 had read "2" just before and regroups to 2: the rank must join 2, with 2's map.
-    from moe_worker import engine as eng
     from moe_worker.checkpoint import Checkpoint
+    from moe_worker.engine import membership as eng_membership
+    from moe_worker.engine import startup as eng_startup
     from moe_worker.model import ParallelContext
 
     plan_dir = tmp_path / "plan"
@@ -501,12 +503,12 @@ def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on
         formed.append((world, prefix))
         return ParallelContext(self.rank, world, None), None
 
-    monkeypatch.setattr(eng._Membership, "form", form)
+    monkeypatch.setattr(eng_membership._Membership, "form", form)
     store = _Store(on_set)
     rc = RankConfig(rank=4, world_size=6, checkpoint=str(fp8_ckpt), expert_map=str(plan_dir / "plan.json"),
                     engine=ENGINE)
-    membership = eng._Membership(store, 4, "gloo", torch.device("cpu"), None)
-    rank = eng._join_running(rc, membership, Checkpoint(str(fp8_ckpt)).args, None, None)
+    membership = eng_membership._Membership(store, 4, "gloo", torch.device("cpu"), None)
+    rank = eng_startup._join_running(rc, membership, Checkpoint(str(fp8_ckpt)).args, None, None)
     assert formed == [(6, "pg/2")]
     assert rank.runner.emap.generation == 2 and rank.runner.ctx.world_size == 6
     assert store.kv["join/4"].decode().startswith("3:")  # it had moved on, and still joined 2

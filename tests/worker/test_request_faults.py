@@ -22,8 +22,9 @@ import torch
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from moe_worker import engine as engine_mod
-from moe_worker.engine import EngineConfig, RankConfig, Scheduler, _Ticket, model_info, start_rank
+from moe_worker.engine import EngineConfig, RankConfig, Scheduler, model_info, start_rank
+from moe_worker.engine import runner as runner_mod
+from moe_worker.engine.scheduler import _Ticket
 from moe_worker.engine_api import GenerationRequest, OverloadedError, SequenceError
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.sampling import sample
@@ -104,7 +105,7 @@ def test_a_failure_inside_a_step_fails_that_request_only(served, monkeypatch):
     """Non-finite logits of one sequence and no memory for another's cache: those two requests get
     500 naming why; the sequences batched with them finish; the group keeps serving."""
     greedy, _ = served.infer(PROMPT, max_tokens=6)
-    real_sample, real_cache = engine_mod.sample, served.engine.runner.model.new_cache
+    real_sample, real_cache = runner_mod.sample, served.engine.runner.model.new_cache
 
     def nan_for_seed_7(row, temperature, generator):
         if temperature == 0.25:
@@ -117,7 +118,7 @@ def test_a_failure_inside_a_step_fails_that_request_only(served, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_cache(batch, max_len)
 
-    monkeypatch.setattr(engine_mod, "sample", nan_for_seed_7)
+    monkeypatch.setattr(runner_mod, "sample", nan_for_seed_7)
     monkeypatch.setattr(served.engine.runner.model, "new_cache", no_memory_for_77)
     eng = served.engine
     good = [eng.submit(GenerationRequest(f"good-{i}", tuple(PROMPT), max_tokens=6)) for i in range(3)]

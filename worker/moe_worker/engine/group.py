@@ -1,0 +1,292 @@
+"""`GroupEngine`: `engine_api.Engine` on rank 0 of an EP group, driving the step loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from ..engine_api import EngineError, GenerationRequest, GenerationResult, OverloadedError, RequestError
+from ..expertmap import MAX_ERRORS, agreed_switch
+from .config import EngineConfig, model_info
+from .membership import _abort_group, _Control, _group_error, _Membership, _take_resize
+from .runner import RankRunner
+from .scheduler import Scheduler, _Ticket
+from .steps import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class GroupEngine:
+    """`engine_api.Engine` on rank 0 of an EP group (or of a group of one, in process).
+
+    The step loop runs in a background thread (collectives block); `generate`/`stream` are
+    called from the server's asyncio loop and only enqueue and await. `submit`/`run` are the
+    synchronous equivalents (CLI, tests).
+    """
+
+    def __init__(self, runner: RankRunner, control: _Control, cfg: EngineConfig, metrics: Any = None,
+                 membership: _Membership | None = None):
+        self.runner = runner
+        self.control = control
+        self.membership = membership
+        self._resize: tuple[int, int] | None = None  # (generation, world) the next step regroups to
+        self.cfg = cfg
+        self.metrics = metrics
+        self.info = model_info(runner.model.args, cfg)
+        self.world = control.world
+        self.scheduler = Scheduler(self.world, cfg, self.info, metrics)
+        self.step = 0
+        self.switches: list[tuple[int, int]] = []
+        """(step, generation) of every expert-map switch the group took."""
+        self.resizes: list[tuple[int, int, int, int, float]] = []
+        """(step, generation, old world, new world, seconds the resize step took) of every switch that
+        re-formed the group."""
+        self.map_errors: deque[str] = deque(maxlen=MAX_ERRORS)
+        """The latest expert-map errors reported by any rank (a bounded window)."""
+        self._wake = threading.Condition()
+        self._failed: EngineError | None = None
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._switch_to: int | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> GroupEngine:
+        self._thread = threading.Thread(target=self._loop, name="moe-step-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop every rank's loop (they return normally) and wait for the step thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.scheduler.fail_all(EngineError("engine shut down"))
+        if self.world > 1:
+            _abort_group()
+
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._failed is None and not self._stopping
+
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the group stopped serving, or None."""
+        return self._failed
+
+    def wait(self, timeout: float | None = None) -> EngineError | None:
+        """Block until the step loop ends (shutdown or failure); the failure, or None. A serving
+        process should exit non-zero on a failure: the group cannot heal, its pods are replaced."""
+        self._stopped.wait(timeout)
+        return self._failed
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def set_overlap(self, mode: str) -> None:
+        """"on", "off" or "auto" from the next step (rank 0 decides; the plan tells every rank)."""
+        if mode not in ("on", "off", "auto"):
+            raise ValueError(f"overlap {mode!r}: expected 'on', 'off' or 'auto'")
+        self.scheduler.overlap = mode
+
+    # ---- requests ----
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise RequestError for a request this engine cannot run."""
+        info = self.info
+        if not req.prompt_ids:
+            raise RequestError("empty prompt: at least one input token is needed")
+        bad = [t for t in req.prompt_ids if not (hasattr(t, "__index__") and 0 <= t < info.vocab_size)]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} outside the vocabulary 0..{info.vocab_size - 1}")
+        if not isinstance(req.max_tokens, int) or not 1 <= req.max_tokens <= info.max_new_tokens:
+            raise RequestError(f"max_tokens must be between 1 and {info.max_new_tokens}, got {req.max_tokens}")
+        if len(req.prompt_ids) + req.max_tokens > info.max_context:
+            raise RequestError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                f"{info.max_context} tokens"
+            )
+        if not (isinstance(req.temperature, (int, float)) and math.isfinite(req.temperature) and req.temperature >= 0):
+            raise RequestError(f"temperature must be a finite number >= 0, got {req.temperature}")
+
+    def submit(self, req: GenerationRequest, *, want_logits: bool = False) -> _Ticket:
+        """Queue a request (thread-safe); the ticket's `done` event fires when it finishes."""
+        t = _Ticket(req, want_logits)
+        self._enqueue(t)
+        return t
+
+    def run(self, reqs: list[GenerationRequest], timeout: float | None = None) -> list[GenerationResult]:
+        """Submit all, wait for all (synchronous; they are batched together)."""
+        tickets = [self.submit(r) for r in reqs]
+        return [self._wait(t, timeout) for t in tickets]
+
+    def prompt_logits(self, prompt_ids: list[int] | tuple[int, ...], timeout: float | None = None) -> torch.Tensor:
+        """(S, vocab) fp32 logits of a prompt (prefilled on rank 0; the `logits` command)."""
+        req = GenerationRequest(request_id=f"logits-{time.monotonic_ns()}", prompt_ids=tuple(prompt_ids), max_tokens=1)
+        t = self.submit(req, want_logits=True)
+        self._wait(t, timeout)
+        assert t.logits is not None
+        return t.logits
+
+    def _wait(self, t: _Ticket, timeout: float | None) -> GenerationResult:
+        if not t.done.wait(timeout):
+            raise EngineError(f"request {t.req.request_id} did not finish within {timeout} s")
+        if t.error is not None:
+            raise t.error
+        assert t.result is not None
+        return t.result
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[GenerationResult] = loop.create_future()
+
+        def on_event(tok: int | None, t: _Ticket) -> None:
+            if tok is None:
+                _call(loop, _settle, fut, t)
+
+        t = _Ticket(req)
+        t.listeners.append(on_event)
+        self._enqueue(t)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            t.cancelled = True
+            raise
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[int]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def on_event(tok: int | None, t: _Ticket) -> None:
+            _call(loop, q.put_nowait, tok)
+
+        t = _Ticket(req)
+        t.listeners.append(on_event)
+        self._enqueue(t)
+        try:
+            while True:
+                tok = await q.get()
+                if tok is None:
+                    if t.error is not None:
+                        raise t.error
+                    return
+                yield tok
+        finally:
+            if not t.done.is_set():
+                t.cancelled = True
+
+    def _enqueue(self, t: _Ticket) -> None:
+        self.validate(t.req)
+        if self._failed is not None:
+            raise self._failed
+        if not self.ready():
+            raise EngineError("engine is not running")
+        if len(self.scheduler.waiting) >= self.cfg.max_queue:
+            raise OverloadedError(f"{len(self.scheduler.waiting)} requests are waiting (MOE_MAX_QUEUE "
+                                  f"{self.cfg.max_queue}); retry later")
+        self.scheduler.add(t)
+        with self._wake:
+            self._wake.notify_all()
+
+    # ---- the step loop ----
+
+    def _loop(self) -> None:
+        runner, sched = self.runner, self.scheduler
+        try:
+            while True:
+                with self._wake:
+                    if not self._stopping and sched.idle():
+                        self._wake.wait(self.cfg.idle_heartbeat_s)
+                    stopping = self._stopping
+                if stopping:
+                    self.control.plan(StepPlan(self.step, [[] for _ in range(self.world)],
+                                               [[] for _ in range(self.world)], stop=True))
+                    break
+                if self._resize is not None:
+                    self._regroup(*self._resize)
+                    continue
+                plan = sched.build(self.step, self._switch_to)
+                self.control.plan(plan)
+                reply = runner.run_step(plan)
+                replies = self.control.replies(reply)
+                if plan.switch_to is not None:
+                    self.switches.append((plan.step, plan.switch_to))
+                for rp in replies:
+                    self.map_errors.extend(rp.errors)
+                self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
+                sched.update(plan, replies, runner.kept_logits)
+                self.step += 1
+        except Exception as e:
+            self._failed = _group_error(self.step, 0, e)
+            log.error("%s", self._failed)
+            if self.metrics is not None:
+                self.metrics.group_ready.labels(**self.metrics.lbl()).set(0)
+            _abort_group()
+            sched.fail_all(self._failed)
+        finally:
+            self._stopped.set()
+
+
+    def _next_switch(self, generation: int | None) -> int | None:
+        """The generation the next step switches to. One with a different number of ranks waits
+        until the ranks it adds have loaded it (their `join/<rank>` key in the store names it) and
+        the ranks it drops run no sequence (none are admitted to them meanwhile); then the next
+        step is a resize step instead."""
+        staged = self.runner.switcher.staged
+        if generation is None or staged is None or staged.emap.world_size == self.world:
+            self.scheduler.drained(self.world)  # no resize pending: admit to every rank
+            return generation
+        new = staged.emap.world_size
+        if self.membership is None:
+            return None
+        want = f"{generation}:{staged.emap.digest}".encode()
+        store = self.membership.store
+        joined = all(store.check([f"join/{r}"]) and store.get(f"join/{r}") == want for r in range(self.world, new))
+        if self.scheduler.drained(new) and joined:
+            self._resize = (generation, new)
+        return None
+
+    def _regroup(self, generation: int, world: int) -> None:
+        """The resize step: every rank takes `generation` and re-forms the group with `world` ranks."""
+        self._resize = None
+        t0 = time.perf_counter()
+        release = self.scheduler.resize(world)
+        old = self.world
+        plan = StepPlan(self.step, [[] for _ in range(old)], release, switch_to=generation, resize=world)
+        self.membership.store.set(f"resize/{generation}", str(world))  # joiners wait for this key
+        self.control.plan(plan)
+        ctx, control_group = _take_resize(self.runner, self.membership, plan)
+        self.control = _Control(ctx, control_group)
+        self.world = world
+        self.switches.append((plan.step, generation))
+        took = time.perf_counter() - t0
+        self.resizes.append((plan.step, generation, old, world, took))
+        log.info("EP group resized %d -> %d ranks at step %d (generation %d) in %.3f s", old, world, plan.step,
+                 generation, took)
+        self.step += 1
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the caller's loop is closed: nobody waits any more
+        pass
+
+
+def _settle(fut: asyncio.Future, t: _Ticket) -> None:
+    if fut.done():
+        return
+    if t.error is not None:
+        fut.set_exception(t.error)
+    else:
+        fut.set_result(t.result)

@@ -1,0 +1,356 @@
+"""One rank's share of a step (`RankRunner`): its model, KV caches, dispatcher and expert-map switcher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..dispatch import DispatchConfig, Dispatcher, interleave
+from ..engine_api import SequenceError
+from ..expertmap import ExpertMap, MapSwitcher, Staged
+from ..fp8 import resolve_impl
+from ..model import KVCache, MoE, ParallelContext, Transformer, causal_mask
+from ..sampling import sample
+from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
+from .steps import SeqWork, StepPlan, StepReply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Chunk:
+    """Part of a sequence's step that one micro-batch runs."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    cache: KVCache
+    last: bool  # holds the sequence's last new token: produces its next-token logits
+    want_logits: bool
+
+
+@dataclass
+class _SeqState:
+    cache: KVCache
+    temperature: float
+    generator: torch.Generator | None
+    want_logits: bool
+
+
+class RankRunner:
+    """Everything one rank does in a step. `run_step(plan)` -> `StepReply`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        ckpt: Checkpoint,
+        emap: ExpertMap,
+        cfg: EngineConfig,
+        *,
+        ctx: ParallelContext,
+        device: torch.device,
+        plan_path: str | Path | None = None,
+        metrics: Any = None,
+        before_step: Callable[[StepPlan, int], None] | None = None,
+        resizable: bool = False,
+    ):
+        self.model = model
+        self.ckpt = ckpt
+        self.cfg = cfg
+        self.ctx = ctx
+        self.rank = ctx.rank
+        self.device = device
+        self.metrics = metrics
+        self.before_step = before_step
+        self.seqs: dict[int, _SeqState] = {}
+        self.kept_logits: dict[int, torch.Tensor] = {}
+        """seq -> (S, vocab) fp32 logits of `want_logits` sequences (read by rank 0's engine)."""
+        self._errors: list[str] = []
+        self.switches: list[tuple[int, int]] = []
+        """(step, generation) of every switch this rank took."""
+        self.dispatcher: Dispatcher | None = None
+        if ctx.world_size > 1:
+            self.dispatcher = Dispatcher(ctx, emap, device=device, config=dispatch_config(model, cfg), metrics=metrics)
+        self.switcher = MapSwitcher(
+            emap, ctx.rank, model.args, plan_path=plan_path, load_experts=self._read_experts,
+            poll_interval_s=cfg.map_poll_s, background=cfg.background_load, on_error=self._map_error,
+            resizable=resizable,
+        )
+        if metrics is not None:
+            metrics.expert_map_generation.labels(**metrics.lbl()).set(emap.generation)
+
+    @property
+    def emap(self) -> ExpertMap:
+        return self.switcher.current
+
+    def attach(self, ctx: ParallelContext) -> None:
+        """Use process group `ctx.group` from now on (it is created after the model is loaded)."""
+        self.ctx = ctx
+        self.model.ctx = ctx
+        if self.dispatcher is not None:
+            self.dispatcher.ctx = ctx
+            self.dispatcher.group = ctx.group
+
+    def regroup(self, ctx: ParallelContext) -> None:
+        """Serve in a process group of a different size from now on (after a resize switch)."""
+        self.ctx = ctx
+        self.model.ctx = ctx
+        self.dispatcher = None
+        if ctx.world_size > 1:
+            self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
+                                         config=dispatch_config(self.model, self.cfg), metrics=self.metrics)
+
+    # ---- expert map ----
+
+    def _read_experts(self, added: dict[int, tuple[int, ...]]) -> dict[int, dict[int, Any]]:
+        moes = {m.layer_id: m for m in self.model.moe_layers()}
+        return {layer: {e: self.ckpt.read_expert(moes[layer], e) for e in ids} for layer, ids in added.items()}
+
+    def _map_error(self, msg: str) -> None:
+        self._errors.append(msg)
+        if self.metrics is not None:
+            self.metrics.expert_map_errors.labels(**self.metrics.lbl()).inc()
+
+    def _switch(self, generation: int, step: int) -> None:
+        staged = self.switcher.take(generation)
+        self._hold_exactly(staged)
+        if self.dispatcher is not None and staged.emap.world_size == self.ctx.world_size:
+            self.dispatcher.set_map(staged.emap)  # (a resize builds a new dispatcher in `regroup`)
+        self.switches.append((step, generation))
+        if self.metrics is not None:
+            self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(generation)
+        log.info("rank %d: serving expert map generation %d from step %d", self.rank, generation, step)
+
+    def _hold_exactly(self, staged: Staged) -> None:
+        """Make this rank hold exactly the experts `staged.emap` assigns to it, whatever it held
+        before: register the staged modules it lacks, read any still missing now (a generation
+        staged against another map; slow, logged), drop the rest, then check."""
+        want = staged.emap.owned(self.rank)
+        moes = {m.layer_id: m for m in self.model.moe_layers()}
+        missing: dict[int, tuple[int, ...]] = {}
+        for layer, moe in moes.items():
+            need, have = set(want.get(layer, ())), set(moe.local_experts())
+            loaded = staged.experts.get(layer, {})
+            for e in sorted(need - have):
+                if e in loaded:
+                    moe.add_expert(e, loaded[e])
+            for e in sorted(have - need):
+                moe.remove_expert(e)
+            lacking = tuple(sorted(need - set(moe.local_experts())))
+            if lacking:
+                missing[layer] = lacking
+        if missing:
+            log.warning("rank %d: generation %d: experts %s were not staged; reading them at the switch",
+                        self.rank, staged.emap.generation, missing)
+            for layer, modules in self._read_experts(missing).items():
+                for e, module in modules.items():
+                    moes[layer].add_expert(e, module)
+        wrong = {layer: sorted(moe.local_experts()) for layer, moe in moes.items()
+                 if set(moe.local_experts()) != set(want.get(layer, ()))}
+        if wrong:
+            raise RuntimeError(f"rank {self.rank}: after switching to generation {staged.emap.generation} it holds "
+                               f"experts {wrong}, the map assigns {dict(want)}")
+
+    # ---- the step ----
+
+    @torch.inference_mode()
+    def run_step(self, plan: StepPlan) -> StepReply:
+        for seq in plan.release[self.rank]:
+            self.seqs.pop(seq, None)
+        if plan.switch_to is not None:
+            self._switch(plan.switch_to, plan.step)
+        if self.before_step is not None:
+            self.before_step(plan, self.rank)
+        out: dict[int, tuple[int, float]] = {}
+        failed: dict[int, str] = {}
+        if plan.has_work():
+            t0 = time.perf_counter()
+            mine = [w for w in plan.work[self.rank] if not (w.new and self._admit(w, failed))]
+            logits = self.forward(mine, plan.micro_batches)
+            for seq, row in logits.items():
+                try:
+                    st = self.seqs[seq]
+                    out[seq] = sample(row, st.temperature, st.generator), float(row.sum())
+                except SequenceError as e:
+                    failed[seq] = str(e)
+            if self.dispatcher is not None:
+                self.dispatcher.flush_metrics()
+            if self.metrics is not None:
+                phase = "prefill" if any(w.new for w in mine) else "decode"
+                lbl = self.metrics.lbl()
+                self.metrics.step_seconds.labels(**lbl, phase=phase).observe(time.perf_counter() - t0)
+                cap = kv_budget(self.cfg)
+                used = sum(s.cache.max_len for s in self.seqs.values())
+                self.metrics.kv_cache_usage.labels(**lbl).set(used / cap if cap else 0.0)
+        self.switcher.poll()
+        errors, self._errors = self._errors, []
+        for seq in failed:
+            self.seqs.pop(seq, None)
+            self.kept_logits.pop(seq, None)
+        return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
+
+    def _admit(self, w: SeqWork, failed: dict[int, str]) -> bool:
+        """Set up a new sequence (KV cache, sampler); False when it fits, True when it failed
+        (recorded in `failed`: its request fails alone, the step runs without it)."""
+        try:
+            gen = None
+            if w.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little"))
+            self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, gen, w.want_logits)
+            return False
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            failed[w.seq] = f"rank {self.rank} has no memory for a KV cache of {w.max_len} positions: {e}"
+        except (RuntimeError, ValueError) as e:
+            failed[w.seq] = f"rank {self.rank} could not set up the sequence: {type(e).__name__}: {e}"
+        log.error("sequence %d: %s", w.seq, failed[w.seq])
+        return True
+
+    def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
+        """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
+        chunks = [
+            _Chunk(w.seq, list(w.tokens), w.start, self.seqs[w.seq].cache, True, self.seqs[w.seq].want_logits)
+            for w in work
+        ]
+        batches = split_micro_batches(chunks, micro_batches)
+        results: dict[int, torch.Tensor] = {}
+        full: dict[int, list[torch.Tensor]] = {}
+        interleave([self._mb_forward(b, results, full) for b in batches])
+        for seq, parts in full.items():
+            self.kept_logits[seq] = torch.cat(parts, dim=0)
+        return results
+
+    def _mb_forward(
+        self, chunks: list[_Chunk], results: dict[int, torch.Tensor], full: dict[int, list[torch.Tensor]]
+    ) -> Iterator[None]:
+        """One micro-batch through every layer; yields while its MoE exchanges are in flight
+        (three yields per MoE layer on every rank, whatever the token count)."""
+        m = self.model
+        D = m.args.hidden_size
+        dev = self.device
+        ropes, masks, hs = [], [], []
+        for c in chunks:
+            S = len(c.tokens)
+            pos = torch.arange(c.start, c.start + S, device=dev)
+            ropes.append(m.rotary(pos))
+            masks.append(causal_mask(c.start, S, dev))
+            hs.append(m.embed(torch.tensor([c.tokens], dtype=torch.long, device=dev)))  # (1, S, D)
+        sizes = [len(c.tokens) for c in chunks]
+        for i, block in enumerate(m.layers):
+            hs = [
+                h + block.attn(block.attn_norm(h), rope, c.start, mask, c.cache.layers[i], m.attn_impl)
+                for h, rope, mask, c in zip(hs, ropes, masks, chunks, strict=True)
+            ]
+            if not hs and not isinstance(block.ffn, MoE):
+                continue
+            # Feed-forward over the micro-batch's tokens of all its sequences at once.
+            x = torch.cat([h[0] for h in hs]) if hs else torch.zeros(0, D, dtype=m.dtype, device=dev)  # (T, D)
+            xn = block.ffn_norm(x)
+            if not isinstance(block.ffn, MoE):
+                x = x + block.ffn(xn)
+                hs = [t[None] for t in torch.split(x, sizes)]
+                continue
+            moe = block.ffn
+            weights, ids = moe.gate(xn)  # (T, K) fp32, (T, K) int64
+            if self.dispatcher is None:
+                y = moe.routed(xn, ids, weights, moe.local_experts(), moe.layer_id)
+                if moe.shared_experts is not None:
+                    y = y + moe.shared_experts(xn)
+            else:
+                ex = self.dispatcher.start(xn, ids, weights, moe.local_experts(), moe.layer_id)
+                yield  # counts in flight
+                ex.advance()
+                shared = moe.shared_experts(xn) if moe.shared_experts is not None else None
+                yield  # rows in flight; the shared expert ran meanwhile
+                ex.advance()
+                yield  # partial sums in flight
+                ex.advance()
+                y = ex.result()
+                if shared is not None:
+                    y = y + shared
+            x = x + y
+            hs = [t[None] for t in torch.split(x, sizes)] if hs else []
+        last = []
+        for h, c in zip(hs, chunks, strict=True):
+            if c.want_logits:
+                lg = m.head(m.norm(h[0])).float()  # (S, vocab)
+                full.setdefault(c.seq, []).append(lg)
+                if c.last:
+                    results[c.seq] = lg[-1]
+            elif c.last:
+                last.append((c.seq, h[0, -1]))
+        if last:  # one head GEMM for the last position of every sequence
+            rows = m.head(m.norm(torch.stack([r for _, r in last]))).float()  # (n, vocab)
+            for (seq, _), row in zip(last, rows, strict=True):
+                results[seq] = row
+
+
+def split_micro_batches(chunks: list[_Chunk], n: int) -> list[list[_Chunk]]:
+    """Split a rank's work into `n` (1 or 2) micro-batches of about equal token counts.
+
+    A sequence that straddles the middle is cut in two: its first part runs in micro-batch 0,
+    which is always a stage ahead of micro-batch 1, so the second part finds the first part's
+    keys in the cache at every layer. The last new token stays in the last part (`last`).
+    """
+    if n == 1:
+        return [chunks]
+    total = sum(len(c.tokens) for c in chunks)
+    half = (total + 1) // 2
+    a: list[_Chunk] = []
+    b: list[_Chunk] = []
+    seen = 0
+    for c in chunks:
+        S = len(c.tokens)
+        if seen >= half:
+            b.append(c)
+        elif seen + S <= half:
+            a.append(c)
+        else:
+            cut = half - seen
+            a.append(replace(c, tokens=c.tokens[:cut], last=False))
+            b.append(replace(c, tokens=c.tokens[cut:], start=c.start + cut))
+        seen += S
+    return [a, b]
+
+
+def dispatch_config(model: Transformer, cfg: EngineConfig) -> DispatchConfig:
+    fp8 = cfg.dispatch_fp8 == "on"
+    if cfg.dispatch_fp8 == "auto":
+        fp8 = model.fp8 and resolve_impl(cfg.fp8_impl, model.embed.weight.device) in ("emulate", "scaled_mm")
+    combine = None if cfg.combine_dtype == "auto" else DTYPES[cfg.combine_dtype]
+    scale_fmt = model.args.quantization.scale_fmt if model.args.quantization else None
+    return DispatchConfig(fp8_payload=fp8, combine_dtype=combine, scale_fmt=scale_fmt)
+
+
+def build_runner(
+    checkpoint: str | Path,
+    emap: ExpertMap,
+    cfg: EngineConfig,
+    *,
+    ctx: ParallelContext,
+    plan_path: str | Path | None = None,
+    metrics: Any = None,
+    before_step: Callable[[StepPlan, int], None] | None = None,
+    resizable: bool = False,
+) -> RankRunner:
+    """Build this rank's model with the experts `emap` gives it and load it from `checkpoint`."""
+    device = resolve_device(cfg.device, ctx.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = Checkpoint(checkpoint)
+    fp8 = False if cfg.precision == "bf16" else None
+    model = Transformer(
+        ckpt.args, dtype=resolve_dtype(cfg.dtype, device), attn_impl=cfg.attn_impl, fp8=fp8,
+        fp8_impl=cfg.fp8_impl, owned_experts=emap.owned(ctx.rank), ctx=ctx, device=device,
+    )
+    ckpt.load(model)
+    return RankRunner(model, ckpt, emap, cfg, ctx=ctx, device=device, plan_path=plan_path, metrics=metrics,
+                      before_step=before_step, resizable=resizable)

@@ -1,0 +1,230 @@
+"""Rank 0's view of every request (`Scheduler`): the queue, admission to ranks, step plans, results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine_api import GenerationRequest, GenerationResult, ModelInfo, SequenceError
+from .config import EngineConfig, kv_budget
+from .steps import SeqWork, StepPlan, StepReply
+
+log = logging.getLogger(__name__)
+
+
+class _Ticket:
+    """One request's progress; callbacks run on the step thread."""
+
+    def __init__(self, req: GenerationRequest, want_logits: bool = False):
+        self.req = req
+        self.want_logits = want_logits
+        self.arrived = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.output: list[int] = []
+        self.logit_sums: list[float] = []
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.logits: torch.Tensor | None = None
+        self.done = threading.Event()
+        self.listeners: list[Callable[[int | None, _Ticket], None]] = []
+        """Called with each new token, then with None when done (or failed)."""
+        self.cancelled = False
+
+    def _notify(self, tok: int | None) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(tok, self)
+            except Exception:  # a listener's loop may be closed; never break the step loop
+                log.exception("request %s: listener failed", self.req.request_id)
+
+    def finish(self, reason: str) -> None:
+        now = time.monotonic()
+        self.result = GenerationResult(
+            request_id=self.req.request_id, output_ids=list(self.output), finish_reason=reason,
+            prompt_tokens=len(self.req.prompt_ids),
+            time_to_first_token_s=(self.first or now) - self.arrived, duration_s=now - self.arrived,
+            logit_sums=list(self.logit_sums),
+        )
+        self.done.set()
+        self._notify(None)
+
+    def fail(self, err: BaseException) -> None:
+        if self.done.is_set():
+            return
+        self.error = err
+        self.done.set()
+        self._notify(None)
+
+
+@dataclass
+class _Running:
+    ticket: _Ticket
+    rank: int
+    pos: int = 0  # positions in the KV cache
+    work: SeqWork | None = None
+    kv: int = 0  # KV cache positions the rank allocated for it (prompt + max_tokens)
+
+
+class Scheduler:
+    """Rank 0's view of all requests: queue, the sequences on each rank, step plans."""
+
+    def __init__(self, world_size: int, cfg: EngineConfig, info: ModelInfo, metrics: Any = None):
+        self.world = world_size
+        self.cfg = cfg
+        self.info = info
+        self.metrics = metrics
+        self.waiting: deque[_Ticket] = deque()
+        self.running: dict[int, _Running] = {}
+        self.per_rank = [0] * world_size
+        self.kv_budget = kv_budget(cfg)
+        self.kv_used = [0] * world_size
+        """KV cache positions allocated on each rank (admission keeps it <= kv_budget)."""
+        self._rotate = 0  # ties between equally loaded ranks go round-robin, not always to rank 0
+        self.release: list[list[int]] = [[] for _ in range(world_size)]
+        self._next_seq = 0
+        self.lock = threading.Lock()
+        self.overlap = cfg.overlap
+        self.draining: set[int] = set()
+        """Ranks that leave at the next resize: no new sequences go to them."""
+
+    def add(self, t: _Ticket) -> None:
+        with self.lock:
+            self.waiting.append(t)
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.waiting and not self.running
+
+    def build(self, step: int, switch_to: int | None) -> StepPlan:
+        """The next step: every running sequence decodes one token; queued requests are admitted
+        to the least-loaded ranks with room, their whole prompts prefilled in this step."""
+        work: list[list[SeqWork]] = [[] for _ in range(self.world)]
+        with self.lock:
+            for seq, r in list(self.running.items()):
+                if r.ticket.cancelled:
+                    self._finish(seq, "cancelled")
+                    continue
+                r.work = SeqWork(seq, [r.ticket.output[-1]], r.pos)
+                work[r.rank].append(r.work)
+            budget = self.cfg.max_prefill_tokens
+            admitted = 0
+            while self.waiting:
+                t = self.waiting[0]
+                if t.cancelled:
+                    self.waiting.popleft()
+                    continue
+                n = len(t.req.prompt_ids)
+                if admitted and n > budget:
+                    break
+                kv = n + t.req.max_tokens
+                if t.want_logits:
+                    rank = 0 if self._has_room(0, kv) else None
+                else:
+                    free = [r for r in range(self.world) if self._has_room(r, kv) and r not in self.draining]
+                    # Least loaded first; among equals, round-robin from the last pick, so that a
+                    # few requests spread over every node instead of piling onto the first one
+                    # (tokens prefer expert replicas on their own node).
+                    rank = min(free, key=lambda r: (self.per_rank[r], (r - self._rotate) % self.world)) if free else None
+                    if rank is not None:
+                        self._rotate = (rank + 1) % self.world
+                if rank is None:
+                    break
+                self.waiting.popleft()
+                seq = self._next_seq
+                self._next_seq += 1
+                req = t.req
+                w = SeqWork(seq, [int(x) for x in req.prompt_ids], 0, new=True, max_len=n + req.max_tokens,
+                            temperature=req.temperature, seed=req.seed, want_logits=t.want_logits)
+                self.running[seq] = _Running(t, rank, 0, w, kv)
+                self.per_rank[rank] += 1
+                self.kv_used[rank] += kv
+                work[rank].append(w)
+                budget -= n
+                admitted += 1
+            release, self.release = self.release, [[] for _ in range(self.world)]
+        busiest = max(sum(len(w.tokens) for w in ws) for ws in work)
+        mb = {"on": 2, "off": 1}.get(self.overlap, 2 if busiest >= self.cfg.overlap_min_tokens else 1)
+        return StepPlan(step, work, release, micro_batches=mb, switch_to=switch_to)
+
+    def _has_room(self, rank: int, kv: int) -> bool:
+        """Rank `rank` can take one more sequence of `kv` cache positions."""
+        return self.per_rank[rank] < self.cfg.max_seqs_per_rank and self.kv_used[rank] + kv <= self.kv_budget
+
+    def update(self, plan: StepPlan, replies: list[StepReply], kept_logits: dict[int, torch.Tensor]) -> None:
+        """Apply the tokens the ranks sampled; finish requests that are done."""
+        now = time.monotonic()
+        with self.lock:
+            for reply in replies:
+                for seq, why in reply.failed.items():
+                    if seq in self.running:
+                        self._finish(seq, "failed", SequenceError(why))
+                for seq, (tok, lsum) in reply.tokens.items():
+                    r = self.running.get(seq)
+                    if r is None:
+                        continue
+                    t = r.ticket
+                    r.pos += len(r.work.tokens) if r.work is not None else 0
+                    t.output.append(tok)
+                    t.logit_sums.append(lsum)
+                    if t.first is None:
+                        t.first = now
+                    t.last = now
+                    if seq in kept_logits:
+                        t.logits = kept_logits.pop(seq)
+                    t._notify(tok)
+                    if tok in t.req.stop_ids:
+                        self._finish(seq, "stop")
+                    elif len(t.output) >= t.req.max_tokens:
+                        self._finish(seq, "length")
+
+    def drained(self, world: int) -> bool:
+        """Stop admitting to ranks >= `world`; True once none of them runs a sequence."""
+        with self.lock:
+            self.draining = set(range(world, self.world))
+            return not any(self.per_rank[r] for r in self.draining)
+
+    def resize(self, world: int) -> list[list[int]]:
+        """The group now has `world` ranks; returns the releases pending for the old ranks."""
+        with self.lock:
+            release, self.release = self.release, [[] for _ in range(world)]
+            if any(r.rank >= world for r in self.running.values()):
+                raise RuntimeError("resize below a rank that still runs sequences")
+            self.per_rank = (self.per_rank + [0] * world)[:world]
+            self.kv_used = (self.kv_used + [0] * world)[:world]
+            self.world = world
+            self.draining = set()
+            self._rotate %= world
+            return release
+
+    def _finish(self, seq: int, reason: str, err: BaseException | None = None) -> None:
+        """End a running sequence: its rank frees the cache before the next step; the request
+        gets its result, or `err` ("failed"), or a cancellation ("cancelled")."""
+        r = self.running.pop(seq)
+        self.per_rank[r.rank] -= 1
+        self.kv_used[r.rank] -= r.kv
+        self.release[r.rank].append(seq)
+        if reason == "cancelled":
+            r.ticket.fail(asyncio.CancelledError())
+        elif err is not None:
+            r.ticket.fail(err)
+        else:
+            r.ticket.finish(reason)
+
+    def fail_all(self, err: BaseException) -> None:
+        with self.lock:
+            tickets = [r.ticket for r in self.running.values()] + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+            self.per_rank = [0] * self.world
+            self.kv_used = [0] * self.world
+        for t in tickets:
+            t.fail(err)
