@@ -39,7 +39,7 @@ test: venv testbin lint
 
 demo: venv testbin
 	bash hack/system-deps.sh
-	$(PY) -m moe_operator.demo
+	$(PY) -m moe_operator.localdev.demo
 
 clean-cluster: venv
 	$(VENV)/bin/moe cluster down

@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 
-from moe_operator import devcluster  # noqa: E402
-from moe_operator.kube import Kube  # noqa: E402
+from moe_operator.controller.kube import Kube  # noqa: E402
+from moe_operator.localdev import devcluster  # noqa: E402
 
 # (EP, routed experts, redundant, n_group): one expert per GPU, EP = routed + redundant.
 SHAPES = {64: (56, 8, 8), 288: (256, 32, 8), 1024: (256, 768, 8)}
@@ -72,7 +72,7 @@ def one(kube: Kube, kc: str, ep: int) -> tuple[float, float]:
     for ns in (ns_op, ns_direct):
         kubectl(kc, "create", "namespace", ns)
     log = open(Path(tempfile.gettempdir()) / f"{pool}-operator.log", "wb")
-    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
+    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.controller.main", "--standalone",
                            "--namespace", ns_op], env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0",
                                                            MOE_OPERATOR_NAMESPACE=ns_op),
                           stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -4,7 +4,7 @@
     PYTHONPATH=operator python bench/placement.py --layers 8 --tokens 2048 --configs ep288
 
 Per configuration (DeepSeek-V3 shape: 256 routed experts, 8 groups, top-4 groups, top-8):
-- one trace A of synthetic gate decisions (``moe_operator.traces``), and a trace B after a load
+- one trace A of synthetic gate decisions (``moe_operator.placement.traces``), and a trace B after a load
   drift (expert popularity moved by N(0, (0.3 * drift)^2) in logit space, fresh tokens);
 - each method plans on A's per-expert token counts and is measured on A;
 - "moved, drift": experts loaded onto a GPU when re-planning on B (the planner gets the A plan as
@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from moe_operator.eplb import eplb_plan, is_hierarchical
 from moe_operator.placement import (
     MoEShape,
     Plan,
@@ -45,8 +44,9 @@ from moe_operator.placement import (
     round_robin_plan,
     validate_plan,
 )
+from moe_operator.placement.eplb import eplb_plan, is_hierarchical
+from moe_operator.placement.traces import drift_popularity, expert_popularity, generate_trace
 from moe_operator.topology import Topology
-from moe_operator.traces import drift_popularity, expert_popularity, generate_trace
 
 
 @dataclass(frozen=True)

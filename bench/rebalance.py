@@ -5,7 +5,7 @@ rank, and output tokens/s around the switch against the steady state before it (
     python bench/rebalance.py --scale-out
 
 Local control plane, two runner nodes (16 rank processes of the tiny EP16 model), the operator as a
-subprocess, skewed traffic from `moe_operator.loadgen`. `--scale-out`: one 24-GPU runner node and
+subprocess, skewed traffic from `moe_operator.localdev.loadgen`. `--scale-out`: one 24-GPU runner node and
 `maxExtraGpus: 4`; after 15 s of traffic the threshold is set between what the best 16-rank and
 20-rank plans reach for the measured load, so the operator adds rank pods and the running group
 grows (decision -> new ranks serving). Targets (issue 9): no request fails, the
@@ -39,10 +39,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 
-from moe_operator import api, devcluster, loadgen, scaling  # noqa: E402
-from moe_operator.kube import Kube  # noqa: E402
+from moe_operator import api  # noqa: E402
+from moe_operator.controller import scaling  # noqa: E402
+from moe_operator.controller.kube import Kube  # noqa: E402
+from moe_operator.controller.reconcile import shape_of  # noqa: E402
+from moe_operator.localdev import devcluster, loadgen  # noqa: E402
 from moe_operator.placement import plan as make_plan  # noqa: E402
-from moe_operator.reconcile import shape_of  # noqa: E402
 from moe_operator.topology import Topology  # noqa: E402
 
 
@@ -110,7 +112,7 @@ def main() -> int:
     nodes, gpus = (1, 24) if args.scale_out else (2, 8)
     devcluster.apply_nodes(devcluster.gpu_nodes(nodes, gpus=gpus, prefix=pool, pool=pool, local_runner=True), kc)
     subprocess.run([kubectl, f"--kubeconfig={kc}", "create", "namespace", ns], check=True, capture_output=True)
-    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
+    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-m", "moe_operator.controller.main", "--standalone",
                            "--namespace", ns], cwd=REPO, stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT,
                           env=dict(os.environ, KUBECONFIG=kc, MOE_OPERATOR_METRICS_PORT="0", MOE_OPERATOR_NAMESPACE=ns,
                                    MOE_REBALANCE_MIN_TOKENS="200"))

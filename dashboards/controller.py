@@ -1,4 +1,4 @@
-"""MoE / Operator: reconcile and rebalance activity of the operator (moe_operator.metrics)."""
+"""MoE / Operator: reconcile and rebalance activity of the operator (moe_operator.controller.metrics)."""
 
 from __future__ import annotations
 

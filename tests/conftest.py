@@ -16,7 +16,7 @@ def kubeconfig() -> str:
     if os.environ.get("KUBECONFIG"):
         yield os.environ["KUBECONFIG"]
         return
-    from moe_operator import devcluster
+    from moe_operator.localdev import devcluster
 
     # The tests' own cluster, apart from the one `moe cluster up` / `make demo` leave running: an
     # operator installed there (the demo's watches every namespace) must never act on test objects.
@@ -67,7 +67,7 @@ def gpu_pool(kubeconfig, core, request):
     """
     from kubernetes import client
 
-    from moe_operator import devcluster
+    from moe_operator.localdev import devcluster
 
     created: list[str] = []
 
@@ -97,7 +97,7 @@ def kubectl(kubeconfig):
     import shutil
     import subprocess
 
-    from moe_operator import devcluster
+    from moe_operator.localdev import devcluster
 
     binary = devcluster.testbin() / "kubectl"
     exe = str(binary) if binary.exists() else shutil.which("kubectl")

@@ -11,8 +11,8 @@ import copy
 import itertools
 from typing import Any
 
-from moe_operator import devcluster
-from moe_operator.kube import KubeError
+from moe_operator.controller.kube import KubeError
+from moe_operator.localdev import devcluster
 
 _uids = itertools.count(1)
 

@@ -28,7 +28,7 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
 
 
 class OperatorProcess:
-    """`kopf run -m moe_operator.main` as a real subprocess, watching one namespace."""
+    """`kopf run -m moe_operator.controller.main` as a real subprocess, watching one namespace."""
 
     def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "op-a",
                  metrics_port: int = 0, extra_env: dict[str, str] | None = None):
@@ -46,7 +46,7 @@ class OperatorProcess:
                    MOE_LEASE_SECONDS="6", MOE_LEASE_RENEW_SECONDS="2", **self.extra_env)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kopf", "run", "-m", "moe_operator.main", "--standalone",
+            [sys.executable, "-m", "kopf", "run", "-m", "moe_operator.controller.main", "--standalone",
              "--namespace", self.namespace, "--log-format=plain"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         return self

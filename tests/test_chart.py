@@ -30,7 +30,7 @@ MONITORING = "--api-versions=monitoring.coreos.com/v1/ServiceMonitor,monitoring.
 
 
 def helm_bin() -> str:
-    from moe_operator import devcluster
+    from moe_operator.localdev import devcluster
 
     path = devcluster.testbin() / "helm"
     if not path.exists():
@@ -169,7 +169,7 @@ def test_default_render():
     spec = dep["spec"]["template"]["spec"]
     c = operator_container(objs)
     assert c["image"] == "ghcr.io/moe-operator/operator:0.1.0"
-    assert c["command"][:5] == ["kopf", "run", "-m", "moe_operator.main", "--standalone"]
+    assert c["command"][:5] == ["kopf", "run", "-m", "moe_operator.controller.main", "--standalone"]
     assert "--all-namespaces" in c["command"] and not any(a.startswith("--namespace") for a in c["command"])
     assert "--liveness=http://$(POD_IP):8081/healthz" in c["command"] and c["livenessProbe"]["httpGet"]["port"] == "health"
     env = {e["name"]: e for e in c["env"]}
@@ -196,7 +196,7 @@ def test_the_chart_passes_what_the_operator_code_reads():
     """Env names, the Lease's name and where the operator looks for it, as moe_operator reads them."""
     import inspect
 
-    from moe_operator import election, main
+    from moe_operator.controller import election, main
 
     source = inspect.getsource(main) + inspect.getsource(election)
     objs = render()
@@ -244,7 +244,7 @@ def test_monitors_need_the_prometheus_operator_api():
     (pm,) = kinds["PodMonitor"]
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     # The worker pods the operator builds carry these labels and a port named `metrics`.
-    from moe_operator import resources
+    from moe_operator.controller import resources
 
     assert pm["spec"]["selector"]["matchLabels"] == {resources.L_NAME: "moe-worker", resources.L_MANAGED: resources.MANAGER}
     endpoint = pm["spec"]["podMetricsEndpoints"][0]
@@ -257,7 +257,7 @@ def test_monitors_need_the_prometheus_operator_api():
 
 # --- RBAC ------------------------------------------------------------------------------------------
 
-# What the operator does (moe_operator.reconcile/kube/main/election) and what kopf needs; README.md
+# What the operator does (moe_operator.controller.reconcile/kube/main/election) and what kopf needs; README.md
 # "RBAC" says why. Exact sets: a change to the chart's RBAC must change these (and the README).
 CLUSTER_RULES = {
     ("", "nodes", "get", "*"), ("", "nodes", "list", "*"), ("", "nodes", "watch", "*"),
@@ -303,7 +303,7 @@ def test_rbac_is_exactly_what_the_operator_needs():
 
 
 def test_rbac_covers_every_kind_the_operator_client_touches():
-    from moe_operator import kube
+    from moe_operator.controller import kube
 
     granted = {r for _, r, _, _ in CLUSTER_RULES | NAMESPACE_RULES}
     for kind, (_, plural, _) in kube.KINDS.items():
@@ -363,7 +363,7 @@ def released(kubectl, release: str, namespace: str) -> dict[str, list[str]]:
 
 def runner_log(namespace: str, pod: str) -> str:
     """The container log the local runner kept for a pod."""
-    from moe_operator import devcluster
+    from moe_operator.localdev import devcluster
 
     logs = sorted((devcluster.state_dir() / "runner" / "pods").glob(f"{namespace}_{pod}_*/container.log"))
     return logs[-1].read_text(errors="replace")[-4000:] if logs else ""
@@ -512,7 +512,8 @@ def _dockerfile(path: Path) -> dict[str, list[str]]:
 def test_dockerfiles_match_the_pods_that_run_them():
     import numpy as np
 
-    from moe_operator import api, resources
+    from moe_operator import api
+    from moe_operator.controller import resources
     from moe_operator.placement import Plan, RankSlot
 
     op, worker = _dockerfile(REPO / "operator" / "Dockerfile"), _dockerfile(REPO / "worker" / "Dockerfile")

@@ -27,7 +27,7 @@ def _exported_series() -> dict[str, str]:
     """Series name -> metric type, for every metric the operator and the workers define in code."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from moe_operator import metrics as op_metrics
+    from moe_operator.controller import metrics as op_metrics
     from moe_worker.metrics import WorkerMetrics
 
     families = list(WorkerMetrics().registry.collect())

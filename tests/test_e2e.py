@@ -64,8 +64,8 @@ def test_tiny_ep16_serves_tritonclient_and_exports_metrics(core, api_client, nam
     import tritonclient.http as httpclient
     from kubernetes import client
 
-    from moe_operator.devprom import Prometheus
-    from moe_operator.kube import Kube
+    from moe_operator.controller.kube import Kube
+    from moe_operator.localdev.devprom import Prometheus
 
     custom = client.CustomObjectsApi(api_client)
     pool, _ = gpu_pool(nodes=2, gpus=8, local_runner=True)

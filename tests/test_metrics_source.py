@@ -53,7 +53,7 @@ class FakeRanks:
 def test_prometheus_down_means_no_action_and_says_why(api_client, core, namespace, gpu_pool, operator, tmp_path):
     from kubernetes import client
 
-    from moe_operator.devprom import Prometheus
+    from moe_operator.localdev.devprom import Prometheus
 
     custom = client.CustomObjectsApi(api_client)
     fake = FakeRanks()

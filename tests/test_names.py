@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from invalid_specs import INVALID_NAMES, LONGEST_NAME, tiny_spec
-from moe_operator import api, names, resources
+from moe_operator import api, names
+from moe_operator.controller import resources
+from moe_operator.controller.reconcile import shape_of
 from moe_operator.placement import plan
-from moe_operator.reconcile import shape_of
 from moe_operator.topology import Topology
 
 
@@ -89,7 +90,7 @@ def test_every_manifest_name_is_accepted():
 
 def test_a_deployment_admitted_before_the_rule_existed_fails_with_the_reason():
     from fakekube import FakeKube
-    from moe_operator.reconcile import Reconciler
+    from moe_operator.controller.reconcile import Reconciler
 
     kube = FakeKube()
     kube.add_gpu_nodes(2)

@@ -329,7 +329,7 @@ def test_calibration_inputs_follow_the_published_setups(calibration):
 
 
 def test_docs_calibration_table_matches_the_model(calibration):
-    from moe_operator import plan_cli
+    from moe_operator.cli import plan as plan_cli
 
     doc = (REPO / "docs" / "perfmodel.md").read_text()
     table = plan_cli.calibration_markdown(list(calibration.values()))

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moe_operator import place_cli
+from moe_operator.cli import place as place_cli
 from moe_operator.placement import MoEShape, Plan, validate_plan
-from moe_operator.traces import Trace, generate_trace
+from moe_operator.placement.traces import Trace, generate_trace
 
 SMALL_CONFIG = {
     "model_type": "deepseek_v3",
@@ -215,7 +215,7 @@ def test_runs_as_a_module(files: dict[str, Path]) -> None:
     argv = [
         sys.executable,
         "-m",
-        "moe_operator.place_cli",
+        "moe_operator.cli.place",
         "--nodes",
         str(files["nodes"]),
         "--trace",

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_operator.eplb import eplb_plan, rebalance_experts, replicate_experts
 from moe_operator.placement import (
     MoEShape,
     PlacementError,
@@ -29,8 +28,9 @@ from moe_operator.placement import (
     select_ranks,
     validate_plan,
 )
+from moe_operator.placement.eplb import eplb_plan, rebalance_experts, replicate_experts
+from moe_operator.placement.traces import drift_popularity, expert_popularity, generate_trace
 from moe_operator.topology import NodeSlots, Topology
-from moe_operator.traces import drift_popularity, expert_popularity, generate_trace
 
 V3_4 = MoEShape(moe_layers=4)  # DeepSeek-V3's experts and groups, 4 layers to keep tests fast
 SMALL = MoEShape(moe_layers=3, n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=4)

@@ -7,7 +7,9 @@ import json
 import pytest
 import yaml
 
-from moe_operator import api, cli, perfmodel, plan_cli
+from moe_operator import api, perfmodel
+from moe_operator.cli import main as cli
+from moe_operator.cli import plan as plan_cli
 from support import REPO
 
 EP288 = str(REPO / "manifests" / "deepseek-v3-ep288.yaml")

@@ -41,10 +41,12 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
                                                        crd_installed, tmp_path):
     from kubernetes import client
 
-    from moe_operator import api, loadgen, scaling
+    from moe_operator import api
+    from moe_operator.controller import scaling
+    from moe_operator.controller.reconcile import shape_of
+    from moe_operator.localdev import loadgen
     from moe_operator.placement import Plan
     from moe_operator.placement import plan as make_plan
-    from moe_operator.reconcile import shape_of
     from moe_operator.topology import Topology
 
     custom = client.CustomObjectsApi(api_client)

@@ -9,7 +9,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 from fakekube import FakeKube
-from moe_operator import reconcile
+from moe_operator.controller import reconcile
 from support import REPO
 
 NS = "ns"
@@ -94,7 +94,7 @@ def _per_deployment_series(deployment: str = "tiny") -> dict[str, float | None]:
 
 
 def test_deleting_a_deployment_forgets_its_state_and_removes_its_series(world):
-    from moe_operator import main
+    from moe_operator.controller import main
 
     kube, rec, clock = world
     ready_deployment(kube, rec)
@@ -291,7 +291,7 @@ def test_a_context_longer_than_the_budget_is_clamped_with_a_warning(world):
 # --- leadership: a pass that outlives its Lease stops writing; renewals never wait for passes -----
 
 def test_a_pass_stops_at_its_first_write_after_the_lease_is_lost(world):
-    from moe_operator.kube import LeaderOnly, NotLeader
+    from moe_operator.controller.kube import LeaderOnly, NotLeader
 
     kube, _, clock = world
     lease = {"held": True, "creates_left": 5, "writes_at_loss": None}
@@ -333,7 +333,7 @@ def test_lease_renewals_do_not_wait_behind_reconcile_passes(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from moe_operator import main
+    from moe_operator.controller import main
 
     renewals = []
     busy = threading.Event()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from moe_operator.controller.reconcile import keep_rank_numbers, scaling_moves
 from moe_operator.placement import MoEShape, plan
-from moe_operator.reconcile import keep_rank_numbers, scaling_moves
 from moe_operator.topology import Topology
 
 SHAPE = MoEShape(moe_layers=3, n_routed_experts=12, n_group=4, topk_group=2, num_experts_per_tok=4)
@@ -58,7 +58,7 @@ def _pod(ns, dep, node=None, pinned=None, gpus=1, phase="Pending"):
 
 
 def test_claimed_gpus_count_pending_pods_pinned_to_a_node_and_other_deployments_plans():
-    from moe_operator.reconcile import claimed_gpus
+    from moe_operator.controller.reconcile import claimed_gpus
 
     pods = [
         *[_pod("a", "x", pinned="n1") for _ in range(8)],  # deployment x's rank pods, created, not bound yet

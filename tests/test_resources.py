@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from invalid_specs import tiny_spec
-from moe_operator import api, perfmodel, resources
+from moe_operator import api, perfmodel
+from moe_operator.controller import resources
+from moe_operator.controller.reconcile import shape_of
 from moe_operator.placement import plan
-from moe_operator.reconcile import shape_of
 from moe_operator.topology import Topology
 
 OWNER = resources.Owner(name="tiny", namespace="ns", uid="u")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_operator import scaling
+from moe_operator.controller import scaling
 from moe_operator.placement import MoEShape, plan
 from moe_operator.topology import Topology
 

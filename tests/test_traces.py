@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from moe_operator.placement import MoEShape
-from moe_operator.traces import Trace, TraceError, drift_popularity, expert_popularity, generate_trace
+from moe_operator.placement.traces import (
+    Trace,
+    TraceError,
+    drift_popularity,
+    expert_popularity,
+    generate_trace,
+)
 
 SMALL = MoEShape(moe_layers=3, n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=8)
 

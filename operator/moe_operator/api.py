@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from . import names
+from moe_operator import names
 
 GROUP = "serving.moe.dev"
 VERSION = "v1alpha1"

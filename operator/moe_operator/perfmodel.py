@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from . import api
+from moe_operator import api
 
 GB = 1e9
 GIB = float(2**30)

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from . import api, perfmodel
-from .perfmodel import GB, PerfModelError
+from moe_operator import api, perfmodel
+from moe_operator.perfmodel import GB, PerfModelError
 
 PROG = "moe plan"
 

@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import api, names
-from .perfmodel import KvAdmission
-from .placement import Plan
+from moe_operator import api, names
+from moe_operator.perfmodel import KvAdmission
+from moe_operator.placement import Plan
 
 MANAGER = "moe-operator"  # the one server-side-apply field manager
 DIST_PORT = 29500  # torch.distributed rendezvous on rank 0

@@ -1,4 +1,4 @@
-"""kopf handlers: thin. Run with `kopf run -m moe_operator.main --standalone` (any number of replicas).
+"""kopf handlers: thin. Run with `kopf run -m moe_operator.controller.main --standalone` (any number of replicas).
 
 Each MoEDeployment gets a control loop (an asyncio task) that runs the level-triggered reconcile
 in a thread; watch events only start, wake or stop loops. No finalizers: everything the operator
@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import kopf
 from prometheus_client import start_http_server
 
-from . import api, reconcile
-from .election import LeaderElector
-from .kube import Kube, LeaderOnly, NotLeader
-from .resources import L_DEPLOYMENT
+from moe_operator import api
+from moe_operator.controller import reconcile
+from moe_operator.controller.election import LeaderElector
+from moe_operator.controller.kube import Kube, LeaderOnly, NotLeader
+from moe_operator.controller.resources import L_DEPLOYMENT
 
 log = logging.getLogger(__name__)
 

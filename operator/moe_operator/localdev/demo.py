@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from . import devcluster
-from .kube import Kube, KubeError
+from moe_operator.controller.kube import Kube, KubeError
+from moe_operator.localdev import devcluster
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NAMESPACE = "moe-demo"
 OPERATOR_NAMESPACE = "moe-system"
 
@@ -67,7 +67,7 @@ CHECKPOINT = Path("/var/tmp/moe-demo/tiny-ep16")  # the manifest's hostPath
 
 
 def make_checkpoint(obj: dict) -> None:
-    from .api import parse_deployment
+    from moe_operator.api import parse_deployment
 
     if (CHECKPOINT / "config.json").exists():
         return
@@ -101,7 +101,7 @@ def expert_load(kube: Kube, plan: dict) -> list[list[float]]:
     """(layers, experts) routed tokens, scraped from every rank's /metrics."""
     import urllib.request
 
-    from .scaling import parse_expert_tokens
+    from moe_operator.controller.scaling import parse_expert_tokens
 
     n_layers = len(plan["expert_map"])
     n_experts = 1 + max(e for layer in plan["expert_map"] for cell in layer for e in cell)

@@ -43,7 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kube import Kube, KubeError
+from moe_operator.controller.kube import Kube, KubeError
 
 log = logging.getLogger("moe.localrunner")
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from . import api
+from moe_operator import api
 
 
 def _constraints(meta: list[Any], out: dict[str, Any]) -> None:

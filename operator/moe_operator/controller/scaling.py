@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .placement import MoEShape, PlacementError, Plan, local_first_load
-from .placement import plan as make_plan
-from .topology import Topology
+from moe_operator.placement import MoEShape, PlacementError, Plan, local_first_load
+from moe_operator.placement import plan as make_plan
+from moe_operator.topology import Topology
 
 EXPERT_TOKENS = "moe_expert_tokens_total"
 

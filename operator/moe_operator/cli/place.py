@@ -10,7 +10,7 @@
 
 Errors (unreadable inputs, impossible placements) print one line on stderr and exit 1.
 ``add_parser`` registers the subcommand on the ``moe`` console script; ``main`` runs it alone
-(``python -m moe_operator.place_cli --nodes ...``).
+(``python -m moe_operator.cli.place --nodes ...``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_operator.placement import MoEShape, PlacementError, Plan, plan
+from moe_operator.placement.traces import Trace, TraceError
 from moe_operator.topology import DEFAULT_GPU_RESOURCE, Toleration, Topology, TopologyError, TopologyLabels
-from moe_operator.traces import Trace, TraceError
 
 PROG = "moe place"
 HELP = "plan which experts each GPU hosts, from a node list and a routing trace"

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .kube import Kube
-from .resources import L_DEPLOYMENT
+from moe_operator.controller.kube import Kube
+from moe_operator.controller.resources import L_DEPLOYMENT
 
 CONFIG = """\
 global:

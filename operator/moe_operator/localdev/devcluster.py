@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "local-runner")
 
 # Default node label keys; the MoEDeployment's placement.topologyKeys default to the same keys.
@@ -249,7 +249,7 @@ def up(quiet: bool = False) -> Cluster:
         f"{b}/kwok", f"--kubeconfig={kc}", f"--manage-nodes-with-label-selector=!{RUNNER_LABEL}",
         # Pod and node IPs on loopback: nothing may ever send traffic to a private range from here.
         "--node-lease-duration-seconds=40", "--cidr=127.64.0.0/10", "--node-ip=127.0.0.1"])
-    _spawn(c, "local-runner", [sys.executable, "-m", "moe_operator.localrunner", f"--kubeconfig={kc}",
+    _spawn(c, "local-runner", [sys.executable, "-m", "moe_operator.localdev.localrunner", f"--kubeconfig={kc}",
                                f"--state={d}/runner", f"--subnet={runner_subnet(d)}"])
     for name, port in (("kube-controller-manager", ports["kcm"]), ("kube-scheduler", ports["scheduler"])):
         _wait(f"{name} /healthz", lambda port=port: _https_ok(port), 60, c, name)

@@ -7,14 +7,14 @@ import sys
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from .crd import crd_yaml
+    from moe_operator.cli.crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
     return 0
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from . import devcluster
+    from moe_operator.localdev import devcluster
 
     try:
         if args.action == "up":
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("crd", help="print the MoEDeployment CRD YAML")
     s.set_defaults(func=_crd)
 
-    from . import devcluster
+    from moe_operator.localdev import devcluster
 
     s = sub.add_parser("cluster", help="the local control plane (etcd, apiserver, scheduler, controller-manager, KWOK)")
     s.add_argument("action", choices=["up", "down", "env", "add-nodes"])
@@ -74,19 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add-nodes: run these nodes' pods as local processes (the local runner) instead of KWOK")
     s.set_defaults(func=_cluster)
 
-    try:
-        from . import place_cli
-    except ImportError:  # pragma: no cover - during development
-        place_cli = None
-    if place_cli is not None:
-        place_cli.add_parser(sub)
+    from moe_operator.cli import place, plan
 
-    try:
-        from . import plan_cli
-    except ImportError:  # pragma: no cover
-        plan_cli = None
-    if plan_cli is not None:
-        plan_cli.add_parser(sub)
+    place.add_parser(sub)
+    plan.add_parser(sub)
     return p
 
 

@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 
-from .kube import Kube, KubeError
+from moe_operator.controller.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
 

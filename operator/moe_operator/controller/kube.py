@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 
 from kubernetes import client, config
 
-from .resources import MANAGER
+from moe_operator.controller.resources import MANAGER
 
 # kind -> (api prefix, plural, namespaced)
 KINDS: dict[str, tuple[str, str, bool]] = {

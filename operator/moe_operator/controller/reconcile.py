@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from . import api, metrics, perfmodel, resources, scaling
-from .kube import Kube, KubeError, LeaderOnly
-from .placement import MoEShape, PlacementError, Plan, RankSlot
-from .placement import plan as make_plan
-from .resources import Owner
-from .topology import Topology, TopologyLabels, gpus_used_by_pods, pinned_node
+from moe_operator import api, perfmodel
+from moe_operator.controller import metrics, resources, scaling
+from moe_operator.controller.kube import Kube, KubeError, LeaderOnly
+from moe_operator.controller.resources import Owner
+from moe_operator.placement import MoEShape, PlacementError, Plan, RankSlot
+from moe_operator.placement import plan as make_plan
+from moe_operator.topology import Topology, TopologyLabels, gpus_used_by_pods, pinned_node
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ hidden state in the first MoE layer, so all its tokens pick the same experts; a 
 "hot" prompts concentrates load on a few experts, the rest of the traffic is uniform random
 prompts. `--hot-fraction` sets the mix. For tests and demos of load-driven rebalancing.
 
-    python -m moe_operator.loadgen --url 127.0.0.5:8080 --seconds 30 --clients 8 --hot-fraction 0.8
+    python -m moe_operator.localdev.loadgen --url 127.0.0.5:8080 --seconds 30 --clients 8 --hot-fraction 0.8
 """
 
 from __future__ import annotations
