@@ -28,7 +28,7 @@ R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E routed experts, K top-k.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -327,6 +327,32 @@ def route(scores: torch.Tensor, bias: torch.Tensor, a: ModelArgs) -> tuple[torch
     return weights * a.routed_scaling_factor, ids
 
 
+Stages = Generator[None, None, torch.Tensor]
+"""A computation that yields while a collective it started is in flight and returns its result."""
+
+
+class Exchange(Protocol):
+    """One MoE layer's token exchange in flight (an EP runtime's; see `MoE.stages`)."""
+
+    def advance(self) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+class StartExchange(Protocol):
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 experts: Mapping[int, MLP], layer_id: int) -> Exchange: ...
+
+
+def run_stages(stages: Stages) -> torch.Tensor:
+    """Run a `Stages` computation to its end (nothing else to overlap with) and return its result."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
+
+
 class RoutedExperts(Protocol):
     """The routed-expert computation of one MoE layer; an EP runtime provides its own."""
 
@@ -427,12 +453,29 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D)."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, D)
+        return run_stages(self.stages(x.reshape(-1, shape[-1]))).view(shape)
+
+    def stages(self, x: torch.Tensor, exchange: StartExchange | None = None) -> Stages:
+        """x (T, D) -> (T, D), the one definition of the layer's computation. Without `exchange`
+        the routed experts run here (`self.routed`). With one, an EP runtime moves the tokens:
+        `exchange(...)` starts the dispatch and returns an object whose three `advance()` calls
+        each finish one collective; this generator yields while each is in flight (three yields,
+        whatever the token count), and the shared expert runs during the second."""
         weights, ids = self.gate(x)  # (T, K) fp32, (T, K) int64
-        y = self.routed(x, ids, weights, self.local_experts(), self.layer_id)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        if exchange is None:
+            y = self.routed(x, ids, weights, self.local_experts(), self.layer_id)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+        else:
+            ex = exchange(x, ids, weights, self.local_experts(), self.layer_id)
+            yield  # counts in flight
+            ex.advance()
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            yield  # rows in flight; the shared expert ran meanwhile
+            ex.advance()
+            yield  # partial sums in flight
+            ex.advance()
+            y = ex.result()
+        return y + shared if shared is not None else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,8 +497,20 @@ class Block(nn.Module):
             self.ffn = MLP(args.hidden_size, args.intermediate_size, dtype=dtype, fp8=fp8, device=device)
 
     def forward(self, x, rope, start_pos, mask, cache, impl):
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, mask, cache, impl)
-        return x + self.ffn(self.ffn_norm(x))
+        return run_stages(self.ffn_stages(self.attend(x, rope, start_pos, mask, cache, impl)))
+
+    def attend(self, x, rope, start_pos, mask, cache, impl) -> torch.Tensor:
+        """x (B, S, D) -> x + attention (the first half of the block)."""
+        return x + self.attn(self.attn_norm(x), rope, start_pos, mask, cache, impl)
+
+    def ffn_stages(self, x: torch.Tensor, exchange: StartExchange | None = None) -> Stages:
+        """x (..., D) -> x + feed-forward (the second half), as `MoE.stages` (yields only with an
+        `exchange`, in MoE layers)."""
+        xn = self.ffn_norm(x)
+        if not isinstance(self.ffn, MoE):
+            return x + self.ffn(xn)
+        y = yield from self.ffn.stages(xn.reshape(-1, xn.shape[-1]), exchange)
+        return x + y.view(x.shape)
 
 
 class Transformer(nn.Module):

@@ -244,39 +244,16 @@ class RankRunner:
             masks.append(causal_mask(c.start, S, dev))
             hs.append(m.embed(torch.tensor([c.tokens], dtype=torch.long, device=dev)))  # (1, S, D)
         sizes = [len(c.tokens) for c in chunks]
+        exchange = self.dispatcher.start if self.dispatcher is not None else None
         for i, block in enumerate(m.layers):
-            hs = [
-                h + block.attn(block.attn_norm(h), rope, c.start, mask, c.cache.layers[i], m.attn_impl)
-                for h, rope, mask, c in zip(hs, ropes, masks, chunks, strict=True)
-            ]
+            hs = [block.attend(h, rope, c.start, mask, c.cache.layers[i], m.attn_impl)
+                  for h, rope, mask, c in zip(hs, ropes, masks, chunks, strict=True)]
             if not hs and not isinstance(block.ffn, MoE):
                 continue
-            # Feed-forward over the micro-batch's tokens of all its sequences at once.
+            # Feed-forward over the micro-batch's tokens of all its sequences at once; an MoE
+            # layer joins the exchange even with no tokens, so every rank's collectives match.
             x = torch.cat([h[0] for h in hs]) if hs else torch.zeros(0, D, dtype=m.dtype, device=dev)  # (T, D)
-            xn = block.ffn_norm(x)
-            if not isinstance(block.ffn, MoE):
-                x = x + block.ffn(xn)
-                hs = [t[None] for t in torch.split(x, sizes)]
-                continue
-            moe = block.ffn
-            weights, ids = moe.gate(xn)  # (T, K) fp32, (T, K) int64
-            if self.dispatcher is None:
-                y = moe.routed(xn, ids, weights, moe.local_experts(), moe.layer_id)
-                if moe.shared_experts is not None:
-                    y = y + moe.shared_experts(xn)
-            else:
-                ex = self.dispatcher.start(xn, ids, weights, moe.local_experts(), moe.layer_id)
-                yield  # counts in flight
-                ex.advance()
-                shared = moe.shared_experts(xn) if moe.shared_experts is not None else None
-                yield  # rows in flight; the shared expert ran meanwhile
-                ex.advance()
-                yield  # partial sums in flight
-                ex.advance()
-                y = ex.result()
-                if shared is not None:
-                    y = y + shared
-            x = x + y
+            x = yield from block.ffn_stages(x, exchange)
             hs = [t[None] for t in torch.split(x, sizes)] if hs else []
         last = []
         for h, c in zip(hs, chunks, strict=True):
