@@ -1,6 +1,6 @@
 """KServe v2 serving overhead: N concurrent tritonclient clients vs the same generation done directly.
 
-Baseline ("direct"): a process with the engine (`LocalEngine`) and N asyncio tasks calling
+Baseline ("direct"): a process with the engine (`GroupEngine`, one rank) and N asyncio tasks calling
 `engine.generate` back to back. Then, for each protocol (tritonclient HTTP with JSON tensors, HTTP
 with binary tensors, gRPC), N client threads in this process send the same requests to a server
 process (`moe_worker.server.serve` over the same kind of engine). Every request is greedy with a
@@ -9,8 +9,8 @@ turns in `--rounds` rounds of `--duration / --rounds` seconds each, so drift on 
 hits all of them alike.
 
 Columns: output tokens/s, request latency p50/p99, `batch` = mean sequences per engine forward
-(the engine batches requests that arrive at the same step boundary with the same prompt length,
-so how clients' requests line up in time matters as much as the protocol), `same` = fraction of
+(the engine admits the requests waiting at a step boundary and decodes every running sequence in
+each step, so how clients' requests line up in time matters as much as the protocol), `same` = fraction of
 responses whose tokens equal a batch-1 generation of the same prompt (batching rounds logits
 differently; with FP8 activation quantization a close greedy choice can flip), and the ratios
 server / direct.
@@ -98,11 +98,12 @@ class Tally:
 def _engine(a):
     import torch
 
-    from moe_worker.local_engine import LocalEngine
+    from moe_worker.engine import EngineConfig, RankConfig, start_rank
 
     torch.set_num_threads(a.threads)
-    return LocalEngine.from_checkpoint(a.checkpoint, name=a.model, max_batch=max(a.clients, 1),
-                                       max_context=a.prompt_len + a.max_tokens + 1, max_new_tokens=a.max_tokens)
+    cfg = EngineConfig(model_name=a.model, max_context=a.prompt_len + a.max_tokens + 1, max_new_tokens=a.max_tokens,
+                       threads=a.threads)
+    return start_rank(RankConfig(0, 1, str(a.checkpoint), engine=cfg)).engine
 
 
 async def _commands(handle) -> None:
@@ -132,7 +133,7 @@ def child_server(a) -> int:
         await server.stop(grace=2.0)
 
     asyncio.run(main())
-    engine.close()
+    engine.shutdown()
     return 0
 
 
@@ -180,7 +181,7 @@ def child_direct(a) -> int:
         await _commands(handle)
 
     asyncio.run(main())
-    engine.close()
+    engine.shutdown()
     return 0
 
 

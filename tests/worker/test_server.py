@@ -1,4 +1,5 @@
-"""The KServe v2 front end (`moe_worker.server`) over `LocalEngine`, driven by tritonclient itself.
+"""The KServe v2 front end (`moe_worker.server`) over the engine a pod serves (`GroupEngine`, one rank in
+process), driven by tritonclient itself.
 
 The model is manifests/tiny-ep16.yaml's architecture with random weights. Tokens are compared with
 a greedy reference that recomputes the whole sequence with `load_model` at every step (no KV cache),
@@ -31,8 +32,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from moe_worker.checkpoint import load_model, make_checkpoint
+from moe_worker.engine import EngineConfig, GroupEngine, RankConfig, start_rank
 from moe_worker.engine_api import EngineError, GenerationRequest, GenerationResult, ModelInfo, RequestError
-from moe_worker.local_engine import LocalEngine
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.server import serve
 from moe_worker.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -80,6 +81,12 @@ class Reference:
             assert top[0] - top[1] > MARGIN, f"reference step at {seq} has a near tie; pick another prompt"
             seq.append(int(logits.argmax()))
         return tuple(seq[len(prompt):])
+
+
+def one_rank_engine(ckpt: Path) -> GroupEngine:
+    """The engine `moe-worker serve` runs, as one rank in process (fp32 on CPU)."""
+    cfg = EngineConfig(model_name=MODEL, max_context=MAX_CONTEXT, max_new_tokens=MAX_NEW, idle_heartbeat_s=0.05)
+    return start_rank(RankConfig(0, 1, str(ckpt), engine=cfg)).engine
 
 
 class Running:
@@ -138,11 +145,11 @@ def ref(ckpt) -> Reference:
 
 @pytest.fixture(scope="module")
 def srv(ckpt):
-    engine = LocalEngine.from_checkpoint(ckpt, name=MODEL, max_context=MAX_CONTEXT, max_new_tokens=MAX_NEW)
+    engine = one_rank_engine(ckpt)
     running = Running(engine, engine.info, checkpoint_dir=ckpt)
     yield running
     running.close()
-    engine.close()
+    engine.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +290,8 @@ def test_sampling_is_seeded(srv):
     assert a != c  # 8 draws at temperature 0.9 over 512 ids: equal by chance ~never
 
 
-def test_extreme_temperatures_are_served_by_the_local_engine_too(srv, ref):
-    """LocalEngine shares the sampling rule: 1e-45 and 1e-30 are greedy, 1e30 is served, and the
-    requests batched in the same cohort are untouched."""
+def test_extreme_temperatures_are_served(srv, ref):
+    """1e-45 and 1e-30 are greedy, 1e30 is served, and the next request is untouched."""
     want = list(ref.greedy(tuple(PROMPT), 6))
     for t in (1e-45, 1e-30):
         assert ids_of(http_generate(srv.http(), [PROMPT], binary=True, max_tokens=6, temperature=t, seed=1)) == want
@@ -325,10 +331,10 @@ def _run_threads(fns):
 def test_concurrent_clients_are_batched_and_exact(srv, ref):
     """Six clients (JSON, binary, gRPC) queue while the engine is held, then run as one batch of 6."""
     kinds = ["http-json", "http-binary", "grpc"] * 2
-    prompts = [[(13 * i + j * 7) % 500 + 1 for j in range(5)] for i in range(6)]  # same length: one cohort
+    prompts = [[(13 * i + j * 7) % 500 + 1 for j in range(5)] for i in range(6)]
     ks = [4, 9, 6, 12, 3, 8]  # different lengths: rows leave the batch as they finish
     want = [list(ref.greedy(tuple(p), k)) for p, k in zip(prompts, ks, strict=True)]
-    steps0, cohorts0 = srv.engine.stats["steps"], srv.engine.stats["cohorts"]
+    steps0 = srv.engine.stats["steps"]
     with srv.engine.paused():
         threads, results, errors = _run_threads(
             [functools.partial(_client_call, srv, kd, p, k) for kd, p, k in zip(kinds, prompts, ks, strict=True)])
@@ -341,7 +347,7 @@ def test_concurrent_clients_are_batched_and_exact(srv, ref):
         t.join(60)
     assert not errors
     assert results == want
-    assert srv.engine.stats["cohorts"] - cohorts0 == 1 and srv.engine.stats["max_batch_seen"] >= 6
+    assert srv.engine.stats["max_batch_seen"] >= 6
     assert srv.engine.stats["steps"] - steps0 == max(ks)  # one forward per step for all six
 
     # Free-running: 6 clients x 3 requests of different lengths, arriving whenever they do.
@@ -557,7 +563,7 @@ def test_gzip_request_body_is_accepted_raw(srv, ref):
 
 def test_fp8_checkpoint_and_byte_tokenizer(tmp_path):
     ckpt = make_checkpoint(tiny_ep16_config(), tmp_path / "fp8", dtype="fp8", seed=1)
-    engine = LocalEngine.from_checkpoint(ckpt, name=MODEL, max_context=MAX_CONTEXT, max_new_tokens=MAX_NEW)
+    engine = one_rank_engine(ckpt)
     running = Running(engine, engine.info, checkpoint_dir=ckpt)
     try:
         assert isinstance(running.server.front.tokenizer, ByteTokenizer)
@@ -573,7 +579,7 @@ def test_fp8_checkpoint_and_byte_tokenizer(tmp_path):
         assert text_of(g) == ByteTokenizer(512).decode(ids_of(g))
     finally:
         running.close()
-        engine.close()
+        engine.shutdown()
 
 
 def test_byte_tokenizer_round_trip_and_fallbacks(tmp_path):
@@ -691,7 +697,7 @@ def test_engine_stream_yields_the_generated_tokens(srv, ref):
 
 
 def test_engine_close_fails_queued_requests_with_503(ckpt):
-    engine = LocalEngine.from_checkpoint(ckpt, name=MODEL, max_context=MAX_CONTEXT, max_new_tokens=MAX_NEW)
+    engine = one_rank_engine(ckpt)
     running = Running(engine, engine.info)
     try:
         engine.pause()
@@ -700,12 +706,12 @@ def test_engine_close_fails_queued_requests_with_503(ckpt):
         deadline = time.monotonic() + 20
         while engine.queue_depth() < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        engine.close()
+        engine.shutdown()
         for t in threads:
             t.join(20)
         assert not errors
         assert [r[0] for r in results] == [503, 503]
-        assert all("the engine is shutting down" in r[1] for r in results)
+        assert all("engine shut down" in r[1] for r in results)
         assert not running.http().is_server_ready()
         status, msg = _post(running.http_url, INFER, _doc(_ids_input(PROMPT)))
         assert status == 503 and "not ready" in msg

@@ -1,9 +1,9 @@
 """The contract between the serving front end (`server`) and whatever generates tokens (`engine`).
 
 The front rank's KServe v2 server turns requests into `GenerationRequest`s and awaits results from
-an `Engine`. Two engines implement it: a single-process one (tests, `logits`) and the EP group's
-(rank 0 schedules every step across the data-parallel attention ranks; the MoE layers exchange
-tokens with all-to-all). The server never sees ranks, collectives or the model.
+an `Engine`: the EP group's `engine.GroupEngine` (rank 0 schedules every step across the
+data-parallel attention ranks; the MoE layers exchange tokens with all-to-all), which is also the
+single-process engine at world size 1. The server never sees ranks, collectives or the model.
 """
 
 from __future__ import annotations

@@ -39,10 +39,8 @@ Entry points:
 - `run_rank_from_env()`: what `moe-worker serve` calls in each pod. Rank 0 gets a started
   `GroupEngine`; other ranks run the loop until the group stops and get None.
 - `start_rank(RankConfig)`: the same from explicit settings (the local launcher uses it).
-- World size 1: the same `GroupEngine` in one process, without torch.distributed or dispatch.
-  (`local_engine.LocalEngine` is the serving side's plain single-process engine over
-  `Transformer.forward`; this one runs the EP step loop, so `generate --world-size 1` and N > 1
-  share the scheduler and the ragged forward.)
+- World size 1: the same `GroupEngine` in one process, without torch.distributed or dispatch: the
+  one single-process engine (tests, `generate --world-size 1`, serving a model that fits one GPU).
 
 Metrics (`WorkerMetrics`): ranks count routed tokens per hosted expert (on the receiving rank),
 dispatch/combine and step time, KV cache use, the expert-map generation and map errors, and

@@ -8,7 +8,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,6 +55,9 @@ class GroupEngine:
         self._wake = threading.Condition()
         self._failed: EngineError | None = None
         self._stopping = False
+        self._paused = False
+        self.stats = {"steps": 0, "rows": 0, "max_batch_seen": 0}
+        """Steps that ran a forward, sequences over those steps, the most sequences in one step."""
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._switch_to: int | None = None
@@ -92,6 +96,25 @@ class GroupEngine:
 
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting)
+
+    def pause(self) -> None:
+        """Run no work from the next step on (requests queue; idle heartbeats go on)."""
+        with self._wake:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._wake:
+            self._paused = False
+            self._wake.notify_all()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the step loop while requests queue (tests use it to batch requests together)."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
     def set_overlap(self, mode: str) -> None:
         """"on", "off" or "auto" from the next step (rank 0 decides; the plan tells every rank)."""
@@ -205,7 +228,7 @@ class GroupEngine:
         try:
             while True:
                 with self._wake:
-                    if not self._stopping and sched.idle():
+                    if not self._stopping and (sched.idle() or self._paused):
                         self._wake.wait(self.cfg.idle_heartbeat_s)
                     stopping = self._stopping
                 if stopping:
@@ -215,7 +238,7 @@ class GroupEngine:
                 if self._resize is not None:
                     self._regroup(*self._resize)
                     continue
-                plan = sched.build(self.step, self._switch_to)
+                plan = self._empty_plan() if self._paused else sched.build(self.step, self._switch_to)
                 self.control.plan(plan)
                 reply = runner.run_step(plan)
                 replies = self.control.replies(reply)
@@ -225,6 +248,7 @@ class GroupEngine:
                     self.map_errors.extend(rp.errors)
                 self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
                 sched.update(plan, replies, runner.kept_logits)
+                self._count(plan)
                 self.step += 1
         except Exception as e:
             self._failed = _group_error(self.step, 0, e)
@@ -255,6 +279,16 @@ class GroupEngine:
         if self.scheduler.drained(new) and joined:
             self._resize = (generation, new)
         return None
+
+    def _empty_plan(self) -> StepPlan:
+        return StepPlan(self.step, [[] for _ in range(self.world)], [[] for _ in range(self.world)])
+
+    def _count(self, plan: StepPlan) -> None:
+        rows = sum(len(w) for w in plan.work)
+        if rows:
+            self.stats["steps"] += 1
+            self.stats["rows"] += rows
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], rows)
 
     def _regroup(self, generation: int, world: int) -> None:
         """The resize step: every rank takes `generation` and re-forms the group with `world` ranks."""
