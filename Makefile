@@ -23,7 +23,7 @@ testbin:
 	bash hack/build-testbin.sh >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check operator worker tests bench hack dashboards
+	$(VENV)/bin/ruff check common operator worker tests bench hack dashboards
 	$(VENV)/bin/lint-imports
 
 # Regenerate the CRD from the pydantic models (CI fails if this changes anything).

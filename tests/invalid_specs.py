@@ -41,6 +41,8 @@ CASES: list[tuple[str, dict, str]] = [
                           "parallelism.allowSmallExpertParallel": True}, "spec.parallelism.maxExpertsPerGpu"),
     ("ngroup-not-dividing", {"model.architecture.nGroup": 5}, "spec.model.architecture.nGroup"),
     ("topk-group-above-ngroup", {"model.architecture.topkGroup": 5}, "spec.model.architecture.topkGroup"),
+    ("one-expert-per-group", {"model.architecture.nGroup": 12, "model.architecture.numExpertsPerTok": 2},
+     "spec.model.architecture.nGroup"),
     ("topk-above-experts", {"model.architecture.numExpertsPerTok": 13}, "spec.model.architecture.numExpertsPerTok"),
     ("topk-above-group-budget", {"model.architecture.numExpertsPerTok": 7, "model.architecture.topkGroup": 2},
      "spec.model.architecture.numExpertsPerTok"),

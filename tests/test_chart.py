@@ -519,10 +519,14 @@ def test_dockerfiles_match_the_pods_that_run_them():
     op, worker = _dockerfile(REPO / "operator" / "Dockerfile"), _dockerfile(REPO / "worker" / "Dockerfile")
     for d in (op, worker):
         assert d["USER"] == ["1000:1000"]  # the pods' runAsUser
-        assert any("pip install ." in r for r in d["RUN"])
-        assert d["COPY"] == ["pyproject.toml README.md ./", "operator/ operator/", "worker/ worker/"]
+        assert d["COPY"] == ["pyproject.toml README.md ./", "operator/ operator/", "worker/ worker/", "common/ common/"]
     assert op["FROM"][0].startswith("python:3.11")
-    assert "cuda" in worker["ARG"][0] and worker["FROM"] == ["${BASE}"]
+    assert any(r.startswith("pip install . ") for r in op["RUN"]) and "torch" not in op["RUN"][0].split("&&")[0]
+    # The worker's torch is the one the GPU checks ran on (docs/gpu-h200.md), and the build checks it.
+    ran_on = re.search(r"torch (\d+\.\d+\.\d+)\+cu", (REPO / "docs" / "gpu-h200.md").read_text()).group(1)
+    assert f"TORCH_VERSION={ran_on}" in worker["ARG"] and worker["FROM"] == ["${BASE}"]
+    assert any('pip install "torch==${TORCH_VERSION}" ".[worker]"' in r and "expected ${TORCH_VERSION}" in r
+               for r in worker["RUN"])
     assert json.loads(op["CMD"][0])[:4] == operator_container(render())["command"][:4]
 
     spec = api.MoEDeploymentSpec.model_validate(yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())["spec"])
@@ -539,7 +543,7 @@ def test_dockerfiles_match_the_pods_that_run_them():
     for d in ("operator", "worker"):
         ignore = (REPO / d / "Dockerfile.dockerignore").read_text().split()
         assert ignore[ignore.index("*"):] == ["*", "!pyproject.toml", "!README.md", "!operator/moe_operator/**",
-                                               "!worker/moe_worker/**", "**/__pycache__"]
+                                               "!worker/moe_worker/**", "!common/moe_common/**", "**/__pycache__"]
     readme = re.search(r'readme\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert readme == "README.md"
 

@@ -13,7 +13,12 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from moe_common.routing import CEL_RULES as ROUTING_CEL
+from moe_common.routing import routing_errors
 from moe_operator import names
+
+_CAMEL = {"n_group": "nGroup", "topk_group": "topkGroup", "num_experts_per_tok": "numExpertsPerTok"}
+"""The CRD's names of the fields `routing_errors` names."""
 
 GROUP = "serving.moe.dev"
 VERSION = "v1alpha1"
@@ -51,16 +56,10 @@ class Architecture(_Model):
     """Model architecture in Hugging Face DeepSeek-V3 `config.json` terms; defaults are DeepSeek-V3."""
 
     cel: ClassVar[list[dict[str, str]]] = [
-        {"rule": "self.nRoutedExperts % self.nGroup == 0",
-         "message": "nGroup must divide nRoutedExperts", "fieldPath": ".nGroup"},
-        {"rule": "self.topkGroup <= self.nGroup",
-         "message": "topkGroup must be <= nGroup", "fieldPath": ".topkGroup"},
+        # group-limited routing: the rules every half checks (moe_common.routing)
+        *({"rule": rule, "message": message, "fieldPath": f".{field}"} for rule, message, field in ROUTING_CEL),
         {"rule": "self.numExpertsPerTok <= self.nRoutedExperts",
          "message": "numExpertsPerTok must be <= nRoutedExperts", "fieldPath": ".numExpertsPerTok"},
-        {"rule": "self.numExpertsPerTok <= (self.nRoutedExperts / self.nGroup) * self.topkGroup",
-         "message": "numExpertsPerTok must be <= (nRoutedExperts / nGroup) * topkGroup: the top-k "
-                    "experts are chosen inside topkGroup groups",
-         "fieldPath": ".numExpertsPerTok"},
         {"rule": "self.firstKDenseReplace < self.numHiddenLayers",
          "message": "firstKDenseReplace must be < numHiddenLayers (at least one MoE layer)",
          "fieldPath": ".firstKDenseReplace"},
@@ -115,15 +114,12 @@ class Architecture(_Model):
     @model_validator(mode="after")
     def _check(self) -> Architecture:
         f = "spec.model.architecture"
-        if self.n_routed_experts % self.n_group:
-            raise SpecError(f"{f}.nGroup", "nGroup must divide nRoutedExperts")
-        if self.topk_group > self.n_group:
-            raise SpecError(f"{f}.topkGroup", "topkGroup must be <= nGroup")
+        routing = routing_errors(self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok)
+        if routing:
+            field, message = routing[0]
+            raise SpecError(f"{f}.{_CAMEL[field]}", message)
         if self.num_experts_per_tok > self.n_routed_experts:
             raise SpecError(f"{f}.numExpertsPerTok", "numExpertsPerTok must be <= nRoutedExperts")
-        if self.num_experts_per_tok > self.n_routed_experts // self.n_group * self.topk_group:
-            raise SpecError(f"{f}.numExpertsPerTok",
-                            "numExpertsPerTok must be <= (nRoutedExperts / nGroup) * topkGroup")
         if self.first_k_dense_replace >= self.num_hidden_layers:
             raise SpecError(f"{f}.firstKDenseReplace", "firstKDenseReplace must be < numHiddenLayers")
         return self

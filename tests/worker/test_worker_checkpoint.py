@@ -181,7 +181,7 @@ def test_bad_config_and_directory(tmp_path, bf16_ckpt):
     cfg = json.loads((path / "config.json").read_text())
     cfg["n_group"] = 3
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config\.json: 'n_routed_experts' \(16\) is not divisible by 'n_group' \(3\)"):
+    with pytest.raises(CheckpointError, match=r"config\.json: field 'n_group': n_group \(3\) must divide n_routed_experts \(16\)"):
         Checkpoint(path)
     empty = tmp_path / "e"
     empty.mkdir()

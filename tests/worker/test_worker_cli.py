@@ -47,7 +47,7 @@ def test_errors_are_reported_not_raised(tiny_config, tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({**tiny_config, "n_group": 3}))
     assert main(["make-checkpoint", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
-    assert "'n_routed_experts' (16) is not divisible by 'n_group' (3)" in capsys.readouterr().err
+    assert "field 'n_group': n_group (3) must divide n_routed_experts (16)" in capsys.readouterr().err
     assert main(["logits", "--checkpoint", str(tmp_path / "nothing"), "--input-ids", "1", "--out", "o.npy"]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_common.routing import routing_errors
+
 FP8_BLOCK = 128
 """Side of the square weight blocks and length of the activation groups that share one FP8 scale."""
 
@@ -410,20 +412,9 @@ def _check(a: ModelArgs, cfg: dict[str, Any]) -> None:
             f"field 'first_k_dense_replace' ({a.first_k_dense_replace}) exceeds 'num_hidden_layers' "
             f"({a.num_hidden_layers})"
         )
-    if a.n_routed_experts % a.n_group:
-        raise ConfigError(f"'n_routed_experts' ({a.n_routed_experts}) is not divisible by 'n_group' ({a.n_group})")
-    if a.topk_group > a.n_group:
-        raise ConfigError(f"'topk_group' ({a.topk_group}) exceeds 'n_group' ({a.n_group})")
-    if a.n_group > 1 and a.experts_per_group < 2:
-        raise ConfigError(
-            f"'n_routed_experts' / 'n_group' = {a.experts_per_group}: group scores sum the top-2 experts of a "
-            "group, so each group needs at least 2"
-        )
-    if a.num_experts_per_tok > a.topk_group * a.experts_per_group:
-        raise ConfigError(
-            f"'num_experts_per_tok' ({a.num_experts_per_tok}) exceeds the experts in 'topk_group' "
-            f"({a.topk_group}) groups of {a.experts_per_group}"
-        )
+    routing = routing_errors(a.n_routed_experts, a.n_group, a.topk_group, a.num_experts_per_tok)
+    if routing:
+        raise ConfigError(f"field '{routing[0][0]}': {routing[0][1]}")
     heads_kv = cfg.get("num_key_value_heads")
     if heads_kv is not None and heads_kv != a.num_attention_heads:
         raise ConfigError(
