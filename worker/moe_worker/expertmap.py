@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from moe_common import plan_json
+
 from .config import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -155,43 +157,29 @@ def parse_plan(doc: Mapping[str, Any] | str | bytes, args: ModelArgs, world_size
     """Read a PLAN.json document (dict or text) for a model and a group of `world_size` ranks
     (None: as many as the plan lists, for a group that can grow and shrink).
 
-    Checks what serving needs: ranks numbered 0..world_size-1, one list of integer expert ids
-    per rank per MoE layer, ids in range, and every logical expert hosted somewhere in every
+    The structure is PLAN.json's (`moe_common.plan_json`); on top, what serving needs: the
+    group's number of ranks, one list per MoE layer, ids in range, and every logical expert hosted somewhere in every
     layer (a token routed to an unhosted expert could not be served). Duplicates in one rank's
     list (EPLB packing can produce them) count once; ranks hosting nothing are allowed.
     """
-    if isinstance(doc, (str, bytes)):
-        try:
-            doc = json.loads(doc)
-        except json.JSONDecodeError as e:
-            raise ExpertMapError(f"plan is not valid JSON: {e}") from None
-    if not isinstance(doc, Mapping) or "ranks" not in doc or "expert_map" not in doc:
-        raise ExpertMapError("plan must be an object with 'ranks' and 'expert_map'")
-    ranks = doc["ranks"]
-    if world_size is None and isinstance(ranks, list) and ranks:
-        world_size = len(ranks)
-    if not isinstance(ranks, list) or len(ranks) != world_size:
-        n = len(ranks) if isinstance(ranks, list) else "no list of"
-        raise ExpertMapError(f"plan has {n} ranks, the EP group has {world_size}")
-    nodes = []
-    for i, r in enumerate(ranks):
-        if not isinstance(r, Mapping) or r.get("rank") != i or not isinstance(r.get("node"), str):
-            raise ExpertMapError(f"plan rank #{i} must be {{'rank': {i}, 'node': <string>, ...}}, got {r!r}")
-        nodes.append(r["node"])
-    layers = doc["expert_map"]
+    try:
+        plan = plan_json.loads(doc)
+    except plan_json.PlanFormatError as e:
+        raise ExpertMapError(str(e)) from None
+    if world_size is None and plan.ranks:
+        world_size = len(plan.ranks)
+    if len(plan.ranks) != world_size:
+        raise ExpertMapError(f"plan has {len(plan.ranks)} ranks, the EP group has {world_size}")
+    nodes = [r.node for r in plan.ranks]
     moe_layers = tuple(args.moe_layers)
-    if not isinstance(layers, list) or len(layers) != len(moe_layers):
-        n = len(layers) if isinstance(layers, list) else "no list of"
-        raise ExpertMapError(f"plan expert_map has {n} layers, the model has {len(moe_layers)} MoE layers")
+    if len(plan.expert_map) != len(moe_layers):
+        raise ExpertMapError(f"plan expert_map has {len(plan.expert_map)} layers, the model has {len(moe_layers)} "
+                             "MoE layers")
     E = args.n_routed_experts
     hosts = []
-    for li, layer in enumerate(layers):
-        if not isinstance(layer, list) or len(layer) != world_size:
-            raise ExpertMapError(f"plan expert_map layer {li} must list {world_size} ranks")
+    for li, layer in enumerate(plan.expert_map):
         cells = []
         for r, cell in enumerate(layer):
-            if not isinstance(cell, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in cell):
-                raise ExpertMapError(f"plan expert_map layer {li} rank {r}: expected a list of integer expert ids")
             bad = [e for e in cell if not 0 <= e < E]
             if bad:
                 raise ExpertMapError(f"plan expert_map layer {li} rank {r}: expert ids {bad} outside 0..{E - 1}")

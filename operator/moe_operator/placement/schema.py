@@ -6,12 +6,13 @@ as PLAN.json and the worker reads it back.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from moe_common import plan_json
 
 
 class PlacementError(ValueError):
@@ -184,70 +185,31 @@ class Plan:
         return doc
 
     def dumps(self) -> str:
-        """PLAN.json text: one line per rank and per layer of the expert map, so diffs stay readable."""
-        doc = self.to_json()
-
-        def block(key: str, items: list[Any]) -> str:
-            body = ",\n    ".join(json.dumps(it, separators=(", ", ": ")) for it in items)
-            return f'  "{key}": [\n    {body}\n  ]'
-
-        parts = [block("ranks", doc["ranks"]), block("expert_map", doc["expert_map"])]
-        parts.append('  "metrics": ' + json.dumps(doc["metrics"], sort_keys=True))
-        if "model" in doc:
-            parts.append('  "model": ' + json.dumps(doc["model"]))
-        return "{\n" + ",\n".join(parts) + "\n}\n"
+        """PLAN.json text (`moe_common.plan_json.dumps`: one line per rank and per layer)."""
+        return plan_json.dumps(self.to_json())
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any] | str) -> Plan:
         """Read a PLAN.json document (a dict, or its text). Checks structure, not validity."""
-        if isinstance(doc, (str, bytes)):
-            try:
-                doc = json.loads(doc)
-            except json.JSONDecodeError as exc:
-                raise PlacementError(f"plan is not valid JSON: {exc}") from None
-        if not isinstance(doc, Mapping) or "ranks" not in doc or "expert_map" not in doc:
-            raise PlacementError("plan must be an object with 'ranks' and 'expert_map'")
-        ranks = []
-        for i, r in enumerate(doc["ranks"]):
-            try:
-                ranks.append(RankSlot(rank=int(r["rank"]), node=str(r["node"]), gpu=int(r["gpu"])))
-            except (KeyError, TypeError, ValueError):
-                raise PlacementError(
-                    f"plan rank #{i} must have integer 'rank', string 'node', integer 'gpu'"
-                ) from None
-            if ranks[-1].rank != i:
-                raise PlacementError(
-                    f"plan ranks must be numbered 0..G-1 in order; entry #{i} is rank {ranks[-1].rank}"
-                )
-        keys = [(r.node, r.gpu) for r in ranks]
-        if len(set(keys)) != len(keys):
-            raise PlacementError("plan has two ranks on the same (node, gpu)")
-        layers = doc["expert_map"]
-        if not isinstance(layers, list) or not layers:
+        try:
+            d = plan_json.loads(doc)
+        except plan_json.PlanFormatError as e:
+            raise PlacementError(str(e)) from None
+        if not d.expert_map:
             raise PlacementError("plan expert_map must be a non-empty list of layers")
-        width = 1
-        for li, layer in enumerate(layers):
-            if not isinstance(layer, list) or len(layer) != len(ranks):
-                raise PlacementError(f"plan expert_map layer {li} must list {len(ranks)} ranks")
-            for cell in layer:
-                if not isinstance(cell, list) or not all(
-                    isinstance(e, int) and not isinstance(e, bool) for e in cell
-                ):
-                    raise PlacementError(
-                        f"plan expert_map layer {li}: each rank must be a list of integer expert ids"
-                    )
-                width = max(width, len(cell))
-        em = np.full((len(layers), len(ranks), width), -1, dtype=np.int32)
-        for li, layer in enumerate(layers):
+        width = max((len(cell) for layer in d.expert_map for cell in layer), default=1) or 1
+        em = np.full((len(d.expert_map), len(d.ranks), width), -1, dtype=np.int32)
+        for li, layer in enumerate(d.expert_map):
             for r, cell in enumerate(layer):
                 em[li, r, : len(cell)] = cell
         shape = None
-        if isinstance(doc.get("model"), Mapping):
+        if d.model is not None:
             try:
-                shape = MoEShape(**{k: int(v) for k, v in doc["model"].items()})
+                shape = MoEShape(**{k: int(v) for k, v in d.model.items()})
             except TypeError:
-                raise PlacementError(f"plan model has unknown keys: {sorted(doc['model'])}") from None
-        return cls(ranks=tuple(ranks), expert_map=em, metrics=dict(doc.get("metrics") or {}), shape=shape)
+                raise PlacementError(f"plan model has unknown keys: {sorted(d.model)}") from None
+        ranks = tuple(RankSlot(r.rank, r.node, r.gpu) for r in d.ranks)
+        return cls(ranks=ranks, expert_map=em, metrics=dict(d.metrics), shape=shape)
 
 
 def validate_plan(
