@@ -126,7 +126,7 @@ def test_too_few_gpus_is_one_clear_line(files: dict[str, Path], capsys: pytest.C
         ("junk-trace", "not a readable .npz"),
         ("wrong-layers", "trace has 3 layers but the model has 4 MoE layers"),
         ("bad-nodes-json", "node list"),
-        ("bad-config", "multiple of n_group"),
+        ("bad-config", "must divide n_routed_experts"),
         ("bad-previous", "previous plan"),
         ("too-redundant", "use at most 8 redundant"),
         ("bad-toleration", "toleration"),

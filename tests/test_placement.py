@@ -69,13 +69,10 @@ def test_shape_from_hf_config() -> None:
     }
     assert MoEShape.from_hf_config(v3) == MoEShape.deepseek_v3() == MoEShape(58, 256, 8, 4, 8)
     assert MoEShape.from_hf_config({}) == MoEShape.deepseek_v3()
-    # Every second layer from layer 1 on is MoE: layers 2, 4, 6, 8.
-    assert (
-        MoEShape.from_hf_config(
-            {"num_hidden_layers": 10, "first_k_dense_replace": 1, "moe_layer_freq": 2}
-        ).moe_layers
-        == 4
-    )
+    assert MoEShape.from_hf_config({"num_hidden_layers": 10, "first_k_dense_replace": 1}).moe_layers == 9
+    # The worker runs only moe_layer_freq 1, so the planner does not plan for another one.
+    with pytest.raises(PlacementError, match="moe_layer_freq must be 1"):
+        MoEShape.from_hf_config({"num_hidden_layers": 10, "first_k_dense_replace": 1, "moe_layer_freq": 2})
     assert MoEShape.deepseek_v3().group_size == 32
     assert MoEShape.deepseek_v3().to_dict()["moe_layers"] == 58
 
@@ -83,11 +80,12 @@ def test_shape_from_hf_config() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"n_routed_experts": 100}, "multiple of n_group"),
-        ({"topk_group": 9}, "at most n_group"),
+        ({"n_routed_experts": 100}, "n_group \\(8\\) must divide n_routed_experts \\(100\\)"),
+        ({"topk_group": 9}, "topk_group \\(9\\) must be <= n_group"),
+        ({"n_group": 256}, "each group needs at least 2"),
         ({"num_hidden_layers": 3}, "no MoE layers"),
         ({"n_group": "8"}, "must be an integer"),
-        ({"num_experts_per_tok": 200}, "exceeds the experts"),
+        ({"num_experts_per_tok": 200}, "num_experts_per_tok \\(200\\) must be <= the experts"),
         ({"n_routed_experts": 0}, "positive integer"),
     ],
 )
@@ -594,7 +592,8 @@ def cases(draw: Any) -> dict[str, Any]:
     n_group = draw(st.sampled_from([1, 2, 4]))
     shape = MoEShape(
         moe_layers=draw(st.integers(1, 3)),
-        n_routed_experts=n_group * draw(st.sampled_from([1, 2, 3, 4, 8])),
+        # groups of one expert only without grouping (moe_common.routing: a group's score sums two)
+        n_routed_experts=n_group * draw(st.sampled_from([1, 2, 3, 4, 8] if n_group == 1 else [2, 3, 4, 8])),
         n_group=n_group,
         topk_group=1,
         num_experts_per_tok=1,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from moe_common import plan_json
+from moe_common.model_args import ModelArgs
 from moe_operator.placement import PlacementError, Plan, RankSlot
-from moe_worker.config import ModelArgs
 from moe_worker.expertmap import ExpertMapError, parse_plan
 
 DOC = {"ranks": [{"rank": 0, "node": "a", "gpu": 0}, {"rank": 1, "node": "a", "gpu": 1},

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from moe_common.model_args import ConfigError, ModelArgs
 from moe_common.routing import CEL_RULES, routing_errors
 from moe_operator import api
-from moe_worker.config import ConfigError, ModelArgs
 
 SHAPES = list(itertools.product(range(1, 17), range(1, 9), range(1, 9), range(1, 17)))  # E, G, TG, K
 CAMEL = {"n_group": "nGroup", "topk_group": "topkGroup", "num_experts_per_tok": "numExpertsPerTok"}

@@ -8,11 +8,13 @@ feeds the same invalid specs to both.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from moe_common.model_args import ConfigError, ModelArgs
 from moe_common.routing import CEL_RULES as ROUTING_CEL
 from moe_common.routing import routing_errors
 from moe_operator import names
@@ -105,6 +107,14 @@ class Architecture(_Model):
         cfg.update(overrides)
         return cfg
 
+    def model_args(self) -> ModelArgs:
+        """This architecture as the worker will read it (`moe_common.model_args`, the one definition
+        of the model shape); ConfigError for one the worker would refuse."""
+        cfg = self.hf_config()
+        if not cfg["q_lora_rank"]:
+            cfg["q_lora_rank"] = None  # 0 here: no query compression
+        return ModelArgs.from_hf_config(cfg)
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> Architecture:
         """Take the fields we model from a Hugging Face `config.json`; ignore the rest."""
@@ -122,6 +132,11 @@ class Architecture(_Model):
             raise SpecError(f"{f}.numExpertsPerTok", "numExpertsPerTok must be <= nRoutedExperts")
         if self.first_k_dense_replace >= self.num_hidden_layers:
             raise SpecError(f"{f}.firstKDenseReplace", "firstKDenseReplace must be < numHiddenLayers")
+        try:  # everything else the worker checks, so that a spec it would refuse is refused here
+            self.model_args()
+        except ConfigError as e:
+            named = [to_camel(n) for n in re.findall(r"'([a-z_]+)'", str(e)) if n in type(self).model_fields]
+            raise SpecError(f"{f}.{named[0]}" if named else f, f"the worker would refuse this model: {e}") from None
         return self
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_worker.config import ModelArgs
+from moe_common.model_args import ModelArgs
 from moe_worker.dispatch import choose_replicas
 from moe_worker.expertmap import (
     ExpertMapError,

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from moe_common.model_args import ModelArgs
 from moe_worker.checkpoint import (
     INDEX_FILE,
     Checkpoint,
@@ -20,7 +21,6 @@ from moe_worker.checkpoint import (
     load_model,
     make_checkpoint,
 )
-from moe_worker.config import ModelArgs
 
 
 def headers(path: Path) -> dict[str, tuple[list[int], str]]:

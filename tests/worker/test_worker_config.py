@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from moe_worker.config import ConfigError, ModelArgs
+from moe_common.model_args import ConfigError, ModelArgs
 
 # deepseek-ai/DeepSeek-V3 config.json as published (auto_map shortened).
 DEEPSEEK_V3 = {

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from moe_common.model_args import ModelArgs
 from moe_worker.checkpoint import Checkpoint, load_model
-from moe_worker.config import ModelArgs
 from moe_worker.model import (
     Rotary,
     apply_rope,

@@ -28,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ConfigError, ModelArgs
+from moe_common.model_args import ConfigError, ModelArgs
+
 from .fp8 import Linear, dequantize_weight, quantize_weight, scale_shape
 from .model import MLP, Gate, MoE, RMSNorm, Transformer
 

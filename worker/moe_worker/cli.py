@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_common.model_args import ConfigError
+
 from .checkpoint import CheckpointError, load_model, make_checkpoint
-from .config import ConfigError
 from .fp8 import IMPLS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -51,7 +51,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import FP8_BLOCK
+from moe_common.model_args import FP8_BLOCK
+
 from .expertmap import ExpertMap
 from .fp8 import FP8_DTYPE, act_quant
 from .model import MLP, ParallelContext

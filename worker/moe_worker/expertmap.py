@@ -40,8 +40,7 @@ from typing import Any
 import torch
 
 from moe_common import plan_json
-
-from .config import ModelArgs
+from moe_common.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_common.model_args import FP8_BLOCK
+
 from . import fp8_cpu
-from .config import FP8_BLOCK
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0

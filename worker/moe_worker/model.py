@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
+from moe_common.model_args import ModelArgs
+
 from .fp8 import Linear
 
 AttnImpl = Literal["naive", "absorb"]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from moe_common import plan_json
+from moe_common.routing import routing_errors
 
 
 class PlacementError(ValueError):
@@ -43,17 +44,10 @@ class MoEShape:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise PlacementError(f"model {name} must be a positive integer, got {v!r}")
-        if self.n_routed_experts % self.n_group:
-            raise PlacementError(
-                f"n_routed_experts ({self.n_routed_experts}) must be a multiple of n_group ({self.n_group})"
-            )
-        if self.topk_group > self.n_group:
-            raise PlacementError(f"topk_group ({self.topk_group}) must be at most n_group ({self.n_group})")
-        if self.num_experts_per_tok > self.topk_group * self.group_size:
-            raise PlacementError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in {self.topk_group} groups "
-                f"of {self.group_size}"
-            )
+        routing = routing_errors(int(self.n_routed_experts), int(self.n_group), int(self.topk_group),
+                                 int(self.num_experts_per_tok))
+        if routing:
+            raise PlacementError(f"model {routing[0][1]}")
 
     @property
     def group_size(self) -> int:
@@ -67,8 +61,8 @@ class MoEShape:
     def from_hf_config(cls, d: Mapping[str, Any]) -> MoEShape:
         """From a Hugging Face ``config.json`` dict; missing keys take DeepSeek-V3's values.
 
-        MoE layers are layers ``i >= first_k_dense_replace`` with ``i % moe_layer_freq == 0``
-        (transformers' DeepseekV3 rule), i.e. 61 - 3 = 58 for V3.
+        MoE layers are the layers from ``first_k_dense_replace`` on (``moe_layer_freq`` 1, the
+        only value the worker runs), i.e. 61 - 3 = 58 for V3.
         """
         if not isinstance(d, Mapping):
             raise PlacementError("model config must be a JSON object")
@@ -83,12 +77,10 @@ class MoEShape:
 
         layers = get("num_hidden_layers", 61)
         first_dense = get("first_k_dense_replace", 3)
-        freq = get("moe_layer_freq", 1)
-        if freq < 1 or first_dense < 0:
-            raise PlacementError(
-                f"model config: moe_layer_freq ({freq}) must be >= 1, first_k_dense_replace >= 0"
-            )
-        moe_layers = sum(1 for i in range(first_dense, layers) if i % freq == 0)
+        if get("moe_layer_freq", 1) != 1 or first_dense < 0:
+            raise PlacementError("model config: moe_layer_freq must be 1 (every layer after first_k_dense_replace "
+                                 "is MoE, as the worker requires) and first_k_dense_replace >= 0")
+        moe_layers = layers - first_dense
         if moe_layers < 1:
             raise PlacementError(
                 f"model config has no MoE layers (num_hidden_layers={layers}, first_k_dense_replace={first_dense})"

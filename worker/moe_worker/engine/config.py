@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelArgs
+from moe_common.model_args import ModelArgs
+
 from ..engine_api import ModelInfo
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

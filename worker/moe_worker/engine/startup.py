@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_common.model_args import ModelArgs
+
 from ..checkpoint import Checkpoint
-from ..config import ModelArgs
 from ..engine_api import EngineError
 from ..expertmap import ExpertMap, default_map, parse_plan, read_plan_files
 from ..model import ParallelContext

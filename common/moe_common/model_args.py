@@ -1,7 +1,9 @@
 """`ModelArgs`: the whole DeepSeek-V3 model configuration, read from a Hugging Face `config.json`.
 
-Validated once, here: an unknown field, a field of the wrong type, or fields that contradict each
-other raise `ConfigError` naming the field. The rest of the worker trusts a `ModelArgs`.
+The one definition of the model shape: the worker builds its model from it, and the operator checks
+a MoEDeployment's `spec.model.architecture` with it at admission (`api.Architecture`). Validated
+once, here: an unknown field, a field of the wrong type, or fields that contradict each other raise
+`ConfigError` naming the field. Everything after trusts a `ModelArgs`. No torch.
 
 Both spellings Hugging Face has used are accepted: `rope_theta` + `rope_scaling: {"type": "yarn"}`
 (DeepSeek's published config, transformers 4.x) and `rope_parameters: {"rope_type": "yarn",
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_common.routing import routing_errors
+from .routing import routing_errors
 
 FP8_BLOCK = 128
 """Side of the square weight blocks and length of the activation groups that share one FP8 scale."""
