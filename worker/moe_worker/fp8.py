@@ -237,7 +237,7 @@ def _decode_bf16_times_2m120(src: torch.Tensor, dst: torch.Tensor) -> None:
     (|value| < 2**-6, below 1/28672 of their block's amax) are bf16 subnormals after the shift.
     Columns K..Kp of `dst` become 0. Three integer passes: a sign-extending copy, then shift and
     mask. When `dst` is contiguous with Kp % 4 == 0 the last two run on int64 words (four lanes at
-    once, about 1.5x faster than int16 ops here): the shift carries each lane's top four bits into
+    once, faster than int16 ops): the shift carries each lane's top four bits into
     the next lane's bits 3..0, which the mask clears along with bits 14..11.
     """
     K = src.shape[1]

@@ -11,9 +11,8 @@ From 5 to 16 tokens `matmul_rounded` decodes to bf16(value * s) instead (DeepSee
 rounding): the scale inside the weight frees the per-block accumulators, so two rows x eight tokens
 fit the registers. Above 16 tokens `dequant_rows` writes such rows into a tile for PyTorch's GEMM.
 
-Measured here (`bench/expert.py --impls weight_only`, one DeepSeek-V3 expert, 2 cores, Zen 4):
-0.67x / 0.58x / 0.76x / 1.14x the bf16 time at 1 / 4 / 8 / 16 tokens, where PyTorch's path took
-1.99x / 2.04x / 1.95x / 1.78x.
+Its speed against bf16 and against PyTorch's own path: `bench/expert.py --impls weight_only`
+(figures in the README).
 
 Numbers: every e4m3 value is a normal bf16 number, written exactly (normals by integer ops, the 7
 subnormal codes by a table), and the activations enter as bf16. So each product is exact (except
@@ -48,9 +47,9 @@ MAX_TOKENS = 4
 activation load). Beyond, its per-block accumulators leave room for one row at a time and every
 row re-reads all tokens' activations, and `matmul_rounded` is faster."""
 ROUNDED_MAX_TOKENS = 16
-"""Up to this many tokens `matmul_rounded`; beyond, dequantized tiles into PyTorch's GEMM are faster.
-Measured (expert, 2 cores): 8 tokens 0.76-0.79x bf16 rounded vs 1.07x exact; 16 tokens 1.14-1.18x
-vs 1.25x with tiles; 24 tokens 1.39x vs about 1.1x with tiles."""
+"""Up to this many tokens `matmul_rounded`; beyond, dequantized tiles into PyTorch's GEMM are faster
+(the crossover `bench/expert.py --tokens 8,16,24 --impls weight_only` shows; the exact kernel is
+slower than the rounded one from 8 tokens on)."""
 
 _SOURCE = r"""
 #include <immintrin.h>

@@ -15,8 +15,8 @@ the GPU (tests/worker/test_worker_cuda.py). Triton's CPU interpreter runs it too
 fp32 -> e4m3 conversion is off at binade carries (126.1 -> 64 instead of 128), so only the scales
 and the layout can be checked there.
 
-`fp8_gemm`: a first version (16 x 32 tiles, no K split) passed the CUDA tests on an H200 but made
-an expert at 1 token 2.04x the bf16 time, against 1.57x with cuBLAS. This version splits K over
+`fp8_gemm`: a first version (16 x 32 tiles, no K split) passed the CUDA tests on an H200 but was
+slower than cuBLAS at decode sizes (docs/gpu-h200.md). This version splits K over
 more programs; `bench/fp8_gemm.py` sweeps its tiles and splits against cuBLAS and bf16, and
 `fp8.linear` should take it only for the token counts where that sweep shows it faster.
 """
