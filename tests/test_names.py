@@ -97,5 +97,5 @@ def test_a_deployment_admitted_before_the_rule_existed_fails_with_the_reason():
     kube.add_deployment({"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
                          "metadata": {"name": "my.model"}, "spec": tiny_spec()}, "ns")
     out = Reconciler(kube, workers=1).reconcile("ns", "my.model")
-    assert out.status["phase"] == "Failed" and out.status["reason"].startswith("metadata.name: must be a DNS-1035")
+    assert out.status.phase == "Failed" and out.status.reason.startswith("metadata.name: must be a DNS-1035")
     assert not kube.list("Pod", "ns") and not kube.list("Service", "ns")

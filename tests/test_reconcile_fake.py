@@ -50,7 +50,7 @@ def ready_deployment(kube: FakeKube, rec: reconcile.Reconciler, name: str = "tin
     rec.reconcile(NS, name)
     kube.bind_all(NS)
     out = rec.reconcile(NS, name)
-    assert out.status["phase"] == "Ready", out.status
+    assert out.status.phase == "Ready", out.status
     return kube.get("MoEDeployment", name, NS)
 
 
@@ -197,7 +197,7 @@ def test_a_garbled_plan_configmap_is_published_again_with_a_higher_generation(wo
     kube.bind_all(NS)
     out = rec.reconcile(NS, "tiny")  # repaired: no more BadPlan, and the deployment serves
     assert len([1 for _, _, reason, _ in kube.events if reason == "BadPlan"]) == 1
-    assert out.status["phase"] == "Ready" and out.status["expertMapGeneration"] == int(fixed["data"]["generation"])
+    assert out.status.phase == "Ready" and out.status.expert_map_generation == int(fixed["data"]["generation"])
 
 
 # --- item 4: two deployments never plan onto the same GPUs ---------------------------------------------
@@ -219,12 +219,12 @@ def test_a_second_deployment_does_not_plan_onto_the_first_ones_unbound_rank_pods
     a, b = nodes_of(kube, "a"), nodes_of(kube, "b")
     assert not set(a) & set(b), (a, b)
     kube.bind_all(NS)
-    assert rec.reconcile(NS, "a").status["phase"] == rec.reconcile(NS, "b").status["phase"] == "Ready"
+    assert rec.reconcile(NS, "a").status.phase == rec.reconcile(NS, "b").status.phase == "Ready"
 
 
 def test_a_published_plan_holds_its_gpus_before_its_pods_exist(world):
-    # Scale-out publishes a plan whose new rank pods the next pass creates; meanwhile those GPUs
-    # are not free for another deployment's planner.
+    # A published plan's rank pods may not exist yet (created later in the pass, or deleted since);
+    # meanwhile its GPUs are not free for another deployment's planner.
     kube, rec, clock = world
     kube.add_deployment(tiny("a"), NS)
     rec.reconcile(NS, "a")
@@ -326,7 +326,7 @@ def test_a_pass_stops_at_its_first_write_after_the_lease_is_lost(world):
     kube.bind_all(NS)
     rec.reconcile(NS, "tiny")
     kube.bind_all(NS)
-    assert rec.reconcile(NS, "tiny").status["phase"] == "Ready"
+    assert rec.reconcile(NS, "tiny").status.phase == "Ready"
 
 
 def test_lease_renewals_do_not_wait_behind_reconcile_passes(monkeypatch):
@@ -362,3 +362,64 @@ def test_lease_renewals_do_not_wait_behind_reconcile_passes(monkeypatch):
 
     asyncio.run(scenario())
     assert len(renewals) >= 5, renewals
+
+
+# --- issue 17: load-driven plans are decided before pods are synced -----------------------------------
+
+def test_a_scale_out_creates_its_rank_pods_in_the_pass_that_decides_it(monkeypatch):
+    # One 24-GPU NVLink domain, the group on 16 of them, four hot experts per layer: 4 spare GPUs
+    # cannot spread them below the threshold, 8 more can (as in test_scaling's scale-out tests).
+    kube = FakeKube()
+    kube.add_gpu_nodes(1, gpus=24)
+    clock = Clock()
+    monkeypatch.setattr(reconcile, "time", clock)
+    rec = reconcile.Reconciler(kube, workers=2)
+
+    def measure(owner, spec, group, p, own_pods):  # cumulative tokens, each expert's split over its copies
+        copies = p.replica_counts(p.shape.n_routed_experts)  # (L, E)
+        return {(r, layer, e): clock.t * 100 * (40.0 if e < 4 else 1.0) / copies[layer, e]
+                for r in range(p.num_ranks) for layer in range(p.num_layers) for e in p.experts_on(layer, r)}
+
+    rec._measure = measure
+    obj = tiny()
+    obj["spec"]["loadBalancing"].update({"maxExtraGpus": 8, "imbalanceThreshold": 1.7, "cooldownSeconds": 10})
+    kube.add_deployment(obj, NS)
+    rec.reconcile(NS, "tiny")
+    kube.bind_all(NS)
+    for _ in range(10):
+        clock.t += 5
+        before = len(kube.list("Pod", NS))
+        out = rec.reconcile(NS, "tiny")
+        if any(reason == "ScaledOut" for _, _, reason, _ in kube.events):
+            break
+    else:
+        raise AssertionError(f"no scale-out; events: {kube.events}")
+    ranks = len(yaml.safe_load(plan_cm(kube)["data"]["plan.json"])["ranks"])
+    assert before == 16 and ranks > 16
+    assert len(kube.list("Pod", NS)) == ranks  # the new ranks' pods, created in the same pass
+    st = out.status
+    assert (st.phase, st.total_ranks, st.ready_ranks, st.extra_ranks) == ("Ready", ranks, 16, ranks - 16)
+    progressing = next(c for c in st.conditions if c.type == reconcile.PROGRESSING)
+    assert progressing.status == "True" and f"{ranks - 16} scale-out rank(s) joining" in progressing.message
+    assert st.expert_map_generation == int(plan_cm(kube)["data"]["generation"]) == 2
+
+
+def test_the_status_patch_holds_exactly_the_fields_a_pass_sets(world):
+    # `Outcome.patch` is what the API server sees: a merge patch, so a field left out stays as it
+    # was and a None removes it (reason, once Ready).
+    kube, rec, clock = world
+    kube.add_deployment(tiny(), NS)
+    starting = rec.reconcile(NS, "tiny").patch
+    assert starting["phase"] == "Starting" and starting["reason"] == "0/16 ranks ready"
+    assert set(starting) == {"phase", "observedGeneration", "conditions", "readyRanks", "totalRanks", "ready",
+                             "nodesUsed", "expertMapGeneration", "reason", "extraRanks", "prediction"}
+    kube.bind_all(NS)
+    ready = rec.reconcile(NS, "tiny").patch
+    assert ready["reason"] is None and "reason" not in kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert [c["type"] for c in ready["conditions"]] == ["Placed", "Ready", "Progressing", "Degraded",
+                                                        "MetricsAvailable"]
+    assert set(ready["conditions"][0]) == {"type", "status", "reason", "message", "lastTransitionTime",
+                                           "observedGeneration"}
+    kube.add_deployment({**tiny("bad"), "spec": {**tiny()["spec"], "parallelism": {"expertParallelSize": 0}}}, NS)
+    failed = rec.reconcile(NS, "bad").patch
+    assert set(failed) == {"phase", "observedGeneration", "conditions", "reason"} and failed["phase"] == "Failed"

@@ -1,4 +1,7 @@
-"""Reconcile one MoEDeployment: read the world, plan, apply, observe, write status.
+"""Reconcile one MoEDeployment. One pass is a chain of steps (`Reconciler._reconcile`), each of
+which may end it: read the spec and the world, admit (GPU memory), decide every group's plan
+(placement, then measured load), publish the changed plans, apply the shared objects, sync the rank
+pods, observe and write status.
 
 Level-triggered and idempotent: every pass starts from what the API server says (the plan lives in
 a ConfigMap, never only in memory), so the operator can be killed anywhere and a restarted one
@@ -183,13 +186,96 @@ def published_generation(status: dict) -> int:
     return max(_int_or_zero(status.get("publishedGeneration")), _int_or_zero(status.get("expertMapGeneration")))
 
 
+def rank_pod_current(pod: dict | None, node: str, spec_hash: str) -> bool:
+    """A rank's pod exists, is Ready, runs on the rank's node and carries the current spec."""
+    return (pod is not None and pod_ready(pod) and pod["spec"].get("nodeName") == node
+            and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)
+
+
 @dataclass
 class Outcome:
     """What one pass decided: the status to write and the events to post."""
 
-    status: dict[str, Any]
+    status: api.MoEDeploymentStatus
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float = 5.0
+
+    @property
+    def patch(self) -> dict[str, Any]:
+        """The status as a merge patch: the fields the pass set (None removes one), no others."""
+        full = self.status.model_dump(by_alias=True)
+        fields = api.MoEDeploymentStatus.model_fields
+        return {fields[f].alias: full[fields[f].alias] for f in self.status.model_fields_set}
+
+
+@dataclass
+class _Change:
+    """A new plan for one EP group, to publish; `detail` follows "expert map generation N" in its event."""
+
+    group: int
+    plan: Plan
+    reason: str  # the event's reason: Planned, Rebalanced, ScaledOut, ScaledIn, Restored
+    detail: str
+    action: str | None = None  # the load-driven decision (scaling.Decision.action); None for placement
+
+
+@dataclass
+class _Pass:
+    """One reconcile pass of one deployment: what it has read and decided so far. Each step of
+    `Reconciler._reconcile` reads it and adds to it."""
+
+    obj: dict
+    owner: Owner
+    gen: int  # metadata.generation
+    old_status: dict  # as read; `_publish` records publishedGeneration in it
+    conds: list[dict]
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    # _read_spec, _read_world
+    spec: api.MoEDeploymentSpec = None  # type: ignore[assignment]
+    shape: MoEShape = None  # type: ignore[assignment]
+    own_pods: dict[str, dict] = field(default_factory=dict)  # name -> pod, this deployment's
+    nodes: list[dict] = field(default_factory=list)  # matching spec.placement.nodeSelector
+    topo_args: dict[str, Any] = field(default_factory=dict)
+    topo: Topology = None  # type: ignore[assignment]  # schedulable GPUs; other pods not taken out
+    free: Topology | None = None  # free GPUs (`Reconciler._free_gpus`), once known
+    # _admit
+    kv: perfmodel.KvAdmission | None = None
+    prediction: dict[str, Any] | None = None
+    spec_hash: str = ""
+    # _plan_placement, _plan_load
+    plans: list[Plan] = field(default_factory=list)  # per group, as they will be published
+    generations: list[int] = field(default_factory=list)  # per group, the stored generation until published
+    changes: list[_Change] = field(default_factory=list)
+    replanned: list[str] = field(default_factory=list)  # "group g: why" for standing plans replaced
+    balance: dict[str, Any] = field(default_factory=dict)  # status fields of load balancing
+    # _sync
+    progressing: str = ""  # what is in progress ('' when every pod matches the plan)
+
+    @classmethod
+    def of(cls, obj: dict) -> _Pass:
+        meta = obj["metadata"]
+        if not isinstance(obj.get("status"), dict):
+            obj["status"] = {}
+        return cls(obj=obj, owner=Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
+                   gen=int(meta.get("generation") or 0), old_status=obj["status"],
+                   conds=list(obj["status"].get("conditions") or []))
+
+    @property
+    def ep(self) -> int:
+        return self.spec.parallelism.expert_parallel_size
+
+    @property
+    def groups(self) -> int:
+        return self.spec.parallelism.replicas
+
+    def failed(self, reason: str, msg: str) -> Outcome:
+        """Phase Failed: the spec cannot be served as written; posted once per distinct reason."""
+        conds = set_condition(self.conds, PLACED, False, reason, msg, self.gen)
+        conds = set_condition(conds, READY, False, reason, msg, self.gen)
+        return Outcome(api.MoEDeploymentStatus(phase="Failed", observed_generation=self.gen, conditions=conds,
+                                               reason=msg),
+                       events=[("Warning", reason, msg)] if self.old_status.get("reason") != msg else [],
+                       requeue_after=60)
 
 
 class Reconciler:
@@ -251,7 +337,7 @@ class Reconciler:
     def _write_status(self, obj: dict, out: Outcome) -> None:
         meta = obj["metadata"]
         old = obj.get("status") or {}
-        new = {**out.status}
+        new = out.patch
         if any(old.get(k) != v for k, v in new.items()):
             self.kube.patch_status("MoEDeployment", meta["name"], meta["namespace"], new)
         for type_, reason, message in out.events:
@@ -259,122 +345,88 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------
     def _reconcile(self, obj: dict) -> Outcome:
-        meta = obj["metadata"]
-        gen = int(meta.get("generation") or 0)
-        if not isinstance(obj.get("status"), dict):
-            obj["status"] = {}
-        old_status = obj["status"]
-        conds = list(old_status.get("conditions") or [])
-        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        """One pass as a chain of steps; a step that returns an Outcome ends the pass with it."""
+        p = _Pass.of(obj)
+        for step in (self._read_spec, self._read_world, self._admit, self._plan_placement, self._plan_load,
+                     self._publish_plans, self._apply_shared, self._sync):
+            out = step(p)
+            if out is not None:
+                return out
+        return self._observe(p)
 
+    def _read_spec(self, p: _Pass) -> Outcome | None:
+        """Parse the spec once; an invalid one fails the deployment."""
         try:
-            api.check_name(owner.name)  # the CRD checks it too; an object admitted before it did is refused here
-            spec = api.parse_spec(obj.get("spec") or {})
+            api.check_name(p.owner.name)  # the CRD checks it too; an object admitted before it did is refused here
+            p.spec = api.parse_spec(p.obj.get("spec") or {})
         except api.SpecError as e:
-            conds = set_condition(conds, PLACED, False, "InvalidSpec", str(e), gen)
-            conds = set_condition(conds, READY, False, "InvalidSpec", str(e), gen)
-            return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": str(e)},
-                           events=[("Warning", "InvalidSpec", str(e))] if old_status.get("reason") != str(e) else [],
-                           requeue_after=60)
+            return p.failed("InvalidSpec", str(e))
+        p.shape = shape_of(p.spec)
+        return None
 
-        ep, groups = spec.parallelism.expert_parallel_size, spec.parallelism.replicas
-        total = ep * groups
-        sel = f"{resources.L_DEPLOYMENT}={owner.name}"
-        own_pods = {p["metadata"]["name"]: p for p in self.kube.list("Pod", owner.namespace, labels=sel)}
-        own_uids = {p["metadata"]["uid"] for p in own_pods.values()}
+    def _read_world(self, p: _Pass) -> None:
+        """The deployment's own pods and the schedulable nodes.
+
+        GPUs used by other pods matter only when planning, and listing every pod in the cluster is
+        the most expensive read there is, so `_free_gpus` does it then and only then.
+        """
+        spec = p.spec
+        sel = f"{resources.L_DEPLOYMENT}={p.owner.name}"
+        p.own_pods = {pod["metadata"]["name"]: pod for pod in self.kube.list("Pod", p.owner.namespace, labels=sel)}
         node_sel = ",".join(f"{k}={v}" for k, v in spec.placement.node_selector.items()) or None
-        nodes = self.kube.list("Node", labels=node_sel)
+        p.nodes = self.kube.list("Node", labels=node_sel)
         tk = spec.placement.topology_keys
-        topo_args = dict(labels=TopologyLabels(nvlink_domain=tk.nvlink_domain, rack=tk.rack, zone=tk.zone),
-                         gpu_resource=spec.placement.gpu_resource,
-                         tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations])
-        # Schedulable nodes only: enough to tell whether the stored plan still stands. GPUs used by
-        # other pods matter only when planning, and listing every pod in the cluster is the most
-        # expensive read there is, so it is done then and only then.
-        topo = Topology.from_nodelist({"items": nodes}, **topo_args)
-        full_topo: list[Topology] = []
+        p.topo_args = dict(labels=TopologyLabels(nvlink_domain=tk.nvlink_domain, rack=tk.rack, zone=tk.zone),
+                           gpu_resource=spec.placement.gpu_resource,
+                           tolerations=[t.model_dump(by_alias=True, exclude_none=True)
+                                        for t in spec.placement.tolerations])
+        p.topo = Topology.from_nodelist({"items": p.nodes}, **p.topo_args)
 
-        def with_other_pods() -> Topology:
-            """Free GPUs: what other pods and other deployments' plans hold taken out (see claimed_gpus)."""
-            if not full_topo:
-                self._plan_alone()
-                busy = [p for p in self.kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
-                        if p["metadata"]["uid"] not in own_uids]
-                taken = claimed_gpus(busy, self._claims_of_others(owner), spec.placement.gpu_resource)
-                full_topo.append(Topology.from_nodelist({"items": nodes}, used=taken, **topo_args))
-            return full_topo[0]
-
-        events: list[tuple[str, str, str]] = []
-        # Admission: refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists.
-        hw = self._hardware(spec, nodes)
-        prediction, kv = None, None
+    def _admit(self, p: _Pass) -> Outcome | None:
+        """Refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists; else the
+        rank pods' KV admission limits and the performance model's prediction."""
+        spec = p.spec
+        hw = self._hardware(spec, p.nodes)
         if hw is not None:
             fits, breakdown = perfmodel.check_fits(spec, hw)
             if not fits:
-                msg = f"does not fit in GPU memory: {breakdown}"
-                conds = set_condition(conds, PLACED, False, "InsufficientMemory", msg, gen)
-                conds = set_condition(conds, READY, False, "InsufficientMemory", msg, gen)
-                return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": msg},
-                               events=[("Warning", "InsufficientMemory", msg)] if old_status.get("reason") != msg else [],
-                               requeue_after=60)
+                return p.failed("InsufficientMemory", f"does not fit in GPU memory: {breakdown}")
             try:
                 kv = self._kv_admission(spec, hw)
             except perfmodel.PerfModelError as e:
-                msg = f"does not fit in GPU memory: {e}"
-                conds = set_condition(conds, PLACED, False, "InsufficientMemory", msg, gen)
-                conds = set_condition(conds, READY, False, "InsufficientMemory", msg, gen)
-                return Outcome({"phase": "Failed", "observedGeneration": gen, "conditions": conds, "reason": msg},
-                               events=[("Warning", "InsufficientMemory", msg)] if old_status.get("reason") != msg else [],
-                               requeue_after=60)
-            prediction = perfmodel.plan(spec, hw).prediction().model_copy(update={
+                return p.failed("InsufficientMemory", f"does not fit in GPU memory: {e}")
+            p.kv = kv
+            p.prediction = perfmodel.plan(spec, hw).prediction().model_copy(update={
                 "kv_cache_tokens_per_rank": kv.cache_tokens, "max_context": kv.max_context,
                 "max_sequences_per_rank": kv.max_seqs}).model_dump(by_alias=True)
-            if kv.clamped and (old_status.get("prediction") or {}).get("maxContext") != kv.max_context:
+            if kv.clamped and (p.old_status.get("prediction") or {}).get("maxContext") != kv.max_context:
                 # Documented choice: serve shorter requests rather than refuse the deployment.
-                events.append(("Warning", "ContextClamped",
-                               f"requests limited to {kv.max_context} tokens (MOE_MAX_CONTEXT): one rank's KV cache "
-                               f"holds {kv.cache_tokens} tokens on {hw.name}, less than the context of "
-                               f"{kv.model_context}"))
-        shape = shape_of(spec)
-        plans: list[Plan] = []
-        generations: list[int] = []
+                p.events.append(("Warning", "ContextClamped",
+                                 f"requests limited to {kv.max_context} tokens (MOE_MAX_CONTEXT): one rank's KV cache "
+                                 f"holds {kv.cache_tokens} tokens on {hw.name}, less than the context of "
+                                 f"{kv.model_context}"))
+        p.spec_hash = resources.pod_spec_hash(spec, p.kv)
+        return None
+
+    def _plan_placement(self, p: _Pass) -> Outcome | None:
+        """Each group's plan: the stored one while it still fits the cluster, else a new one for
+        uniform load (measured load enters through `_plan_load`). Pending when a group cannot be placed."""
         used_by_other_groups: dict[str, int] = {}
-        replanned_reasons: list[str] = []
-        for g in range(groups):
-            cm = self.kube.get("ConfigMap", resources.plan_configmap_name(owner, g), owner.namespace)
+        for g in range(p.groups):
+            cm = self.kube.get("ConfigMap", resources.plan_configmap_name(p.owner, g), p.owner.namespace)
             prev, prev_gen, bad = stored_plan(cm)
             if bad:
-                events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({bad}); "
-                                                     + ("re-planning" if prev is None else "publishing it again")))
-            group_topo = _minus(topo, used_by_other_groups)
-            why = self._replan_reason(prev, spec, shape, group_topo, own_pods, owner, g)
-            full = self._unschedulable_nodes(prev, spec, own_pods, owner, g) if why is None else []
+                p.events.append(("Warning", "BadPlan", f"group {g}: stored plan unreadable ({bad}); "
+                                                       + ("re-planning" if prev is None else "publishing it again")))
+            new, why = prev, self._replan_reason(prev, p.spec, p.shape, _minus(p.topo, used_by_other_groups))
+            full = self._unschedulable_nodes(prev, p.spec, p.own_pods, p.owner, g) if why is None else []
             if full:
-                why = f"unschedulable: no free {spec.placement.gpu_resource} on {', '.join(full[:5])}"
-                group_topo = group_topo.without_nodes(full, "rank pods unschedulable (GPUs taken)")
-            if why is None:
-                new = prev
-            else:
-                group_topo = _minus(with_other_pods(), used_by_other_groups)
-                if full:
-                    group_topo = group_topo.without_nodes(full, "rank pods unschedulable (GPUs taken)")
-                t1 = time.perf_counter()
-                try:
-                    # Re-plans for placement reasons assume uniform load; measured load enters
-                    # through `_load_balance`, which re-plans with it.
-                    new = make_plan(shape, group_topo, load=None,
-                                    previous=prev if prev is not None and prev.num_layers == shape.moe_layers else None,
-                                    redundant=spec.parallelism.expert_parallel_size * spec.parallelism.max_experts_per_gpu
-                                    - shape.n_routed_experts if spec.parallelism.max_experts_per_gpu > 1
-                                    else spec.parallelism.redundant_experts,
-                                    max_experts_per_gpu=spec.parallelism.max_experts_per_gpu)
-                except PlacementError as e:
-                    return self._pending(owner, old_status, conds, gen, total, with_other_pods(), g, ep, str(e), events)
-                metrics.PLAN_SECONDS.observe(time.perf_counter() - t1)
-                if new.num_ranks != ep:
-                    return self._pending(owner, old_status, conds, gen, total, with_other_pods(), g, ep,
-                                         f"planner used {new.num_ranks} ranks, expected {ep}", events)
-                new = keep_rank_numbers(new, prev)
+                why = f"unschedulable: no free {p.spec.placement.gpu_resource} on {', '.join(full[:5])}"
+            if why is not None:
+                planned = self._plan_group(p, g, prev, used_by_other_groups, full)
+                if isinstance(planned, Outcome):
+                    return planned
+                new = planned
                 if same_plan(prev, new):
                     new, why = prev, None
             if why is None and bad:
@@ -382,48 +434,144 @@ class Reconciler:
             if why is not None:
                 if prev is not None and not bad:
                     metrics.REPLANS.labels(reason=why.split(":")[0]).inc()
-                    replanned_reasons.append(f"group {g}: {why}")
-                prev_gen = self._publish(owner, old_status, g, new, prev_gen)
+                    p.replanned.append(f"group {g}: {why}")
                 moved = new.metrics.get("moved_experts") if new is not prev else 0
-                msg = f"group {g}: expert map generation {prev_gen} ({why})" + (
-                    f", {moved} expert copies moved" if moved is not None else "")
-                events.append(("Normal", "Planned", msg))
+                p.changes.append(_Change(g, new, "Planned", f"({why})" + (
+                    f", {moved} expert copies moved" if moved is not None else "")))
             for r in new.ranks:
                 used_by_other_groups[r.node] = used_by_other_groups.get(r.node, 0) + 1
-            self._claim(owner, g, new)
-            plans.append(new)
-            generations.append(prev_gen)
+            p.plans.append(new)
+            p.generations.append(prev_gen)
+        return None
 
-        # Shared objects (idempotent server-side apply).
-        for o in (resources.headless_service(owner, spec), resources.client_service(owner, spec),
-                  resources.pod_disruption_budget(owner)):
+    def _plan_group(self, p: _Pass, group: int, prev: Plan | None, used_by_other_groups: dict[str, int],
+                    unschedulable: list[str]) -> Plan | Outcome:
+        """A new plan for one group on the free GPUs, rank numbers kept where nodes stay; Pending
+        when the planner cannot place it."""
+        spec, shape = p.spec, p.shape
+        topo = _minus(self._free_gpus(p), used_by_other_groups)
+        if unschedulable:
+            topo = topo.without_nodes(unschedulable, "rank pods unschedulable (GPUs taken)")
+        par = spec.parallelism
+        t1 = time.perf_counter()
+        try:
+            new = make_plan(shape, topo, load=None,
+                            previous=prev if prev is not None and prev.num_layers == shape.moe_layers else None,
+                            redundant=par.expert_parallel_size * par.max_experts_per_gpu - shape.n_routed_experts
+                            if par.max_experts_per_gpu > 1 else par.redundant_experts,
+                            max_experts_per_gpu=par.max_experts_per_gpu)
+        except PlacementError as e:
+            return self._pending(p, group, str(e))
+        metrics.PLAN_SECONDS.observe(time.perf_counter() - t1)
+        if new.num_ranks != p.ep:
+            return self._pending(p, group, f"planner used {new.num_ranks} ranks, expected {p.ep}")
+        return keep_rank_numbers(new, prev)
+
+    def _plan_load(self, p: _Pass) -> None:
+        """Load-driven changes (rebalance, scale-out, scale-in, restore) from measured per-expert
+        load, decided before pods are synced so that scale-out ranks are created in the same pass."""
+        lb = p.spec.load_balancing
+        if not lb.enabled:
+            return
+        owner, now = p.owner, time.time()
+        key = (owner.namespace, owner.name)
+        p.balance = {k: p.old_status[k] for k in ("imbalance", "hotExperts", "lastRebalanceTime",
+                                                  "lastRebalanceReason") if k in p.old_status}
+        if not self._serving(p) or now - self.last_eval.get(key, 0.0) < lb.interval_seconds * 0.9:
+            return
+        self.last_eval[key] = now
+        cfg = scaling.Config(threshold=lb.imbalance_threshold, window_s=lb.window_seconds,
+                             cooldown_s=lb.cooldown_seconds, max_replicas_per_expert=lb.max_replicas_per_expert,
+                             min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")),
+                             base_ranks=p.ep, max_extra_gpus=lb.max_extra_gpus)
+        imbalances, hot = [], []
+        try:
+            for g, plan in enumerate(p.plans):
+                st = self.balance.setdefault((owner.namespace, owner.name, g), scaling.State())
+                counts = self._measure(owner, p.spec, g, plan, p.own_pods)
+                st.samples.append(scaling.Sample(now, counts))
+                st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
+                d = scaling.decide(st, cfg, now, p.shape, plan, p.topo,
+                                   redundant=plan.num_ranks - p.shape.n_routed_experts,
+                                   grow_topo=functools.partial(self._grow_topo, p, g) if cfg.max_extra_gpus > 0 else None)
+                if d.imbalance is not None:
+                    imbalances.append(d.imbalance)
+                hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]
+                metrics.IMBALANCE_THRESHOLD.labels(owner.namespace, owner.name).set(lb.imbalance_threshold)
+                metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(plan.num_ranks)
+                if d.action != "none" and d.plan is not None:
+                    new = keep_rank_numbers(d.plan, plan)
+                    size = f"; {plan.num_ranks} -> {new.num_ranks} ranks" if new.num_ranks != plan.num_ranks else ""
+                    reason = {"scale-out": "ScaledOut", "scale-in": "ScaledIn", "restore": "Restored"}.get(
+                        d.action, "Rebalanced")
+                    p.changes.append(_Change(g, new, reason, f"({d.action}): {d.reason}{size}; "
+                                                             f"{scaling_moves(plan, new)} expert copies moved",
+                                             action=d.action))
+                    p.plans[g] = new
+        except scaling.MetricsError as e:
+            msg = f"load not measured, no rebalancing: {e}"
+            if not any(c.get("type") == "MetricsAvailable" and c.get("status") == "False" for c in p.conds):
+                p.events.append(("Warning", "MetricsUnavailable", msg))
+            p.conds = set_condition(p.conds, "MetricsAvailable", False, "MetricsUnavailable", msg, p.gen)
+            return
+        p.conds = set_condition(p.conds, "MetricsAvailable", True, "Measured",
+                                f"per-expert load from {'Prometheus' if lb.prometheus_url else 'rank /metrics'}",
+                                p.gen)
+        if imbalances:
+            p.balance["imbalance"] = round(max(imbalances), 3)
+            metrics.IMBALANCE.labels(owner.namespace, owner.name).set(max(imbalances))
+        p.balance["hotExperts"] = hot[:32]
+
+    def _publish_plans(self, p: _Pass) -> None:
+        """Publish every plan this pass changed, in the order decided, and record what each group holds."""
+        owner = p.owner
+        for c in p.changes:
+            p.generations[c.group] = self._publish(owner, p.old_status, c.group, c.plan, p.generations[c.group])
+            msg = f"group {c.group}: expert map generation {p.generations[c.group]} {c.detail}"
+            p.events.append(("Normal", c.reason, msg))
+            if c.action is not None:  # load-driven
+                metrics.REBALANCES.labels(deployment=f"{owner.namespace}/{owner.name}").inc()
+                metrics.DECISIONS.labels(owner.namespace, owner.name, c.action).inc()
+                metrics.EXPERT_MAP_GENERATION.labels(owner.namespace, owner.name).set(p.generations[c.group])
+                metrics.RANKS.labels(owner.namespace, owner.name, str(c.group)).set(c.plan.num_ranks)
+                p.balance["lastRebalanceTime"] = now_iso()
+                p.balance["lastRebalanceReason"] = msg
+        for g, plan in enumerate(p.plans):
+            self._claim(owner, g, plan)
+
+    def _apply_shared(self, p: _Pass) -> None:
+        """The objects shared by all groups (idempotent server-side apply)."""
+        for o in (resources.headless_service(p.owner, p.spec), resources.client_service(p.owner, p.spec),
+                  resources.pod_disruption_budget(p.owner)):
             self.kube.apply(o)
 
-        spec_hash = resources.pod_spec_hash(spec, kv)
-        progressing = self._sync_pods(owner, spec, spec_hash, kv, plans, own_pods, events)
+    def _sync(self, p: _Pass) -> None:
+        p.progressing = self._sync_pods(p.owner, p.spec, p.spec_hash, p.kv, p.plans, p.own_pods, p.events)
 
-        # Observe. Ranks beyond the spec's size (scale-out) that are still joining do not make the
-        # deployment Degraded: the group serves on its other ranks meanwhile.
-        not_ready = [(g, r) for g, p in enumerate(plans) for r in range(p.num_ranks)
-                     if not ((pod := own_pods.get(resources.pod_name(owner, g, r))) is not None and pod_ready(pod)
-                             and pod["spec"].get("nodeName") == p.ranks[r].node
-                             and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)]
-        total = sum(p.num_ranks for p in plans)
+    def _observe(self, p: _Pass) -> Outcome:
+        """Status from the pods as this pass read them, against the plans it published. Ranks beyond
+        the spec's size (scale-out) that are still joining do not make the deployment Degraded: the
+        group serves on its other ranks meanwhile."""
+        ep, gen, old_status, progressing = p.ep, p.gen, p.old_status, p.progressing
+        not_ready = [(g, r) for g, plan in enumerate(p.plans) for r in range(plan.num_ranks)
+                     if not rank_pod_current(p.own_pods.get(resources.pod_name(p.owner, g, r)), plan.ranks[r].node,
+                                             p.spec_hash)]
+        total = sum(plan.num_ranks for plan in p.plans)
         ready = total - len(not_ready)
         joining = [gr for gr in not_ready if gr[1] >= ep]
         only_joining = bool(joining) and len(joining) == len(not_ready)
         if only_joining:
             progressing = "; ".join(x for x in (progressing, f"{len(joining)} scale-out rank(s) joining") if x)
-        nodes_used = len({r.node for p in plans for r in p.ranks})
-        conds = set_condition(conds, PLACED, True, "Planned",
-                              f"{groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
+        nodes_used = len({r.node for plan in p.plans for r in plan.ranks})
+        conds = set_condition(p.conds, PLACED, True, "Planned",
+                              f"{p.groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
         was_ready = old_status.get("phase") in ("Ready", "Degraded")
-        blocked = next(((n, u[1]) for n, p in sorted(own_pods.items()) if (u := pod_unschedulable(p))), None)
+        blocked = next(((n, u[1]) for n, pod in sorted(p.own_pods.items()) if (u := pod_unschedulable(pod))), None)
         if ready == total or only_joining:
             phase, reason = "Ready", None
         elif was_ready:
             phase = "Degraded"
-            reason = "; ".join(replanned_reasons) or f"{total - ready} of {total} ranks not ready"
+            reason = "; ".join(p.replanned) or f"{total - ready} of {total} ranks not ready"
         else:
             phase, reason = "Starting", f"{ready}/{total} ranks ready"
         if blocked and ready < total:
@@ -435,104 +583,51 @@ class Reconciler:
         conds = set_condition(conds, DEGRADED, phase == "Degraded",
                               "RanksLost" if phase == "Degraded" else "AsExpected", reason or "", gen)
         if old_status.get("phase") != phase:
-            events.append(("Normal" if phase in ("Ready", "Starting") else "Warning", phase,
-                           reason or f"{ready}/{total} ranks ready"))
-        status = {
-            "phase": phase, "observedGeneration": gen, "conditions": conds, "readyRanks": ready,
-            "totalRanks": total, "ready": f"{ready}/{total}", "nodesUsed": nodes_used,
-            "expertMapGeneration": max(generations), "reason": reason,
-            "extraRanks": total - ep * groups,
-        }
-        if prediction is not None:
-            status["prediction"] = prediction
+            p.events.append(("Normal" if phase in ("Ready", "Starting") else "Warning", phase,
+                             reason or f"{ready}/{total} ranks ready"))
+        extra = {"prediction": p.prediction} if p.prediction is not None else {}
+        status = api.MoEDeploymentStatus(
+            phase=phase, observed_generation=gen, conditions=conds, ready_ranks=ready, total_ranks=total,
+            ready=f"{ready}/{total}", nodes_used=nodes_used, expert_map_generation=max(p.generations),
+            reason=reason, extra_ranks=total - ep * p.groups, **extra, **p.balance)
         requeue = 1.0 if progressing else 10.0
-        if spec.load_balancing.enabled:
-            def grow_topo(g: int) -> Topology | None:
-                """Free GPUs for group `g` (listing every pod: only called when a scale-out is weighed)."""
-                used: dict[str, int] = {}
-                for k, p in enumerate(plans):
-                    if k != g:
-                        for r in p.ranks:
-                            used[r.node] = used.get(r.node, 0) + 1
-                try:
-                    return _minus(with_other_pods(), used)
-                except KubeError as err:  # listing pods failed: no scale-out this time
-                    log.warning("free GPUs unknown, no scale-out this pass: %s", err)
-                    return None
-
-            lb = self._load_balance(owner, spec, shape, plans, generations, own_pods, topo, grow_topo,
-                                    ready == total and not progressing, old_status, conds, gen, events)
-            status.update(lb)
-            conds = status["conditions"]
-            requeue = min(requeue, float(spec.load_balancing.interval_seconds))
-        return Outcome(status, events, requeue_after=requeue)
+        if p.spec.load_balancing.enabled:
+            requeue = min(requeue, float(p.spec.load_balancing.interval_seconds))
+        return Outcome(status, p.events, requeue_after=requeue)
 
     # ------------------------------------------------------------------------------------
-    def _load_balance(self, owner: Owner, spec: api.MoEDeploymentSpec, shape: MoEShape, plans: list[Plan],
-                      generations: list[int], own_pods: dict[str, dict], topo: Topology,
-                      grow_topo: Any, serving: bool, old_status: dict, conds: list[dict], gen: int,
-                      events: list) -> dict:
-        """Measure per-expert load and publish a rebalanced expert map when it stays skewed."""
-        lb = spec.load_balancing
-        key = (owner.namespace, owner.name)
-        now = time.time()
-        out: dict[str, Any] = {k: old_status[k] for k in ("imbalance", "hotExperts", "lastRebalanceTime",
-                                                          "lastRebalanceReason") if k in old_status}
-        out["conditions"] = conds
-        if not serving:
-            return out
-        if now - self.last_eval.get(key, 0.0) < lb.interval_seconds * 0.9:
-            return out
-        self.last_eval[key] = now
-        cfg = scaling.Config(threshold=lb.imbalance_threshold, window_s=lb.window_seconds,
-                             cooldown_s=lb.cooldown_seconds, max_replicas_per_expert=lb.max_replicas_per_expert,
-                             min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")),
-                             base_ranks=spec.parallelism.expert_parallel_size, max_extra_gpus=lb.max_extra_gpus)
-        imbalances, hot = [], []
+    def _free_gpus(self, p: _Pass) -> Topology:
+        """Free GPUs: what other pods and other deployments' plans hold taken out (see claimed_gpus).
+        Lists every pod in the cluster, once per pass, and takes `planning` for the rest of it."""
+        if p.free is None:
+            self._plan_alone()
+            own_uids = {pod["metadata"]["uid"] for pod in p.own_pods.values()}
+            busy = [pod for pod in self.kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
+                    if pod["metadata"]["uid"] not in own_uids]
+            taken = claimed_gpus(busy, self._claims_of_others(p.owner), p.spec.placement.gpu_resource)
+            p.free = Topology.from_nodelist({"items": p.nodes}, used=taken, **p.topo_args)
+        return p.free
+
+    def _grow_topo(self, p: _Pass, group: int) -> Topology | None:
+        """Free GPUs for `group` to grow onto (only called when a scale-out is weighed)."""
+        used: dict[str, int] = {}
+        for k, plan in enumerate(p.plans):
+            if k != group:
+                for r in plan.ranks:
+                    used[r.node] = used.get(r.node, 0) + 1
         try:
-            for g, p in enumerate(plans):
-                st = self.balance.setdefault((owner.namespace, owner.name, g), scaling.State())
-                counts = self._measure(owner, spec, g, p, own_pods)
-                st.samples.append(scaling.Sample(now, counts))
-                st.samples = [x for x in st.samples if x.t >= now - 3 * lb.window_seconds]
-                d = scaling.decide(st, cfg, now, shape, p, topo, redundant=p.num_ranks - shape.n_routed_experts,
-                                   grow_topo=functools.partial(grow_topo, g) if cfg.max_extra_gpus > 0 else None)
-                if d.imbalance is not None:
-                    imbalances.append(d.imbalance)
-                hot += [{"layer": la, "expert": e, "replicas": c} for la, e, c in d.hot]
-                metrics.IMBALANCE_THRESHOLD.labels(owner.namespace, owner.name).set(lb.imbalance_threshold)
-                metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(p.num_ranks)
-                if d.action != "none" and d.plan is not None:
-                    new = keep_rank_numbers(d.plan, p)
-                    generations[g] = self._publish(owner, old_status, g, new, generations[g])
-                    metrics.REBALANCES.labels(deployment=f"{owner.namespace}/{owner.name}").inc()
-                    metrics.DECISIONS.labels(owner.namespace, owner.name, d.action).inc()
-                    metrics.EXPERT_MAP_GENERATION.labels(owner.namespace, owner.name).set(generations[g])
-                    metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(new.num_ranks)
-                    moved = scaling_moves(p, new)
-                    size = f"; {p.num_ranks} -> {new.num_ranks} ranks" if new.num_ranks != p.num_ranks else ""
-                    msg = (f"group {g}: expert map generation {generations[g]} ({d.action}): {d.reason}{size}; "
-                           f"{moved} expert copies moved")
-                    reason = {"scale-out": "ScaledOut", "scale-in": "ScaledIn", "restore": "Restored"}.get(d.action,
-                                                                                                         "Rebalanced")
-                    events.append(("Normal", reason, msg))
-                    out["lastRebalanceTime"] = now_iso()
-                    out["lastRebalanceReason"] = msg
-                    out["expertMapGeneration"] = max(generations)
-        except scaling.MetricsError as e:
-            msg = f"load not measured, no rebalancing: {e}"
-            out["conditions"] = set_condition(conds, "MetricsAvailable", False, "MetricsUnavailable", msg, gen)
-            if not any(c.get("type") == "MetricsAvailable" and c.get("status") == "False" for c in conds):
-                events.append(("Warning", "MetricsUnavailable", msg))
-            return out
-        out["conditions"] = set_condition(conds, "MetricsAvailable", True, "Measured",
-                                          f"per-expert load from {'Prometheus' if lb.prometheus_url else 'rank /metrics'}",
-                                          gen)
-        if imbalances:
-            out["imbalance"] = round(max(imbalances), 3)
-            metrics.IMBALANCE.labels(owner.namespace, owner.name).set(max(imbalances))
-        out["hotExperts"] = hot[:32]
-        return out
+            return _minus(self._free_gpus(p), used)
+        except KubeError as err:  # listing pods failed: no scale-out this time
+            log.warning("free GPUs unknown, no scale-out this pass: %s", err)
+            return None
+
+    def _serving(self, p: _Pass) -> bool:
+        """Every planned rank's pod is Ready on its node with the current spec, and the deployment
+        has no other pod: nothing to create, replace, roll out or retire."""
+        wanted = {resources.pod_name(p.owner, g, r): plan.ranks[r].node
+                  for g, plan in enumerate(p.plans) for r in range(plan.num_ranks)}
+        return set(p.own_pods) == set(wanted) and all(
+            rank_pod_current(p.own_pods[name], node, p.spec_hash) for name, node in wanted.items())
 
     def _publish(self, owner: Owner, status: dict, group: int, plan: Plan, known: int) -> int:
         """Write `plan` as the next generation of the group's plan ConfigMap and return it.
@@ -629,8 +724,8 @@ class Reconciler:
         return None
 
     # ------------------------------------------------------------------------------------
-    def _replan_reason(self, prev: Plan | None, spec: api.MoEDeploymentSpec, shape: MoEShape, topo: Topology,
-                       own_pods: dict[str, dict], owner: Owner, group: int) -> str | None:
+    def _replan_reason(self, prev: Plan | None, spec: api.MoEDeploymentSpec, shape: MoEShape,
+                       topo: Topology) -> str | None:
         """Why the stored plan cannot stay, or None when it can."""
         if prev is None:
             return "initial placement"
@@ -669,21 +764,23 @@ class Reconciler:
                 out.append(r.node)
         return sorted(set(out))
 
-    def _pending(self, owner: Owner, old_status: dict, conds: list[dict], gen: int, total: int, topo: Topology,
-                 group: int, ep: int, err: str, events: list) -> Outcome:
-        have = topo.num_slots
-        why = f"needs {total} GPUs, {have} schedulable"
+    def _pending(self, p: _Pass, group: int, err: str) -> Outcome:
+        """Phase Pending: `group` cannot be placed on the free GPUs; says how many there are."""
+        total = p.ep * p.groups
+        topo = self._free_gpus(p)
+        why = f"needs {total} GPUs, {topo.num_slots} schedulable"
         skipped = topo.describe_skipped()
         if skipped:
             why += f": {skipped}"
         if "needs" not in err:
             why += f" (group {group}: {err})"
-        conds = set_condition(conds, PLACED, False, "InsufficientGPUs", why, gen)
-        conds = set_condition(conds, READY, False, "NotPlaced", why, gen)
-        if old_status.get("reason") != why:
-            events.append(("Warning", "InsufficientGPUs", why))
-        return Outcome({"phase": "Pending", "observedGeneration": gen, "conditions": conds, "reason": why,
-                        "totalRanks": total, "readyRanks": 0, "ready": f"0/{total}"}, events, requeue_after=10)
+        conds = set_condition(p.conds, PLACED, False, "InsufficientGPUs", why, p.gen)
+        conds = set_condition(conds, READY, False, "NotPlaced", why, p.gen)
+        if p.old_status.get("reason") != why:
+            p.events.append(("Warning", "InsufficientGPUs", why))
+        return Outcome(api.MoEDeploymentStatus(phase="Pending", observed_generation=p.gen, conditions=conds,
+                                               reason=why, total_ranks=total, ready_ranks=0, ready=f"0/{total}"),
+                       p.events, requeue_after=10)
 
     def _retiring(self, plans: list[Plan], pod: dict, now: float) -> float | None:
         """Since when a running pod of a rank beyond its group's new size has been waiting to leave
