@@ -247,7 +247,7 @@ class GroupEngine:
                 for rp in replies:
                     self.map_errors.extend(rp.errors)
                 self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
-                sched.update(plan, replies, runner.kept_logits)
+                sched.update(replies, runner.kept_logits)
                 self._count(plan)
                 self.step += 1
         except Exception as e:

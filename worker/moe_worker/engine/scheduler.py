@@ -159,7 +159,7 @@ class Scheduler:
         """Rank `rank` can take one more sequence of `kv` cache positions."""
         return self.per_rank[rank] < self.cfg.max_seqs_per_rank and self.kv_used[rank] + kv <= self.kv_budget
 
-    def update(self, plan: StepPlan, replies: list[StepReply], kept_logits: dict[int, torch.Tensor]) -> None:
+    def update(self, replies: list[StepReply], kept_logits: dict[int, torch.Tensor]) -> None:
         """Apply the tokens the ranks sampled; finish requests that are done."""
         now = time.monotonic()
         with self.lock:
