@@ -348,7 +348,7 @@ class Reconciler:
         """One pass as a chain of steps; a step that returns an Outcome ends the pass with it."""
         p = _Pass.of(obj)
         for step in (self._read_spec, self._read_world, self._admit, self._plan_placement, self._plan_load,
-                     self._publish_plans, self._apply_shared, self._sync):
+                     self._publish_plans, self._apply_shared, self._sync_pods):
             out = step(p)
             if out is not None:
                 return out
@@ -544,9 +544,6 @@ class Reconciler:
         for o in (resources.headless_service(p.owner, p.spec), resources.client_service(p.owner, p.spec),
                   resources.pod_disruption_budget(p.owner)):
             self.kube.apply(o)
-
-    def _sync(self, p: _Pass) -> None:
-        p.progressing = self._sync_pods(p.owner, p.spec, p.spec_hash, p.kv, p.plans, p.own_pods, p.events)
 
     def _observe(self, p: _Pass) -> Outcome:
         """Status from the pods as this pass read them, against the plans it published. Ranks beyond
@@ -799,24 +796,20 @@ class Reconciler:
             return None
         return self.retiring.setdefault(key, now)
 
-    def _sync_pods(self, owner: Owner, spec: api.MoEDeploymentSpec, h: str, kv: perfmodel.KvAdmission | None,
-                   plans: list[Plan],
-                   own_pods: dict[str, dict], events: list) -> str:
-        """Create missing pods, replace moved/failed ones, roll out spec changes group by group.
-
-        Returns a description of what is in progress ('' when every pod matches the plan).
-        `h` is the spec hash the rank pods must carry.
-        """
+    def _sync_pods(self, p: _Pass) -> None:
+        """Create missing pods, replace moved/failed ones, roll out spec changes group by group;
+        `p.progressing` says what is in progress ('' when every pod matches the plan)."""
+        owner, spec, h, plans, events = p.owner, p.spec, p.spec_hash, p.plans, p.events
         wanted: dict[str, tuple[int, int]] = {}
-        for g, p in enumerate(plans):
-            for r in range(p.num_ranks):
+        for g, plan in enumerate(plans):
+            for r in range(plan.num_ranks):
                 wanted[resources.pod_name(owner, g, r)] = (g, r)
         to_delete: list[dict] = []
         to_create: list[dict] = []
         notes: list[str] = []
         stale_groups = set()
         now = time.monotonic()
-        for name, pod in own_pods.items():
+        for name, pod in p.own_pods.items():
             if name not in wanted:
                 since = self._retiring(plans, pod, now)
                 if since is not None and now - since < RETIRE_GRACE_S:
@@ -828,12 +821,12 @@ class Reconciler:
             if (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) != h:
                 stale_groups.add(g)
         for name, (g, r) in wanted.items():
-            pod = own_pods.get(name)
+            pod = p.own_pods.get(name)
             node = plans[g].ranks[r].node
             if pod is None:
                 if g in stale_groups:
                     continue  # the group restarts as a whole: create after every old rank is gone
-                to_create.append(resources.rank_pod(owner, spec, plans[g], g, r, h, kv))
+                to_create.append(resources.rank_pod(owner, spec, plans[g], g, r, h, p.kv))
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 notes.append(f"{name} terminating")
@@ -856,16 +849,16 @@ class Reconciler:
             # A pod bound to a Node object that no longer exists has no kubelet to finish its
             # deletion (the pod GC would, after a quarantine); it is safe to delete it at once.
             # Pods on a NotReady node that still exists are deleted gracefully: the process may live.
-            gone = {n for n in {p["spec"].get("nodeName") for p in to_delete} - {None}
+            gone = {n for n in {pod["spec"].get("nodeName") for pod in to_delete} - {None}
                     if self.kube.get("Node", n) is None}
-            list(self.pool.map(lambda p: self.kube.delete(
-                "Pod", p["metadata"]["name"], owner.namespace, uid=p["metadata"]["uid"],
-                grace_seconds=0 if p["spec"].get("nodeName") in gone else None), to_delete))
+            list(self.pool.map(lambda pod: self.kube.delete(
+                "Pod", pod["metadata"]["name"], owner.namespace, uid=pod["metadata"]["uid"],
+                grace_seconds=0 if pod["spec"].get("nodeName") in gone else None), to_delete))
             notes.append(f"{len(to_delete)} rank pod(s) replaced")
         if to_create:
             list(self.pool.map(self.kube.create, to_create))
             notes.append(f"{len(to_create)} rank pod(s) created")
-        return "; ".join(notes)
+        p.progressing = "; ".join(notes)
 
 
 def scaling_moves(old: Plan, new: Plan) -> int:
