@@ -813,193 +813,362 @@ def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_
     out). A copy never joins a node that holds its expert: it takes another node of its run that
     no copy took this round, or waits; if no node of its run with room lacks the expert, the
     earliest-finishing free cell of another run of its layer, else the global rounds.
+
+    Arrays are per run: one row per (layer, group), ``runs = L * n_group``, layer-major.
     """
     L, E = w.shape
     P = int(counts[0].sum())
     N = int(node_of_cell.max()) + 1
     gsize = E // n_group
-    K = L * n_group  # rows: one per (layer, group)
-    rk = np.arange(K)
-    row_layer = np.repeat(np.arange(L), n_group)
-    per_copy = w / counts
-    pc_g = per_copy.reshape(K, gsize)
-    own = _items(pc_g, counts.reshape(K, gsize), np.broadcast_to(np.arange(gsize), (K, gsize)))  # (K, Mc)
-    Mc = own.shape[1]
-    ok = own >= 0
-    x = np.where(ok, pc_g[rk[:, None], np.maximum(own, 0)], 0.0)  # (K, Mc) heaviest first
-    m = (w.sum(1) / P)[row_layer]  # (K,) mean load of a cell
-    cap = np.bincount(node_of_cell, minlength=N)
-    s = np.concatenate([[0], np.cumsum(cap)])  # (N + 1,) node boundaries on the cell line
+    runs = L * n_group
+    layer_of_run = np.repeat(np.arange(L), n_group)  # (runs,)
+    per_copy_in_group = (w / counts).reshape(runs, gsize)  # (runs, gsize)
+    # Each group's copies, heaviest first: expert index within the group, -1 padded.
+    own_expert = _items(
+        per_copy_in_group, counts.reshape(runs, gsize), np.broadcast_to(np.arange(gsize), (runs, gsize))
+    )  # (runs, max_copies)
+    is_copy = own_expert >= 0
+    own_load = np.where(
+        is_copy, per_copy_in_group[np.arange(runs)[:, None], np.maximum(own_expert, 0)], 0.0
+    )  # (runs, max_copies), heaviest first
+    mean_cell_load = (w.sum(1) / P)[layer_of_run]  # (runs,) mean load of a cell of the run's layer
+    cells_per_node = np.bincount(node_of_cell, minlength=N)  # (N,)
+    node_bounds = np.concatenate([[0], np.cumsum(cells_per_node)])  # (N + 1,) node n is cells [b[n], b[n+1])
 
-    def quotas(q: np.ndarray) -> np.ndarray:
-        """(K, N) cells of each node in each run, for runs of q (K,) cells laid out in order."""
-        bq = np.concatenate([np.zeros((L, 1), dtype=np.int64), np.cumsum(q.reshape(L, n_group), 1)], 1)
-        return np.maximum(
-            np.minimum(bq[:, 1:, None], s[None, None, 1:]) - np.maximum(bq[:, :-1, None], s[None, None, :-1]),
-            0,
-        ).reshape(K, N)
+    one_per_node = _one_copy_per_node(own_expert, own_load, mean_cell_load, node_bounds, n_group, P)
+    keep, hot, load_above_mean = _copies_kept(own_load, one_per_node, mean_cell_load)
+    filler_run, filler_col = _filler_in_line_order(is_copy & ~keep, one_per_node, layer_of_run, n_group)
+    filler_lack = np.maximum(mean_cell_load[filler_run] - own_load[filler_run, filler_col], 0.0)  # (F,)
+    filler_taken, receiving_group = _share_filler(
+        layer_of_run[filler_run], filler_lack, hot.reshape(L, n_group), load_above_mean.reshape(L, n_group)
+    )
 
-    # First pass, to know the nodes of each run: every run sized by its load share.
-    share = x.sum(1).reshape(L, n_group) / (m.reshape(L, n_group)[:, :1] * P)
-    b0 = np.rint(np.concatenate([np.zeros((L, 1)), np.cumsum(share, 1)], 1) * P).astype(np.int64)
-    b0[:, -1] = P
-    nodes = (quotas(np.diff(b0, axis=1).ravel()) > 0).sum(1)  # (K,)
-    nth = np.zeros((K, Mc), dtype=np.int64)  # copies of an expert are adjacent: which one is this
-    okr, oki = np.nonzero(ok)
-    nth[okr, oki] = _occurrence(okr * gsize + own[okr, oki])
-    mine = ok & (nth < nodes[:, None])  # at most one copy of an expert per node of its run
+    # Each run's nodes, in line order, and its cells on each (its quota).
+    run_cells = keep.sum(1) + filler_taken.ravel()  # (runs,)
+    quota = _run_quotas(run_cells, node_bounds, n_group)  # (runs, N)
+    max_run_nodes = int((quota > 0).sum(1).max(initial=0))
+    run_nodes = np.argsort(quota <= 0, axis=1, kind="stable")[:, :max_run_nodes]  # (runs, H) node ids
+    free = np.take_along_axis(quota, run_nodes, axis=1)  # (runs, H) cells left; 0 on padding
 
-    # Second pass. A run whose copies average less than m keeps its heaviest, as many as
-    # still average m (to the nearest copy); the rest joins the filler.
-    xm = np.where(mine, x, 0.0)
-    S = np.cumsum(xm, 1)
-    c = np.cumsum(mine, 1)  # copies of the run up to here
-    q0 = (mine & (S >= c * m[:, None])).sum(1)
-    n_mine = mine.sum(1)
-    at_next = mine & (c == (q0 + 1)[:, None])
-    x_next = np.where(at_next.any(1), x[rk, at_next.argmax(1)], 0.0)
-    S0 = np.where(q0 > 0, (xm * (c <= q0[:, None])).sum(1), 0.0)
-    hot = q0 >= n_mine
-    kq = np.where(hot, n_mine, q0 + (S0 - q0 * m > (m - x_next) / 2))  # copies each run keeps
-    keep = mine & (c <= kq[:, None])
-    # Filler in line order (a run's copies beyond one per node, heavy, half the line away): runs
-    # above m take it in line order, each as many copies as bring it down to m.
-    sr, si = np.nonzero(ok & ~keep)
-    far = ~mine[sr, si]
-    o = np.lexsort((si, np.where(far, (sr + n_group // 2) % n_group, sr % n_group), row_layer[sr]))
-    sr, si = sr[o], si[o]
-    sl = row_layer[sr]
-    over = np.where(hot, S[:, -1] - n_mine * m, 0.0).reshape(L, n_group)  # load above m
-    k = _occurrence(sl)  # index of each filler copy among its layer's
-    n_fill = np.bincount(sl, minlength=L)  # (L,)
+    # What each run deals: the copies it keeps and the filler it receives, heaviest first.
+    kept_run, kept_col = np.nonzero(keep)
+    item_run = np.concatenate([kept_run, layer_of_run[filler_run] * n_group + receiving_group])
+    item_expert = np.concatenate(
+        [
+            (kept_run % n_group) * gsize + own_expert[kept_run, kept_col],
+            (filler_run % n_group) * gsize + own_expert[filler_run, filler_col],
+        ]
+    )
+    item_weight = np.concatenate([own_load[kept_run, kept_col], own_load[filler_run, filler_col]])
+    items = _run_items(item_run, item_expert, item_weight, runs)
+    if items is None:
+        return np.full((L, P), -1, dtype=np.int64)
+    item_e, item_load = items  # (runs, M) each
+
+    dealer = _RunDealer(item_e, item_load, run_nodes, free, layer_of_run * E, E, N, n_group)
+    item_node = dealer.deal()  # (runs, M)
+    return _cells_from_item_nodes(item_node, item_e, layer_of_run, node_of_cell, L, P)
+
+
+def _run_quotas(run_cells: np.ndarray, node_bounds: np.ndarray, n_group: int) -> np.ndarray:
+    """(runs, N) cells of each node in each run, for runs of ``run_cells`` (runs,) cells laid out
+    in group order along each layer's cell line; ``node_bounds`` (N + 1,) the nodes' boundaries."""
+    L = run_cells.size // n_group
+    run_bounds = np.concatenate(
+        [np.zeros((L, 1), dtype=np.int64), np.cumsum(run_cells.reshape(L, n_group), 1)], 1
+    )  # (L, n_group + 1)
+    return np.maximum(
+        np.minimum(run_bounds[:, 1:, None], node_bounds[None, None, 1:])
+        - np.maximum(run_bounds[:, :-1, None], node_bounds[None, None, :-1]),
+        0,
+    ).reshape(L * n_group, len(node_bounds) - 1)
+
+
+def _one_copy_per_node(
+    own_expert: np.ndarray,
+    own_load: np.ndarray,
+    mean_cell_load: np.ndarray,
+    node_bounds: np.ndarray,
+    n_group: int,
+    P: int,
+) -> np.ndarray:
+    """(runs, max_copies) bool: the copies a run may keep, at most one of an expert per node of
+    its run. First pass, to know the nodes of each run: every run sized by its load share."""
+    runs, max_copies = own_expert.shape
+    L = runs // n_group
+    gsize = int(own_expert.max(initial=0)) + 1
+    is_copy = own_expert >= 0
+    share = own_load.sum(1).reshape(L, n_group) / (mean_cell_load.reshape(L, n_group)[:, :1] * P)
+    bounds = np.rint(np.concatenate([np.zeros((L, 1)), np.cumsum(share, 1)], 1) * P).astype(np.int64)
+    bounds[:, -1] = P  # (L, n_group + 1) runs' boundaries on the cell line
+    nodes_per_run = (_run_quotas(np.diff(bounds, axis=1).ravel(), node_bounds, n_group) > 0).sum(1)  # (runs,)
+    # Copies of an expert are adjacent: which copy of its expert each one is.
+    nth_copy = np.zeros((runs, max_copies), dtype=np.int64)
+    cr, ci = np.nonzero(is_copy)
+    nth_copy[cr, ci] = _occurrence(cr * gsize + own_expert[cr, ci])
+    return is_copy & (nth_copy < nodes_per_run[:, None])
+
+
+def _copies_kept(
+    own_load: np.ndarray, one_per_node: np.ndarray, mean_cell_load: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Second pass: which copies each run keeps. A run whose copies average less than the mean
+    cell load ``m`` keeps its heaviest, as many as still average ``m`` (to the nearest copy); the
+    rest joins the filler. A "hot" run (all its copies average at least ``m``) keeps them all.
+
+    Returns keep (runs, max_copies) bool, hot (runs,) bool, and each hot run's load above ``m``
+    per cell (runs,), 0 for the others."""
+    runs = own_load.shape[0]
+    m = mean_cell_load  # (runs,)
+    mine_load = np.where(one_per_node, own_load, 0.0)  # (runs, max_copies)
+    cum_load = np.cumsum(mine_load, 1)
+    cum_copies = np.cumsum(one_per_node, 1)  # copies of the run up to here
+    n_at_mean = (one_per_node & (cum_load >= cum_copies * m[:, None])).sum(1)  # (runs,)
+    n_mine = one_per_node.sum(1)
+    at_next = one_per_node & (cum_copies == (n_at_mean + 1)[:, None])
+    next_load = np.where(at_next.any(1), own_load[np.arange(runs), at_next.argmax(1)], 0.0)  # (runs,)
+    load_at_mean = np.where(n_at_mean > 0, (mine_load * (cum_copies <= n_at_mean[:, None])).sum(1), 0.0)
+    hot = n_at_mean >= n_mine
+    n_keep = np.where(hot, n_mine, n_at_mean + (load_at_mean - n_at_mean * m > (m - next_load) / 2))
+    keep = one_per_node & (cum_copies <= n_keep[:, None])
+    load_above_mean = np.where(hot, cum_load[:, -1] - n_mine * m, 0.0)
+    return keep, hot, load_above_mean
+
+
+def _filler_in_line_order(
+    filler: np.ndarray, one_per_node: np.ndarray, layer_of_run: np.ndarray, n_group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(F,) run and column of each filler copy (``filler`` (runs, max_copies) bool), in line
+    order per layer: by the group's place, a run's copies beyond one per node (heavy) counted
+    half the line away, then heaviest first."""
+    filler_run, filler_col = np.nonzero(filler)
+    far = ~one_per_node[filler_run, filler_col]
+    place = np.where(far, (filler_run + n_group // 2) % n_group, filler_run % n_group)
+    order = np.lexsort((filler_col, place, layer_of_run[filler_run]))
+    return filler_run[order], filler_col[order]
+
+
+def _share_filler(
+    filler_layer: np.ndarray, filler_lack: np.ndarray, hot: np.ndarray, load_above_mean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hot runs take the filler in line order, each as many copies as bring it down to the mean
+    (the runs share it in proportion to their load above the mean).
+
+    ``filler_layer`` (F,) layer of each filler copy (grouped by layer, in line order),
+    ``filler_lack`` (F,) the load it lacks to reach the mean, ``hot`` and ``load_above_mean``
+    (L, n_group). Returns filler copies each run takes (L, n_group) and each copy's receiving
+    group (F,)."""
+    L, n_group = hot.shape
+    index_in_layer = _occurrence(filler_layer)  # (F,)
+    n_fill = np.bincount(filler_layer, minlength=L)  # (L,)
     lack = np.zeros((L, int(n_fill.max(initial=0)) + 1))
-    lack[sl, k + 1] = np.maximum(m[sr] - x[sr, si], 0.0)
+    lack[filler_layer, index_in_layer + 1] = filler_lack
     lack = np.cumsum(lack, 1)  # (L, F + 1): load the first f filler copies lack to reach m each
-    tot = over.sum(1, keepdims=True)
-    want = np.cumsum(over, 1) / np.where(tot > 0, tot, 1.0) * lack[np.arange(L), n_fill][:, None]
+    total_above = load_above_mean.sum(1, keepdims=True)  # (L, 1)
+    want = (
+        np.cumsum(load_above_mean, 1) / np.where(total_above > 0, total_above, 1.0) * lack[np.arange(L), n_fill][:, None]
+    )  # (L, n_group)
     # Where each run's filler ends: the count whose lack is nearest the runs' load above m so far.
     hi = np.minimum((lack[:, None, :] < want[:, :, None]).sum(2), n_fill[:, None])  # (L, n_group)
     lo = np.maximum(hi - 1, 0)
     d_hi = np.take_along_axis(lack, hi, 1) - want
     d_lo = want - np.take_along_axis(lack, lo, 1)
     ends = np.where(d_lo < d_hi, lo, hi)
-    last_hot = n_group - 1 - np.argmax(hot.reshape(L, n_group)[:, ::-1], 1)  # (L,)
+    last_hot = n_group - 1 - np.argmax(hot[:, ::-1], 1)  # (L,)
     ends = np.where(np.arange(n_group)[None, :] >= last_hot[:, None], n_fill[:, None], ends)
     ends = np.maximum.accumulate(ends, axis=1)
-    room = np.diff(np.concatenate([np.zeros((L, 1), dtype=np.int64), ends], 1), axis=1)
-    to = (np.cumsum(room, 1)[sl] > k[:, None]).argmax(1)  # receiving group, in line order
-    Qi = keep.sum(1) + room.ravel()  # (K,) cells of each run
-    quota = quotas(Qi)
-    H = int((quota > 0).sum(1).max(initial=0))
-    hn = np.argsort(quota <= 0, axis=1, kind="stable")[:, :H]  # (K, H) the run's nodes, in order
-    free = np.take_along_axis(quota, hn, axis=1)  # (K, H) cells left; 0 on padding
-    kr, ki = np.nonzero(keep)
-    row = np.concatenate([kr, sl * n_group + to])
-    e = np.concatenate([(kr % n_group) * gsize + own[kr, ki], (sr % n_group) * gsize + own[sr, si]])
-    ld = np.concatenate([x[kr, ki], x[sr, si]])
-    # Heaviest first within each row: one sort on row, then load (loads lie in [0, span)).
-    span = float(ld.max(initial=0.0)) + 1.0
-    o = np.argsort(row * span - ld, kind="stable")
-    row, e, ld = row[o], e[o], ld[o]
-    j = _occurrence(row)
-    M = int(j.max(initial=-1)) + 1
+    taken = np.diff(np.concatenate([np.zeros((L, 1), dtype=np.int64), ends], 1), axis=1)  # (L, n_group)
+    receiving_group = (np.cumsum(taken, 1)[filler_layer] > index_in_layer[:, None]).argmax(1)  # (F,)
+    return taken, receiving_group
+
+
+def _run_items(
+    item_run: np.ndarray, item_expert: np.ndarray, item_weight: np.ndarray, runs: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(runs, M) expert ids and loads of each run's copies, heaviest first (-1 / 0 padded), from
+    flat (copies,) arrays; None when there is nothing to deal."""
+    # Heaviest first within each run: one sort on run, then load (loads lie in [0, span)).
+    span = float(item_weight.max(initial=0.0)) + 1.0
+    order = np.argsort(item_run * span - item_weight, kind="stable")
+    item_run, item_expert, item_weight = item_run[order], item_expert[order], item_weight[order]
+    col = _occurrence(item_run)
+    M = int(col.max(initial=-1)) + 1
     if M == 0:
-        return np.full((L, P), -1, dtype=np.int64)
-    item_e = np.full((K, M), -1, dtype=np.int64)
-    item_e[row, j] = e
-    item_load = np.zeros((K, M))
-    item_load[row, j] = ld
+        return None
+    item_e = np.full((runs, M), -1, dtype=np.int64)
+    item_e[item_run, col] = item_expert
+    item_load = np.zeros((runs, M))
+    item_load[item_run, col] = item_weight
+    return item_e, item_load
 
-    inv_q = 1.0 / np.maximum(free, 1)
-    bin_load = np.zeros((K, H))
-    on_node = np.zeros(L * E * N, dtype=bool)  # (layer, expert, node) flattened
-    item_node = np.full((K, M), -1, dtype=np.int64)
-    base = (row_layer * E)[:, None]  # (K, 1)
-    done = item_e < 0
-    n_items = (~done).sum(1)  # (K,) items are a prefix of each row
-    # Each round looks at a window of each row's items from its first one not done: the copies
-    # it deals (one per bin at most) and those waiting for a bin.
-    Wd = min(M, 2 * H + 2)
-    cols = np.arange(Wd)
-    ft = np.zeros(K, dtype=np.int64)  # first item not done
-    for _ in range(4 * M + 8):  # each round deals a copy of every unfinished row but rare waits
-        live = ft < n_items
-        if not live.any():
-            break
-        at = ft[:, None] + cols
-        inwin = at < n_items[:, None]
-        idx = np.minimum(at, M - 1)
-        todo = inwin & ~done[rk[:, None], idx]
-        has = free > 0
-        head = item_load[rk, np.minimum(ft, M - 1)]  # (K,) heaviest copy left
-        key = np.where(has, (bin_load + head[:, None]) * inv_q, np.inf)
-        # A bin sits a round out while it would finish later than another bin taking two copies.
-        thr = np.where(has, (bin_load + 2.0 * head[:, None]) * inv_q, np.inf).min(1)
-        part = has & (key <= thr[:, None] * (1.0 + 1e-12))
-        f = part.sum(1)
-        order = np.argsort(np.where(part, key, np.inf), axis=1, kind="stable")  # earliest finish first
+
+class _RunDealer:
+    """The dealing rounds of ``_deal_groups``: state per run (row) and per node of its run
+    (column h of ``run_nodes`` (runs, H)), updated in place round by round."""
+
+    def __init__(
+        self,
+        item_e: np.ndarray,
+        item_load: np.ndarray,
+        run_nodes: np.ndarray,
+        free: np.ndarray,
+        first_expert: np.ndarray,
+        n_experts: int,
+        n_nodes: int,
+        n_group: int,
+    ) -> None:
+        runs, M = item_e.shape
+        self.item_e = item_e  # (runs, M) expert ids, heaviest first, -1 padded
+        self.item_load = item_load  # (runs, M)
+        self.run_nodes = run_nodes  # (runs, H) node ids of each run
+        self.free = free  # (runs, H) free cells of the run on each of its nodes
+        self.inv_quota = 1.0 / np.maximum(free, 1)  # (runs, H)
+        self.node_load = np.zeros(run_nodes.shape)  # (runs, H) load the run put on each node
+        # (layer, expert, node) flattened: the node holds a copy of the expert in that layer.
+        self.holds = np.zeros(first_expert.size // n_group * n_experts * n_nodes, dtype=bool)
+        self.first_expert = first_expert  # (runs,) layer * E: flat (layer, expert) of expert 0
+        self.n_nodes = n_nodes
+        self.n_group = n_group
+        self.item_node = np.full((runs, M), -1, dtype=np.int64)  # (runs, M) node dealt to, -1
+        self.done = item_e < 0  # (runs, M)
+        self.n_items = (~self.done).sum(1)  # (runs,) items are a prefix of each row
+        self.run_ids = np.arange(runs)
+
+    def _holds_at(self, first_expert: np.ndarray, expert: Any, node: np.ndarray) -> np.ndarray:
+        """Flat index into ``holds`` of (layer, expert, node) (broadcasting)."""
+        return (first_expert + expert) * self.n_nodes + node
+
+    def deal(self) -> np.ndarray:
+        """(runs, M) the node each copy was dealt to, -1 for those left to the global rounds.
+
+        Each round looks at a window of each row's items from its first one not done: the copies
+        it deals (one per node at most) and those waiting for a node."""
+        M = self.item_e.shape[1]
+        H = self.run_nodes.shape[1]
+        window = min(M, 2 * H + 2)
+        cols = np.arange(window)
+        first_todo = np.zeros(self.run_ids.size, dtype=np.int64)  # (runs,) first item not done
+        for _ in range(4 * M + 8):  # each round deals a copy of every unfinished row but rare waits
+            if not (first_todo < self.n_items).any():
+                break
+            at = first_todo[:, None] + cols
+            in_window = at < self.n_items[:, None]
+            window_items = np.minimum(at, M - 1)  # (runs, window) item index
+            todo = in_window & ~self.done[self.run_ids[:, None], window_items]
+            self._round(first_todo, todo, window_items)
+            first_todo = self._advance(first_todo, in_window, window_items, window)
+        return self.item_node
+
+    def _round(self, first_todo: np.ndarray, todo: np.ndarray, window_items: np.ndarray) -> None:
+        """One round: pair each row's waiting copies with its nodes, earliest finish first."""
+        M = self.item_e.shape[1]
+        has_room = self.free > 0  # (runs, H)
+        heaviest_left = self.item_load[self.run_ids, np.minimum(first_todo, M - 1)]  # (runs,)
+        finish = np.where(has_room, (self.node_load + heaviest_left[:, None]) * self.inv_quota, np.inf)
+        # A node sits a round out while it would finish later than another node taking two copies.
+        threshold = np.where(has_room, (self.node_load + 2.0 * heaviest_left[:, None]) * self.inv_quota, np.inf).min(1)
+        in_round = has_room & (finish <= threshold[:, None] * (1.0 + 1e-12))
+        n_in_round = in_round.sum(1)  # (runs,)
+        order = np.argsort(np.where(in_round, finish, np.inf), axis=1, kind="stable")  # earliest finish first
         pos = np.cumsum(todo, axis=1) - 1
-        tr, tw = np.nonzero(todo & (pos < f[:, None]))
-        h = order[tr, pos[tr, tw]]
-        ti = idx[tr, tw]
-        e = item_e[tr, ti]
-        bad = on_node[(base[tr, 0] + e) * N + hn[tr, h]]
-        hopeless = (tr[:0], ti[:0])
-        if bad.any():
-            # The earliest-finishing bin with room that no copy took this round and lacks the
-            # expert; none free now: wait a round; none at all in the run: the fallback below.
-            used = np.zeros((K, H), dtype=bool)
-            used[tr[~bad], h[~bad]] = True
-            br, be, bi = tr[bad], e[bad], ti[bad]
-            never = ~has[br] | on_node[(base[br] + be[:, None]) * N + hn[br]]
-            blocked = never | used[br]
-            alt = np.where(blocked, np.inf, key[br]).argmin(1)
-            ok = ~blocked[np.arange(br.size), alt]
-            _, first = np.unique(np.where(ok, br * H + alt, -1), return_index=True)
-            ok &= np.isin(np.arange(br.size), first)
-            hopeless = (br[never.all(1)], bi[never.all(1)])
-            tr = np.concatenate([tr[~bad], br[ok]])
-            ti = np.concatenate([ti[~bad], bi[ok]])
-            h = np.concatenate([h[~bad], alt[ok]])
-            e = item_e[tr, ti]
-        n = hn[tr, h]
-        bin_load[tr, h] += item_load[tr, ti]  # one copy per (row, bin) per round
-        free[tr, h] -= 1
-        on_node[(base[tr, 0] + e) * N + n] = True
-        item_node[tr, ti] = n
-        done[tr, ti] = True
-        for r0, i0 in zip(hopeless[0].tolist(), hopeless[1].tolist(), strict=True):
-            # Rare: every node of its run with room holds the expert. The earliest-finishing
-            # free cell of another run of its layer that lacks it, else the global rounds.
-            done[r0, i0] = True
-            rows = slice(r0 - r0 % n_group, r0 - r0 % n_group + n_group)
-            e0, x0 = int(item_e[r0, i0]), float(item_load[r0, i0])
-            cost = np.where(
-                (free[rows] > 0) & ~on_node[(base[rows] + e0) * N + hn[rows]],
-                (bin_load[rows] + x0) * inv_q[rows],
-                np.inf,
-            )
-            g, h0 = np.unravel_index(int(cost.argmin()), cost.shape)
-            if np.isfinite(cost[g, h0]):
-                r1 = r0 - r0 % n_group + int(g)
-                bin_load[r1, h0] += x0
-                free[r1, h0] -= 1
-                on_node[(base[r1, 0] + e0) * N + hn[r1, h0]] = True
-                item_node[r0, i0] = hn[r1, h0]
-        # Move each row's window on; a row with no free cell left is finished (a copy of another
-        # run took one of its cells: its lightest copies go to the global rounds).
-        left = inwin & ~done[rk[:, None], idx]
-        ft = np.where(left.any(1), ft + left.argmax(1), ft + Wd)
-        ft = np.where((free > 0).any(1), ft, n_items)
+        run, slot = np.nonzero(todo & (pos < n_in_round[:, None]))
+        h = order[run, pos[run, slot]]  # (deals,) column of the run's node
+        item = window_items[run, slot]
+        e = self.item_e[run, item]
+        clash = self.holds[self._holds_at(self.first_expert[run], e, self.run_nodes[run, h])]
+        stranded = (run[:0], item[:0])
+        if clash.any():
+            run, item, h, stranded = self._reroute(run, item, h, e, clash, has_room, finish)
+            e = self.item_e[run, item]
+        self._commit(run, item, h, e)
+        for r0, i0 in zip(stranded[0].tolist(), stranded[1].tolist(), strict=True):
+            self._place_stranded(r0, i0)
 
-    # Dealt copies take their nodes' cells: the j-th copy on (layer, node) its j-th cell.
+    def _reroute(
+        self,
+        run: np.ndarray,
+        item: np.ndarray,
+        h: np.ndarray,
+        e: np.ndarray,
+        clash: np.ndarray,
+        has_room: np.ndarray,
+        finish: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """A copy paired with a node holding its expert takes the earliest-finishing node with
+        room that no copy took this round and lacks the expert; none free now: it waits a round;
+        none at all in the run: stranded (``_place_stranded``). Returns the round's (run, item,
+        h) pairs and the stranded (run, item)."""
+        used = np.zeros(self.free.shape, dtype=bool)
+        used[run[~clash], h[~clash]] = True
+        cr, ce, ci = run[clash], e[clash], item[clash]
+        never = ~has_room[cr] | self.holds[
+            self._holds_at(self.first_expert[cr][:, None], ce[:, None], self.run_nodes[cr])
+        ]
+        blocked = never | used[cr]
+        alt = np.where(blocked, np.inf, finish[cr]).argmin(1)
+        ok = ~blocked[np.arange(cr.size), alt]
+        H = self.free.shape[1]
+        _, first = np.unique(np.where(ok, cr * H + alt, -1), return_index=True)
+        ok &= np.isin(np.arange(cr.size), first)  # one copy per (run, node)
+        stranded = (cr[never.all(1)], ci[never.all(1)])
+        run = np.concatenate([run[~clash], cr[ok]])
+        item = np.concatenate([item[~clash], ci[ok]])
+        h = np.concatenate([h[~clash], alt[ok]])
+        return run, item, h, stranded
+
+    def _commit(self, run: np.ndarray, item: np.ndarray, h: np.ndarray, e: np.ndarray) -> None:
+        node = self.run_nodes[run, h]
+        self.node_load[run, h] += self.item_load[run, item]  # one copy per (run, node) per round
+        self.free[run, h] -= 1
+        self.holds[self._holds_at(self.first_expert[run], e, node)] = True
+        self.item_node[run, item] = node
+        self.done[run, item] = True
+
+    def _place_stranded(self, r0: int, i0: int) -> None:
+        """Rare: every node of its run with room holds the expert. The earliest-finishing free
+        cell of another run of its layer that lacks it, else the global rounds."""
+        self.done[r0, i0] = True
+        first_run = r0 - r0 % self.n_group
+        layer_runs = slice(first_run, first_run + self.n_group)
+        e0, x0 = int(self.item_e[r0, i0]), float(self.item_load[r0, i0])
+        cost = np.where(
+            (self.free[layer_runs] > 0)
+            & ~self.holds[
+                self._holds_at(self.first_expert[layer_runs][:, None], e0, self.run_nodes[layer_runs])
+            ],
+            (self.node_load[layer_runs] + x0) * self.inv_quota[layer_runs],
+            np.inf,
+        )  # (n_group, H)
+        g, h0 = np.unravel_index(int(cost.argmin()), cost.shape)
+        if np.isfinite(cost[g, h0]):
+            r1 = first_run + int(g)
+            self.node_load[r1, h0] += x0
+            self.free[r1, h0] -= 1
+            self.holds[self._holds_at(self.first_expert[r1], e0, self.run_nodes[r1, h0])] = True
+            self.item_node[r0, i0] = self.run_nodes[r1, h0]
+
+    def _advance(
+        self, first_todo: np.ndarray, in_window: np.ndarray, window_items: np.ndarray, window: int
+    ) -> np.ndarray:
+        """Move each row's window on; a row with no free cell left is finished (a copy of another
+        run took one of its cells: its lightest copies go to the global rounds)."""
+        left = in_window & ~self.done[self.run_ids[:, None], window_items]
+        first_todo = np.where(left.any(1), first_todo + left.argmax(1), first_todo + window)
+        return np.where((self.free > 0).any(1), first_todo, self.n_items)
+
+
+def _cells_from_item_nodes(
+    item_node: np.ndarray, item_e: np.ndarray, layer_of_run: np.ndarray, node_of_cell: np.ndarray, L: int, P: int
+) -> np.ndarray:
+    """(L, P) dealt copies on their nodes' cells: the j-th copy on (layer, node) its j-th cell."""
+    N = int(node_of_cell.max()) + 1
     out = np.full((L, P), -1, dtype=np.int64)
     pr, pi = np.nonzero(item_node >= 0)
-    pl, pn, pe = row_layer[pr], item_node[pr, pi], item_e[pr, pi]
-    o = np.argsort(pl * N + pn, kind="stable")
-    pl, pn, pe = pl[o], pn[o], pe[o]
-    first = np.searchsorted(node_of_cell, np.arange(N))  # cells of a node are contiguous
-    out[pl, first[pn] + _occurrence(pl * N + pn)] = pe
+    layer, node, expert = layer_of_run[pr], item_node[pr, pi], item_e[pr, pi]
+    order = np.argsort(layer * N + node, kind="stable")
+    layer, node, expert = layer[order], node[order], expert[order]
+    first_cell = np.searchsorted(node_of_cell, np.arange(N))  # cells of a node are contiguous
+    out[layer, first_cell[node] + _occurrence(layer * N + node)] = expert
     return out
 
 
