@@ -643,152 +643,230 @@ def _place(
     trim the busiest node.
     """
     L, E = w.shape
-    P = kept.shape[1]
-    N = int(node_of_cell.max()) + 1
-    gsize = E // n_group
-    rows = np.arange(L)
-    per_copy = w / counts
+    per_copy = w / counts  # (L, E)
     packing = bool((caps > 1).any())
     if deal and not packing and affinity > 0 and n_group > 1 and (kept < 0).all():
-        dealt = _deal_groups(w, counts, node_of_cell, n_group)
-        cells = dealt
-        if (dealt < 0).any():
-            cells = _place(w, counts, dealt, rank_of_cell, node_of_cell, caps, n_group, affinity, deal=False)
-            # A copy its run could not take may find free cells only on nodes holding its expert.
-            cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False)
-        if _BALANCE_SWAPS:
-            mean = w.sum(1) / N
-            cells, _ = _refine(
-                cells,
-                per_copy,
-                node_of_cell,
-                node_of_cell,
-                mean * (1.0 + _BALANCE_TOL),
-                _BALANCE_SWAPS,
-                group_size=gsize,
-                cross_group_penalty=_BALANCE_PEN * mean,
-                partners=_BALANCE_PARTNERS,
-            )
-        return cells
+        return _place_grouped(w, counts, rank_of_cell, node_of_cell, caps, n_group, affinity)
     if packing:
         # Bins are GPUs there, whose balance is the point: pair by place only within narrow bands.
         affinity = min(affinity, _PACK_BAND)
-    bin_of_cell = rank_of_cell if packing else node_of_cell
+    bin_of_cell = rank_of_cell if packing else node_of_cell  # (P,)
     B = int(bin_of_cell.max()) + 1
     node_of_bin = np.zeros(B, dtype=np.int64)
-    node_of_bin[bin_of_cell] = node_of_cell
-    cells_per_bin = np.bincount(bin_of_cell, minlength=B).astype(np.float64)
-    node_cells = np.bincount(node_of_cell, minlength=N).astype(np.float64)
-    # Place of each group along the node line (in nodes), and of each bin's node.
-    share = w.reshape(L, n_group, gsize).sum(2) / w.sum(1, keepdims=True)  # (L, n_group)
-    line = np.cumsum(node_cells) / node_cells.sum() * N  # node n ends at line[n]
-    g_mid = (np.cumsum(share, 1) - share / 2) * N  # (L, n_group)
-    bin_pos = (line - node_cells / node_cells.sum() * N / 2)[node_of_bin]  # (B,)
-    # Within a group, copies spread over its run in id order: expert position along the line.
-    e_pos = np.repeat(g_mid, gsize, axis=1) + (
-        (np.arange(E) % gsize + 0.5) / gsize - 0.5
-    ) * np.repeat(share * N, gsize, axis=1)  # (L, E)
+    node_of_bin[bin_of_cell] = node_of_cell  # (B,)
+    expert_pos, bin_pos = _line_positions(w, n_group, node_of_cell, node_of_bin)
 
-    need = counts - counts_of(kept, E)
+    gsize = E // n_group
+    need = counts - counts_of(kept, E)  # (L, E) copies still to place
     # Equal loads: interleave the groups (i-th expert of every group, then the (i+1)-th ...),
     # so a round of equal copies holds every group and alignment can sort them onto their nodes.
-    item_e = _items(per_copy, need, np.broadcast_to((np.arange(E) % gsize) * n_group + np.arange(E) // gsize, (L, E)))
+    interleaved = np.broadcast_to((np.arange(E) % gsize) * n_group + np.arange(E) // gsize, (L, E))
+    item_e = _items(per_copy, need, interleaved)  # (L, W) heaviest first, -1 padded
     cells = kept.copy()
     if item_e.shape[1] == 0:
         return cells
-    valid = item_e >= 0
-    e_safe = np.maximum(item_e, 0)
-    item_load = per_copy[rows[:, None], e_safe]
-    # Load bands: copies whose loads differ by less than ``affinity`` x the mean load of a cell
-    # are interchangeable for balance, so they may be paired by place along the line instead.
-    unit = w.sum(1, keepdims=True) / P
-    band = np.floor(item_load / np.maximum(affinity * unit, 1e-300)).astype(np.int64) if affinity > 0 else None
+    rounds = _BinRounds(w, per_copy, kept, item_e, bin_of_cell, node_of_bin, node_of_cell, packing, affinity)
+    item_bin = rounds.run(expert_pos, bin_pos)  # (L, W)
 
-    li, cj = np.nonzero(kept >= 0)
-    ke = kept[li, cj]
-    load = np.zeros((L, B))
-    np.add.at(load, (li, bin_of_cell[cj]), per_copy[li, ke])
-    free = cells_per_bin[None, :] - counts_of(np.where(kept >= 0, bin_of_cell, -1), B)
-    on_node = np.zeros((L, E, N), dtype=bool)
-    on_node[li, ke, node_of_cell[cj]] = True
-    on_bin = on_node
-    if packing:
-        on_bin = np.zeros((L, E, B), dtype=bool)
-        on_bin[li, ke, bin_of_cell[cj]] = True
-    inv = 1.0 / cells_per_bin
-    # (B,) bins numbered GPU index within node first, node second: neighbours are on distinct nodes.
-    spread = np.lexsort((node_of_bin, np.arange(B) - np.searchsorted(node_of_bin, node_of_bin)))
-    spread = np.argsort(spread)
-    item_bin = np.full(item_e.shape, -1, dtype=np.int64)
-    done = ~valid
-    node_dups = gpu_dups = False
-    while not done.all():
-        has = free > 0
-        f = has.sum(1)  # (L,)
-        lk = np.where(has, load * inv, np.inf)
-        if packing and affinity > 0:
-            # Ranks of nearly equal load (one band) interleaved across nodes, so that a hot
-            # expert's adjacent copies land on distinct nodes.
-            lk = np.where(has, np.floor(lk / np.maximum(affinity * unit, 1e-300)), np.inf)
-            order = np.lexsort((np.broadcast_to(spread, (L, B)), lk), axis=1)
-        else:
-            order = np.argsort(lk, axis=1, kind="stable")  # lightest first
-        todo = ~done
-        pos = np.cumsum(todo, axis=1) - 1  # index among the copies still waiting
-        take = todo & (pos < f[:, None])
-        tl, ti = np.nonzero(take)
-        b = order[tl, pos[tl, ti]]
-        if affinity > 0:
-            tl, ti, b = _align(tl, ti, b, band[tl, ti], e_pos[tl, item_e[tl, ti]], bin_pos[b])
-        e = item_e[tl, ti]
-        gpu_bad = on_bin[tl, e, b] if packing else np.zeros(tl.size, dtype=bool)
-        # Packing balances GPUs first: a second copy on a node is allowed there, since making
-        # copies wait for another node costs more GPU balance than the locality it buys.
-        bad = gpu_bad if packing else on_node[tl, e, node_of_bin[b]]
-        if bad.any():
-            # A waiting copy takes the lightest bin of its layer that no copy took this round and
-            # that does not hold its expert; one copy per (layer, bin).
-            used = np.zeros((L, B), dtype=bool)
-            used[tl[~bad], b[~bad]] = True
-            bl, be, bi = tl[bad], e[bad], ti[bad]
-            blocked = used[bl] | ~has[bl] | (on_bin[bl, be] if packing else on_node[bl, be][:, node_of_bin])
-            alt = np.where(blocked, np.inf, load[bl] * inv).argmin(1)
-            ok_alt = ~blocked[np.arange(bl.size), alt]
-            _, first = np.unique(np.where(ok_alt, bl * B + alt, -1), return_index=True)
-            ok_alt &= np.isin(np.arange(bl.size), first)
-            if (~bad).any() or ok_alt.any():
-                b = np.concatenate([b[~bad], alt[ok_alt]])
-                tl = np.concatenate([tl[~bad], bl[ok_alt]])
-                ti = np.concatenate([ti[~bad], bi[ok_alt]])
-                e = np.concatenate([e[~bad], be[ok_alt]])
-            else:
-                # No layer can move: every free bin holds the waiting copy's expert. Place them
-                # anyway, a second copy on a node before (packing) one on a GPU; the repair
-                # below swaps those away.
-                force = ~gpu_bad if (~gpu_bad).any() else np.ones(tl.size, dtype=bool)
-                node_dups = not packing
-                gpu_dups |= bool(gpu_bad[force].any())
-                tl, ti, b, e = tl[force], ti[force], b[force], e[force]
-        load[tl, b] += item_load[tl, ti]
-        free[tl, b] -= 1  # one copy per (layer, bin) per round
-        on_node[tl, e, node_of_bin[b]] = True
-        if packing:
-            on_bin[tl, e, b] = True
-        item_bin[tl, ti] = b
-        done[tl, ti] = True
     # Each bin's free cells take the bin's copies, heaviest first. Cells are bin-major within a
     # layer, so free cells in (layer, cell) order are already grouped by bin; a stable sort of
     # the copies by (layer, bin) lines them up (small integer keys: a radix sort).
-    fl, fc = np.nonzero(kept < 0)
-    il, ii = np.nonzero(valid)
-    key = il * B + item_bin[il, ii]
-    io = np.argsort(key.astype(np.int32 if L * B < 2**31 else np.int64), kind="stable")
-    cells[fl, fc] = item_e[il[io], ii[io]]
-    if gpu_dups:
+    free_layer, free_cell = np.nonzero(kept < 0)
+    item_layer, item_col = np.nonzero(item_e >= 0)
+    key = item_layer * B + item_bin[item_layer, item_col]
+    order = np.argsort(key.astype(np.int32 if L * B < 2**31 else np.int64), kind="stable")
+    cells[free_layer, free_cell] = item_e[item_layer[order], item_col[order]]
+    if rounds.gpu_dups:
         cells = _repair_duplicates(cells, per_copy, rank_of_cell, strict=True)
-    if node_dups:
+    if rounds.node_dups:
         cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False, movable=kept < 0)
     return cells
+
+
+def _place_grouped(
+    w: np.ndarray,
+    counts: np.ndarray,
+    rank_of_cell: np.ndarray,
+    node_of_cell: np.ndarray,
+    caps: np.ndarray,
+    n_group: int,
+    affinity: float,
+) -> np.ndarray:
+    """(L, P) a fresh plan, one expert per GPU: copies dealt per group (``_deal_groups``), the
+    global rounds for what the runs could not take, then a few swaps trim the busiest node."""
+    L, E = w.shape
+    N = int(node_of_cell.max()) + 1
+    per_copy = w / counts  # (L, E)
+    dealt = _deal_groups(w, counts, node_of_cell, n_group)
+    cells = dealt
+    if (dealt < 0).any():
+        cells = _place(w, counts, dealt, rank_of_cell, node_of_cell, caps, n_group, affinity, deal=False)
+        # A copy its run could not take may find free cells only on nodes holding its expert.
+        cells = _repair_duplicates(cells, per_copy, node_of_cell, strict=False)
+    if _BALANCE_SWAPS:
+        mean_node_load = w.sum(1) / N  # (L,)
+        cells, _ = _refine(
+            cells,
+            per_copy,
+            node_of_cell,
+            node_of_cell,
+            mean_node_load * (1.0 + _BALANCE_TOL),
+            _BALANCE_SWAPS,
+            group_size=E // n_group,
+            cross_group_penalty=_BALANCE_PEN * mean_node_load,
+            partners=_BALANCE_PARTNERS,
+        )
+    return cells
+
+
+def _line_positions(
+    w: np.ndarray, n_group: int, node_of_cell: np.ndarray, node_of_bin: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Places along the node line (in nodes, node n ending where its share of the cells does):
+    each expert's (L, E), its group laid out in order as long as its share of the load and its
+    copies spread over the group's stretch in id order, and each bin's node's middle (B,)."""
+    L, E = w.shape
+    N = int(node_of_cell.max()) + 1
+    gsize = E // n_group
+    node_cells = np.bincount(node_of_cell, minlength=N).astype(np.float64)  # (N,)
+    share = w.reshape(L, n_group, gsize).sum(2) / w.sum(1, keepdims=True)  # (L, n_group)
+    line = np.cumsum(node_cells) / node_cells.sum() * N  # node n ends at line[n]
+    group_mid = (np.cumsum(share, 1) - share / 2) * N  # (L, n_group)
+    bin_pos = (line - node_cells / node_cells.sum() * N / 2)[node_of_bin]  # (B,)
+    expert_pos = np.repeat(group_mid, gsize, axis=1) + (
+        (np.arange(E) % gsize + 0.5) / gsize - 0.5
+    ) * np.repeat(share * N, gsize, axis=1)  # (L, E)
+    return expert_pos, bin_pos
+
+
+class _BinRounds:
+    """The longest-processing-time-first rounds of ``_place``: state per (layer, bin) updated in
+    place round by round; a bin is a node, or a rank (GPU) when packing."""
+
+    def __init__(
+        self,
+        w: np.ndarray,
+        per_copy: np.ndarray,
+        kept: np.ndarray,
+        item_e: np.ndarray,
+        bin_of_cell: np.ndarray,
+        node_of_bin: np.ndarray,
+        node_of_cell: np.ndarray,
+        packing: bool,
+        affinity: float,
+    ) -> None:
+        L, E = w.shape
+        P = kept.shape[1]
+        B, N = node_of_bin.size, int(node_of_cell.max()) + 1
+        self.item_e = item_e  # (L, W) experts of the copies to place, heaviest first, -1 padded
+        self.item_load = per_copy[np.arange(L)[:, None], np.maximum(item_e, 0)]  # (L, W)
+        self.node_of_bin = node_of_bin  # (B,)
+        self.packing = packing
+        self.affinity = affinity
+        # Load bands: copies whose loads differ by less than ``affinity`` x the mean load of a cell
+        # are interchangeable for balance, so they may be paired by place along the line instead.
+        self.unit = w.sum(1, keepdims=True) / P  # (L, 1) mean load of a cell
+        self.band = (
+            np.floor(self.item_load / np.maximum(affinity * self.unit, 1e-300)).astype(np.int64)
+            if affinity > 0
+            else None
+        )  # (L, W)
+        cells_per_bin = np.bincount(bin_of_cell, minlength=B).astype(np.float64)  # (B,)
+        self.inv_cells = 1.0 / cells_per_bin  # (B,)
+        li, cj = np.nonzero(kept >= 0)
+        ke = kept[li, cj]
+        self.load = np.zeros((L, B))  # load of each bin's copies
+        np.add.at(self.load, (li, bin_of_cell[cj]), per_copy[li, ke])
+        self.free = cells_per_bin[None, :] - counts_of(np.where(kept >= 0, bin_of_cell, -1), B)  # (L, B)
+        self.on_node = np.zeros((L, E, N), dtype=bool)  # the node holds a copy of the expert
+        self.on_node[li, ke, node_of_cell[cj]] = True
+        self.on_bin = self.on_node  # (L, E, B); the same array when bins are nodes
+        if packing:
+            self.on_bin = np.zeros((L, E, B), dtype=bool)
+            self.on_bin[li, ke, bin_of_cell[cj]] = True
+        # (B,) bins numbered GPU index within node first, node second: neighbours are on distinct nodes.
+        spread = np.lexsort((node_of_bin, np.arange(B) - np.searchsorted(node_of_bin, node_of_bin)))
+        self.spread = np.argsort(spread)
+        self.item_bin = np.full(item_e.shape, -1, dtype=np.int64)  # (L, W) bin each copy went to
+        self.done = item_e < 0  # (L, W)
+        # Copies forced onto a node (GPU) that holds their expert: the caller repairs them.
+        self.node_dups = self.gpu_dups = False
+
+    def run(self, expert_pos: np.ndarray, bin_pos: np.ndarray) -> np.ndarray:
+        """(L, W) the bin of every copy, after rounds until every copy is placed."""
+        while not self.done.all():
+            has_room = self.free > 0  # (L, B)
+            layer, item, b = self._pairs(has_room)
+            if self.affinity > 0:
+                layer, item, b = _align(
+                    layer, item, b, self.band[layer, item], expert_pos[layer, self.item_e[layer, item]], bin_pos[b]
+                )
+            layer, item, b = self._avoid_clashes(layer, item, b, has_room)
+            self._commit(layer, item, b)
+        return self.item_bin
+
+    def _pairs(self, has_room: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The round's (layer, copy, bin) pairs: the next f waiting copies of each layer (f bins
+        with room), heaviest to the lightest bin."""
+        L, B = self.load.shape
+        n_bins = has_room.sum(1)  # (L,)
+        load_per_cell = np.where(has_room, self.load * self.inv_cells, np.inf)  # (L, B)
+        if self.packing and self.affinity > 0:
+            # Ranks of nearly equal load (one band) interleaved across nodes, so that a hot
+            # expert's adjacent copies land on distinct nodes.
+            banded = np.where(has_room, np.floor(load_per_cell / np.maximum(self.affinity * self.unit, 1e-300)), np.inf)
+            order = np.lexsort((np.broadcast_to(self.spread, (L, B)), banded), axis=1)
+        else:
+            order = np.argsort(load_per_cell, axis=1, kind="stable")  # lightest first
+        todo = ~self.done
+        pos = np.cumsum(todo, axis=1) - 1  # index among the copies still waiting
+        layer, item = np.nonzero(todo & (pos < n_bins[:, None]))
+        return layer, item, order[layer, pos[layer, item]]
+
+    def _avoid_clashes(
+        self, layer: np.ndarray, item: np.ndarray, b: np.ndarray, has_room: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pairs without a copy going where its expert is: such a copy takes the lightest bin
+        of its layer that no copy took this round and that does not hold its expert (one copy per
+        (layer, bin)), or waits a round; when no layer can move at all, duplicates are forced."""
+        e = self.item_e[layer, item]
+        gpu_clash = self.on_bin[layer, e, b] if self.packing else np.zeros(layer.size, dtype=bool)
+        # Packing balances GPUs first: a second copy on a node is allowed there, since making
+        # copies wait for another node costs more GPU balance than the locality it buys.
+        clash = gpu_clash if self.packing else self.on_node[layer, e, self.node_of_bin[b]]
+        if not clash.any():
+            return layer, item, b
+        used = np.zeros(self.load.shape, dtype=bool)
+        used[layer[~clash], b[~clash]] = True
+        cl, ce, ci = layer[clash], e[clash], item[clash]
+        holds = self.on_bin[cl, ce] if self.packing else self.on_node[cl, ce][:, self.node_of_bin]
+        blocked = used[cl] | ~has_room[cl] | holds
+        alt = np.where(blocked, np.inf, self.load[cl] * self.inv_cells).argmin(1)
+        ok_alt = ~blocked[np.arange(cl.size), alt]
+        _, first = np.unique(np.where(ok_alt, cl * self.load.shape[1] + alt, -1), return_index=True)
+        ok_alt &= np.isin(np.arange(cl.size), first)
+        if (~clash).any() or ok_alt.any():
+            return (
+                np.concatenate([layer[~clash], cl[ok_alt]]),
+                np.concatenate([item[~clash], ci[ok_alt]]),
+                np.concatenate([b[~clash], alt[ok_alt]]),
+            )
+        # No layer can move: every free bin holds the waiting copy's expert. Place them anyway, a
+        # second copy on a node before (packing) one on a GPU; the caller's repair swaps those away.
+        force = ~gpu_clash if (~gpu_clash).any() else np.ones(layer.size, dtype=bool)
+        self.node_dups = not self.packing
+        self.gpu_dups |= bool(gpu_clash[force].any())
+        return layer[force], item[force], b[force]
+
+    def _commit(self, layer: np.ndarray, item: np.ndarray, b: np.ndarray) -> None:
+        e = self.item_e[layer, item]
+        self.load[layer, b] += self.item_load[layer, item]
+        self.free[layer, b] -= 1  # one copy per (layer, bin) per round
+        self.on_node[layer, e, self.node_of_bin[b]] = True
+        if self.packing:
+            self.on_bin[layer, e, b] = True
+        self.item_bin[layer, item] = b
+        self.done[layer, item] = True
 
 
 def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_group: int) -> np.ndarray:
