@@ -473,7 +473,7 @@ def _group_max(cells: np.ndarray, per_copy: np.ndarray, group_of_cell: np.ndarra
 def _refine(
     cells: np.ndarray,
     per_copy: np.ndarray,
-    group_of_cell: np.ndarray,
+    bin_of_cell: np.ndarray,
     node_of_cell: np.ndarray,
     cap: np.ndarray,
     max_swaps: int,
@@ -482,11 +482,11 @@ def _refine(
     cross_group_penalty: np.ndarray | None = None,
     partners: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Swap pairs of copies until the busiest node (or rank: ``group_of_cell``) of every layer is
-    at most ``cap`` (L,), or no swap lowers it, or a layer has made ``max_swaps`` swaps.
+    """Swap pairs of copies until the busiest bin (a node, or a rank: ``bin_of_cell``) of every
+    layer is at most ``cap`` (L,), or no swap lowers it, or a layer has made ``max_swaps`` swaps.
 
-    Each step, per layer: the busiest group trades one of its copies for one in one of the
-    ``partners`` least-loaded groups, choosing the pair that leaves the larger of the two new
+    Each step, per layer: the busiest bin trades one of its copies for one in one of the
+    ``partners`` least-loaded bins, choosing the pair that leaves the larger of the two new
     loads the smallest. A swap never puts two copies
     of an expert on one node (or rank). With ``node_cap`` (L,) (balancing ranks), a swap between
     two nodes may not leave either above ``node_cap`` or above its load before the swap.
@@ -495,107 +495,147 @@ def _refine(
     Returns the cells and the swaps made per layer (L,).
     """
     L, P = cells.shape
-    E = per_copy.shape[1]
-    K = int(group_of_cell.max()) + 1
-    N = int(node_of_cell.max()) + 1
     rows = np.arange(L)
-    cells = cells.copy()
-    cell_load = np.where(cells >= 0, per_copy[rows[:, None], np.maximum(cells, 0)], 0.0)  # (L, P)
-    load = cell_load @ (group_of_cell[:, None] == np.arange(K))  # (L, K)
-    nload = cell_load @ (node_of_cell[:, None] == np.arange(N))  # (L, N)
-    # (K, cmax) cells of each group, -1 padded.
-    sizes = np.bincount(group_of_cell, minlength=K)
-    members = np.full((K, int(sizes.max())), -1, dtype=np.int64)
-    order = np.argsort(group_of_cell, kind="stable")
-    members[group_of_cell[order], _occurrence(group_of_cell[order])] = order
-    li, cj = np.nonzero(cells >= 0)
-    on_group = np.zeros((L, E, K), dtype=bool)
-    on_group[li, cells[li, cj], group_of_cell[cj]] = True
-    on_node = np.zeros((L, E, N), dtype=bool)
-    on_node[li, cells[li, cj], node_of_cell[cj]] = True
-    swaps = np.zeros(L, dtype=np.int64)
-    eps = 1e-9 * per_copy.sum(1) / P
+    state = _SwapState(cells, per_copy, bin_of_cell, node_of_cell)
+    swaps = np.zeros(L, dtype=np.int64)  # (L,) made so far
+    eps = 1e-9 * per_copy.sum(1) / P  # (L,) a swap must gain at least this much
     for _ in range(max_swaps * L if max_swaps else 0):
-        a = load.argmax(1)
-        la = load[rows, a]
-        active = (la > cap * (1.0 + 1e-12)) & (swaps < max_swaps)
+        busiest = state.bin_load.argmax(1)  # (L,)
+        busiest_load = state.bin_load[rows, busiest]  # (L,)
+        active = (busiest_load > cap * (1.0 + 1e-12)) & (swaps < max_swaps)
         if not active.any():
             break
         r = rows[active]
-        x = members[a[r]]  # (l, cmax) cells of the busiest group
-        # Partners: the cells of the ``partners`` least-loaded groups (the busiest is never one).
-        light = np.argpartition(load[r], min(partners, K) - 1, axis=1)[:, : min(partners, K)]  # (l, partners)
-        y = members[light].reshape(r.size, -1)  # (l, partners*cmax)
-        xs = np.where(x >= 0, cells[r[:, None], np.maximum(x, 0)], -1)
-        lx = np.where(x >= 0, cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
-        ys = np.where(y >= 0, cells[r[:, None], np.maximum(y, 0)], -1)
-        ly = np.where(y >= 0, cell_load[r[:, None], np.maximum(y, 0)], 0.0)
-        gy = group_of_cell[np.maximum(y, 0)]  # (l, Y)
-        new_a = la[r, None, None] - lx[:, :, None] + ly[:, None, :]  # (l, cmax, Y)
-        new_b = load[r[:, None], gy][:, None, :] - ly[:, None, :] + lx[:, :, None]
-        score = np.maximum(new_a, new_b)
-        xe, ye = np.maximum(xs, 0), np.maximum(ys, 0)
+        busy_cells = state.members[busiest[r]]  # (l, cmax) cells of the busiest bin
+        partner_cells = state.partner_cells(r, partners)  # (l, Y)
+        score = state.swap_scores(
+            r, busiest, busiest_load, busy_cells, partner_cells, eps, node_cap, group_size, cross_group_penalty
+        )  # (l, cmax * Y)
+        best = score.argmin(1)
+        do = np.isfinite(score[np.arange(r.size), best])
+        if not do.any():
+            break
+        r, best, partner_cells = r[do], best[do], partner_cells[do]
+        i, jj = np.divmod(best, partner_cells.shape[1])
+        state.swap(r, state.members[busiest[r], i], partner_cells[np.arange(r.size), jj])
+        swaps[r] += 1
+    return state.cells, swaps
+
+
+class _SwapState:
+    """What ``_refine`` tracks while it swaps: cells, their loads, bin and node loads, and which
+    bins and nodes hold each expert."""
+
+    def __init__(
+        self, cells: np.ndarray, per_copy: np.ndarray, bin_of_cell: np.ndarray, node_of_cell: np.ndarray
+    ) -> None:
+        L, P = cells.shape
+        E = per_copy.shape[1]
+        K = int(bin_of_cell.max()) + 1
+        N = int(node_of_cell.max()) + 1
+        rows = np.arange(L)
+        self.bin_of_cell, self.node_of_cell = bin_of_cell, node_of_cell  # (P,) each
+        self.cells = cells.copy()  # (L, P)
+        self.cell_load = np.where(cells >= 0, per_copy[rows[:, None], np.maximum(cells, 0)], 0.0)  # (L, P)
+        self.bin_load = self.cell_load @ (bin_of_cell[:, None] == np.arange(K))  # (L, K)
+        self.node_load = self.cell_load @ (node_of_cell[:, None] == np.arange(N))  # (L, N)
+        # (K, cmax) cells of each bin, -1 padded.
+        sizes = np.bincount(bin_of_cell, minlength=K)
+        self.members = np.full((K, int(sizes.max())), -1, dtype=np.int64)
+        order = np.argsort(bin_of_cell, kind="stable")
+        self.members[bin_of_cell[order], _occurrence(bin_of_cell[order])] = order
+        li, cj = np.nonzero(cells >= 0)
+        self.on_bin = np.zeros((L, E, K), dtype=bool)  # the bin holds a copy of the expert
+        self.on_bin[li, cells[li, cj], bin_of_cell[cj]] = True
+        self.on_node = np.zeros((L, E, N), dtype=bool)  # the node holds a copy of the expert
+        self.on_node[li, cells[li, cj], node_of_cell[cj]] = True
+
+    def partner_cells(self, r: np.ndarray, partners: int) -> np.ndarray:
+        """(l, partners * cmax) cells of the ``partners`` least-loaded bins of layers ``r`` (the
+        busiest is never one), -1 padded."""
+        K = self.members.shape[0]
+        light = np.argpartition(self.bin_load[r], min(partners, K) - 1, axis=1)[:, : min(partners, K)]
+        return self.members[light].reshape(r.size, -1)
+
+    def swap_scores(
+        self,
+        r: np.ndarray,
+        busiest: np.ndarray,
+        busiest_load: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        eps: np.ndarray,
+        node_cap: np.ndarray | None,
+        group_size: int,
+        cross_group_penalty: np.ndarray | None,
+    ) -> np.ndarray:
+        """(l, cmax * Y) score of swapping cell ``x`` (l, cmax) of the busiest bin with cell ``y``
+        (l, Y) of a partner in layers ``r``: the larger of the two bins' new loads (plus the
+        cross-group penalty); inf where the swap is not allowed or gains nothing."""
+        cells, cell_load, bin_of_cell, node_of_cell = self.cells, self.cell_load, self.bin_of_cell, self.node_of_cell
+        x_expert = np.where(x >= 0, cells[r[:, None], np.maximum(x, 0)], -1)  # (l, cmax)
+        x_load = np.where(x >= 0, cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
+        y_expert = np.where(y >= 0, cells[r[:, None], np.maximum(y, 0)], -1)  # (l, Y)
+        y_load = np.where(y >= 0, cell_load[r[:, None], np.maximum(y, 0)], 0.0)
+        y_bin = bin_of_cell[np.maximum(y, 0)]  # (l, Y)
+        new_busiest = busiest_load[r, None, None] - x_load[:, :, None] + y_load[:, None, :]  # (l, cmax, Y)
+        new_partner = self.bin_load[r[:, None], y_bin][:, None, :] - y_load[:, None, :] + x_load[:, :, None]
+        score = np.maximum(new_busiest, new_partner)
+        xe, ye = np.maximum(x_expert, 0), np.maximum(y_expert, 0)
         x_node = node_of_cell[np.maximum(x, 0)]  # (l, cmax)
         y_node = node_of_cell[np.maximum(y, 0)]  # (l, Y)
         rr = r[:, None, None]
         ok = (
-            (xs >= 0)[:, :, None]
-            & (ys >= 0)[:, None, :]
-            & (gy != a[r, None])[:, None, :]
-            & (xs[:, :, None] != ys[:, None, :])
-            # y's group must not hold x and the busiest group must not hold y; across nodes, the
+            (x_expert >= 0)[:, :, None]
+            & (y_expert >= 0)[:, None, :]
+            & (y_bin != busiest[r, None])[:, None, :]
+            & (x_expert[:, :, None] != y_expert[:, None, :])
+            # y's bin must not hold x and the busiest bin must not hold y; across nodes, the
             # same for the two nodes, so copies stay on distinct nodes.
-            & ~on_group[rr, xe[:, :, None], gy[:, None, :]]
-            & ~on_group[r[:, None], ye, a[r][:, None]][:, None, :]
+            & ~self.on_bin[rr, xe[:, :, None], y_bin[:, None, :]]
+            & ~self.on_bin[r[:, None], ye, busiest[r][:, None]][:, None, :]
             & (
                 (x_node[:, :, None] == y_node[:, None, :])
                 | (
-                    ~on_node[rr, xe[:, :, None], y_node[:, None, :]]
-                    & ~on_node[rr, ye[:, None, :], x_node[:, :, None]]
+                    ~self.on_node[rr, xe[:, :, None], y_node[:, None, :]]
+                    & ~self.on_node[rr, ye[:, None, :], x_node[:, :, None]]
                 )
             )
-            & (score < la[r, None, None] - eps[r, None, None])
+            & (score < busiest_load[r, None, None] - eps[r, None, None])
         )
         if node_cap is not None:
             # Node loads after the swap: x's node loses x and gains y, y's node the reverse.
-            d = ly[:, None, :] - lx[:, :, None]  # (l, cmax, Y) change at x's node
-            nx = nload[r[:, None], x_node][:, :, None]
-            ny = nload[r[:, None], y_node][:, None, :]
+            d = y_load[:, None, :] - x_load[:, :, None]  # (l, cmax, Y) change at x's node
+            nx = self.node_load[r[:, None], x_node][:, :, None]
+            ny = self.node_load[r[:, None], y_node][:, None, :]
             same = x_node[:, :, None] == y_node[:, None, :]
             cap_n = node_cap[r, None, None]
             ok &= same | ((nx + d <= np.maximum(nx, cap_n)) & (ny - d <= np.maximum(ny, cap_n)))
         if cross_group_penalty is not None:
             cross = xe[:, :, None] // group_size != ye[:, None, :] // group_size
             score = score + np.where(cross, cross_group_penalty[r, None, None], 0.0)
-        score = np.where(ok, score, np.inf).reshape(r.size, -1)
-        best = score.argmin(1)
-        do = np.isfinite(score[np.arange(r.size), best])
-        if not do.any():
-            break
-        r, best, y = r[do], best[do], y[do]
-        i, jj = np.divmod(best, y.shape[1])
-        j = y[np.arange(r.size), jj]
-        ci = members[a[r], i]  # cell in the busiest group
-        ex, ey = cells[r, ci], cells[r, j]
-        ga, gb = group_of_cell[ci], group_of_cell[j]
-        na, nb = node_of_cell[ci], node_of_cell[j]
-        lxa, lyb = cell_load[r, ci], cell_load[r, j]
-        cells[r, ci], cells[r, j] = ey, ex
-        cell_load[r, ci], cell_load[r, j] = lyb, lxa
-        load[r, ga] += lyb - lxa
-        load[r, gb] += lxa - lyb
-        nload[r, na] += lyb - lxa
-        nload[r, nb] += lxa - lyb
-        on_group[r, ex, ga] = False
-        on_group[r, ey, gb] = False
-        on_group[r, ex, gb] = True
-        on_group[r, ey, ga] = True
-        on_node[r, ex, na] = False
-        on_node[r, ey, nb] = False
-        on_node[r, ex, nb] = True
-        on_node[r, ey, na] = True
-        swaps[r] += 1
-    return cells, swaps
+        return np.where(ok, score, np.inf).reshape(r.size, -1)
+
+    def swap(self, r: np.ndarray, ci: np.ndarray, j: np.ndarray) -> None:
+        """Swap the copies of cells ``ci`` and ``j`` (l,) in layers ``r`` (l,)."""
+        ex, ey = self.cells[r, ci], self.cells[r, j]
+        ga, gb = self.bin_of_cell[ci], self.bin_of_cell[j]
+        na, nb = self.node_of_cell[ci], self.node_of_cell[j]
+        lxa, lyb = self.cell_load[r, ci], self.cell_load[r, j]
+        self.cells[r, ci], self.cells[r, j] = ey, ex
+        self.cell_load[r, ci], self.cell_load[r, j] = lyb, lxa
+        self.bin_load[r, ga] += lyb - lxa
+        self.bin_load[r, gb] += lxa - lyb
+        self.node_load[r, na] += lyb - lxa
+        self.node_load[r, nb] += lxa - lyb
+        self.on_bin[r, ex, ga] = False
+        self.on_bin[r, ey, gb] = False
+        self.on_bin[r, ex, gb] = True
+        self.on_bin[r, ey, ga] = True
+        self.on_node[r, ex, na] = False
+        self.on_node[r, ey, nb] = False
+        self.on_node[r, ex, nb] = True
+        self.on_node[r, ey, na] = True
 
 
 def _items(per_copy: np.ndarray, need: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
