@@ -319,6 +319,62 @@ def plan(
     the node line instead (when packing, at most ``_PACK_BAND``); also the cost of a swap across
     groups in the opt-in swaps.
     """
+    _check_plan_args(shape, topology, balance_tolerance, node_tolerance, group_affinity, max_swaps, max_pack_swaps)
+    w = expert_load(shape, load)  # (L, E)
+    if previous is not None:
+        _check_previous(previous, shape)
+    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu, previous)
+    G, P, L, E = len(ranks), int(caps.sum()), shape.moe_layers, shape.n_routed_experts
+    rank_of_cell, node_of_cell = _cell_layout(ranks, caps)  # (P,) each
+
+    # 1. Replica counts.
+    prev_cells = None if previous is None else _previous_cells(previous, ranks, caps)  # (L, P) or None
+    max_count = G if P > G else None  # packing: never two copies of an expert on one GPU
+    if prev_cells is None:
+        counts = optimal_counts(w, P, max_count)  # (L, E)
+    else:
+        counts = rebalanced_counts(w, P, counts_of(prev_cells, E), balance_tolerance, max_count)
+    # 2. Cells kept from the previous plan; 3-4. the other copies placed.
+    if prev_cells is None:
+        kept = np.full((L, P), -1, dtype=np.int64)
+    else:
+        kept = _keep(prev_cells, counts, w, node_of_cell)  # (L, P)
+    cells = _place(w, counts, kept, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)  # (L, P)
+    # 5. Re-plans: bounded swaps.
+    pack_swaps = math.ceil(P / 8) if max_pack_swaps is None else max_pack_swaps
+    packing = bool((caps > 1).any())
+    if prev_cells is not None and (max_swaps or (packing and pack_swaps)):
+        cells = _replan_swaps(
+            cells,
+            w,
+            counts,
+            rank_of_cell,
+            node_of_cell,
+            caps,
+            shape,
+            group_affinity,
+            tolerances=(node_tolerance, balance_tolerance),
+            budgets=(max_swaps, pack_swaps if packing else 0),
+        )
+
+    expert_map = _expert_map(cells, rank_of_cell, caps)  # (L, G, max caps)
+    out = Plan(ranks=ranks, expert_map=expert_map, shape=shape)
+    metrics = plan_metrics(out, w)
+    metrics["redundant"] = P - E
+    if previous is not None:
+        metrics["moved_experts"] = moved_experts(previous, out)
+    return Plan(ranks=ranks, expert_map=expert_map, shape=shape, metrics=metrics)
+
+
+def _check_plan_args(
+    shape: Any,
+    topology: Any,
+    balance_tolerance: float,
+    node_tolerance: float,
+    group_affinity: float,
+    max_swaps: int,
+    max_pack_swaps: int | None,
+) -> None:
     if not isinstance(shape, MoEShape):
         raise PlacementError(f"shape must be a MoEShape, got {type(shape).__name__}")
     if not isinstance(topology, Topology):
@@ -327,70 +383,62 @@ def plan(
         raise PlacementError("balance_tolerance, node_tolerance and group_affinity must be >= 0")
     if max_swaps < 0 or (max_pack_swaps is not None and max_pack_swaps < 0):
         raise PlacementError("max_swaps and max_pack_swaps must be >= 0")
-    w = expert_load(shape, load)
-    if previous is not None:
-        _check_previous(previous, shape)
-    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu, previous)
-    G, P, L, E = len(ranks), int(caps.sum()), shape.moe_layers, shape.n_routed_experts
 
-    # Cells: rank-major; cell j belongs to rank_of_cell[j], node node_of_cell[j].
-    rank_of_cell = np.repeat(np.arange(G), caps)  # (P,)
+
+def _cell_layout(ranks: Sequence[RankSlot], caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cells are rank-major: cell j belongs to rank ``rank_of_cell[j]`` on node
+    ``node_of_cell[j]`` (nodes numbered in the ranks' order). Returns both, (P,) each."""
+    rank_of_cell = np.repeat(np.arange(len(ranks)), caps)  # (P,)
     node_names = list(dict.fromkeys(r.node for r in ranks))
     node_index = {n: i for i, n in enumerate(node_names)}
     node_of_rank = np.array([node_index[r.node] for r in ranks], dtype=np.int64)  # (G,)
-    node_of_cell = node_of_rank[rank_of_cell]  # (P,)
+    return rank_of_cell, node_of_rank[rank_of_cell]
 
-    prev_cells = None if previous is None else _previous_cells(previous, ranks, caps)  # (L, P) or None
-    max_count = G if P > G else None  # packing: never two copies of an expert on one GPU
-    if prev_cells is None:
-        counts = optimal_counts(w, P, max_count)
-    else:
-        counts = rebalanced_counts(w, P, counts_of(prev_cells, E), balance_tolerance, max_count)
 
-    per_copy = w / counts  # (L, E) load of one copy: tokens split evenly over the copies
-    N = len(node_names)
-    packing = bool((caps > 1).any())
+def _replan_swaps(
+    cells: np.ndarray,
+    w: np.ndarray,
+    counts: np.ndarray,
+    rank_of_cell: np.ndarray,
+    node_of_cell: np.ndarray,
+    caps: np.ndarray,
+    shape: MoEShape,
+    group_affinity: float,
+    tolerances: tuple[float, float],
+    budgets: tuple[int, int],
+) -> np.ndarray:
+    """(L, P) a re-plan's cells after swaps that bring a node (opt-in: ``max_swaps``) or, packing,
+    a rank (kept copies carry the new load, so GPUs drift apart) back near a fresh plan's busiest
+    for these counts; each swap moves two experts. ``tolerances``: (node, balance); ``budgets``:
+    swaps per layer (for nodes, for ranks)."""
+    node_tolerance, balance_tolerance = tolerances
+    max_swaps, pack_swaps = budgets
+    L, P = cells.shape
+    N = int(node_of_cell.max()) + 1
+    per_copy = w / counts  # (L, E)
     # Swapping two experts of different groups between nodes costs this much (load units).
-    cross_group = group_affinity * w.sum(1) / N
-
-    def swap(
-        cells: np.ndarray, by: np.ndarray, cap: np.ndarray, budget: int, node_cap: Any = None
-    ) -> np.ndarray:
-        """Swaps until every node (``by=node_of_cell``) or rank is at most ``cap`` (L,)."""
-        out, _ = _refine(
-            cells, per_copy, by, node_of_cell, cap, budget, node_cap, shape.group_size, cross_group
+    cross_group = group_affinity * w.sum(1) / N  # (L,)
+    empty = np.full((L, P), -1, dtype=np.int64)
+    fresh = _place(w, counts, empty, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)
+    node_cap = _busiest_bin_load(fresh, per_copy, node_of_cell) * (1.0 + node_tolerance)  # (L,)
+    cells, _ = _refine(
+        cells, per_copy, node_of_cell, node_of_cell, node_cap, max_swaps, None, shape.group_size, cross_group
+    )
+    if pack_swaps:
+        rank_cap = _busiest_bin_load(fresh, per_copy, rank_of_cell) * (1.0 + balance_tolerance)  # (L,)
+        cells, _ = _refine(
+            cells, per_copy, rank_of_cell, node_of_cell, rank_cap, pack_swaps, node_cap, shape.group_size, cross_group
         )
-        return out
+    return cells
 
-    if prev_cells is None:
-        kept = np.full((L, P), -1, dtype=np.int64)
-    else:
-        kept = _keep(prev_cells, counts, w, node_of_cell)
-    cells = _place(w, counts, kept, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)
-    pack_swaps = math.ceil(P / 8) if max_pack_swaps is None else max_pack_swaps
-    if prev_cells is not None and (max_swaps or (packing and pack_swaps)):
-        # Swaps bring a node (opt-in: ``max_swaps``) or, packing, a rank (kept copies carry the
-        # new load, so GPUs drift apart) back near a fresh plan's busiest for these counts;
-        # each swap moves two experts.
-        empty = np.full((L, P), -1, dtype=np.int64)
-        fresh = _place(w, counts, empty, rank_of_cell, node_of_cell, caps, shape.n_group, group_affinity)
-        node_cap = _group_max(fresh, per_copy, node_of_cell) * (1.0 + node_tolerance)
-        cells = swap(cells, node_of_cell, node_cap, max_swaps)
-        if packing and pack_swaps:
-            rank_cap = _group_max(fresh, per_copy, rank_of_cell) * (1.0 + balance_tolerance)
-            cells = swap(cells, rank_of_cell, rank_cap, pack_swaps, node_cap)
 
-    # (L, P) cells -> (L, G, max caps) expert map, -1 padded.
-    width = int(caps.max())
-    slot_in_rank = np.arange(P) - np.repeat(np.cumsum(caps) - caps, caps)
-    expert_map = np.full((L, G, width), -1, dtype=np.int32)
+def _expert_map(cells: np.ndarray, rank_of_cell: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """(L, P) cells -> (L, G, max caps) int32 expert map, -1 padded."""
+    L, P = cells.shape
+    slot_in_rank = np.arange(P) - np.repeat(np.cumsum(caps) - caps, caps)  # (P,)
+    expert_map = np.full((L, caps.size, int(caps.max())), -1, dtype=np.int32)
     expert_map[:, rank_of_cell, slot_in_rank] = cells
-    out = Plan(ranks=ranks, expert_map=expert_map, shape=shape)
-    metrics = plan_metrics(out, w)
-    metrics["redundant"] = P - E
-    if previous is not None:
-        metrics["moved_experts"] = moved_experts(previous, out)
-    return Plan(ranks=ranks, expert_map=expert_map, shape=shape, metrics=metrics)
+    return expert_map
 
 
 def _check_previous(previous: Plan, shape: MoEShape) -> None:
@@ -462,12 +510,12 @@ def _keep(prev: np.ndarray, counts: np.ndarray, w: np.ndarray, node_of_cell: np.
     return kept
 
 
-def _group_max(cells: np.ndarray, per_copy: np.ndarray, group_of_cell: np.ndarray) -> np.ndarray:
-    """(L,) largest load of a node (or rank) when cells are grouped by ``group_of_cell``."""
+def _busiest_bin_load(cells: np.ndarray, per_copy: np.ndarray, bin_of_cell: np.ndarray) -> np.ndarray:
+    """(L,) largest load of a bin (a node, or a rank) when cells are binned by ``bin_of_cell``."""
     L = cells.shape[0]
-    K = int(group_of_cell.max()) + 1
+    K = int(bin_of_cell.max()) + 1
     load = np.where(cells >= 0, per_copy[np.arange(L)[:, None], np.maximum(cells, 0)], 0.0)  # (L, P)
-    return (load @ (group_of_cell[:, None] == np.arange(K))).max(1)
+    return (load @ (bin_of_cell[:, None] == np.arange(K))).max(1)
 
 
 def _refine(
