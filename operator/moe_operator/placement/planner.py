@@ -491,22 +491,23 @@ def _keep(prev: np.ndarray, counts: np.ndarray, w: np.ndarray, node_of_cell: np.
     E = counts.shape[1]
     N = int(node_of_cell.max()) + 1
     per_copy = w / counts  # (L, E)
-    li, cj = np.nonzero(prev >= 0)  # hosted previous cells, layer-major
-    e = prev[li, cj]
-    n = node_of_cell[cj]
+    layer, cell = np.nonzero(prev >= 0)  # (copies,) hosted previous cells, layer-major
+    expert = prev[layer, cell]
+    node = node_of_cell[cell]
     # Node load if every previous copy stayed: drop copies on the busiest nodes first.
-    node_load = np.zeros(L * N)
-    np.add.at(node_load, li * N + n, per_copy[li, e])
+    node_load = np.zeros(L * N)  # (L * N,) flat (layer, node)
+    np.add.at(node_load, layer * N + node, per_copy[layer, expert])
     # Index of each copy among the copies of its expert on its node (duplicates rank last).
-    o = np.lexsort((cj, n, e, li))
-    dup = np.empty_like(o)
-    dup[o] = _occurrence((li[o] * E + e[o]) * N + n[o])
-    o = np.lexsort((cj, node_load[li * N + n], dup, e, li))
-    rank = np.empty_like(o)
-    rank[o] = _occurrence(li[o] * E + e[o])
-    stay = rank < counts[li, e]
+    order = np.lexsort((cell, node, expert, layer))
+    nth_on_node = np.empty_like(order)
+    nth_on_node[order] = _occurrence((layer[order] * E + expert[order]) * N + node[order])
+    # Each copy's rank among its expert's copies: first copies on a node first, lightest node first.
+    order = np.lexsort((cell, node_load[layer * N + node], nth_on_node, expert, layer))
+    rank = np.empty_like(order)
+    rank[order] = _occurrence(layer[order] * E + expert[order])
+    stay = rank < counts[layer, expert]
     kept = np.full((L, P), -1, dtype=np.int64)
-    kept[li[stay], cj[stay]] = e[stay]
+    kept[layer[stay], cell[stay]] = expert[stay]
     return kept
 
 
@@ -690,18 +691,18 @@ def _items(per_copy: np.ndarray, need: np.ndarray, tiebreak: np.ndarray) -> np.n
     """(L, W) experts of the copies still to place, heaviest copy first, -1 padded; equal loads
     in ``tiebreak`` (L, E) order."""
     L, E = per_copy.shape
-    o1 = np.argsort(tiebreak, axis=1, kind="stable")
-    o2 = np.argsort(-np.take_along_axis(per_copy, o1, axis=1), axis=1, kind="stable")
-    order = np.take_along_axis(o1, o2, axis=1)  # (L, E)
-    reps = np.take_along_axis(need, order, axis=1)
-    n = reps.sum(1)
-    W = int(n.max(initial=0))
+    by_tiebreak = np.argsort(tiebreak, axis=1, kind="stable")  # (L, E)
+    by_load = np.argsort(-np.take_along_axis(per_copy, by_tiebreak, axis=1), axis=1, kind="stable")
+    order = np.take_along_axis(by_tiebreak, by_load, axis=1)  # (L, E) heaviest first, then tiebreak
+    copies = np.take_along_axis(need, order, axis=1)  # (L, E) copies of each, in that order
+    n_copies = copies.sum(1)  # (L,)
+    W = int(n_copies.max(initial=0))
     out = np.full((L, W), -1, dtype=np.int64)
     if W:
-        e = np.repeat(order.ravel(), reps.ravel())
-        layer = np.repeat(np.arange(L), n)
-        pos = np.arange(e.size) - np.repeat(np.cumsum(n) - n, n)
-        out[layer, pos] = e
+        expert = np.repeat(order.ravel(), copies.ravel())
+        layer = np.repeat(np.arange(L), n_copies)
+        pos = np.arange(expert.size) - np.repeat(np.cumsum(n_copies) - n_copies, n_copies)
+        out[layer, pos] = expert
     return out
 
 
@@ -1339,30 +1340,31 @@ def _cells_from_item_nodes(
 
 
 def _align(
-    tl: np.ndarray,
-    ti: np.ndarray,
+    layer: np.ndarray,
+    item: np.ndarray,
     b: np.ndarray,
     band: np.ndarray,
     item_key: np.ndarray,
     bin_key: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-pair one round's pairs (layer ``tl``, copy ``ti``, bin ``b``): within each layer and load
-    ``band`` (copies of nearly equal load), copies in ``item_key`` order take the band's bins in
-    ``bin_key`` order. Pairs come in (layer, position) order, so a band's pairs are contiguous."""
-    seg = tl * (int(band.max()) + 1) + band
-    io = np.lexsort((item_key, seg))
-    bo = np.lexsort((bin_key, seg))
-    return tl, ti[io], b[bo]
+    """Re-pair one round's pairs (``layer``, copy ``item``, bin ``b``; (pairs,) each): within each
+    layer and load ``band`` (copies of nearly equal load), copies in ``item_key`` order take the
+    band's bins in ``bin_key`` order. Pairs come in (layer, position) order, so a band's pairs are
+    contiguous."""
+    segment = layer * (int(band.max()) + 1) + band
+    item_order = np.lexsort((item_key, segment))
+    bin_order = np.lexsort((bin_key, segment))
+    return layer, item[item_order], b[bin_order]
 
 
 def _repair_duplicates(
     cells: np.ndarray,
     per_copy: np.ndarray,
-    group_of_cell: np.ndarray,
+    bin_of_cell: np.ndarray,
     strict: bool = True,
     movable: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Swap away a second copy of an expert in one group of cells (a rank, or a node).
+    """Swap away a second copy of an expert in one bin of cells (a rank, or a node).
 
     Greedy packing can leave one when the last free cells are all on ranks (nodes) that already
     hold the expert. Each duplicate is swapped with the copy elsewhere whose load is closest,
@@ -1372,28 +1374,28 @@ def _repair_duplicates(
     take part (a re-plan swaps only copies it places anyway, so the repair moves nothing more).
     """
     L, P = cells.shape
-    K = int(group_of_cell.max()) + 1
+    K = int(bin_of_cell.max()) + 1
     E = per_copy.shape[1]
     cells = cells.copy()
-    srt = np.sort(cells * K + group_of_cell, axis=1)  # same expert in the same group -> same key
-    for layer in np.nonzero((srt[:, 1:] == srt[:, :-1]).any(1))[0]:
+    keys = np.sort(cells * K + bin_of_cell, axis=1)  # (L, P) same expert in the same bin -> same key
+    for layer in np.nonzero((keys[:, 1:] == keys[:, :-1]).any(1))[0]:
         row = cells[layer]
-        hosts = np.zeros((K, E), dtype=np.int64)  # copies of each expert in each group
-        np.add.at(hosts, (group_of_cell, row), 1)
+        hosts = np.zeros((K, E), dtype=np.int64)  # (K, E) copies of each expert in each bin
+        np.add.at(hosts, (bin_of_cell, row), 1)
         can = np.ones(P, dtype=bool) if movable is None else movable[layer]
-        for j in np.nonzero((hosts[group_of_cell, row] >= 2) & can)[0].tolist():
-            e, g = int(row[j]), int(group_of_cell[j])
+        for j in np.nonzero((hosts[bin_of_cell, row] >= 2) & can)[0].tolist():
+            e, g = int(row[j]), int(bin_of_cell[j])
             if hosts[g, e] < 2:
                 continue
-            # Partner cells elsewhere whose expert g lacks, in a group that lacks e.
-            ok = can & (group_of_cell != g) & (hosts[g, row] == 0) & (hosts[group_of_cell, e] == 0)
+            # Partner cells elsewhere whose expert g lacks, in a bin that lacks e.
+            ok = can & (bin_of_cell != g) & (hosts[g, row] == 0) & (hosts[bin_of_cell, e] == 0)
             if not ok.any():
                 if strict:
                     raise PlacementError(f"layer {layer}: cannot avoid two copies of expert {e} on one GPU")
                 continue
             gap = np.where(ok, np.abs(per_copy[layer, row] - per_copy[layer, e]), np.inf)
             i = int(gap.argmin())
-            e2, g2 = int(row[i]), int(group_of_cell[i])
+            e2, g2 = int(row[i]), int(bin_of_cell[i])
             row[j], row[i] = e2, e
             hosts[g, e] -= 1
             hosts[g, e2] += 1
