@@ -141,8 +141,25 @@ def select_ranks(
     as evenly as possible (``redundant=None``: enough to give every GPU the same number).
     Slots that ``previous`` used are preferred, so a re-plan keeps its GPUs.
     """
-    E = shape.n_routed_experts
-    S = topology.num_slots
+    _check_rank_args(redundant, max_experts_per_gpu)
+    n_slots = topology.num_slots
+    if n_slots == 0:
+        why = topology.describe_skipped()
+        raise PlacementError("no schedulable GPU slots in the topology" + (f": {why}" if why else ""))
+    caps = _experts_per_rank(shape.n_routed_experts, n_slots, redundant, max_experts_per_gpu, topology)  # (G,)
+    slots = topology.slots
+    G = caps.size
+    if previous is None:
+        chosen = list(range(G))
+    else:
+        prev_keys = {(r.node, r.gpu) for r in previous.ranks}
+        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
+        chosen.sort()
+    ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
+    return ranks, caps
+
+
+def _check_rank_args(redundant: int | None, max_experts_per_gpu: int) -> None:
     if (
         isinstance(max_experts_per_gpu, bool)
         or not isinstance(max_experts_per_gpu, (int, np.integer))
@@ -153,48 +170,43 @@ def select_ranks(
         isinstance(redundant, bool) or not isinstance(redundant, (int, np.integer)) or redundant < 0
     ):
         raise PlacementError(f"redundant must be a non-negative integer, got {redundant!r}")
-    if S == 0:
-        why = topology.describe_skipped()
-        raise PlacementError("no schedulable GPU slots in the topology" + (f": {why}" if why else ""))
-    R = 0 if redundant is None else int(redundant)
-    if E + R <= S:
-        G = S if redundant is None else E + R
-        caps = np.ones(G, dtype=np.int64)
-    elif max_experts_per_gpu == 1:
-        if E > S:
+
+
+def _experts_per_rank(
+    E: int, n_slots: int, redundant: int | None, max_experts_per_gpu: int, topology: Topology
+) -> np.ndarray:
+    """(G,) int64 experts each rank hosts, or PlacementError saying why ``E`` experts plus
+    ``redundant`` do not fit ``n_slots`` GPU slots."""
+    n_redundant = 0 if redundant is None else int(redundant)
+    if E + n_redundant <= n_slots:  # one expert per GPU
+        G = n_slots if redundant is None else E + n_redundant
+        return np.ones(G, dtype=np.int64)
+    if max_experts_per_gpu == 1:
+        if E > n_slots:
             raise PlacementError(
-                f"cannot place {E} routed experts on {S} GPU slots with one expert per GPU: "
-                f"E > G; add {E - S} GPUs or allow max_experts_per_gpu >= {math.ceil(E / S)}"
+                f"cannot place {E} routed experts on {n_slots} GPU slots with one expert per GPU: "
+                f"E > G; add {E - n_slots} GPUs or allow max_experts_per_gpu >= {math.ceil(E / n_slots)}"
                 + (f" ({topology.describe_skipped()})" if topology.skipped else "")
             )
         raise PlacementError(
-            f"{E} routed experts + {R} redundant need {E + R} GPU slots but the topology has {S}; "
-            f"use at most {S - E} redundant experts"
+            f"{E} routed experts + {n_redundant} redundant need {E + n_redundant} GPU slots but the topology "
+            f"has {n_slots}; use at most {n_slots - E} redundant experts"
         )
-    else:
-        G = S
-        P = math.ceil(E / G) * G if redundant is None else E + R
-        if P > G * max_experts_per_gpu:
-            raise PlacementError(
-                f"{P} physical experts ({E} routed + {P - E} redundant) on {G} GPU slots need "
-                f"{math.ceil(P / G)} experts per GPU, more than max_experts_per_gpu={max_experts_per_gpu}"
-            )
-        if P > E * G:
-            raise PlacementError(
-                f"{P} physical experts on {G} GPU slots would put two copies of one of the {E} experts on one GPU; "
-                f"use at most {E * G - E} redundant experts"
-            )
-        q, rem = divmod(P, G)
-        caps = q + (np.arange(G) < rem).astype(np.int64)
-    slots = topology.slots
-    if previous is None:
-        chosen = list(range(G))
-    else:
-        prev_keys = {(r.node, r.gpu) for r in previous.ranks}
-        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
-        chosen.sort()
-    ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
-    return ranks, caps
+    # Packing: every slot, the physical experts spread as evenly as possible.
+    G = n_slots
+    P = math.ceil(E / G) * G if redundant is None else E + n_redundant
+    if P > G * max_experts_per_gpu:
+        raise PlacementError(
+            f"{P} physical experts ({E} routed + {P - E} redundant) on {G} GPU slots need "
+            f"{math.ceil(P / G)} experts per GPU, more than max_experts_per_gpu={max_experts_per_gpu}"
+        )
+    if P > E * G:
+        raise PlacementError(
+            f"{P} physical experts on {G} GPU slots would put two copies of one of the {E} experts on one GPU; "
+            f"use at most {E * G - E} redundant experts"
+        )
+    per_rank, rem = divmod(P, G)
+    return per_rank + (np.arange(G) < rem).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
