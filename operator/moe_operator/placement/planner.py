@@ -224,12 +224,12 @@ def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> n
     """
     L, E = w.shape
     extra = total - E
-    c = np.ones((L, E), dtype=np.int64)
+    copies = np.ones((L, E), dtype=np.int64)
     if extra <= 0:
-        return c
+        return copies
     # An expert's last extra copy was chosen at a value >= the optimum >= W/total, so it has at
-    # most w_max * total / W extras: bound the candidate table's width J with that.
-    J = int(min(extra, max(1, math.ceil(float((w.max(1) * total / w.sum(1)).max())))))
+    # most w_max * total / W extras: bound the candidate table's width with that.
+    width = int(min(extra, max(1, math.ceil(float((w.max(1) * total / w.sum(1)).max())))))
     if max_count is not None:
         if max_count * E < total:
             raise PlacementError(
@@ -238,16 +238,16 @@ def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> n
         uncapped = optimal_counts(w, total)
         if (uncapped <= max_count).all():
             return uncapped  # the cap binds nowhere: the same greedy
-        J = min(extra, max_count - 1)  # capped experts push copies elsewhere: no tighter bound
-    vals = (w[:, :, None] / np.arange(1, J + 1)).reshape(L, E * J)  # (L, E*J), expert-major
+        width = min(extra, max_count - 1)  # capped experts push copies elsewhere: no tighter bound
+    candidates = (w[:, :, None] / np.arange(1, width + 1)).reshape(L, E * width)  # (L, E * width), expert-major
     # The extra-th largest value per layer; take everything above it, then the lowest-index
     # (lowest expert id) entries equal to it, as the greedy's first-on-ties rule does.
-    kth = -np.partition(-vals, extra - 1, axis=1)[:, extra - 1 : extra]  # (L, 1)
-    above = vals > kth
-    tie = vals == kth
+    kth = -np.partition(-candidates, extra - 1, axis=1)[:, extra - 1 : extra]  # (L, 1)
+    above = candidates > kth
+    tie = candidates == kth
     take = above | (tie & (np.cumsum(tie, axis=1) <= extra - above.sum(1, keepdims=True)))
-    c += take.reshape(L, E, J).sum(2)
-    return c
+    copies += take.reshape(L, E, width).sum(2)
+    return copies
 
 
 def _take_smallest(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -272,25 +272,25 @@ def rebalanced_counts(
     """
     L, E = w.shape
     cap = total if max_count is None else max_count
-    c = np.minimum(np.maximum(np.asarray(start, dtype=np.int64), 0), cap)
+    copies = np.minimum(np.maximum(np.asarray(start, dtype=np.int64), 0), cap)
     target = (w / optimal_counts(w, total, max_count)).max(1) * (1.0 + tolerance)  # (L,)
     need = np.clip(np.ceil(w / target[:, None] * (1.0 - 1e-12)), 1, cap).astype(np.int64)
-    c = np.maximum(c, need)
-    excess = c.sum(1) - total  # (L,)
+    copies = np.maximum(copies, need)
+    excess = copies.sum(1) - total  # (L,)
     if (excess > 0).any():
-        J = int((c - need).max())
-        j = np.arange(1, J + 1)
-        # Removing the j-th copy leaves w/(c-j) per copy; rising in j, so smallest-first is greedy.
-        vals = np.where(j <= (c - need)[:, :, None], w[:, :, None] / np.maximum(c[:, :, None] - j, 1), np.inf)
-        c -= _take_smallest(vals.reshape(L, E * J), np.maximum(excess, 0)).reshape(L, E, J).sum(2)
-    short = total - c.sum(1)
+        width = int((copies - need).max())
+        j = np.arange(1, width + 1)
+        # Removing the j-th copy leaves w/(copies-j) per copy; rising in j, so smallest-first is greedy.
+        candidates = np.where(j <= (copies - need)[:, :, None], w[:, :, None] / np.maximum(copies[:, :, None] - j, 1), np.inf)
+        copies -= _take_smallest(candidates.reshape(L, E * width), np.maximum(excess, 0)).reshape(L, E, width).sum(2)
+    short = total - copies.sum(1)
     if (short > 0).any():
-        J = int(short.max())
-        j = np.arange(1, J + 1)
-        # Adding the j-th more copy: w/(c+j-1) per copy before it; falling in j: largest first.
-        vals = np.where(c[:, :, None] + j <= cap, -w[:, :, None] / (c[:, :, None] + j - 1), np.inf)
-        c += _take_smallest(vals.reshape(L, E * J), np.maximum(short, 0)).reshape(L, E, J).sum(2)
-    return c
+        width = int(short.max())
+        j = np.arange(1, width + 1)
+        # Adding the j-th more copy: w/(copies+j-1) per copy before it; falling in j: largest first.
+        candidates = np.where(copies[:, :, None] + j <= cap, -w[:, :, None] / (copies[:, :, None] + j - 1), np.inf)
+        copies += _take_smallest(candidates.reshape(L, E * width), np.maximum(short, 0)).reshape(L, E, width).sum(2)
+    return copies
 
 
 # ----------------------------------------------------------------------------------------------
