@@ -1,6 +1,6 @@
 """The worker's Prometheus metrics: one registry per rank process, names with units, `moe_` prefix.
 
-This module is the contract between the worker, the operator's load balancer (`moe_operator.scaling`
+This module is the contract between the worker, the operator's load balancer (`moe_operator.controller.scaling`
 reads `moe_expert_tokens_total`) and the Grafana dashboards. Cardinality is bounded for DeepSeek-V3
 at EP320: a rank exports per-(layer, expert) series only for the experts it hosts (about 58 x 1),
 not for every logical expert.
