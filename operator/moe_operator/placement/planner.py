@@ -146,14 +146,18 @@ def select_ranks(
     if n_slots == 0:
         why = topology.describe_skipped()
         raise PlacementError("no schedulable GPU slots in the topology" + (f": {why}" if why else ""))
-    caps = _experts_per_rank(shape.n_routed_experts, n_slots, redundant, max_experts_per_gpu, topology)  # (G,)
+    caps = _experts_per_rank(
+        shape.n_routed_experts, n_slots, redundant, max_experts_per_gpu, topology
+    )  # (G,)
     slots = topology.slots
     G = caps.size
     if previous is None:
         chosen = list(range(G))
     else:
         prev_keys = {(r.node, r.gpu) for r in previous.ranks}
-        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[:G]
+        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[
+            :G
+        ]
         chosen.sort()
     ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
     return ranks, caps
@@ -239,7 +243,9 @@ def optimal_counts(w: np.ndarray, total: int, max_count: int | None = None) -> n
         if (uncapped <= max_count).all():
             return uncapped  # the cap binds nowhere: the same greedy
         width = min(extra, max_count - 1)  # capped experts push copies elsewhere: no tighter bound
-    candidates = (w[:, :, None] / np.arange(1, width + 1)).reshape(L, E * width)  # (L, E * width), expert-major
+    candidates = (w[:, :, None] / np.arange(1, width + 1)).reshape(
+        L, E * width
+    )  # (L, E * width), expert-major
     # The extra-th largest value per layer; take everything above it, then the lowest-index
     # (lowest expert id) entries equal to it, as the greedy's first-on-ties rule does.
     kth = -np.partition(-candidates, extra - 1, axis=1)[:, extra - 1 : extra]  # (L, 1)
@@ -281,15 +287,25 @@ def rebalanced_counts(
         width = int((copies - need).max())
         j = np.arange(1, width + 1)
         # Removing the j-th copy leaves w/(copies-j) per copy; rising in j, so smallest-first is greedy.
-        candidates = np.where(j <= (copies - need)[:, :, None], w[:, :, None] / np.maximum(copies[:, :, None] - j, 1), np.inf)
-        copies -= _take_smallest(candidates.reshape(L, E * width), np.maximum(excess, 0)).reshape(L, E, width).sum(2)
+        candidates = np.where(
+            j <= (copies - need)[:, :, None], w[:, :, None] / np.maximum(copies[:, :, None] - j, 1), np.inf
+        )
+        copies -= (
+            _take_smallest(candidates.reshape(L, E * width), np.maximum(excess, 0))
+            .reshape(L, E, width)
+            .sum(2)
+        )
     short = total - copies.sum(1)
     if (short > 0).any():
         width = int(short.max())
         j = np.arange(1, width + 1)
         # Adding the j-th more copy: w/(copies+j-1) per copy before it; falling in j: largest first.
-        candidates = np.where(copies[:, :, None] + j <= cap, -w[:, :, None] / (copies[:, :, None] + j - 1), np.inf)
-        copies += _take_smallest(candidates.reshape(L, E * width), np.maximum(short, 0)).reshape(L, E, width).sum(2)
+        candidates = np.where(
+            copies[:, :, None] + j <= cap, -w[:, :, None] / (copies[:, :, None] + j - 1), np.inf
+        )
+        copies += (
+            _take_smallest(candidates.reshape(L, E * width), np.maximum(short, 0)).reshape(L, E, width).sum(2)
+        )
     return copies
 
 
@@ -331,7 +347,9 @@ def plan(
     the node line instead (when packing, at most ``_PACK_BAND``); also the cost of a swap across
     groups in the opt-in swaps.
     """
-    _check_plan_args(shape, topology, balance_tolerance, node_tolerance, group_affinity, max_swaps, max_pack_swaps)
+    _check_plan_args(
+        shape, topology, balance_tolerance, node_tolerance, group_affinity, max_swaps, max_pack_swaps
+    )
     w = expert_load(shape, load)  # (L, E)
     if previous is not None:
         _check_previous(previous, shape)
@@ -439,7 +457,15 @@ def _replan_swaps(
     if pack_swaps:
         rank_cap = _busiest_bin_load(fresh, per_copy, rank_of_cell) * (1.0 + balance_tolerance)  # (L,)
         cells, _ = _refine(
-            cells, per_copy, rank_of_cell, node_of_cell, rank_cap, pack_swaps, node_cap, shape.group_size, cross_group
+            cells,
+            per_copy,
+            rank_of_cell,
+            node_of_cell,
+            rank_cap,
+            pack_swaps,
+            node_cap,
+            shape.group_size,
+            cross_group,
         )
     return cells
 
@@ -570,7 +596,15 @@ def _refine(
         busy_cells = state.members[busiest[r]]  # (l, cmax) cells of the busiest bin
         partner_cells = state.partner_cells(r, partners)  # (l, Y)
         score = state.swap_scores(
-            r, busiest, busiest_load, busy_cells, partner_cells, eps, node_cap, group_size, cross_group_penalty
+            r,
+            busiest,
+            busiest_load,
+            busy_cells,
+            partner_cells,
+            eps,
+            node_cap,
+            group_size,
+            cross_group_penalty,
         )  # (l, cmax * Y)
         best = score.argmin(1)
         do = np.isfinite(score[np.arange(r.size), best])
@@ -633,7 +667,12 @@ class _SwapState:
         """(l, cmax * Y) score of swapping cell ``x`` (l, cmax) of the busiest bin with cell ``y``
         (l, Y) of a partner in layers ``r``: the larger of the two bins' new loads (plus the
         cross-group penalty); inf where the swap is not allowed or gains nothing."""
-        cells, cell_load, bin_of_cell, node_of_cell = self.cells, self.cell_load, self.bin_of_cell, self.node_of_cell
+        cells, cell_load, bin_of_cell, node_of_cell = (
+            self.cells,
+            self.cell_load,
+            self.bin_of_cell,
+            self.node_of_cell,
+        )
         x_expert = np.where(x >= 0, cells[r[:, None], np.maximum(x, 0)], -1)  # (l, cmax)
         x_load = np.where(x >= 0, cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
         y_expert = np.where(y >= 0, cells[r[:, None], np.maximum(y, 0)], -1)  # (l, Y)
@@ -900,7 +939,12 @@ class _BinRounds:
             layer, item, b = self._pairs(has_room)
             if self.affinity > 0:
                 layer, item, b = _align(
-                    layer, item, b, self.band[layer, item], expert_pos[layer, self.item_e[layer, item]], bin_pos[b]
+                    layer,
+                    item,
+                    b,
+                    self.band[layer, item],
+                    expert_pos[layer, self.item_e[layer, item]],
+                    bin_pos[b],
                 )
             layer, item, b = self._avoid_clashes(layer, item, b, has_room)
             self._commit(layer, item, b)
@@ -915,7 +959,9 @@ class _BinRounds:
         if self.packing and self.affinity > 0:
             # Ranks of nearly equal load (one band) interleaved across nodes, so that a hot
             # expert's adjacent copies land on distinct nodes.
-            banded = np.where(has_room, np.floor(load_per_cell / np.maximum(self.affinity * self.unit, 1e-300)), np.inf)
+            banded = np.where(
+                has_room, np.floor(load_per_cell / np.maximum(self.affinity * self.unit, 1e-300)), np.inf
+            )
             order = np.lexsort((np.broadcast_to(self.spread, (L, B)), banded), axis=1)
         else:
             order = np.argsort(load_per_cell, axis=1, kind="stable")  # lightest first
@@ -1145,7 +1191,9 @@ def _share_filler(
     lack = np.cumsum(lack, 1)  # (L, F + 1): load the first f filler copies lack to reach m each
     total_above = load_above_mean.sum(1, keepdims=True)  # (L, 1)
     want = (
-        np.cumsum(load_above_mean, 1) / np.where(total_above > 0, total_above, 1.0) * lack[np.arange(L), n_fill][:, None]
+        np.cumsum(load_above_mean, 1)
+        / np.where(total_above > 0, total_above, 1.0)
+        * lack[np.arange(L), n_fill][:, None]
     )  # (L, n_group)
     # Where each run's filler ends: the count whose lack is nearest the runs' load above m so far.
     hi = np.minimum((lack[:, None, :] < want[:, :, None]).sum(2), n_fill[:, None])  # (L, n_group)
@@ -1245,7 +1293,9 @@ class _RunDealer:
         heaviest_left = self.item_load[self.run_ids, np.minimum(first_todo, M - 1)]  # (runs,)
         finish = np.where(has_room, (self.node_load + heaviest_left[:, None]) * self.inv_quota, np.inf)
         # A node sits a round out while it would finish later than another node taking two copies.
-        threshold = np.where(has_room, (self.node_load + 2.0 * heaviest_left[:, None]) * self.inv_quota, np.inf).min(1)
+        threshold = np.where(
+            has_room, (self.node_load + 2.0 * heaviest_left[:, None]) * self.inv_quota, np.inf
+        ).min(1)
         in_round = has_room & (finish <= threshold[:, None] * (1.0 + 1e-12))
         n_in_round = in_round.sum(1)  # (runs,)
         order = np.argsort(np.where(in_round, finish, np.inf), axis=1, kind="stable")  # earliest finish first
@@ -1280,9 +1330,10 @@ class _RunDealer:
         used = np.zeros(self.free.shape, dtype=bool)
         used[run[~clash], h[~clash]] = True
         cr, ce, ci = run[clash], e[clash], item[clash]
-        never = ~has_room[cr] | self.holds[
-            self._holds_at(self.first_expert[cr][:, None], ce[:, None], self.run_nodes[cr])
-        ]
+        never = (
+            ~has_room[cr]
+            | self.holds[self._holds_at(self.first_expert[cr][:, None], ce[:, None], self.run_nodes[cr])]
+        )
         blocked = never | used[cr]
         alt = np.where(blocked, np.inf, finish[cr]).argmin(1)
         ok = ~blocked[np.arange(cr.size), alt]
@@ -1337,7 +1388,12 @@ class _RunDealer:
 
 
 def _cells_from_item_nodes(
-    item_node: np.ndarray, item_e: np.ndarray, layer_of_run: np.ndarray, node_of_cell: np.ndarray, L: int, P: int
+    item_node: np.ndarray,
+    item_e: np.ndarray,
+    layer_of_run: np.ndarray,
+    node_of_cell: np.ndarray,
+    L: int,
+    P: int,
 ) -> np.ndarray:
     """(L, P) dealt copies on their nodes' cells: the j-th copy on (layer, node) its j-th cell."""
     N = int(node_of_cell.max()) + 1
@@ -1428,12 +1484,12 @@ def round_robin_plan(
     E, L = shape.n_routed_experts, shape.moe_layers
     ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu)
     G, width = len(ranks), int(caps.max())
-    r, s = np.nonzero(np.arange(width)[None, :] < caps[:, None])  # cells, rank-major
-    o = np.lexsort((r, s))  # slot-major: q walks across ranks first
-    q = np.arange(o.size)
-    em = np.full((G, width), -1, dtype=np.int32)
-    em[r[o], s[o]] = (q + q // E) % E
-    return Plan(ranks=ranks, expert_map=np.broadcast_to(em, (L, G, width)).copy(), shape=shape)
+    rank, slot = np.nonzero(np.arange(width)[None, :] < caps[:, None])  # (P,) cells, rank-major
+    order = np.lexsort((rank, slot))  # slot-major: q walks across ranks first
+    q = np.arange(order.size)
+    layer_map = np.full((G, width), -1, dtype=np.int32)  # (G, width)
+    layer_map[rank[order], slot[order]] = (q + q // E) % E
+    return Plan(ranks=ranks, expert_map=np.broadcast_to(layer_map, (L, G, width)).copy(), shape=shape)
 
 
 def plan_metrics(p: Plan, w: np.ndarray) -> dict[str, Any]:
@@ -1506,7 +1562,9 @@ class Evaluation:
     per_layer: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
-def local_first_load(cells: np.ndarray, node_of_rank: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, ...]:
+def local_first_load(
+    cells: np.ndarray, node_of_rank: np.ndarray, pairs: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """Load of one layer under the replica-choice rule the runtime uses: a (token, expert) pair goes
     to the expert's copies on the token's own node if there are any (split evenly among them), else
     is split evenly over all of its copies.
@@ -1517,20 +1575,57 @@ def local_first_load(cells: np.ndarray, node_of_rank: np.ndarray, pairs: np.ndar
     """
     G = cells.shape[0]
     E, N = pairs.shape
-    r_idx, s_idx = np.nonzero(cells >= 0)
-    ce = cells[r_idx, s_idx]
-    cn = node_of_rank[r_idx]
-    cnt = np.zeros((E, N))
-    np.add.at(cnt, (ce, cn), 1)
-    tot = cnt.sum(1)
-    local = cnt > 0
-    remote = (pairs * ~local).sum(1)
+    copy_rank, copy_slot = np.nonzero(cells >= 0)  # (copies,)
+    copy_expert = cells[copy_rank, copy_slot]
+    copy_node = node_of_rank[copy_rank]
+    copies = np.zeros((E, N))  # copies of each expert on each node
+    np.add.at(copies, (copy_expert, copy_node), 1)
+    total = copies.sum(1)  # (E,)
+    local = copies > 0
+    remote = (pairs * ~local).sum(1)  # (E,)
     # One copy of e on node n: its node's own pairs over the local copies, plus an even share of
     # the pairs from nodes without a copy.
-    copy_load = np.where(local, pairs / np.maximum(cnt, 1), 0.0) + (remote / np.maximum(tot, 1))[:, None]
+    copy_load = np.where(local, pairs / np.maximum(copies, 1), 0.0) + (remote / np.maximum(total, 1))[:, None]
     rank_load = np.zeros(G)
-    np.add.at(rank_load, r_idx, copy_load[ce, cn])
-    return rank_load, cnt, remote
+    np.add.at(rank_load, copy_rank, copy_load[copy_expert, copy_node])
+    return rank_load, copies, remote
+
+
+def _evaluate_layer(
+    cells: np.ndarray, top: np.ndarray, src: np.ndarray, node_of_rank: np.ndarray, E: int, token_chunk: int
+) -> tuple[float, float, float, float, float]:
+    """One layer of ``evaluate``: ``cells`` (G, m) its expert map, ``top`` (T, k) its routed ids,
+    ``src`` (T,) each token's node. Returns GPU load busiest/mean, node ingress busiest/mean and
+    mean, cross-node share, and distinct nodes per token."""
+    T, k = top.shape
+    N = int(node_of_rank.max()) + 1
+    pairs = (
+        np.bincount((src[:, None] * E + top).ravel(), minlength=N * E).reshape(N, E).T
+    )  # (E, N) by source node
+    rank_load, copies, remote_pairs = local_first_load(cells, node_of_rank, pairs)
+    total = copies.sum(1)  # (E,)
+    local = copies > 0  # (E, N): expert e has a copy on node n
+    # Per token and node: probability the token reaches the node = 1 - prod over its remote
+    # experts of (1 - share of that expert's copies on the node). Local experts stay home.
+    with np.errstate(divide="ignore"):
+        log_stay = np.log(np.clip(1.0 - copies / np.maximum(total, 1)[:, None], 0.0, 1.0))  # (E, N)
+    ingress = np.zeros(N)  # (N,) tokens arriving at each node
+    reached = 0.0  # nodes reached, summed over tokens
+    for t0 in range(0, T, token_chunk):
+        tk = top[t0 : t0 + token_chunk]  # (t, k)
+        s = src[t0 : t0 + token_chunk]
+        is_local = local[tk, s[:, None]]  # (t, k)
+        lg = np.where(is_local[..., None], 0.0, log_stay[tk])  # (t, k, N)
+        reach = 1.0 - np.exp(lg.sum(1))  # (t, N); 0 on the token's own node (no copy there)
+        ingress += reach.sum(0)
+        reached += reach.sum() + is_local.any(1).sum()
+    return (
+        rank_load.max() / rank_load.mean(),
+        ingress.max() / ingress.mean() if ingress.mean() > 0 else 1.0,
+        ingress.mean(),
+        remote_pairs.sum() / (T * k),
+        reached / T,
+    )
 
 
 def evaluate(p: Plan, topk_ids: Any, *, token_chunk: int = 4096) -> Evaluation:
@@ -1543,46 +1638,20 @@ def evaluate(p: Plan, topk_ids: Any, *, token_chunk: int = 4096) -> Evaluation:
     G = p.num_ranks
     E = max(int(em.max()) + 1, int(ids.max()) + 1, p.shape.n_routed_experts if p.shape else 0)
     node_of_rank = p.node_of_rank()
-    N = int(node_of_rank.max()) + 1
     src = node_of_rank[np.arange(T) % G]  # (T,) node of each token
-    gpu_r = np.empty(L)
-    ing_r = np.empty(L)
-    ing_m = np.empty(L)
-    cross = np.empty(L)
-    distinct = np.empty(L)
-    for layer in range(L):
-        cells = em[layer]  # (G, m)
-        top = ids[layer]  # (T, k)
-        pairs = (
-            np.bincount((src[:, None] * E + top).ravel(), minlength=N * E).reshape(N, E).T
-        )  # (E, N) by source node
-        rank_load, cnt, remote_pairs = local_first_load(cells, node_of_rank, pairs)
-        tot = cnt.sum(1)  # (E,)
-        local = cnt > 0  # (E, N): expert e has a copy on node n
-        gpu_r[layer] = rank_load.max() / rank_load.mean()
-        cross[layer] = remote_pairs.sum() / (T * k)
-        # Per token and node: probability the token reaches the node = 1 - prod over its remote
-        # experts of (1 - share of that expert's copies on the node). Local experts stay home.
-        with np.errstate(divide="ignore"):
-            log_stay = np.log(np.clip(1.0 - cnt / np.maximum(tot, 1)[:, None], 0.0, 1.0))  # (E, N)
-        ingress = np.zeros(N)
-        dsum = 0.0
-        for t0 in range(0, T, token_chunk):
-            tk = top[t0 : t0 + token_chunk]  # (t, k)
-            s = src[t0 : t0 + token_chunk]
-            is_local = local[tk, s[:, None]]  # (t, k)
-            lg = np.where(is_local[..., None], 0.0, log_stay[tk])  # (t, k, N)
-            reach = 1.0 - np.exp(lg.sum(1))  # (t, N); 0 on the token's own node (no copy there)
-            ingress += reach.sum(0)
-            dsum += reach.sum() + is_local.any(1).sum()
-        ing_m[layer] = ingress.mean()
-        ing_r[layer] = ingress.max() / ingress.mean() if ingress.mean() > 0 else 1.0
-        distinct[layer] = dsum / T
+    per_layer = np.array(
+        [_evaluate_layer(em[layer], ids[layer], src, node_of_rank, E, token_chunk) for layer in range(L)]
+    ).reshape(L, 5)  # (L, 5) columns as _evaluate_layer returns them
+    gpu_ratio, ingress_ratio, ingress_mean, cross_share, nodes_per_token = per_layer.T.copy()
     return Evaluation(
-        gpu_load_max_mean=float(gpu_r.mean()),
-        node_ingress_max_mean=float(ing_r.mean()),
-        node_ingress_mean=float(ing_m.mean()),
-        cross_node_fraction=float(cross.mean()),
-        distinct_nodes_per_token=float(distinct.mean()),
-        per_layer={"gpu_load_max_mean": gpu_r, "node_ingress_max_mean": ing_r, "cross_node_fraction": cross},
+        gpu_load_max_mean=float(gpu_ratio.mean()),
+        node_ingress_max_mean=float(ingress_ratio.mean()),
+        node_ingress_mean=float(ingress_mean.mean()),
+        cross_node_fraction=float(cross_share.mean()),
+        distinct_nodes_per_token=float(nodes_per_token.mean()),
+        per_layer={
+            "gpu_load_max_mean": gpu_ratio,
+            "node_ingress_max_mean": ingress_ratio,
+            "cross_node_fraction": cross_share,
+        },
     )
