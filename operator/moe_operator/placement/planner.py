@@ -667,33 +667,50 @@ class _SwapState:
         """(l, cmax * Y) score of swapping cell ``x`` (l, cmax) of the busiest bin with cell ``y``
         (l, Y) of a partner in layers ``r``: the larger of the two bins' new loads (plus the
         cross-group penalty); inf where the swap is not allowed or gains nothing."""
-        cells, cell_load, bin_of_cell, node_of_cell = (
-            self.cells,
-            self.cell_load,
-            self.bin_of_cell,
-            self.node_of_cell,
-        )
-        x_expert = np.where(x >= 0, cells[r[:, None], np.maximum(x, 0)], -1)  # (l, cmax)
-        x_load = np.where(x >= 0, cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
-        y_expert = np.where(y >= 0, cells[r[:, None], np.maximum(y, 0)], -1)  # (l, Y)
-        y_load = np.where(y >= 0, cell_load[r[:, None], np.maximum(y, 0)], 0.0)
-        y_bin = bin_of_cell[np.maximum(y, 0)]  # (l, Y)
+        x_expert = np.where(x >= 0, self.cells[r[:, None], np.maximum(x, 0)], -1)  # (l, cmax)
+        x_load = np.where(x >= 0, self.cell_load[r[:, None], np.maximum(x, 0)], 0.0)  # pads are masked below
+        y_expert = np.where(y >= 0, self.cells[r[:, None], np.maximum(y, 0)], -1)  # (l, Y)
+        y_load = np.where(y >= 0, self.cell_load[r[:, None], np.maximum(y, 0)], 0.0)
+        y_bin = self.bin_of_cell[np.maximum(y, 0)]  # (l, Y)
         new_busiest = busiest_load[r, None, None] - x_load[:, :, None] + y_load[:, None, :]  # (l, cmax, Y)
         new_partner = self.bin_load[r[:, None], y_bin][:, None, :] - y_load[:, None, :] + x_load[:, :, None]
         score = np.maximum(new_busiest, new_partner)
+        ok = self._keeps_copies_apart(r, busiest[r], x, y, x_expert, y_expert, y_bin) & (
+            score < busiest_load[r, None, None] - eps[r, None, None]
+        )  # (l, cmax, Y)
+        if node_cap is not None:
+            ok &= self._within_node_cap(r, x, y, x_load, y_load, node_cap)
+        if cross_group_penalty is not None:
+            xe, ye = np.maximum(x_expert, 0), np.maximum(y_expert, 0)
+            cross = xe[:, :, None] // group_size != ye[:, None, :] // group_size
+            score = score + np.where(cross, cross_group_penalty[r, None, None], 0.0)
+        return np.where(ok, score, np.inf).reshape(r.size, -1)
+
+    def _keeps_copies_apart(
+        self,
+        r: np.ndarray,
+        busiest: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_expert: np.ndarray,
+        y_expert: np.ndarray,
+        y_bin: np.ndarray,
+    ) -> np.ndarray:
+        """(l, cmax, Y) the swap exchanges two real copies of different experts between the
+        busiest bin (``busiest`` (l,)) and another, and puts neither where its expert already is:
+        y's bin must not hold x and the busiest bin must not hold y; across nodes, the same for
+        the two nodes, so copies stay on distinct nodes."""
         xe, ye = np.maximum(x_expert, 0), np.maximum(y_expert, 0)
-        x_node = node_of_cell[np.maximum(x, 0)]  # (l, cmax)
-        y_node = node_of_cell[np.maximum(y, 0)]  # (l, Y)
+        x_node = self.node_of_cell[np.maximum(x, 0)]  # (l, cmax)
+        y_node = self.node_of_cell[np.maximum(y, 0)]  # (l, Y)
         rr = r[:, None, None]
-        ok = (
+        return (
             (x_expert >= 0)[:, :, None]
             & (y_expert >= 0)[:, None, :]
-            & (y_bin != busiest[r, None])[:, None, :]
+            & (y_bin != busiest[:, None])[:, None, :]
             & (x_expert[:, :, None] != y_expert[:, None, :])
-            # y's bin must not hold x and the busiest bin must not hold y; across nodes, the
-            # same for the two nodes, so copies stay on distinct nodes.
             & ~self.on_bin[rr, xe[:, :, None], y_bin[:, None, :]]
-            & ~self.on_bin[r[:, None], ye, busiest[r][:, None]][:, None, :]
+            & ~self.on_bin[r[:, None], ye, busiest[:, None]][:, None, :]
             & (
                 (x_node[:, :, None] == y_node[:, None, :])
                 | (
@@ -701,20 +718,28 @@ class _SwapState:
                     & ~self.on_node[rr, ye[:, None, :], x_node[:, :, None]]
                 )
             )
-            & (score < busiest_load[r, None, None] - eps[r, None, None])
         )
-        if node_cap is not None:
-            # Node loads after the swap: x's node loses x and gains y, y's node the reverse.
-            d = y_load[:, None, :] - x_load[:, :, None]  # (l, cmax, Y) change at x's node
-            nx = self.node_load[r[:, None], x_node][:, :, None]
-            ny = self.node_load[r[:, None], y_node][:, None, :]
-            same = x_node[:, :, None] == y_node[:, None, :]
-            cap_n = node_cap[r, None, None]
-            ok &= same | ((nx + d <= np.maximum(nx, cap_n)) & (ny - d <= np.maximum(ny, cap_n)))
-        if cross_group_penalty is not None:
-            cross = xe[:, :, None] // group_size != ye[:, None, :] // group_size
-            score = score + np.where(cross, cross_group_penalty[r, None, None], 0.0)
-        return np.where(ok, score, np.inf).reshape(r.size, -1)
+
+    def _within_node_cap(
+        self,
+        r: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_load: np.ndarray,
+        y_load: np.ndarray,
+        node_cap: np.ndarray,
+    ) -> np.ndarray:
+        """(l, cmax, Y) a swap between two nodes leaves neither above ``node_cap`` (L,) or above
+        its load before the swap."""
+        x_node = self.node_of_cell[np.maximum(x, 0)]  # (l, cmax)
+        y_node = self.node_of_cell[np.maximum(y, 0)]  # (l, Y)
+        # Node loads after the swap: x's node loses x and gains y, y's node the reverse.
+        d = y_load[:, None, :] - x_load[:, :, None]  # (l, cmax, Y) change at x's node
+        nx = self.node_load[r[:, None], x_node][:, :, None]
+        ny = self.node_load[r[:, None], y_node][:, None, :]
+        same = x_node[:, :, None] == y_node[:, None, :]
+        cap_n = node_cap[r, None, None]
+        return same | ((nx + d <= np.maximum(nx, cap_n)) & (ny - d <= np.maximum(ny, cap_n)))
 
     def swap(self, r: np.ndarray, ci: np.ndarray, j: np.ndarray) -> None:
         """Swap the copies of cells ``ci`` and ``j`` (l,) in layers ``r`` (l,)."""
@@ -1060,6 +1085,8 @@ def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_
     cells_per_node = np.bincount(node_of_cell, minlength=N)  # (N,)
     node_bounds = np.concatenate([[0], np.cumsum(cells_per_node)])  # (N + 1,) node n is cells [b[n], b[n+1])
 
+    # Layout: the copies each run keeps (at most one of an expert per node of its run, as many
+    # as average the mean) and the filler (the rest), shared among the hot runs in line order.
     one_per_node = _one_copy_per_node(own_expert, own_load, mean_cell_load, node_bounds, n_group, P)
     keep, hot, load_above_mean = _copies_kept(own_load, one_per_node, mean_cell_load)
     filler_run, filler_col = _filler_in_line_order(is_copy & ~keep, one_per_node, layer_of_run, n_group)
@@ -1090,6 +1117,7 @@ def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_
         return np.full((L, P), -1, dtype=np.int64)
     item_e, item_load = items  # (runs, M) each
 
+    # Dealing: rounds of longest-processing-time-first per run.
     dealer = _RunDealer(item_e, item_load, run_nodes, free, layer_of_run * E, E, N, n_group)
     item_node = dealer.deal()  # (runs, M)
     return _cells_from_item_nodes(item_node, item_e, layer_of_run, node_of_cell, L, P)
