@@ -10,12 +10,12 @@ One process per rank (one GPU each in production). Rank 0 owns the scheduler. Ev
 1. Rank 0 builds a `StepPlan`: which sequences each rank runs (data-parallel attention), with
    their new tokens and positions (whole prompts for new requests, one token for running ones),
    sequences to free, whether to split into two micro-batches, and an agreed expert-map switch.
-   It is broadcast to all ranks (`broadcast_object_list`: a small pickled plan, never weights).
+   It is broadcast to all ranks as a small JSON frame with a fixed schema (`steps`; never pickled).
 2. Every rank takes the switch first (if any), then runs its share: attention per sequence on its
    own KV caches, and for each MoE layer the dispatch -> experts -> combine exchange. Every rank
    joins every exchange, with zero tokens if it has none, so collectives always match.
 3. Each rank samples the next token of its sequences and sends (token, logits row sum), plus the
-   expert-map generation it has staged, to rank 0 (`gather_object`). Rank 0 updates requests.
+   expert-map generation it has staged, to rank 0 (a gathered JSON frame). Rank 0 updates requests.
 
 While idle, rank 0 sends an empty plan every `idle_heartbeat_s`, so a lost rank is noticed and
 map switches happen even without traffic; an empty step runs no forward on any rank.

@@ -15,13 +15,24 @@ import torch.distributed as dist
 from ..engine_api import EngineError
 from ..model import ParallelContext
 from .runner import RankRunner
-from .steps import StepPlan, StepReply
+from .steps import (
+    MAX_FRAME_BYTES,
+    StepPlan,
+    StepReply,
+    WireError,
+    decode_plan,
+    decode_reply,
+    encode_plan,
+    encode_reply,
+)
 
 log = logging.getLogger(__name__)
 
 
 class _Control:
-    """Step plans out (broadcast), replies in (gather); identity for a single process."""
+    """Step plans out (broadcast), replies in (gather); identity for a single process. Frames are
+    `steps`' JSON encodings carried as uint8 tensors over the control group (gloo): a length, then
+    the bytes. No pickle."""
 
     def __init__(self, ctx: ParallelContext, group: Any = None):
         self.rank, self.world = ctx.rank, ctx.world_size
@@ -31,16 +42,44 @@ class _Control:
         if self.world == 1:
             assert plan is not None
             return plan
-        box = [plan]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        data = encode_plan(plan) if self.rank == 0 else b""
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(n, src=0, group=self.group)
+        size = _frame_size(int(n.item()))
+        buf = _to_tensor(data) if self.rank == 0 else torch.empty(size, dtype=torch.uint8)
+        dist.broadcast(buf, src=0, group=self.group)
+        return plan if self.rank == 0 else decode_plan(buf.numpy().tobytes(), self.world)
 
     def replies(self, reply: StepReply) -> list[StepReply]:
         if self.world == 1:
             return [reply]
-        out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(reply, out, dst=0, group=self.group)
-        return out if out is not None else []
+        data = encode_reply(reply)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+        width = max(_frame_size(int(n.item())) for n in sizes)
+        buf = torch.zeros(width, dtype=torch.uint8)
+        buf[: len(data)] = _to_tensor(data)
+        out = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(buf, out, dst=0, group=self.group)
+        if out is None:
+            return []
+        replies = [reply]
+        for r in range(1, self.world):
+            got = decode_reply(out[r][: int(sizes[r].item())].numpy().tobytes(), self.world)
+            if got.rank != r:
+                raise WireError(f"the reply gathered from rank {r} says it is rank {got.rank}")
+            replies.append(got)
+        return replies
+
+
+def _frame_size(n: int) -> int:
+    if not 0 < n <= MAX_FRAME_BYTES:
+        raise WireError(f"control frame of {n} bytes (1..{MAX_FRAME_BYTES} allowed)")
+    return n
+
+
+def _to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _abort_group() -> None:
