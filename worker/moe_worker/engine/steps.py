@@ -166,20 +166,22 @@ def _float(v: Any, where: str) -> float:
 
 
 def _seq_work(item: Any, where: str) -> SeqWork:
-    if not isinstance(item, list) or len(item) != 8:
+    # Every rank decodes every sequence of every step: plain type() checks, one branch for the
+    # common case, the detailed message only for a bad item.
+    if type(item) is not list or len(item) != 8:
         raise WireError(f"{where} must be [seq, tokens, start, new, max_len, temperature, seed, want_logits]")
     seq, tokens, start, new, max_len, temperature, seed, want_logits = item
-    if not isinstance(tokens, list) or not tokens:
-        raise WireError(f"{where}: tokens must be a non-empty list")
-    temperature = _float(temperature, where)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise WireError(f"{where}: temperature must be finite and >= 0, got {temperature}")
-    if not isinstance(new, bool) or not isinstance(want_logits, bool):
-        raise WireError(f"{where}: new and want_logits must be booleans")
-    return SeqWork(seq=_int(seq, where, low=0), tokens=[_int(t, where, low=0) for t in tokens],
-                   start=_int(start, where, low=0), new=new, max_len=_int(max_len, where, low=0),
-                   temperature=temperature, seed=None if seed is None else _int(seed, where),
-                   want_logits=want_logits)
+    ok = (type(seq) is int and type(start) is int and type(max_len) is int and min(seq, start, max_len) >= 0
+          and max(seq, start, max_len) < 2**63 and type(new) is bool and type(want_logits) is bool
+          and (seed is None or (type(seed) is int and -(2**63) <= seed < 2**63))
+          and type(tokens) is list and tokens and all(type(t) is int for t in tokens)
+          and min(tokens) >= 0 and max(tokens) < 2**63
+          and type(temperature) in (int, float) and math.isfinite(temperature) and temperature >= 0)
+    if not ok:
+        raise WireError(f"{where} must be [seq >= 0, non-empty tokens (integers >= 0), start >= 0, new (bool), "
+                        f"max_len >= 0, temperature (finite, >= 0), seed (integer or null), want_logits (bool)], "
+                        f"got {str(item)[:200]}")
+    return SeqWork(seq, tokens, start, new, max_len, float(temperature), seed, want_logits)
 
 
 class _Fields:
