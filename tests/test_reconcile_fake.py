@@ -58,13 +58,18 @@ def series(name: str, deployment: str = "tiny", **labels) -> float | None:
     return REGISTRY.get_sample_value(name, {"namespace": NS, "deployment": deployment, **labels})
 
 
-@pytest.fixture
-def world(monkeypatch):
+def fake_cluster(monkeypatch, nodes: int, gpus: int):
+    """A fake API server with `nodes` GPU nodes, a reconciler on it, and the clock it reads."""
     kube = FakeKube()
-    kube.add_gpu_nodes(4, gpus=8)
+    kube.add_gpu_nodes(nodes, gpus=gpus)
     clock = Clock()
     monkeypatch.setattr(reconcile, "time", clock)
-    rec = reconcile.Reconciler(kube, workers=2)
+    return kube, reconcile.Reconciler(kube, workers=2), clock
+
+
+@pytest.fixture
+def world(monkeypatch):
+    kube, rec, clock = fake_cluster(monkeypatch, 4, 8)
     skewed_load(rec, clock)
     return kube, rec, clock
 
@@ -369,11 +374,7 @@ def test_lease_renewals_do_not_wait_behind_reconcile_passes(monkeypatch):
 def test_a_scale_out_creates_its_rank_pods_in_the_pass_that_decides_it(monkeypatch):
     # One 24-GPU NVLink domain, the group on 16 of them, four hot experts per layer: 4 spare GPUs
     # cannot spread them below the threshold, 8 more can (as in test_scaling's scale-out tests).
-    kube = FakeKube()
-    kube.add_gpu_nodes(1, gpus=24)
-    clock = Clock()
-    monkeypatch.setattr(reconcile, "time", clock)
-    rec = reconcile.Reconciler(kube, workers=2)
+    kube, rec, clock = fake_cluster(monkeypatch, 1, 24)
 
     def measure(owner, spec, group, p, own_pods):  # cumulative tokens, each expert's split over its copies
         copies = p.replica_counts(p.shape.n_routed_experts)  # (L, E)

@@ -16,11 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from moe_common.model_args import ConfigError, ModelArgs
 from moe_common.routing import CEL_RULES as ROUTING_CEL
-from moe_common.routing import routing_errors
 from moe_operator import names
-
-_CAMEL = {"n_group": "nGroup", "topk_group": "topkGroup", "num_experts_per_tok": "numExpertsPerTok"}
-"""The CRD's names of the fields `routing_errors` names."""
 
 GROUP = "serving.moe.dev"
 VERSION = "v1alpha1"
@@ -124,12 +120,6 @@ class Architecture(_Model):
     @model_validator(mode="after")
     def _check(self) -> Architecture:
         f = "spec.model.architecture"
-        routing = routing_errors(self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok)
-        if routing:
-            field, message = routing[0]
-            raise SpecError(f"{f}.{_CAMEL[field]}", message)
-        if self.num_experts_per_tok > self.n_routed_experts:
-            raise SpecError(f"{f}.numExpertsPerTok", "numExpertsPerTok must be <= nRoutedExperts")
         if self.first_k_dense_replace >= self.num_hidden_layers:
             raise SpecError(f"{f}.firstKDenseReplace", "firstKDenseReplace must be < numHiddenLayers")
         try:  # everything else the worker checks, so that a spec it would refuse is refused here
