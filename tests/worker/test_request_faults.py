@@ -223,7 +223,7 @@ def test_every_out_of_range_number_is_refused_naming_its_variable(name, value):
 def test_good_numbers_are_taken():
     env = {"MOE_CHECKPOINT": "/c", "MOE_MAX_SEQS_PER_RANK": "3", "MOE_MAP_POLL_S": "0", "MOE_THREADS": "0",
            "MOE_KV_CACHE_TOKENS": "5000", "MOE_HTTP_PORT": "8000", "MOE_REQUEST_TIMEOUT_S": "2.5"}
-    sc, rc = check_env(env), RankConfig.from_env(env)
+    rc, sc = check_env(env)
     assert (rc.engine.max_seqs_per_rank, rc.engine.map_poll_s, rc.engine.threads, rc.engine.kv_cache_tokens) == (
         3, 0.0, None, 5000)
     assert (sc.http_port, sc.request_timeout_s) == (8000, 2.5)

@@ -20,11 +20,15 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .engine_api import EngineError
 from .metrics import WorkerMetrics
+
+if TYPE_CHECKING:
+    from .engine import RankConfig
 
 log = logging.getLogger("moe.serve")
 
@@ -92,34 +96,33 @@ class ServeConfig:
                    checkpoint=env.get("MOE_CHECKPOINT"))
 
 
-def check_env(env: Mapping[str, str]) -> ServeConfig:
-    """Every variable of a rank pod, checked before anything starts (ValueError names the first bad one)."""
+def check_env(env: Mapping[str, str]) -> tuple[RankConfig, ServeConfig]:
+    """Every variable of a rank pod, read and checked before anything starts (ValueError names the
+    first bad one)."""
     from .engine import RankConfig
 
-    RankConfig.from_env(env)
-    return ServeConfig.from_env(env)
+    return RankConfig.from_env(env), ServeConfig.from_env(env)
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    from .engine import run_rank_from_env
+    from .engine import run_rank
 
     env = os.environ if env is None else env
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(rank)s %(levelname)s %(message)s"
                         .replace("%(rank)s", env.get("RANK", "0")))
     try:
-        sc = check_env(env)
+        rc, sc = check_env(env)
     except ValueError as e:
         log.error("moe-worker serve: %s", e)
-        print(f"moe-worker serve: {e}", file=sys.stderr)
         return 2
-    rank, group = int(env.get("RANK") or 0), int(env.get("MOE_GROUP") or 0)
+    rank, group = rc.rank, rc.group
     host = sc.host
     metrics = WorkerMetrics(rank=rank, group=group)
     health = HealthServer(host, sc.metrics_port, metrics)
     group_ready = metrics.group_ready.labels(**metrics.lbl())
     health.ready_fn = lambda: group_ready._value.get() == 1
     try:
-        engine = run_rank_from_env(metrics=metrics, env=env)
+        engine = run_rank(rc, metrics=metrics)
     except (EngineError, ValueError, RuntimeError) as e:
         log.error("rank %d: %s", rank, e)
         health.close()

@@ -54,7 +54,7 @@ from .config import DTYPES, EngineConfig, RankConfig, env_number, kv_budget, mod
 from .group import GroupEngine
 from .runner import RankRunner, build_runner, split_micro_batches
 from .scheduler import Scheduler
-from .startup import Rank, run_rank_from_env, start_rank
+from .startup import Rank, run_rank, run_rank_from_env, start_rank
 from .steps import SeqWork, StepPlan, StepReply
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "kv_budget",
     "model_info",
     "resolve_device",
+    "run_rank",
     "run_rank_from_env",
     "split_micro_batches",
     "start_rank",

@@ -269,7 +269,11 @@ def run_rank_from_env(metrics: Any = None, env: Mapping[str, str] | None = None)
     Other ranks: serve step plans until rank 0 shuts the group down, then return None; raise
     EngineError when the group breaks (exit non-zero so the pod is replaced).
     """
-    rc = RankConfig.from_env(env)
+    return run_rank(RankConfig.from_env(env), metrics)
+
+
+def run_rank(rc: RankConfig, metrics: Any = None) -> GroupEngine | None:
+    """`run_rank_from_env` with the configuration already read."""
     rank = start_rank(rc, metrics=metrics)
     if rank.engine is not None:
         return rank.engine
