@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import urllib.request
 
 import pytest
@@ -76,10 +79,57 @@ def test_pod_runs_as_a_process_with_ip_probe_configmap_and_exit_status(core, nam
 
 def test_runner_nodes_stay_ready_without_kwok(core, gpu_pool):
     _, nodes = gpu_pool(nodes=2, gpus=8, local_runner=True)
-    import time
-
     time.sleep(6)  # past a heartbeat period
     for n in nodes:
         node = core.read_node(n)
         assert node.status.node_info.kubelet_version == "moe-local-runner"
         assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+
+
+PID_SERVER = ("import http.server, os\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        body = str(os.getpid()).encode()\n"
+              "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+              "        self.wfile.write(body)\n"
+              "http.server.ThreadingHTTPServer((os.environ['POD_IP'], 8000), H).serve_forever()\n")
+
+
+def test_a_hung_process_fails_its_liveness_probe_and_is_killed(core, namespace, gpu_pool):
+    # SIGSTOP: the process keeps its socket (connections are accepted, never answered), so only
+    # the probe's timeout tells; SIGTERM waits while it is stopped, SIGKILL after the grace ends it.
+    _, nodes = gpu_pool(nodes=1, gpus=8, local_runner=True)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": {}})
+    p = pod("hung", nodes[0], ["python3", "-c", PID_SERVER])
+    probe = {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 1, "timeoutSeconds": 1}
+    p["spec"]["containers"][0]["startupProbe"] = {**probe, "failureThreshold": 30}
+    p["spec"]["containers"][0]["livenessProbe"] = {**probe, "failureThreshold": 2, "terminationGracePeriodSeconds": 2}
+    core.create_namespaced_pod(namespace, p)
+
+    def ready():
+        p = core.read_namespaced_pod("hung", namespace)
+        conds = {c.type: c.status for c in p.status.conditions or []}
+        return p if conds.get("Ready") == "True" else None
+
+    ip = wait_for(ready, 60, "hung Ready").status.pod_ip
+    time.sleep(3)  # liveness probes pass meanwhile: no kill
+    pid = int(urllib.request.urlopen(f"http://{ip}:8000/pid", timeout=5).read())
+    assert core.read_namespaced_pod("hung", namespace).status.phase == "Running"
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+
+    def failed():
+        p = core.read_namespaced_pod("hung", namespace)
+        return p if p.status.phase == "Failed" else None
+
+    p = wait_for(failed, 60, "hung Failed")
+    # two failed probes (1 s apart, 1 s timeout each) and the 2 s grace: a few seconds, not the pod's 30 s grace
+    assert time.monotonic() - t0 < 20
+    term = p.status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason) == (128 + signal.SIGKILL, "Error")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=hung").items
+    reasons = [(e.reason, e.message) for e in events]
+    assert any(r == "Unhealthy" and m.startswith("Liveness probe failed") for r, m in reasons), reasons
+    assert [m for r, m in reasons if r == "Killing"] == ["Container main failed liveness probe, will be killed"]

@@ -192,8 +192,9 @@ class Kube:
         return self.request("PATCH", self.path(kind, namespace, name, "status"), body={"status": status},
                             content_type="application/merge-patch+json")
 
-    def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about `involved` (best effort: events must never break a reconcile)."""
+    def event(self, involved: dict, type_: str, reason: str, message: str, component: str = MANAGER) -> None:
+        """Post a core/v1 Event about `involved` from `component` (best effort: events must never
+        break a reconcile)."""
         import datetime
         import uuid
 
@@ -205,8 +206,8 @@ class Kube:
             "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"],
                                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
             "type": type_, "reason": reason, "message": message[:1024],
-            "source": {"component": MANAGER}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-            "reportingComponent": MANAGER,
+            "source": {"component": component}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": component,
         }
         try:
             self.request("POST", self.path("Event", meta["namespace"]), body=ev)

@@ -17,8 +17,14 @@ that lets the operator's real pod specs run:
 - stands in for the projected service-account token: a pod that mounts its token gets a
   kubeconfig holding a TokenRequest token of its ServiceAccount in KUBECONFIG (Kubernetes clients
   fall back to it when the in-cluster files are absent), so it acts with its own RBAC;
-- runs the readiness probe (httpGet) and writes the Ready condition;
-- reports exit codes (phase Failed / Succeeded, containerStatuses) and restarts per restartPolicy;
+- runs the httpGet probes: startup and liveness as the kubelet does (initialDelaySeconds,
+  periodSeconds, timeoutSeconds, failureThreshold; liveness and readiness wait for startup; a
+  probe that fails failureThreshold times in a row gets the container killed: SIGTERM, then
+  SIGKILL after the probe's terminationGracePeriodSeconds or the pod's, which also ends a
+  SIGSTOPped process; Events Unhealthy and Killing), and readiness, which writes the Ready
+  condition (every second, no thresholds: quicker than the kubelet, so that tests settle soon);
+- reports exit codes (phase Failed / Succeeded, containerStatuses; a signal N is 128+N, as a
+  container runtime reports it) and restarts per restartPolicy;
 - on deletion, SIGTERM then SIGKILL after the grace period, then removes the pod object.
 
 Differences from a kubelet, on purpose: one container per pod, no images (the command must be
@@ -58,6 +64,41 @@ def _now_micro() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(frozen=True)
+class HttpProbe:
+    """One httpGet probe of a container, with the kubelet's defaults for what the spec leaves unset."""
+
+    path: str
+    port: int | str | None
+    initial_delay_s: float
+    period_s: float
+    timeout_s: float
+    failure_threshold: int
+    grace_s: float | None  # the probe's own terminationGracePeriodSeconds (liveness, startup)
+
+    @classmethod
+    def of(cls, spec: dict | None) -> HttpProbe | None:
+        """The probe `spec` describes, or None when there is none (or it is not httpGet)."""
+        if not spec or "httpGet" not in spec:
+            return None
+        get = spec["httpGet"]
+        grace = spec.get("terminationGracePeriodSeconds")
+        return cls(path=get.get("path", "/"), port=get.get("port"),
+                   initial_delay_s=float(spec.get("initialDelaySeconds", 0)),
+                   period_s=float(spec.get("periodSeconds", 10)), timeout_s=float(spec.get("timeoutSeconds", 1)),
+                   failure_threshold=int(spec.get("failureThreshold", 3)),
+                   grace_s=None if grace is None else float(grace))
+
+
+@dataclass
+class ProbeState:
+    """Where one probe of a running container stands: when it runs next, failures in a row."""
+
+    next_at: float = 0.0
+    failures: int = 0
+    passed: bool = False  # startup: it has succeeded once, and is not run again
+
+
 @dataclass
 class RunningPod:
     uid: str
@@ -69,7 +110,10 @@ class RunningPod:
     restarts: int = 0
     ready: bool = False
     started_at: str = ""
-    next_probe: float = 0.0
+    next_probe: float = 0.0  # readiness
+    startup: ProbeState = field(default_factory=ProbeState)
+    liveness: ProbeState = field(default_factory=ProbeState)
+    kill_at: float | None = None  # a probe failed: SIGTERM sent, SIGKILL due at this time
     configmaps: dict[str, Path] = field(default_factory=dict)  # configMap name -> directory
     exit_code: int | None = None
     finished: bool = False
@@ -221,8 +265,7 @@ class LocalRunner:
         rp.started_at = _now()
         rp.exit_code = None
         rp.ready = False
-        probe = c.get("readinessProbe") or {}
-        rp.next_probe = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
+        self._reset_probes(c, rp)
         self._status(pod, rp, phase="Running")
         log.info("%s/%s: started %s on %s (pid %d)", rp.namespace, rp.name, argv[0], rp.ip, rp.proc.pid)
 
@@ -311,6 +354,7 @@ class LocalRunner:
         return v
 
     def _supervise(self, pod: dict, rp: RunningPod, dns: dict) -> None:
+        """One look at a running container: its configMaps, its exit, a kill in progress, its probes."""
         if rp.finished or rp.proc is None:
             return
         for name, d in rp.configmaps.items():
@@ -320,36 +364,130 @@ class LocalRunner:
                 pass
         code = rp.proc.poll()
         if code is not None:
-            policy = pod["spec"].get("restartPolicy", "Always")
-            if policy == "Always" or (policy == "OnFailure" and code != 0):
-                rp.restarts += 1
-                log.info("%s/%s exited %d; restarting (%d)", rp.namespace, rp.name, code, rp.restarts)
-                self._launch(pod, rp, dns)
-                return
-            rp.finished, rp.exit_code = True, code
-            self._status(pod, rp, phase="Succeeded" if code == 0 else "Failed")
-            log.info("%s/%s exited %d", rp.namespace, rp.name, code)
+            self._exited(pod, rp, dns, code)
             return
-        probe = (pod["spec"]["containers"][0].get("readinessProbe") or {}).get("httpGet")
+        if rp.kill_at is not None:
+            self._finish_kill(rp)
+            return
+        c = pod["spec"]["containers"][0]
+        if not self._startup_passed(pod, rp, c) or not self._alive(pod, rp, c):
+            return
+        self._readiness(pod, rp, c)
+
+    def _exited(self, pod: dict, rp: RunningPod, dns: dict, code: int) -> None:
+        """The process ended: restart it per restartPolicy, else report the pod finished."""
+        code = 128 - code if code < 0 else code  # killed by signal N: 128+N, as a container runtime says
+        rp.kill_at = None
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if policy == "Always" or (policy == "OnFailure" and code != 0):
+            rp.restarts += 1
+            log.info("%s/%s exited %d; restarting (%d)", rp.namespace, rp.name, code, rp.restarts)
+            self._launch(pod, rp, dns)
+            return
+        rp.finished, rp.exit_code = True, code
+        self._status(pod, rp, phase="Succeeded" if code == 0 else "Failed")
+        log.info("%s/%s exited %d", rp.namespace, rp.name, code)
+
+    @staticmethod
+    def _reset_probes(c: dict, rp: RunningPod) -> None:
+        """A container (re)started: every probe waits its initialDelaySeconds from now."""
+        now = time.monotonic()
+        delay = {k: float((c.get(k) or {}).get("initialDelaySeconds", 0))
+                 for k in ("readinessProbe", "startupProbe", "livenessProbe")}
+        rp.next_probe = now + delay["readinessProbe"]
+        rp.startup = ProbeState(next_at=now + delay["startupProbe"])
+        rp.liveness = ProbeState(next_at=now + delay["livenessProbe"])
+        rp.kill_at = None
+
+    def _startup_passed(self, pod: dict, rp: RunningPod, c: dict) -> bool:
+        """Whether the startup probe has succeeded (at once when there is none); until it has,
+        liveness and readiness wait, and failureThreshold failures in a row kill the container."""
+        probe = HttpProbe.of(c.get("startupProbe"))
+        if probe is None or rp.startup.passed:
+            return True
+        rp.startup.passed = self._run_probe(pod, rp, probe, rp.startup, "Startup") is True
+        return rp.startup.passed
+
+    def _alive(self, pod: dict, rp: RunningPod, c: dict) -> bool:
+        """Run the liveness probe when due; False once it has failed failureThreshold times in a
+        row and the container is being killed."""
+        probe = HttpProbe.of(c.get("livenessProbe"))
+        if probe is not None:
+            self._run_probe(pod, rp, probe, rp.liveness, "Liveness")
+        return rp.kill_at is None
+
+    def _readiness(self, pod: dict, rp: RunningPod, c: dict) -> None:
+        """Run the readiness probe every second and write the Ready condition when it changes."""
+        probe = (c.get("readinessProbe") or {}).get("httpGet")
         if time.monotonic() >= rp.next_probe:
-            ready = self._probe(pod, rp, probe) if probe else True
+            ready = self._probe(pod, rp, probe)[0] if probe else True
             rp.next_probe = time.monotonic() + 1.0
             if ready != rp.ready:
                 rp.ready = ready
                 self._status(pod, rp, phase="Running")
 
-    def _probe(self, pod: dict, rp: RunningPod, probe: dict) -> bool:
+    def _run_probe(self, pod: dict, rp: RunningPod, probe: HttpProbe, state: ProbeState, kind: str) -> bool | None:
+        """Run a startup or liveness probe if it is due: None when it was not, else its result.
+        Every failure is an Unhealthy Event; the failureThreshold-th in a row starts the kill."""
+        now = time.monotonic()
+        if now < state.next_at:
+            return None
+        ok, why = self._probe(pod, rp, {"path": probe.path, "port": probe.port}, probe.timeout_s)
+        state.next_at = time.monotonic() + probe.period_s
+        if ok:
+            state.failures = 0
+            return True
+        state.failures += 1
+        self._event(pod, "Warning", "Unhealthy", f"{kind} probe failed: {why}")
+        log.warning("%s/%s: %s probe failed (%d/%d): %s", rp.namespace, rp.name, kind.lower(), state.failures,
+                    probe.failure_threshold, why)
+        if state.failures >= probe.failure_threshold:
+            grace = probe.grace_s if probe.grace_s is not None else float(
+                pod["spec"].get("terminationGracePeriodSeconds", 30))
+            self._start_kill(pod, rp, f"failed {kind.lower()} probe", grace)
+        return False
+
+    def _start_kill(self, pod: dict, rp: RunningPod, why: str, grace: float) -> None:
+        """SIGTERM now and SIGKILL after `grace` (`_finish_kill`); the exit is then reported like any other."""
+        name = pod["spec"]["containers"][0]["name"]
+        self._event(pod, "Normal", "Killing", f"Container {name} {why}, will be killed")
+        log.warning("%s/%s: %s; killing it (grace %gs)", rp.namespace, rp.name, why, grace)
+        rp.kill_at = time.monotonic() + max(grace, 0.0)
+        try:
+            os.killpg(rp.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    @staticmethod
+    def _finish_kill(rp: RunningPod) -> None:
+        """SIGKILL a container whose grace period after a probe's SIGTERM has run out; a SIGSTOPped
+        process never acts on SIGTERM, and SIGKILL ends it all the same."""
+        if rp.kill_at is not None and time.monotonic() >= rp.kill_at:
+            try:
+                os.killpg(rp.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _event(self, pod: dict, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about the pod, from the local runner as the kubelet would post it."""
+        meta = pod["metadata"]
+        self.kube.event({"apiVersion": "v1", "kind": "Pod", "metadata": meta}, type_, reason, message,
+                        component="moe-local-runner")
+
+    def _probe(self, pod: dict, rp: RunningPod, probe: dict, timeout_s: float = 1.0) -> tuple[bool, str]:
+        """One httpGet: (success, why it failed). 2xx and 3xx succeed, as with the kubelet."""
         port = probe.get("port")
         if isinstance(port, str):
             ports = {p.get("name"): p["containerPort"] for p in pod["spec"]["containers"][0].get("ports") or []}
             port = ports.get(port)
         if not port:
-            return False
+            return False, f"port {probe.get('port')!r} not found"
+        url = f"http://{rp.ip}:{port}{probe.get('path', '/')}"
         try:
-            with urllib.request.urlopen(f"http://{rp.ip}:{port}{probe.get('path', '/')}", timeout=1) as r:
-                return 200 <= r.status < 400
-        except Exception:
-            return False
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                return 200 <= r.status < 400, f"HTTP probe failed with statuscode: {r.status}"
+        except Exception as e:  # refused, timed out (a stopped process accepts but never answers), HTTP 4xx/5xx
+            return False, f"Get \"{url}\": {e}"
 
     def _status(self, pod: dict, rp: RunningPod, phase: str, reason: str = "", message: str = "") -> None:
         now = _now()
