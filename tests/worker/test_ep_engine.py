@@ -213,18 +213,32 @@ def test_sixteen_ranks(fp8_ckpt, fp8_ref, tmp_path):
     assert time.monotonic() - t < 120
 
 
-def test_a_dead_rank_fails_the_group_fast(fp8_ckpt, tmp_path):
+def test_a_dead_rank_is_healed_in_place(fp8_ckpt, fp8_ref, tmp_path):
+    # Rank 3 exits in the middle of generation (its third step with work). The other three
+    # re-form without it, serve its experts from the degraded map (no replicas: each of its
+    # experts is read from the checkpoint by one survivor) and recompute its sequence on another
+    # rank from prompt + tokens so far: every answer equals the reference.
+    res = run_group(fp8_ckpt, 4, tmp_path, [Phase(requests("x"), overlap="on"), Phase(requests("after"))],
+                    exit_rank_at_step=(3, 3))
+    for ph in res.phases:
+        fp8_ref.check(ph, "4 ranks, rank 3 lost")
+    (step, lost, moved, took), = res.recoveries
+    assert lost == [3] and moved == 1, res.recoveries
+    print(f"re-formed without rank 3 in {took:.2f} s")
+
+
+def test_a_hung_rank_is_dropped_within_the_collective_timeout(fp8_ckpt, fp8_ref, tmp_path):
+    # Rank 2 stops (SIGSTOP: its sockets stay open, nothing errors); the others' collectives
+    # time out after dist_timeout_s, rank 0 finds rank 2's heartbeat silent, and they re-form.
+    plan = write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=0), 1)
+    cfg = EngineConfig(map_poll_s=0.0, background_load=False, dist_timeout_s=3.0)
     t = time.monotonic()
-    with pytest.raises(GroupFailed) as info:
-        run_group(fp8_ckpt, 4, tmp_path, [Phase(requests("x"), overlap="on")], exit_rank_at_step=(3, 3))
-    e = info.value
-    assert e.first == 3 and e.exit_codes[3] == FAULT_EXIT_CODE
-    assert "rank 3 exited with code 17" in str(e)
-    # Every other rank noticed by itself (nobody was killed) within seconds, far below the timeout.
-    assert e.killed == [] and e.exited_by_themselves_s is not None and e.exited_by_themselves_s < 10
-    assert set(e.errors) == {0, 1, 2}
-    assert all("lost a peer rank or a collective failed" in msg for msg in e.errors.values()), e.errors
-    assert time.monotonic() - t < 60
+    res = run_local(fp8_ckpt, 4, Job([Phase(requests("x"), overlap="off")], stop_rank_at_step=(2, 2)),
+                    engine=cfg, expert_map=plan, timeout_s=300)
+    fp8_ref.check(res.phases[0], "4 ranks, rank 2 hung")
+    (step, lost, moved, took), = res.recoveries
+    assert lost == [2] and moved == 1, res.recoveries
+    assert time.monotonic() - t < 120
 
 
 def test_a_bad_initial_map_stops_every_rank_with_its_reason(fp8_ckpt, tmp_path):

@@ -222,6 +222,9 @@ class Dispatcher:
         self.ctx = ctx
         self.rank, self.world = ctx.rank, ctx.world_size
         self.group = ctx.group
+        self.members = ctx.members
+        """The map ranks in the process group (None: all); the others are lost and host nothing,
+        so nothing is ever sent to them and their buckets arrive empty."""
         self.device = torch.device(device or "cpu")
         self.config = config or DispatchConfig()
         self.metrics = metrics
@@ -332,11 +335,39 @@ class Dispatcher:
         return _Layout(D, K, dtype, 0, D * size + (-(D * size)) % 4)
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None):
-        """Asynchronous all_to_all_single on the group; a local copy for a single process."""
+        """Asynchronous all_to_all_single on the group; a local copy for a single process.
+        Splits and equal buckets are per map rank; with lost ranks (`members`) only the members'
+        parts travel (the lost ranks' are empty: they host no expert and send no token)."""
         if self.world == 1:
             out.copy_(inp)
             return None
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+        if self.members is None:
+            return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+        live = self.members
+        if out_splits is not None and in_splits is not None:
+            return dist.all_to_all_single(out, inp, [out_splits[r] for r in live], [in_splits[r] for r in live],
+                                          group=self.group, async_op=True)
+        return _MemberBuckets(self, out, inp)
+
+
+class _MemberBuckets:
+    """An equal-bucket all-to-all of a group with lost ranks: sends the members' buckets only and,
+    on `wait()`, puts what arrived into the members' buckets of `out`, zeroing the lost ranks'
+    (an empty bucket: its header says 0 rows)."""
+
+    def __init__(self, d: Dispatcher, out: torch.Tensor, inp: torch.Tensor):
+        W, M = d.world, len(d.members)
+        self.out = out.view(W, out.shape[0] // W, *out.shape[1:])
+        self.idx = torch.tensor(d.members, dtype=torch.int64, device=out.device)
+        self.lost = torch.tensor([r for r in range(W) if r not in d.members], dtype=torch.int64, device=out.device)
+        send = inp.view(W, inp.shape[0] // W, *inp.shape[1:])[self.idx].reshape(-1, *inp.shape[1:])
+        self.recv = torch.empty((M * self.out.shape[1], *out.shape[1:]), dtype=out.dtype, device=out.device)
+        self.work = dist.all_to_all_single(self.recv, send, None, None, group=d.group, async_op=True)
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.out[self.idx] = self.recv.view(len(self.idx), *self.out.shape[1:])
+        self.out[self.lost] = 0
 
 
 def _segments(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,18 +66,28 @@ class ExpertMap:
     """[i][r]: sorted logical expert ids rank r hosts in MoE layer `moe_layers[i]`."""
     n_experts: int
     """Logical routed experts per layer."""
+    lost: frozenset[int] = frozenset()
+    """Ranks of the map that are gone: they host nothing, and the group serves without them
+    (`degrade`). Empty for every map the operator publishes."""
     digest: str = ""
-    """sha256 of the canonical map (ranks' nodes and hosts): equal digests, equal maps."""
+    """sha256 of the canonical map (ranks' nodes and hosts, lost ranks): equal digests, equal maps."""
     _replicas: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
-            canon = json.dumps({"nodes": self.nodes, "layers": self.moe_layers, "hosts": self.hosts})
-            object.__setattr__(self, "digest", hashlib.sha256(canon.encode()).hexdigest()[:16])
+            canon = {"nodes": self.nodes, "layers": self.moe_layers, "hosts": self.hosts}
+            if self.lost:
+                canon["lost"] = sorted(self.lost)
+            object.__setattr__(self, "digest", hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:16])
 
     @property
     def world_size(self) -> int:
         return len(self.nodes)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The ranks that serve this map (all but the lost ones), ascending."""
+        return tuple(r for r in range(self.world_size) if r not in self.lost)
 
     def node_index(self) -> tuple[int, ...]:
         """Index of each rank's node among the distinct nodes (first-seen order)."""
@@ -144,6 +154,37 @@ class ExpertMap:
             ranks.append({"rank": r, "node": node, "gpu": seen.get(node, 0)})
             seen[node] = seen.get(node, 0) + 1
         return {"ranks": ranks, "expert_map": [[list(c) for c in layer] for layer in self.hosts], "metrics": {}}
+
+
+def degrade(emap: ExpertMap, lost: Iterable[int]) -> ExpertMap:
+    """The map a group serves after losing ranks `lost` (and those `emap` already lost): the same
+    generation, the lost ranks hosting nothing, and every expert that only they hosted moved to
+    one survivor. Fewest moves: experts with a surviving copy stay where they are (the group only
+    loses that copy) and each orphaned expert is read by exactly one survivor, one that does not
+    host it yet (one copy per GPU). Survivors are chosen by fewest experts in the layer, then
+    fewest experts added so far, then rank, so the reads spread over the group.
+
+    A pure function of (`emap`, `lost`): every survivor computes the same map by itself.
+    """
+    gone = frozenset(lost) | emap.lost
+    W = emap.world_size
+    if bad := sorted(r for r in gone if not 0 <= r < W):
+        raise ExpertMapError(f"lost ranks {bad} are not ranks of the map (0..{W - 1})")
+    survivors = [r for r in range(W) if r not in gone]
+    if not survivors:
+        raise ExpertMapError(f"every rank of the map is lost ({sorted(gone)})")
+    added = dict.fromkeys(survivors, 0)
+    hosts = []
+    for cells_in in emap.hosts:
+        cells = [[] if r in gone else list(c) for r, c in enumerate(cells_in)]
+        hosted = {e for c in cells for e in c}
+        orphans = sorted({e for r in gone for e in cells_in[r]} - hosted)
+        for e in orphans:
+            r = min(survivors, key=lambda r: (len(cells[r]), added[r], r))
+            cells[r].append(e)
+            added[r] += 1
+        hosts.append(tuple(tuple(sorted(c)) for c in cells))
+    return ExpertMap(emap.generation, emap.nodes, emap.moe_layers, tuple(hosts), emap.n_experts, lost=gone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +345,8 @@ class MapSwitcher:
         resizable: bool = False,
     ):
         self.current = current
+        self.full = current
+        """The published map of the served generation (`current` without its lost ranks)."""
         self.resizable = resizable
         """Accept generations with a different number of ranks (the engine regroups for them)."""
         self.rank = rank
@@ -433,13 +476,24 @@ class MapSwitcher:
         return m.generation, m.digest
 
     def take(self, generation: int) -> Staged:
-        """The staged generation, now served. Raises if it is not the staged one (a protocol bug)."""
-        if self.staged is None or self.staged.emap.generation != generation:
+        """The staged generation, now served; or, when the served map has lost ranks and
+        `generation` is its own, the published map again (the lost ranks are back; nothing was
+        loaded for it: the switch reads what is missing). Raises otherwise (a protocol bug)."""
+        if self.staged is not None and self.staged.emap.generation == generation:
+            staged, self.staged = self.staged, None
+        elif self.current.lost and generation == self.full.generation:
+            staged = Staged(self.full, {})
+        else:
             have = self.staged.emap.generation if self.staged else None
             raise RuntimeError(f"rank {self.rank}: told to switch to generation {generation}, staged {have}")
-        staged, self.staged = self.staged, None
-        self.current = staged.emap
+        self.current = self.full = staged.emap
         return staged
+
+    def lose(self, lost: frozenset[int]) -> Staged:
+        """Serve the `degrade`d map of the served generation without ranks `lost` (and those it
+        had already lost) from now on; what to hold, as `take` returns it (nothing loaded yet)."""
+        self.current = degrade(self.full, lost | self.current.lost)
+        return Staged(self.current, {})
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for a background load to finish (tests)."""
@@ -465,6 +519,7 @@ __all__ = [
     "Staged",
     "agreed_switch",
     "default_map",
+    "degrade",
     "parse_plan",
     "read_plan_files",
     "write_plan_files",

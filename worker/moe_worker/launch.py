@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,13 @@ def spawn_ranks(
     *,
     timeout_s: float = 600.0,
     grace_s: float = 40.0,
+    may_die: Collection[int] = (),
 ) -> Any:
     """Run `target(rank, world_size, port, *args)` in `world_size` processes; rank 0's return value.
 
-    `target` must be importable by name (a module-level function). Raises GroupFailed.
+    `target` must be importable by name (a module-level function). Raises GroupFailed. Ranks in
+    `may_die` are faults a test injects: their exit is no failure, and they are killed at the end
+    if still there (a stopped process).
     """
     ctx = _context()
     q = ctx.Queue()
@@ -131,7 +135,7 @@ def spawn_ranks(
     try:
         while True:
             drain(0.05)
-            codes = {r: p.exitcode for r, p in enumerate(procs)}
+            codes = {r: p.exitcode for r, p in enumerate(procs) if r not in may_die}
             if t_fail is None and (errors or any(c not in (None, 0) for c in codes.values())):
                 t_fail = time.monotonic()
             if t_fail is None and all(c == 0 for c in codes.values()):
@@ -165,6 +169,9 @@ def spawn_ranks(
                                   exit_codes={r: p.exitcode for r, p in enumerate(procs)},
                                   exited_by_themselves_s=None, killed=alive)
     finally:
+        for r in may_die:
+            if procs[r].exitcode is None:
+                procs[r].kill()
         for p in procs:
             if p.exitcode is None:
                 p.join(10)
@@ -223,6 +230,8 @@ class Job:
     phases: list[Phase]
     exit_rank_at_step: tuple[int, int] | None = None
     """(rank, n): that rank exits with FAULT_EXIT_CODE before its n-th step with work (tests)."""
+    stop_rank_at_step: tuple[int, int] | None = None
+    """(rank, n): that rank stops itself (SIGSTOP, a hang) before its n-th step with work (tests)."""
     map_load_fails: tuple[int, int] | None = None
     """(rank, generation): loading that generation's experts raises on that rank (tests)."""
 
@@ -249,21 +258,30 @@ class JobResult:
     dispatch: dict
     """Rank 0's DispatchStats."""
     wall_s: float
+    recoveries: list = field(default_factory=list)
+    """`GroupEngine.recoveries`: (step, ranks lost, sequences recomputed, seconds) per broken step."""
 
 
 def _fault_hook(job: Job) -> Callable | None:
-    if job.exit_rank_at_step is None:
+    fault = job.exit_rank_at_step or job.stop_rank_at_step
+    if fault is None:
         return None
-    target, n = job.exit_rank_at_step
+    target, n = fault
     seen = [0]
 
     def hook(plan, rank):
         if plan.has_work():
             seen[0] += 1
             if rank == target and seen[0] >= n:
-                os._exit(FAULT_EXIT_CODE)
+                if job.exit_rank_at_step is not None:
+                    os._exit(FAULT_EXIT_CODE)
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     return hook
+
+
+def _faulty_ranks(job: Job) -> tuple[int, ...]:
+    return tuple(f[0] for f in (job.exit_rank_at_step, job.stop_rank_at_step) if f is not None)
 
 
 def _fail_map_load(switcher: Any, generation: int) -> None:
@@ -325,7 +343,7 @@ def run_job(engine: Any, job: Job, expert_map: str | None) -> JobResult:
                                (first_step, engine.step), asdict(d.stats) if d is not None else {}))
     d = engine.runner.dispatcher
     return JobResult(out, list(engine.switches), engine.runner.emap.generation, list(engine.map_errors),
-                     asdict(d.stats) if d is not None else {}, time.monotonic() - t0)
+                     asdict(d.stats) if d is not None else {}, time.monotonic() - t0, list(engine.recoveries))
 
 
 def run_local(
@@ -342,7 +360,7 @@ def run_local(
 
     cfg = engine or EngineConfig()
     plan = str(expert_map) if expert_map is not None else None
-    if world_size == 1 and job.exit_rank_at_step is None:
+    if world_size == 1 and not _faulty_ranks(job):
         eng = start_rank(RankConfig(rank=0, world_size=1, checkpoint=str(checkpoint), expert_map=plan, engine=cfg)).engine
         try:
             return run_job(eng, job, plan)
@@ -350,7 +368,7 @@ def run_local(
             eng.shutdown()
     grace = cfg.dist_timeout_s + 10.0
     return spawn_ranks(world_size, _engine_rank, (str(checkpoint), cfg, plan, job), timeout_s=timeout_s,
-                       grace_s=grace)
+                       grace_s=grace, may_die=_faulty_ranks(job))
 
 
 __all__ = ["GroupFailed", "Job", "JobResult", "Phase", "PhaseResult", "free_port", "run_job", "run_local",

@@ -48,11 +48,18 @@ class ParallelContext:
     """Where this process sits in its expert-parallel group. The model only stores it."""
 
     rank: int = 0
-    """This process's rank in the group."""
+    """This process's rank in the group (its column of the expert map)."""
     world_size: int = 1
-    """Processes in the group."""
+    """Ranks of the group's expert map."""
     group: Any = None
     """The torch.distributed process group, or None for a single process."""
+    members: tuple[int, ...] | None = None
+    """The ranks in `group`, in group order, when some of the map's ranks are lost (the group
+    serves on without them); None: every rank, group rank = rank."""
+
+    def live(self) -> tuple[int, ...]:
+        """The ranks in the process group, ascending."""
+        return self.members if self.members is not None else tuple(range(self.world_size))
 
 
 def all_experts(args: ModelArgs) -> dict[int, range]:

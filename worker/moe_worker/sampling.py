@@ -20,3 +20,18 @@ def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | N
     scaled = (row.double() - row.max().double()) / temperature
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The seed of the draw for a sequence's `index`-th generated token (a splitmix64 mix of both).
+
+    Each draw depends only on (request seed, token index), not on what ran before it on the rank,
+    so a sequence recomputed on another rank after a fault draws exactly the tokens it would have.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)

@@ -61,8 +61,14 @@ class EngineConfig:
     """Process-group backend for the exchanges: "nccl", "gloo", or "auto" (NCCL on CUDA, gloo on
     CPU). gloo on CUDA moves through host memory: for ranks that share one GPU (NCCL refuses two
     ranks on one device) and for debugging, never for speed."""
-    dist_timeout_s: float = 30.0
-    """Collective timeout: the longest a rank waits for a hung peer."""
+    dist_timeout_s: float = 10.0
+    """Collective timeout: the longest a rank waits in one collective, so the bound on noticing a
+    hung peer (a dead one is noticed at once: its sockets close). No legitimate wait comes near it:
+    ranks meet at every MoE layer, and an idle rank 0 sends a heartbeat plan every
+    `idle_heartbeat_s`."""
+    peer_lost_s: float = 2.0
+    """A rank whose store heartbeat (every 0.25 s, from its own thread) has been silent this long
+    when its group breaks is counted lost; the others re-form without it."""
     rendezvous_timeout_s: float = 600.0
     """How long ranks wait for each other to start and load (pods start minutes apart)."""
     model_name: str = "deepseek-v3"
@@ -104,7 +110,8 @@ _LIMITS: dict[str, tuple[float, bool]] = {
     "overlap_min_tokens": (0, False), "max_seqs_per_rank": (1, False), "max_context": (2, False),
     "max_new_tokens": (1, False), "max_prefill_tokens": (1, False), "kv_cache_tokens": (0, False),
     "max_queue": (1, False), "idle_heartbeat_s": (0.001, True), "map_poll_s": (0, True),
-    "dist_timeout_s": (0.001, True), "rendezvous_timeout_s": (0.001, True), "threads": (1, False),
+    "dist_timeout_s": (0.001, True), "peer_lost_s": (0.5, True), "rendezvous_timeout_s": (0.001, True),
+    "threads": (1, False),
 }
 """Range checks of the numeric `EngineConfig` fields (a zero or negative limit hangs or breaks a rank)."""
 
@@ -117,6 +124,7 @@ _ENV_FIELDS: dict[str, str] = {
     "max_new_tokens": "MOE_MAX_NEW_TOKENS", "max_prefill_tokens": "MOE_MAX_PREFILL_TOKENS",
     "kv_cache_tokens": "MOE_KV_CACHE_TOKENS", "max_queue": "MOE_MAX_QUEUE", "map_poll_s": "MOE_MAP_POLL_S",
     "dist_backend": "MOE_DIST_BACKEND", "dist_timeout_s": "MOE_DIST_TIMEOUT_S",
+    "peer_lost_s": "MOE_PEER_LOST_S",
     "rendezvous_timeout_s": "MOE_RENDEZVOUS_TIMEOUT_S", "model_name": "MOE_MODEL_NAME", "threads": "MOE_THREADS",
 }
 

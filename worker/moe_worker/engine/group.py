@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -61,6 +62,10 @@ class GroupEngine:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._switch_to: int | None = None
+        self._broken = 0  # steps broken in a row without a rank lost
+        self.recoveries: list[tuple[int, list[int], int, float]] = []
+        """(step, ranks lost, sequences recomputed, seconds to re-form) of every broken step the
+        group survived."""
 
     # ---- lifecycle ----
 
@@ -78,7 +83,9 @@ class GroupEngine:
             self._thread.join(timeout)
         self.scheduler.fail_all(EngineError("engine shut down"))
         if self.world > 1:
-            _abort_group()
+            _abort_group(self.membership.backend if self.membership else "gloo")
+        if self.membership is not None:
+            self.membership.stop()
 
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failed is None and not self._stopping
@@ -224,7 +231,7 @@ class GroupEngine:
     # ---- the step loop ----
 
     def _loop(self) -> None:
-        runner, sched = self.runner, self.scheduler
+        sched = self.scheduler
         try:
             while True:
                 with self._wake:
@@ -239,45 +246,103 @@ class GroupEngine:
                     self._regroup(*self._resize)
                     continue
                 plan = self._empty_plan() if self._paused else sched.build(self.step, self._switch_to)
-                self.control.plan(plan)
-                reply = runner.run_step(plan)
-                replies = self.control.replies(reply)
-                if plan.switch_to is not None:
-                    self.switches.append((plan.step, plan.switch_to))
-                for rp in replies:
-                    self.map_errors.extend(rp.errors)
-                self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
-                sched.update(replies, runner.kept_logits)
-                self._count(plan)
-                self.step += 1
+                try:
+                    self._run_step(plan)
+                    self._broken = 0
+                except Exception as e:
+                    self._recover(plan, _group_error(plan.step, 0, e))
         except Exception as e:
-            self._failed = _group_error(self.step, 0, e)
+            self._failed = e if isinstance(e, EngineError) else _group_error(self.step, 0, e)
             log.error("%s", self._failed)
             if self.metrics is not None:
                 self.metrics.group_ready.labels(**self.metrics.lbl()).set(0)
-            _abort_group()
+            _abort_group(self.membership.backend if self.membership else "gloo")
             sched.fail_all(self._failed)
         finally:
             self._stopped.set()
 
+    def _run_step(self, plan: StepPlan) -> None:
+        """Send the plan, run rank 0's share, gather every rank's reply and apply it."""
+        runner, sched = self.runner, self.scheduler
+        self.control.plan(plan)
+        reply = runner.run_step(plan)
+        replies = self.control.replies(reply)
+        if plan.switch_to is not None:
+            self.switches.append((plan.step, plan.switch_to))
+        for rp in replies:
+            self.map_errors.extend(rp.errors)
+        self._switch_to = self._next_switch(agreed_switch(runner.emap.generation, [rp.staged for rp in replies]))
+        sched.update(replies, runner.kept_logits)
+        self._count(plan)
+        self.step += 1
+
+    def _recover(self, plan: StepPlan, err: EngineError) -> None:
+        """A step broke (a rank died or hung, so a collective failed): release the group, decide
+        with the survivors which ranks are lost, re-form without them on the degraded map, and
+        queue the lost ranks' sequences for recomputation. The step's own work is sent again.
+        Raises (the group stops) without a membership, or when steps keep breaking with no rank
+        lost (a fault of the step itself, not of a peer)."""
+        m = self.membership
+        if m is None:
+            raise err
+        self._broken += 1
+        if self._broken > 2:
+            raise EngineError(f"{err} (the step broke {self._broken} times in a row; giving up)")
+        t0 = time.perf_counter()
+        log.warning("%s; re-forming the group", err)
+        if self.metrics is not None:
+            self.metrics.group_ready.labels(**self.metrics.lbl()).set(0)
+        self.scheduler.step_broke(plan)
+        self._switch_to = None
+        _abort_group(m.backend)
+        runner = self.runner
+        decision = m.decide(runner.emap.generation, self.world, runner.emap.lost)
+        lost = frozenset(decision["lost"])
+        new = lost - runner.emap.lost
+        runner.take_degraded(decision["generation"], lost)
+        moved = self.scheduler.lose(set(new))
+        ctx, control_group = m.reform(decision)
+        runner.regroup(ctx)
+        self.control = _Control(ctx, control_group)
+        if new:
+            self._broken = 0  # a peer was lost: this was not the step's own fault
+        took = time.perf_counter() - t0
+        self.recoveries.append((plan.step, sorted(new), moved, took))
+        if self.metrics is not None:
+            self.metrics.group_ready.labels(**self.metrics.lbl()).set(1)
+        log.warning("EP group re-formed without ranks %s at step %d in %.3f s (epoch %d); %d sequences to "
+                    "recompute; serving %d of %d ranks", sorted(lost), plan.step, took, m.epoch, moved,
+                    len(ctx.live()), self.world)
 
     def _next_switch(self, generation: int | None) -> int | None:
-        """The generation the next step switches to. One with a different number of ranks waits
-        until the ranks it adds have loaded it (their `join/<rank>` key in the store names it) and
-        the ranks it drops run no sequence (none are admitted to them meanwhile); then the next
-        step is a resize step instead."""
-        staged = self.runner.switcher.staged
-        if generation is None or staged is None or staged.emap.world_size == self.world:
+        """The generation the next step switches to (None: none yet).
+
+        A generation with the same ranks is switched to as soon as every rank has staged it. One
+        that changes who is in the group (more or fewer ranks, or the ranks the group lost coming
+        back) waits until the ranks it adds have loaded it (their `join/<rank>` key in the store
+        names it) and the ranks it drops run no sequence (none are admitted to them meanwhile);
+        then the next step is a resize step instead. While ranks are lost, the target is the
+        agreed staged generation, else the served generation's own (whole) map."""
+        switcher = self.runner.switcher
+        staged = switcher.staged
+        lost = self.runner.emap.lost
+        if not lost and (generation is None or staged is None or staged.emap.world_size == self.world):
             self.scheduler.drained(self.world)  # no resize pending: admit to every rank
             return generation
-        new = staged.emap.world_size
         if self.membership is None:
             return None
-        want = f"{generation}:{staged.emap.digest}".encode()
+        if staged is not None:
+            if generation is None:
+                return None  # not staged everywhere yet
+            target = staged.emap
+        else:
+            target = switcher.full
+        joiners = [r for r in range(target.world_size) if r not in self.control.live]
         store = self.membership.store
-        joined = all(store.check([f"join/{r}"]) and store.get(f"join/{r}") == want for r in range(self.world, new))
-        if self.scheduler.drained(new) and joined:
-            self._resize = (generation, new)
+        want = f"{target.generation}:{target.digest}".encode()
+        joined = all(store.check([f"join/{r}"]) and store.get(f"join/{r}") == want for r in joiners)
+        if self.scheduler.drained(target.world_size) and joined:
+            self._resize = (target.generation, target.world_size)
         return None
 
     def _empty_plan(self) -> StepPlan:
@@ -291,22 +356,30 @@ class GroupEngine:
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], rows)
 
     def _regroup(self, generation: int, world: int) -> None:
-        """The resize step: every rank takes `generation` and re-forms the group with `world` ranks."""
+        """The resize (or rejoin) step: every rank takes `generation` and re-forms the group with
+        all `world` ranks of its map; the ranks it adds are admitted through `admit/<rank>`."""
         self._resize = None
         t0 = time.perf_counter()
+        m = self.membership
+        target = self.runner.switcher.staged.emap if self.runner.switcher.staged else self.runner.switcher.full
+        joiners = [r for r in range(world) if r not in self.control.live]
         release = self.scheduler.resize(world)
         old = self.world
         plan = StepPlan(self.step, [[] for _ in range(old)], release, switch_to=generation, resize=world)
-        self.membership.store.set(f"resize/{generation}", str(world))  # joiners wait for this key
+        admit = json.dumps({"generation": generation, "digest": target.digest, "epoch": m.epoch + 1, "world": world})
+        for r in joiners:
+            m.store.set(f"admit/{r}", admit)  # joiners wait for this key
         self.control.plan(plan)
-        ctx, control_group = _take_resize(self.runner, self.membership, plan)
+        ctx, control_group = _take_resize(self.runner, m, plan)
+        for r in joiners:
+            m.store.delete_key(f"join/{r}")
         self.control = _Control(ctx, control_group)
         self.world = world
         self.switches.append((plan.step, generation))
         took = time.perf_counter() - t0
         self.resizes.append((plan.step, generation, old, world, took))
-        log.info("EP group resized %d -> %d ranks at step %d (generation %d) in %.3f s", old, world, plan.step,
-                 generation, took)
+        log.info("EP group re-formed: %d -> %d ranks (ranks %s joined) at step %d (generation %d) in %.3f s", old,
+                 world, joiners, plan.step, generation, took)
         self.step += 1
 
 

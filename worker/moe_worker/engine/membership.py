@@ -4,8 +4,13 @@ re-forms, and the loop of ranks 1..N-1."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import math
+import os
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,10 +37,11 @@ log = logging.getLogger(__name__)
 class _Control:
     """Step plans out (broadcast), replies in (gather); identity for a single process. Frames are
     `steps`' JSON encodings carried as uint8 tensors over the control group (gloo): a length, then
-    the bytes. No pickle."""
+    the bytes. No pickle. Rank 0 is group rank 0; with lost ranks the group has only `ctx.live()`."""
 
     def __init__(self, ctx: ParallelContext, group: Any = None):
         self.rank, self.world = ctx.rank, ctx.world_size
+        self.live = ctx.live()
         self.group = group if group is not None else ctx.group
 
     def plan(self, plan: StepPlan | None) -> StepPlan:
@@ -54,18 +60,20 @@ class _Control:
         if self.world == 1:
             return [reply]
         data = encode_reply(reply)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        M = len(self.live)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(M)]
         dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
         width = max(_frame_size(int(n.item())) for n in sizes)
         buf = torch.zeros(width, dtype=torch.uint8)
         buf[: len(data)] = _to_tensor(data)
-        out = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world)] if self.rank == 0 else None
+        out = [torch.empty(width, dtype=torch.uint8) for _ in range(M)] if self.rank == 0 else None
         dist.gather(buf, out, dst=0, group=self.group)
         if out is None:
             return []
         replies = [reply]
-        for r in range(1, self.world):
-            got = decode_reply(out[r][: int(sizes[r].item())].numpy().tobytes(), self.world)
+        for i in range(1, M):
+            r = self.live[i]
+            got = decode_reply(out[i][: int(sizes[i].item())].numpy().tobytes(), self.world)
             if got.rank != r:
                 raise WireError(f"the reply gathered from rank {r} says it is rank {got.rank}")
             replies.append(got)
@@ -82,18 +90,25 @@ def _to_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _abort_group() -> None:
-    """Tear down this process's process group so peers blocked on us fail now, not at the timeout."""
+def _abort_group(backend: str = "gloo") -> None:
+    """Tear down this process's process group so peers blocked on us fail now, not at the timeout.
+
+    NCCL: abort the communicators (`ncclCommAbort`): destroying them waits for the dead peer.
+    gloo: destroy the group, which closes its sockets. Either runs in a thread with a bound, as a
+    broken group may block."""
     if not dist.is_initialized():
         return
 
-    def destroy() -> None:
+    def release() -> None:
         try:
-            dist.destroy_process_group()
+            if backend == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         except Exception:  # already broken: nothing more to release
             pass
 
-    t = threading.Thread(target=destroy, daemon=True)
+    t = threading.Thread(target=release, daemon=True)
     t.start()
     t.join(5.0)
 
@@ -108,44 +123,178 @@ def _group_error(step: int, rank: int, e: BaseException) -> EngineError:
     return EngineError(f"EP group {why} at step {step} on rank {rank}: {type(e).__name__}: {text}")
 
 
+HEARTBEAT_S = 0.25
+"""How often a rank adds to its heartbeat counter `hb/<rank>` in the store."""
+
+
+class _Heartbeat:
+    """This rank's heartbeat in the store, from its own thread and store connection (the step
+    thread may be blocked in a collective for up to the timeout). Rank 0 also watches every
+    rank's counter, so that when its group breaks it knows which ranks went silent: dead (SIGKILL,
+    node gone) or stopped (SIGSTOP, a hung driver)."""
+
+    def __init__(self, host: str, port: int, rank: int, watch: bool):
+        self.rank, self.watch = rank, watch
+        self.client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
+        self.ranks: tuple[int, ...] = ()
+        """The ranks rank 0 watches (its group's members)."""
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"moe-heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.client.add(f"hb/{self.rank}", 1)
+                if self.watch:
+                    self._sample()
+            except Exception as e:  # the store (rank 0) is gone: nothing to beat to
+                log.warning("rank %d: heartbeat stopped: %s", self.rank, str(e).splitlines()[0] if str(e) else e)
+                return
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        counts = {r: self.client.add(f"hb/{r}", 0) for r in self.ranks}
+        with self._lock:
+            for r, n in counts.items():
+                if self._seen.get(r, (None,))[0] != n:
+                    self._seen[r] = (n, now)
+
+    def silent_for(self, rank: int) -> float:
+        """Seconds since `rank`'s heartbeat last moved (since watching began, if never seen)."""
+        with self._lock:
+            seen = self._seen.get(rank)
+            if seen is None:
+                self._seen[rank] = seen = (-1, time.monotonic())
+        return time.monotonic() - seen[1]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class _Membership:
     """How this rank (re)joins its EP group's process group: the rendezvous store on rank 0, the
-    backend and the timeout. A group of G ranks that switches to a map of G' ranks re-forms in
-    place: every rank destroys its process group and creates one of G' ranks on a fresh store
-    prefix (`pg/<generation>`); ranks >= G' leave; new ranks (started as pods beforehand, waiting
-    in `_join_running`) join at the same moment. No process restarts; KV caches stay."""
+    backend and the timeout, the heartbeat, and the group's epoch: every re-formation makes a
+    process group on a fresh store prefix (`pg` first, then `pg/e<epoch>`).
 
-    def __init__(self, store: Any, rank: int, backend: str, device: torch.device, timeout: datetime.timedelta):
+    Three ways the group re-forms in place, none of which restarts a process or drops a KV cache:
+    - a resize step (a map with more or fewer ranks): ranks beyond it leave, new ranks (started
+      as pods beforehand, waiting in `startup._join_running`) join at the same moment;
+    - a rejoin step: ranks the group had lost come back (same step, same mechanism);
+    - a broken step (`recover_*`): a rank died or hung and every survivor's collective failed.
+      Each survivor checks in (`alive/<epoch>/<rank>`); rank 0 waits until every rank has either
+      checked in or been silent for `peer_lost_s`, and publishes the decision
+      (`reform/<epoch>`: generation, lost ranks); all survivors re-form without the lost ones.
+    """
+
+    def __init__(self, store: Any, rank: int, backend: str, device: torch.device, timeout: datetime.timedelta,
+                 peer_lost_s: float = 2.0):
         self.store, self.rank, self.backend, self.device, self.timeout = store, rank, backend, device, timeout
+        self.peer_lost_s = peer_lost_s
+        self.epoch = 0
+        self.members: tuple[int, ...] = ()
+        self.heartbeat: _Heartbeat | None = None
 
-    def form(self, world: int, prefix: str) -> tuple[ParallelContext, Any]:
-        """Create the process group of `world` ranks; one all-reduce proves every rank is in it."""
+    def start_heartbeat(self) -> None:
+        if self.heartbeat is None:
+            self.heartbeat = _Heartbeat(self.store.host, self.store.port, self.rank, watch=self.rank == 0)
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+    @staticmethod
+    def prefix(epoch: int) -> str:
+        return "pg" if epoch == 0 else f"pg/e{epoch}"
+
+    def form(self, members: Sequence[int], world: int) -> tuple[ParallelContext, Any]:
+        """Create the process group of `members` (ranks of a map of `world` ranks) for the
+        current epoch; one all-reduce proves every member is in it."""
+        members = tuple(sorted(members))
+        if self.backend == "nccl":
+            # Abort the communicator on a timeout instead of tearing the process down (torch's
+            # default), so the survivors can re-form. Not yet run on GPUs.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         kw = {"device_id": self.device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store), rank=self.rank,
-                                world_size=world, timeout=self.timeout, **kw)
+        dist.init_process_group(self.backend, store=dist.PrefixStore(self.prefix(self.epoch), self.store),
+                                rank=members.index(self.rank), world_size=len(members), timeout=self.timeout, **kw)
         group = dist.group.WORLD
         control_group = dist.new_group(backend="gloo", timeout=self.timeout) if self.backend == "nccl" else group
         probe = torch.ones(1, device=self.device)
         dist.all_reduce(probe, group=group)
-        if int(probe.item()) != world:
-            raise EngineError(f"EP group: all_reduce saw {int(probe.item())} ranks, expected {world}")
-        return ParallelContext(self.rank, world, group), control_group
+        if int(probe.item()) != len(members):
+            raise EngineError(f"EP group: all_reduce saw {int(probe.item())} ranks, expected {len(members)}")
+        self.members = members
+        if self.heartbeat is not None and self.heartbeat.watch:
+            self.heartbeat.ranks = tuple(r for r in members if r != self.rank)
+        whole = members == tuple(range(world))
+        return ParallelContext(self.rank, world, group, None if whole else members), control_group
 
-    def regroup(self, generation: int, world: int) -> tuple[ParallelContext, Any] | None:
-        """Leave the current process group and join the one of generation `generation` (None: this
-        rank is not in it and has left)."""
+    def regroup(self, world: int) -> tuple[ParallelContext, Any] | None:
+        """Leave the current process group and join the next epoch's, of all `world` ranks of the
+        new map (None: this rank is not in it and has left)."""
         dist.destroy_process_group()
+        self.epoch += 1
         if self.rank >= world:
             return None
-        return self.form(world, f"pg/{generation}")
+        return self.form(range(world), world)
+
+    # ---- a broken step ----
+
+    def check_in(self, generation: int) -> None:
+        """A survivor's word to rank 0: alive after the group broke, serving `generation`."""
+        self.store.set(f"alive/{self.epoch}/{self.rank}", str(generation))
+
+    def decide(self, generation: int, world: int, lost_before: frozenset[int]) -> dict[str, Any]:
+        """Rank 0: which ranks the group lost, published as `reform/<epoch>`. Waits until every
+        member has checked in or been silent for `peer_lost_s`; a member that beats but never
+        checks in is counted lost after the collective timeout (it will find itself left out)."""
+        e, others = self.epoch, [r for r in self.members if r != self.rank]
+        deadline = time.monotonic() + self.timeout.total_seconds() + self.peer_lost_s + 5.0
+        while True:
+            alive = {r: int(self.store.get(f"alive/{e}/{r}")) for r in others if self.store.check([f"alive/{e}/{r}"])}
+            pending = [r for r in others if r not in alive]
+            silent = self.heartbeat.silent_for if self.heartbeat is not None else (lambda r: math.inf)
+            if all(silent(r) >= self.peer_lost_s for r in pending) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        doc = {"epoch": e + 1, "generation": max([generation, *alive.values()]), "world": world,
+               "lost": sorted(set(pending) | lost_before)}
+        self.store.set(f"reform/{e}", json.dumps(doc))
+        return doc
+
+    def await_decision(self) -> dict[str, Any]:
+        """A survivor: rank 0's decision for the current epoch (EngineError when rank 0 is gone
+        or decides nothing in time)."""
+        key = f"reform/{self.epoch}"
+        deadline = time.monotonic() + 2 * (self.timeout.total_seconds() + self.peer_lost_s) + 10.0
+        try:
+            while not self.store.check([key]):
+                if time.monotonic() > deadline:
+                    raise EngineError(f"rank {self.rank}: rank 0 did not re-form the group within "
+                                      f"{deadline - time.monotonic():.0f} s")
+                time.sleep(0.05)
+            return json.loads(self.store.get(key))
+        except dist.DistError as e:
+            raise EngineError(f"rank {self.rank}: the group's store on rank 0 is gone ({e}); "
+                              "the front rank was lost") from e
+
+    def reform(self, decision: dict[str, Any]) -> tuple[ParallelContext, Any]:
+        """Join the process group of the decision's epoch: every rank of its map but the lost."""
+        self.epoch = decision["epoch"]
+        lost = set(decision["lost"])
+        return self.form([r for r in range(decision["world"]) if r not in lost], decision["world"])
 
 
 def _take_resize(runner: RankRunner, membership: _Membership | None, plan: StepPlan) -> tuple[ParallelContext, Any] | None:
-    """Run a resize step: take the new map, then re-form the process group (None: this rank left)."""
+    """Run a resize or rejoin step: take the new map, then re-form the process group (None: this
+    rank left)."""
     if membership is None:
         raise EngineError("a resize step reached a rank that cannot regroup")
     runner.run_step(replace(plan, resize=None))
-    joined = membership.regroup(plan.switch_to, plan.resize)
+    joined = membership.regroup(plan.resize)
     if joined is not None:
         runner.regroup(joined[0])
         log.info("rank %d: EP group re-formed with %d ranks at generation %d", runner.rank, plan.resize, plan.switch_to)
@@ -154,12 +303,32 @@ def _take_resize(runner: RankRunner, membership: _Membership | None, plan: StepP
     return joined
 
 
+def recover_rank(runner: RankRunner, membership: _Membership, err: EngineError) -> _Control:
+    """Ranks 1..N-1 after a broken step: release the broken group, check in, take rank 0's
+    decision (serve the degraded map without the lost ranks) and re-form. Raises EngineError when
+    this rank was left out or rank 0 is gone."""
+    log.warning("%s; re-forming the group", err)
+    _abort_group(membership.backend)
+    membership.check_in(runner.emap.generation)
+    decision = membership.await_decision()
+    lost = frozenset(decision["lost"])
+    if runner.rank in lost:
+        raise EngineError(f"rank {runner.rank}: the group re-formed without it (silent for more than "
+                          f"{membership.peer_lost_s} s when it broke)")
+    runner.take_degraded(decision["generation"], lost)
+    ctx, control_group = membership.reform(decision)
+    runner.regroup(ctx)
+    log.info("rank %d: EP group re-formed without ranks %s (epoch %d)", runner.rank, sorted(lost), membership.epoch)
+    return _Control(ctx, control_group)
+
+
 def worker_loop(runner: RankRunner, control: _Control, membership: _Membership | None = None) -> None:
     """Ranks 1..N-1: take step plans from rank 0 until it says stop, or until a resize leaves this
-    rank out. Raises EngineError on failure."""
+    rank out. A broken step re-forms the group without the lost ranks. Raises EngineError when
+    this rank cannot go on (left out, rank 0 gone, no membership)."""
     step = -1
-    try:
-        while True:
+    while True:
+        try:
             plan = control.plan(None)
             step = plan.step
             if plan.stop:
@@ -171,6 +340,13 @@ def worker_loop(runner: RankRunner, control: _Control, membership: _Membership |
                 control = _Control(*joined)
                 continue
             control.replies(runner.run_step(plan))
-    except Exception as e:
-        _abort_group()
-        raise _group_error(step, runner.rank, e) from e
+        except Exception as e:
+            err = _group_error(step, runner.rank, e)
+            if membership is None or isinstance(e, EngineError):
+                _abort_group(membership.backend if membership else "gloo")
+                raise err from e
+            try:
+                control = recover_rank(runner, membership, err)
+            except Exception as again:
+                _abort_group(membership.backend)
+                raise EngineError(f"{err}; could not re-form: {again}") from again

@@ -18,7 +18,7 @@ from ..engine_api import SequenceError
 from ..expertmap import ExpertMap, MapSwitcher, Staged
 from ..fp8 import resolve_impl
 from ..model import KVCache, MoE, ParallelContext, Transformer, causal_mask
-from ..sampling import sample
+from ..sampling import sample, token_seed
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
 from .steps import SeqWork, StepPlan, StepReply
 
@@ -41,7 +41,9 @@ class _Chunk:
 class _SeqState:
     cache: KVCache
     temperature: float
-    generator: torch.Generator | None
+    seed: int
+    drawn: int
+    """Tokens generated so far (the index of the next draw)."""
     want_logits: bool
 
 
@@ -74,6 +76,7 @@ class RankRunner:
         self.kept_logits: dict[int, torch.Tensor] = {}
         """seq -> (S, vocab) fp32 logits of `want_logits` sequences (read by rank 0's engine)."""
         self._errors: list[str] = []
+        self._rng = torch.Generator(device=device)
         self.switches: list[tuple[int, int]] = []
         """(step, generation) of every switch this rank took."""
         self.dispatcher: Dispatcher | None = None
@@ -108,6 +111,16 @@ class RankRunner:
             self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
                                          config=dispatch_config(self.model, self.cfg), metrics=self.metrics)
 
+    def take_degraded(self, generation: int, lost: frozenset[int]) -> None:
+        """Serve on after the group lost ranks `lost`: take `generation` if this rank is behind
+        (the step that broke had switched to it), then hold the experts of its degraded map,
+        reading the lost ranks' sole copies assigned here (`expertmap.degrade`). Sequences and KV
+        caches stay; `regroup` follows once the new process group is formed."""
+        if self.emap.generation != generation:
+            self._switch(generation, -1)
+        self._hold_exactly(self.switcher.lose(lost), reading="the lost ranks' sole copies")
+        log.info("rank %d: serving generation %d without ranks %s", self.rank, generation, sorted(self.emap.lost))
+
     # ---- expert map ----
 
     def _read_experts(self, added: dict[int, tuple[int, ...]]) -> dict[int, dict[int, Any]]:
@@ -129,7 +142,7 @@ class RankRunner:
             self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(generation)
         log.info("rank %d: serving expert map generation %d from step %d", self.rank, generation, step)
 
-    def _hold_exactly(self, staged: Staged) -> None:
+    def _hold_exactly(self, staged: Staged, reading: str = "") -> None:
         """Make this rank hold exactly the experts `staged.emap` assigns to it, whatever it held
         before: register the staged modules it lacks, read any still missing now (a generation
         staged against another map; slow, logged), drop the rest, then check."""
@@ -147,7 +160,9 @@ class RankRunner:
             lacking = tuple(sorted(need - set(moe.local_experts())))
             if lacking:
                 missing[layer] = lacking
-        if missing:
+        if missing and reading:
+            log.info("rank %d: reading experts %s (%s)", self.rank, missing, reading)
+        elif missing:
             log.warning("rank %d: generation %d: experts %s were not staged; reading them at the switch",
                         self.rank, staged.emap.generation, missing)
             for layer, modules in self._read_experts(missing).items():
@@ -177,8 +192,7 @@ class RankRunner:
             logits = self.forward(mine, plan.micro_batches)
             for seq, row in logits.items():
                 try:
-                    st = self.seqs[seq]
-                    out[seq] = sample(row, st.temperature, st.generator), float(row.sum())
+                    out[seq] = self._sample(self.seqs[seq], row), float(row.sum())
                 except SequenceError as e:
                     failed[seq] = str(e)
             if self.dispatcher is not None:
@@ -197,15 +211,23 @@ class RankRunner:
             self.kept_logits.pop(seq, None)
         return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
 
+    def _sample(self, st: _SeqState, row: torch.Tensor) -> int:
+        """The sequence's next token; a draw (temperature > 0) is seeded by (seed, token index)."""
+        gen = None
+        if st.temperature > 0:
+            gen = self._rng
+            gen.manual_seed(token_seed(st.seed, st.drawn))
+        tok = sample(row, st.temperature, gen)
+        st.drawn += 1
+        return tok
+
     def _admit(self, w: SeqWork, failed: dict[int, str]) -> bool:
         """Set up a new sequence (KV cache, sampler); False when it fits, True when it failed
         (recorded in `failed`: its request fails alone, the step runs without it)."""
         try:
-            gen = None
-            if w.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little"))
-            self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, gen, w.want_logits)
+            seed = w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little")
+            self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, seed, w.drawn,
+                                         w.want_logits)
             return False
         except (torch.OutOfMemoryError, MemoryError) as e:
             failed[w.seq] = f"rank {self.rank} has no memory for a KV cache of {w.max_len} positions: {e}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -38,6 +39,11 @@ class _Ticket:
         self.listeners: list[Callable[[int | None, _Ticket], None]] = []
         """Called with each new token, then with None when done (or failed)."""
         self.cancelled = False
+        self.seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
+        """The sampling seed every rank that runs it uses (chosen here when the request has none,
+        so a recomputation after a fault draws the same tokens)."""
+        self.recomputed = 0
+        """Times the sequence was recomputed on another rank after its rank was lost."""
 
     def _notify(self, tok: int | None) -> None:
         for fn in list(self.listeners):
@@ -71,6 +77,7 @@ class _Running:
     rank: int
     pos: int = 0  # positions in the KV cache
     work: SeqWork | None = None
+    """The work sent for it whose token has not arrived yet (a step that broke: sent again)."""
     kv: int = 0  # KV cache positions the rank allocated for it (prompt + max_tokens)
 
 
@@ -95,6 +102,8 @@ class Scheduler:
         self.overlap = cfg.overlap
         self.draining: set[int] = set()
         """Ranks that leave at the next resize: no new sequences go to them."""
+        self.lost: set[int] = set()
+        """Ranks the group lost (it serves without them until they rejoin): no sequences."""
 
     def add(self, t: _Ticket) -> None:
         with self.lock:
@@ -113,7 +122,8 @@ class Scheduler:
                 if r.ticket.cancelled:
                     self._finish(seq, "cancelled")
                     continue
-                r.work = SeqWork(seq, [r.ticket.output[-1]], r.pos)
+                if r.work is None:
+                    r.work = SeqWork(seq, [r.ticket.output[-1]], r.pos)
                 work[r.rank].append(r.work)
             budget = self.cfg.max_prefill_tokens
             admitted = 0
@@ -122,14 +132,16 @@ class Scheduler:
                 if t.cancelled:
                     self.waiting.popleft()
                     continue
-                n = len(t.req.prompt_ids)
+                tokens = [int(x) for x in t.req.prompt_ids] + t.output  # output: a recomputed sequence
+                n = len(tokens)
                 if admitted and n > budget:
                     break
-                kv = n + t.req.max_tokens
+                kv = len(t.req.prompt_ids) + t.req.max_tokens
                 if t.want_logits:
                     rank = 0 if self._has_room(0, kv) else None
                 else:
-                    free = [r for r in range(self.world) if self._has_room(r, kv) and r not in self.draining]
+                    free = [r for r in range(self.world)
+                            if self._has_room(r, kv) and r not in self.draining and r not in self.lost]
                     # Least loaded first; among equals, round-robin from the last pick, so that a
                     # few requests spread over every node instead of piling onto the first one
                     # (tokens prefer expert replicas on their own node).
@@ -142,8 +154,8 @@ class Scheduler:
                 seq = self._next_seq
                 self._next_seq += 1
                 req = t.req
-                w = SeqWork(seq, [int(x) for x in req.prompt_ids], 0, new=True, max_len=n + req.max_tokens,
-                            temperature=req.temperature, seed=req.seed, want_logits=t.want_logits)
+                w = SeqWork(seq, tokens, 0, new=True, max_len=kv, temperature=req.temperature, seed=t.seed,
+                            want_logits=t.want_logits, drawn=len(t.output))
                 self.running[seq] = _Running(t, rank, 0, w, kv)
                 self.per_rank[rank] += 1
                 self.kv_used[rank] += kv
@@ -173,6 +185,7 @@ class Scheduler:
                         continue
                     t = r.ticket
                     r.pos += len(r.work.tokens) if r.work is not None else 0
+                    r.work = None
                     t.output.append(tok)
                     t.logit_sums.append(lsum)
                     if t.first is None:
@@ -185,6 +198,35 @@ class Scheduler:
                         self._finish(seq, "stop")
                     elif len(t.output) >= t.req.max_tokens:
                         self._finish(seq, "length")
+
+    def step_broke(self, plan: StepPlan) -> None:
+        """The group broke during `plan`: its releases are sent again with the next step, and
+        every running sequence runs its uncommitted work again (`_Running.work`)."""
+        with self.lock:
+            for r, seqs in enumerate(plan.release):
+                if r < self.world and r not in self.lost:
+                    self.release[r][:0] = seqs
+
+    def lose(self, ranks: set[int]) -> int:
+        """The group serves on without `ranks`: the sequences they ran (their KV caches are
+        gone) go back to the head of the queue, in arrival order, to be recomputed on another
+        rank from prompt + the tokens generated so far. Returns how many."""
+        with self.lock:
+            self.lost |= ranks
+            moved = [self.running.pop(seq).ticket for seq in sorted(self.running) if self.running[seq].rank in ranks]
+            for t in moved:
+                t.recomputed += 1
+            self.waiting.extendleft(reversed(moved))
+            for r in ranks:
+                self.per_rank[r] = 0
+                self.kv_used[r] = 0
+                self.release[r] = []
+            return len(moved)
+
+    def rejoined(self) -> None:
+        """Every lost rank is back (a regroup step took them in)."""
+        with self.lock:
+            self.lost = set()
 
     def drained(self, world: int) -> bool:
         """Stop admitting to ranks >= `world`; True once none of them runs a sequence."""
@@ -202,6 +244,7 @@ class Scheduler:
             self.kv_used = (self.kv_used + [0] * world)[:world]
             self.world = world
             self.draining = set()
+            self.lost = set()  # the new map's ranks are all in the group
             self._rotate %= world
             return release
 

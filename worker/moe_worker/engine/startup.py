@@ -102,12 +102,15 @@ class Rank:
         if self.runner is None:
             log.info("rank %d: %s; exiting", self.config.rank, self.standby)
             return
+        backend = self.membership.backend if self.membership is not None else "gloo"
         try:
             worker_loop(self.runner, self.control, self.membership)
         finally:
             if self.runner.metrics is not None:
                 self.runner.metrics.group_ready.labels(**self.runner.metrics.lbl()).set(0)
-        _abort_group()
+            if self.membership is not None:
+                self.membership.stop()
+        _abort_group(backend)
 
 
 def start_rank(
@@ -142,7 +145,9 @@ def start_rank(
     store = _tcp_store(rc, rdv)
     device = resolve_device(cfg.device, rc.rank)
     backend = dist_backend(cfg.dist_backend, device)
-    membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s))
+    membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s),
+                             cfg.peer_lost_s)
+    membership.start_heartbeat()
     resizable = rc.expert_map is not None  # the group follows the plan file's ranks
     world = rc.world_size
     try:
@@ -170,7 +175,7 @@ def start_rank(
         _start_failed(store, rc.rank, world, f"rank {rc.rank}: {type(e).__name__}: {e}")
         raise
 
-    ctx, control_group = membership.form(world, "pg")
+    ctx, control_group = membership.form(range(world), world)
     runner.attach(ctx)
     control = _Control(ctx, control_group)
     if metrics is not None:
@@ -184,10 +189,11 @@ def start_rank(
 
 def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metrics: Any,
                   before_step: Callable[[StepPlan, int], None] | None) -> Rank:
-    """A rank pod started for a group that is already serving (the operator grew it): wait until
-    the plan file lists this rank, load its part of the model for that generation, say so in the
-    store (`join/<rank>` = generation:digest), and join when rank 0 regroups to it (`resize/<g>`).
-    A newer generation that arrives meanwhile is loaded and announced instead. Gives up after
+    """A rank pod started for a group that is already serving (the operator grew it, or replaced
+    a rank the group lost): wait until the plan file lists this rank, load its part of the model
+    for that generation, say so in the store (`join/<rank>` = generation:digest), and join when
+    rank 0 admits it (`admit/<rank>`: the generation, the epoch and size of the group). A newer
+    generation that arrives meanwhile is loaded and announced instead. Gives up after
     `rendezvous_timeout_s` with `standby` set when no plan includes this rank."""
     cfg, store = rc.engine, membership.store
     if rc.expert_map is None:
@@ -196,23 +202,27 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
     deadline = time.monotonic() + cfg.rendezvous_timeout_s
     runner: RankRunner | None = None
     # Every generation announced so far -> its staged experts (None: the runner's own map). Rank 0
-    # may regroup to one this rank has since superseded (it read the key just before), so each
+    # may admit this rank to one it has since superseded (it read the key just before), so each
     # stays joinable.
-    announced: dict[int, Any] = {}
+    announced: dict[tuple[int, str], Any] = {}
+    admit_key = f"admit/{rc.rank}"
+    store.delete_key(admit_key)  # an admission meant for the rank this pod replaces
     while True:
         if store.check(["failed"]):
             raise _start_failure(store, rc.rank)
-        hit = next((g for g in sorted(announced, reverse=True) if store.check([f"resize/{g}"])), None)
-        if hit is not None:
+        admit = json.loads(store.get(admit_key)) if store.check([admit_key]) else None
+        hit = (admit["generation"], admit["digest"]) if admit else None
+        if hit in announced:
             if announced[hit] is not None:
                 runner.switcher.staged = announced[hit]
-                runner._switch(hit, -1)
-            world = int(store.get(f"resize/{hit}"))
-            ctx, control_group = membership.form(world, f"pg/{hit}")
+                runner._switch(hit[0], -1)
+            membership.epoch = admit["epoch"]
+            ctx, control_group = membership.form(range(admit["world"]), admit["world"])
             runner.regroup(ctx)
             if metrics is not None:
                 metrics.group_ready.labels(**metrics.lbl()).set(1)
-            log.info("rank %d: joined the running EP group (%d ranks, generation %d)", rc.rank, world, hit)
+            log.info("rank %d: joined the running EP group (%d ranks, generation %d, epoch %d)", rc.rank,
+                     admit["world"], hit[0], membership.epoch)
             return Rank(rc, runner, _Control(ctx, control_group), None, membership)
         if runner is None:
             gen, text = read_plan_files(rc.expert_map)
@@ -228,10 +238,11 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
             target = staged.emap if staged is not None else runner.emap
             if rc.rank >= target.world_size:
                 return Rank(rc, None, None, standby=f"generation {target.generation} has {target.world_size} ranks")
-            if target.generation not in announced:
-                announced[target.generation] = staged
+            key = (target.generation, target.digest)
+            if key not in announced:
+                announced[key] = staged
                 store.set(f"join/{rc.rank}", f"{target.generation}:{target.digest}")
-                continue  # look for its resize key at once
+                continue  # look for its admission at once
         if time.monotonic() > deadline:
             if runner is None:
                 return Rank(rc, None, None, standby=f"no expert map within {cfg.rendezvous_timeout_s:.0f} s lists it")
