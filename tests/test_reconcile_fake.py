@@ -413,7 +413,9 @@ def test_the_status_patch_holds_exactly_the_fields_a_pass_sets(world):
     starting = rec.reconcile(NS, "tiny").patch
     assert starting["phase"] == "Starting" and starting["reason"] == "0/16 ranks ready"
     assert set(starting) == {"phase", "observedGeneration", "conditions", "readyRanks", "totalRanks", "ready",
-                             "nodesUsed", "expertMapGeneration", "reason", "extraRanks", "prediction"}
+                             "nodesUsed", "expertMapGeneration", "reason", "extraRanks", "prediction",
+                             "degradedGroups", "degradedSince"}
+    assert starting["degradedGroups"] is starting["degradedSince"] is None  # removed, never written as null
     kube.bind_all(NS)
     ready = rec.reconcile(NS, "tiny").patch
     assert ready["reason"] is None and "reason" not in kube.get("MoEDeployment", "tiny", NS)["status"]
@@ -424,3 +426,116 @@ def test_the_status_patch_holds_exactly_the_fields_a_pass_sets(world):
     kube.add_deployment({**tiny("bad"), "spec": {**tiny()["spec"], "parallelism": {"expertParallelSize": 0}}}, NS)
     failed = rec.reconcile(NS, "bad").patch
     assert set(failed) == {"phase", "observedGeneration", "conditions", "reason"} and failed["phase"] == "Failed"
+
+
+# --- issue 16: a lost rank is replaced alone, and status says what is degraded ----------------------
+
+def uids(kube: FakeKube) -> dict[str, str]:
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in kube.list("Pod", NS)}
+
+
+def pod_writes(kube: FakeKube, since: int) -> list[tuple[str, str]]:
+    return [(verb, name) for verb, kind, name in kube.writes[since:] if kind == "Pod"]
+
+
+def reasons(kube: FakeKube, *which: str) -> list[tuple[str, str]]:
+    return [(r, m) for n, _, r, m in kube.events if n == "tiny" and r in which]
+
+
+def fail(kube: FakeKube, rank: int, exit_code: int = 137) -> None:
+    """What the kubelet reports when a rank's container is killed (restartPolicy Never)."""
+    kube.objects[("Pod", NS, f"tiny-g0-r{rank}")]["status"] = {
+        "phase": "Failed", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]}
+
+
+def hang(kube: FakeKube, rank: int, ready: bool = False) -> None:
+    """A rank whose readiness probe fails (hung, or dropped by its group) while its process runs."""
+    kube.objects[("Pod", NS, f"tiny-g0-r{rank}")]["status"]["conditions"] = [
+        {"type": "Ready", "status": "True" if ready else "False"}]
+
+
+def test_a_failed_rank_pod_is_replaced_alone_and_status_says_what_is_missing_since_when(world):
+    import datetime
+
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    before, n = uids(kube), len(kube.writes)
+    fail(kube, 5)
+    out = rec.reconcile(NS, "tiny")
+    # the failed pod is deleted (and only it), nothing else is touched
+    assert pod_writes(kube, n) == [("delete", "tiny-g0-r5")]
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert st["phase"] == "Degraded" and st["ready"] == "15/16"
+    (g,) = st["degradedGroups"]
+    assert (g["group"], g["readyRanks"], g["ranks"]) == (0, 15, 16)
+    assert [(m["rank"], m["reason"]) for m in g["missingRanks"]] == [(5, "pod Failed, exit code 137")]
+    since = st["degradedSince"]
+    assert g["since"] == g["missingRanks"][0]["since"] == since
+    datetime.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ")  # RFC 3339, UTC
+    degraded = next(c for c in out.status.conditions if c.type == reconcile.DEGRADED)
+    assert degraded.status == "True"
+    assert degraded.message == f"group 0: rank 5 missing since {since} (pod Failed, exit code 137); serving with 15/16"
+    assert st["reason"] == degraded.message
+    assert [r for r, _ in reasons(kube, "RankFailed", "RankLost")] == ["RankFailed", "RankLost"]
+    assert "tiny-g0-r5" in reasons(kube, "RankLost")[0][1]
+
+    # next passes: the replacement is created (only it), the loss is not reported again, since is kept
+    n = len(kube.writes)
+    clock.t += 30
+    rec.reconcile(NS, "tiny")
+    assert pod_writes(kube, n) == [("create", "tiny-g0-r5")]
+    missing = kube.get("MoEDeployment", "tiny", NS)["status"]["degradedGroups"][0]["missingRanks"]
+    assert [(m["rank"], m["reason"], m["since"]) for m in missing] == [(5, "pod gone", since)]  # as the pass read it
+    rec.reconcile(NS, "tiny")
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert st["degradedSince"] == since and st["degradedGroups"][0]["missingRanks"][0]["reason"] == "pod not scheduled yet"
+    assert len(reasons(kube, "RankLost")) == 1
+
+    # the replacement is Ready: whole again, the degraded fields are removed, every other pod is the one it was
+    kube.bind_all(NS)
+    n = len(kube.writes)
+    out = rec.reconcile(NS, "tiny")
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert st["phase"] == "Ready" and "degradedGroups" not in st and "degradedSince" not in st
+    assert [m for r, m in reasons(kube, "GroupWhole")] == ["group 0 whole again: rank(s) 5 back, every rank Ready"]
+    assert not pod_writes(kube, n)
+    after = uids(kube)
+    assert {k for k in before if before[k] != after[k]} == {"tiny-g0-r5"}
+
+
+def test_hung_ranks_are_reported_lost_and_rejoined_one_by_one_and_nothing_is_restarted(world):
+    kube, rec, clock = world
+    ready_deployment(kube, rec)
+    before, n = uids(kube), len(kube.writes)
+    hang(kube, 5)
+    rec.reconcile(NS, "tiny")
+    first = kube.get("MoEDeployment", "tiny", NS)["status"]["degradedSince"]
+    hang(kube, 7)
+    clock.t += 5
+    rec.reconcile(NS, "tiny")
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    (g,) = st["degradedGroups"]
+    assert [(m["rank"], m["reason"]) for m in g["missingRanks"]] == [(5, "not Ready"), (7, "not Ready")]
+    assert g["readyRanks"] == 14 and st["degradedSince"] == g["since"] == first
+    assert [m.split(":")[0] for _, m in reasons(kube, "RankLost")] == ["group 0 rank 5 (tiny-g0-r5)",
+                                                                       "group 0 rank 7 (tiny-g0-r7)"]
+    # an operator restarted meanwhile reads the loss from status: no second RankLost, the same since
+    rec = reconcile.Reconciler(kube, workers=2)
+    skewed_load(rec, clock)
+    rec.reconcile(NS, "tiny")
+    assert len(reasons(kube, "RankLost")) == 2
+    assert kube.get("MoEDeployment", "tiny", NS)["status"]["degradedSince"] == first
+
+    hang(kube, 5, ready=True)
+    rec.reconcile(NS, "tiny")
+    st = kube.get("MoEDeployment", "tiny", NS)["status"]
+    assert st["phase"] == "Degraded" and [m["rank"] for m in st["degradedGroups"][0]["missingRanks"]] == [7]
+    assert st["degradedSince"] == first  # the group has missed a rank all along
+    assert [m for _, m in reasons(kube, "RankRejoined")] == ["group 0 rank 5 (tiny-g0-r5) Ready again; 15/16 ranks ready"]
+    assert not reasons(kube, "GroupWhole")
+    hang(kube, 7, ready=True)
+    assert rec.reconcile(NS, "tiny").status.phase == "Ready"
+    assert len(reasons(kube, "GroupWhole")) == 1 and len(reasons(kube, "RankRejoined")) == 1
+    # a rank that turns NotReady is the kubelet's (liveness) and the group's business: no pod was touched
+    assert not pod_writes(kube, n) and uids(kube) == before

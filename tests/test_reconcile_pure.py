@@ -1,8 +1,14 @@
-"""Pure helpers of the reconcile loop: rank numbering across re-plans and resizes."""
+"""Pure helpers of the reconcile loop: rank numbering across re-plans and resizes, degraded groups."""
 
 from __future__ import annotations
 
-from moe_operator.controller.reconcile import keep_rank_numbers, scaling_moves
+from moe_operator.controller.reconcile import (
+    degradation_events,
+    degraded_groups,
+    degraded_message,
+    keep_rank_numbers,
+    scaling_moves,
+)
 from moe_operator.placement import MoEShape, plan
 from moe_operator.topology import Topology
 
@@ -72,3 +78,41 @@ def test_claimed_gpus_count_pending_pods_pinned_to_a_node_and_other_deployments_
     # (2 ranks not created yet): each deployment counts the larger of its pods and its plan per node.
     plans = {("a", "y"): {"n4": 8, "n2": 1}, ("a", "x"): {"n1": 8, "n2": 5}}
     assert claimed_gpus(pods, plans, "nvidia.com/gpu") == {"n1": 8, "n2": 6, "n3": 2, "n4": 8}
+
+
+def _name(g: int, r: int) -> str:
+    return f"d-g{g}-r{r}"
+
+
+def test_degraded_groups_keep_each_ranks_since_and_tolerate_a_garbled_status():
+    old = [{"group": 0, "since": "T0", "missingRanks": [{"rank": 5, "since": "T0", "reason": "pod gone"}]},
+           "garbage", {"group": "1"}, {"group": 1, "missingRanks": "x"}]
+    (g0, g1) = degraded_groups([{5: "not Ready", 9: "pod Failed, exit code 137"}, {0: "pod gone"}], 16, old, "T1")
+    assert (g0.since, [(m.rank, m.since, m.reason) for m in g0.missing_ranks]) == (
+        "T0", [(5, "T0", "not Ready"), (9, "T1", "pod Failed, exit code 137")])
+    assert (g1.group, g1.since, g1.ready_ranks, g1.ranks) == (1, "T1", 15, 16)
+    assert degraded_groups([{}, {}], 16, old, "T1") == []
+    msg = degraded_message([g0, g1])
+    assert msg == ("group 0: rank 5 missing since T0 (not Ready), rank 9 missing since T1 (pod Failed, exit code "
+                   "137); serving with 14/16; group 1: rank 0 missing since T1 (pod gone); front rank 0 lost, "
+                   "15/16 ranks ready")
+    many = degraded_groups([{r: "pod gone" for r in range(3, 13)}], 16, None, "T")
+    assert degraded_message(many).endswith("rank 10 missing since T (pod gone), 2 more; serving with 6/16")
+
+
+def test_degradation_events_say_lost_rejoined_and_whole_once_and_not_for_a_rollout():
+    t = "T"
+    one = degraded_groups([{5: "pod Failed, exit code 137"}], 16, None, t)
+    assert degradation_events(None, one, _name) == [
+        ("Warning", "RankLost", "group 0 rank 5 (d-g0-r5): pod Failed, exit code 137; 15/16 ranks ready")]
+    stored = [g.model_dump(by_alias=True) for g in one]
+    assert degradation_events(stored, degraded_groups([{5: "pod gone"}], 16, stored, t), _name) == []
+    two = degraded_groups([{5: "not Ready", 7: "not Ready"}], 16, stored, t)
+    assert [e[1] for e in degradation_events(stored, two, _name)] == ["RankLost"]
+    back = degraded_groups([{7: "not Ready"}], 16, [g.model_dump(by_alias=True) for g in two], t)
+    assert degradation_events([g.model_dump(by_alias=True) for g in two], back, _name) == [
+        ("Normal", "RankRejoined", "group 0 rank 5 (d-g0-r5) Ready again; 15/16 ranks ready")]
+    assert degradation_events([g.model_dump(by_alias=True) for g in back], [], _name) == [
+        ("Normal", "GroupWhole", "group 0 whole again: rank(s) 7 back, every rank Ready")]
+    rollout = degraded_groups([{r: "restarting with the new spec" for r in range(16)}], 16, None, t)
+    assert degradation_events(None, rollout, _name) == []

@@ -1,4 +1,4 @@
-"""The pure builders of rank pods: the admission settings from the memory model."""
+"""The pure builders of rank pods: the admission settings from the memory model, the probes."""
 
 from __future__ import annotations
 
@@ -44,3 +44,28 @@ def test_a_limit_the_spec_sets_itself_is_not_set_twice():
     assert ("MOE_KV_CACHE_TOKENS", "8192") in env and ("MOE_MAX_SEQS_PER_RANK", "8") in env
     assert resources.spec_env_int(spec, "MOE_MAX_CONTEXT") == 1024
     assert resources.spec_env_int(spec, "MOE_MAX_SEQS_PER_RANK") is None
+
+
+def _probe_window_s(probe: dict) -> float:
+    """Longest time from a process going silent to the kubelet's SIGKILL: failureThreshold probes,
+    the first up to a period after the stop, each waiting its timeout, then the probe's grace."""
+    return (probe["failureThreshold"] * probe["periodSeconds"] + probe.get("timeoutSeconds", 1)
+            + probe.get("terminationGracePeriodSeconds", 0))
+
+
+def test_a_hung_rank_is_killed_soon_and_a_slow_start_is_not_taken_for_a_hang():
+    spec = api.parse_spec(tiny_spec())
+    c = _pod(spec, None)["spec"]["containers"][0]
+    live, start = c["livenessProbe"], c["startupProbe"]
+    for probe in (live, start, c["readinessProbe"]):
+        assert probe["httpGet"]["port"] == "metrics" and "metrics" in {p["name"] for p in c["ports"]}
+    assert live["httpGet"]["path"] == start["httpGet"]["path"] == "/live"
+    # Issue 16: a SIGSTOPped rank's pod must be Failed, and replaced, well within the two minutes
+    # in which full EP is back; its SIGTERM is never acted on, so the probe's own grace is short.
+    assert _probe_window_s(live) <= 30
+    assert live["terminationGracePeriodSeconds"] < _pod(spec, None)["spec"]["terminationGracePeriodSeconds"]
+    # liveness starts when the startup probe passes, not after a fixed delay
+    assert "initialDelaySeconds" not in live
+    # a process gets minutes to open its port, and a transient stall of one probe kills nothing
+    assert start["periodSeconds"] * start["failureThreshold"] >= 120
+    assert live["failureThreshold"] >= 2 and live["timeoutSeconds"] >= 2

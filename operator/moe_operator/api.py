@@ -381,6 +381,24 @@ class Prediction(_Model):
     max_sequences_per_rank: int = Field(0, description="Sequences one rank serves at once (MOE_MAX_SEQS_PER_RANK).")
 
 
+class MissingRank(_Model):
+    """A rank of a degraded EP group that is not serving."""
+
+    rank: int = Field(description="Rank number in its group.")
+    since: str = Field(description="RFC 3339 time since which it has been missing.")
+    reason: str = Field("", description="Why, as last seen: pod gone, pod Failed (exit code), not Ready, ...")
+
+
+class DegradedGroup(_Model):
+    """An EP group that serves, or tries to, without some of its ranks."""
+
+    group: int = Field(description="EP group index.")
+    since: str = Field(description="RFC 3339 time since which the group has been missing a rank (kept while any is missing).")
+    ready_ranks: int = Field(description="Ranks of the group Ready now.")
+    ranks: int = Field(description="Ranks the group has when whole (expertParallelSize; scale-out ranks not counted).")
+    missing_ranks: list[MissingRank] = Field(default_factory=list, description="The ranks missing, lowest first.")
+
+
 class MoEDeploymentStatus(_Model):
     """Observed state, written only by the operator."""
 
@@ -401,6 +419,8 @@ class MoEDeploymentStatus(_Model):
     last_rebalance_time: str | None = Field(None, description="When the expert map last changed because of load.")
     last_rebalance_reason: str | None = Field(None, description="Why it changed.")
     reason: str | None = Field(None, description="Why the deployment is not Ready, in words.")
+    degraded_since: str | None = Field(None, description="RFC 3339 time since which some EP group has been missing a rank (phase Degraded); removed when every group is whole.")
+    degraded_groups: list[DegradedGroup] | None = Field(None, description="The EP groups missing ranks: which, why, since when; removed when every group is whole.")
     prediction: Prediction | None = Field(None, description="Performance model estimate.")
 
 

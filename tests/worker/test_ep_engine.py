@@ -309,6 +309,72 @@ def test_a_running_group_grows_and_shrinks_without_restarting(fp8_ckpt, fp8_ref,
     assert [g for _, g in out["switches"]] == [2, 3] and out["generation"] == 3
 
 
+def _first_life(rank: int, world: int, port: int, ckpt: str, plan: str) -> None:
+    """The first process of a rank that dies (exit 17) at its second step with work."""
+    import os as _os
+
+    from moe_worker.engine import RankConfig, start_rank
+
+    seen = [0]
+
+    def die(plan_, r):
+        seen[0] += plan_.has_work()
+        if seen[0] >= 2:
+            _os._exit(17)
+
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    start_rank(rc, before_step=die).run()
+
+
+def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
+    """Rank 3 runs its first life in a child process that dies mid-generation, then starts again
+    in this process, as the operator's replacement pod would, and joins the running group."""
+    import multiprocessing
+
+    from moe_worker.engine import RankConfig, start_rank
+
+    plan = str(Path(plan_dir) / "plan.json")
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    if rank == 3:
+        life = multiprocessing.get_context("forkserver").Process(target=_first_life, args=(rank, world, port, ckpt, plan))
+        life.start()
+        life.join()
+        assert life.exitcode == 17, life.exitcode
+        start_rank(rc).run()
+        return None
+    r = start_rank(rc)
+    if r.engine is None:
+        r.run()
+        return None
+    eng = r.engine
+    try:
+        first = [eng._wait(t, 120).output_ids for t in [eng.submit(q) for q in requests("lose")]]
+        deadline = time.monotonic() + 120
+        while eng.runner.emap.lost or len(eng.control.live) != world:
+            assert time.monotonic() < deadline and eng.failure is None, (eng.failure, eng.recoveries)
+            time.sleep(0.05)
+        second = [eng._wait(t, 120).output_ids for t in [eng.submit(q) for q in requests("whole")]]
+        hosts = {r_: eng.runner.emap.owned(r_) for r_ in range(world)}
+        return {"first": first, "second": second, "recoveries": list(eng.recoveries), "resizes": list(eng.resizes),
+                "hosts": hosts, "map": eng.runner.emap.digest}
+    finally:
+        eng.shutdown()
+
+
+def test_a_replacement_rank_rejoins_the_running_group(fp8_ckpt, fp8_ref, tmp_path):
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
+    out = spawn_ranks(4, _rejoin_rank, (str(fp8_ckpt), str(plan_dir)), timeout_s=300)
+    want = [fp8_ref.gen[p][0] for p in PROMPTS]
+    assert out["first"] == want and out["second"] == want
+    (_, lost, _, _), = out["recoveries"]
+    (_, gen, old, new, took), = out["resizes"]  # the rejoin step
+    assert lost == [3] and (gen, old, new) == (1, 4, 4)
+    # Whole again: the published map, every rank holding exactly its experts of it.
+    full = parse_plan(json.dumps(plan_doc(4, replicas=False, shift=0)), Checkpoint(fp8_ckpt).args, 4, 1)
+    assert out["map"] == full.digest and out["hosts"] == {r: full.owned(r) for r in range(4)}
+
+
 def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_path):
     plan = write_plan_files(tmp_path / "plan", plan_doc(1, replicas=False, shift=0), 1)
     metrics = WorkerMetrics()

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 PLACED = "Placed"            # every EP group has a plan that fits the schedulable GPUs
 READY = "Ready"              # every rank pod of every group is Ready
 PROGRESSING = "Progressing"  # rank pods are being created, replaced or rolled out
-DEGRADED = "Degraded"        # the deployment was Ready and some ranks are not (node loss, failed rank)
+DEGRADED = "Degraded"        # the deployment was Ready and some ranks are not (node loss, failed rank);
+                             # status.degradedGroups says which, why and since when
 
 # A pod the scheduler cannot place for this long makes its node count as unusable for a re-plan.
 UNSCHEDULABLE_GRACE_S = 10.0
@@ -186,10 +188,95 @@ def published_generation(status: dict) -> int:
     return max(_int_or_zero(status.get("publishedGeneration")), _int_or_zero(status.get("expertMapGeneration")))
 
 
+def rank_problem(pod: dict | None, node: str, spec_hash: str) -> str | None:
+    """Why a rank's pod does not serve its rank, in words; None when it is Ready on the rank's node
+    with the current spec."""
+    if pod is None:
+        return "pod gone"
+    if pod["metadata"].get("deletionTimestamp"):
+        return "pod terminating"
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Failed", "Succeeded"):
+        ended = next((c["state"]["terminated"] for c in status.get("containerStatuses") or []
+                      if (c.get("state") or {}).get("terminated")), None)
+        detail = f", exit code {ended.get('exitCode')}" if ended else ""
+        return f"pod {status['phase']}{detail}"
+    if (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) != spec_hash:
+        return "restarting with the new spec"
+    bound = pod["spec"].get("nodeName")
+    if bound != node:
+        return f"moving to {node}" if bound else "pod not scheduled yet"
+    return None if pod_ready(pod) else "not Ready"
+
+
 def rank_pod_current(pod: dict | None, node: str, spec_hash: str) -> bool:
     """A rank's pod exists, is Ready, runs on the rank's node and carries the current spec."""
-    return (pod is not None and pod_ready(pod) and pod["spec"].get("nodeName") == node
-            and (pod["metadata"].get("annotations") or {}).get(resources.A_SPEC_HASH) == spec_hash)
+    return rank_problem(pod, node, spec_hash) is None
+
+
+def stored_degraded(old: Any) -> dict[int, tuple[dict, dict[int, dict]]]:
+    """A status's `degradedGroups` as group -> (its entry, rank -> the rank's entry); whatever is
+    malformed (the status is only as good as its last writer) is left out."""
+    out: dict[int, tuple[dict, dict[int, dict]]] = {}
+    for g in old if isinstance(old, list) else []:
+        if isinstance(g, dict) and isinstance(g.get("group"), int):
+            ranks = g.get("missingRanks") if isinstance(g.get("missingRanks"), list) else []
+            out[g["group"]] = (g, {m["rank"]: m for m in ranks if isinstance(m, dict) and isinstance(m.get("rank"), int)})
+    return out
+
+
+def degraded_groups(missing: list[dict[int, str]], ep: int, old: Any, now: str) -> list[api.DegradedGroup]:
+    """The groups with missing ranks (`missing[g]`: rank -> why). A rank's `since`, and a group's,
+    are kept from the previous status's `degradedGroups` (`old`) while they stay missing, so they
+    say when the loss began, across passes and operator restarts."""
+    before = stored_degraded(old)
+    out = []
+    for g, ranks in enumerate(missing):
+        if not ranks:
+            continue
+        entry, prev = before.get(g, ({}, {}))
+        out.append(api.DegradedGroup(
+            group=g, since=str(entry.get("since") or now), ready_ranks=ep - len(ranks), ranks=ep,
+            missing_ranks=[api.MissingRank(rank=r, since=str((prev.get(r) or {}).get("since") or now), reason=why)
+                           for r, why in sorted(ranks.items())]))
+    return out
+
+
+def degraded_message(groups: list[api.DegradedGroup], listed: int = 8) -> str:
+    """'group 0: rank 5 missing since T (pod Failed, exit code 137); serving with 15/16' per group."""
+    parts = []
+    for d in groups:
+        ranks = ", ".join(f"rank {m.rank} missing since {m.since} ({m.reason})" for m in d.missing_ranks[:listed])
+        if len(d.missing_ranks) > listed:
+            ranks += f", {len(d.missing_ranks) - listed} more"
+        front_lost = any(m.rank == 0 for m in d.missing_ranks)
+        serving = (f"front rank 0 lost, {d.ready_ranks}/{d.ranks} ranks ready" if front_lost
+                   else f"serving with {d.ready_ranks}/{d.ranks}")
+        parts.append(f"group {d.group}: {ranks}; {serving}")
+    return "; ".join(parts)
+
+
+def degradation_events(old: Any, new: list[api.DegradedGroup], pod_name: Callable[[int, int], str]) -> list[tuple[str, str, str]]:
+    """Events from the previous status's `degradedGroups` (`old`) to this pass's (`new`): RankLost
+    for each rank newly missing (not for ranks a spec rollout restarts: RollingOut says that),
+    RankRejoined for each rank back while its group still misses others, GroupWhole when a group
+    misses none any more. `pod_name(group, rank)` names the rank's pod."""
+    before = {g: set(ranks) for g, (_, ranks) in stored_degraded(old).items()}
+    after = {d.group: {m.rank: m.reason for m in d.missing_ranks} for d in new}
+    counts = {d.group: f"{d.ready_ranks}/{d.ranks} ranks ready" for d in new}
+    events = []
+    for g in sorted(set(before) | set(after)):
+        was, missing = before.get(g, set()), after.get(g, {})
+        if g not in after:
+            back = ", ".join(map(str, sorted(was))) or "?"
+            events.append(("Normal", "GroupWhole", f"group {g} whole again: rank(s) {back} back, every rank Ready"))
+            continue
+        for r in sorted(set(missing) - set(was)):
+            if missing[r] != "restarting with the new spec":
+                events.append(("Warning", "RankLost", f"group {g} rank {r} ({pod_name(g, r)}): {missing[r]}; {counts[g]}"))
+        for r in sorted(set(was) - set(missing)):
+            events.append(("Normal", "RankRejoined", f"group {g} rank {r} ({pod_name(g, r)}) Ready again; {counts[g]}"))
+    return events
 
 
 @dataclass
@@ -548,7 +635,9 @@ class Reconciler:
     def _observe(self, p: _Pass) -> Outcome:
         """Status from the pods as this pass read them, against the plans it published. Ranks beyond
         the spec's size (scale-out) that are still joining do not make the deployment Degraded: the
-        group serves on its other ranks meanwhile."""
+        group serves on its other ranks meanwhile. Degraded says which ranks each group misses and
+        since when (`degradedGroups`, `degradedSince`), with RankLost, RankRejoined and GroupWhole
+        Events as that changes."""
         ep, gen, old_status, progressing = p.ep, p.gen, p.old_status, p.progressing
         not_ready = [(g, r) for g, plan in enumerate(p.plans) for r in range(plan.num_ranks)
                      if not rank_pod_current(p.own_pods.get(resources.pod_name(p.owner, g, r)), plan.ranks[r].node,
@@ -564,13 +653,17 @@ class Reconciler:
                               f"{p.groups} group(s) x EP{ep} on {nodes_used} nodes", gen)
         was_ready = old_status.get("phase") in ("Ready", "Degraded")
         blocked = next(((n, u[1]) for n, pod in sorted(p.own_pods.items()) if (u := pod_unschedulable(pod))), None)
+        groups: list[api.DegradedGroup] = []
         if ready == total or only_joining:
             phase, reason = "Ready", None
         elif was_ready:
-            phase = "Degraded"
-            reason = "; ".join(p.replanned) or f"{total - ready} of {total} ranks not ready"
+            phase, groups = "Degraded", self._degradation(p)
+            reason = "; ".join([*p.replanned, degraded_message(groups)] if groups else p.replanned) or (
+                f"{total - ready} of {total} ranks not ready")
         else:
             phase, reason = "Starting", f"{ready}/{total} ranks ready"
+        p.events.extend(degradation_events(old_status.get("degradedGroups"), groups,
+                                           functools.partial(resources.pod_name, p.owner)))
         if blocked and ready < total:
             reason = f"{reason}; {blocked[0]} unschedulable: {blocked[1]}"
         conds = set_condition(conds, READY, phase == "Ready", "AllRanksReady" if phase == "Ready" else "RanksNotReady",
@@ -586,11 +679,22 @@ class Reconciler:
         status = api.MoEDeploymentStatus(
             phase=phase, observed_generation=gen, conditions=conds, ready_ranks=ready, total_ranks=total,
             ready=f"{ready}/{total}", nodes_used=nodes_used, expert_map_generation=max(p.generations),
-            reason=reason, extra_ranks=total - ep * p.groups, **extra, **p.balance)
+            reason=reason, extra_ranks=total - ep * p.groups, degraded_groups=groups or None,
+            degraded_since=min((d.since for d in groups), default=None), **extra, **p.balance)
         requeue = 1.0 if progressing else 10.0
         if p.spec.load_balancing.enabled:
             requeue = min(requeue, float(p.spec.load_balancing.interval_seconds))
         return Outcome(status, p.events, requeue_after=requeue)
+
+    @staticmethod
+    def _degradation(p: _Pass) -> list[api.DegradedGroup]:
+        """Each group's missing ranks (not Ready, pod Failed or gone, ...: `rank_problem`), with
+        since when. Scale-out ranks beyond the spec's size are left out, as in the phase."""
+        missing = [{r: why for r in range(min(p.ep, plan.num_ranks))
+                    if (why := rank_problem(p.own_pods.get(resources.pod_name(p.owner, g, r)), plan.ranks[r].node,
+                                            p.spec_hash))}
+                   for g, plan in enumerate(p.plans)]
+        return degraded_groups(missing, p.ep, p.old_status.get("degradedGroups"), now_iso())
 
     # ------------------------------------------------------------------------------------
     def _free_gpus(self, p: _Pass) -> Topology:

@@ -9,6 +9,7 @@ and per deployment a headless Service `D-ranks` (rendezvous and per-pod DNS), a 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -32,6 +33,27 @@ L_RANK = "moe.dev/rank"
 L_FRONT = "moe.dev/front"
 A_SPEC_HASH = "moe.dev/spec-hash"
 A_GENERATION = "moe.dev/expert-map-generation"
+
+# Rank pod probes. All three are on the metrics port, which a thread of the rank process serves
+# from the moment it has read its env, before loading, rendezvous or serving; /live therefore says
+# "the process answers", and only /ready says "the group serves".
+# - startup: a new process has STARTUP_PROBE's period x failureThreshold to open the port (image
+#   start, Python and torch imports). Liveness waits for it, so a slow start on a busy node is
+#   never taken for a hang, and a replacement rank is watched from the moment its port opens
+#   (a fixed initialDelaySeconds would be either too long for that or too short for a slow start).
+# - liveness: a process that stops answering (hung, SIGSTOPped, wedged) is killed after
+#   failureThreshold failed probes, period apart, each waiting timeoutSeconds, plus the probe's own
+#   short grace (a hung process does not act on SIGTERM). With restartPolicy Never its pod turns
+#   Failed, the operator replaces it, and the replacement joins the running group. The survivors
+#   have dropped the rank from the group before that (the worker's collective timeout,
+#   MOE_DIST_TIMEOUT_S, is the shorter), so the kill costs no requests; it brings full EP back.
+# - readiness: the group serves (see `moe_worker.serve`).
+STARTUP_PROBE = {"httpGet": {"path": "/live", "port": "metrics"},
+                 "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 90}
+LIVENESS_PROBE = {"httpGet": {"path": "/live", "port": "metrics"},
+                  "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3,
+                  "terminationGracePeriodSeconds": 2}
+READINESS_PROBE = {"httpGet": {"path": "/ready", "port": "metrics"}, "periodSeconds": 5, "failureThreshold": 3}
 
 # The worker's admission settings (moe_worker.engine.EngineConfig), set from the memory model.
 ENV_KV_CACHE_TOKENS = "MOE_KV_CACHE_TOKENS"
@@ -229,10 +251,9 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
                 "ports": ports,
                 "resources": {"requests": {**w.resources.requests, gpu: "1"},
                               "limits": {**w.resources.limits, gpu: "1"}},
-                "readinessProbe": {"httpGet": {"path": "/ready", "port": "metrics"},
-                                   "periodSeconds": 5, "failureThreshold": 3},
-                "livenessProbe": {"httpGet": {"path": "/live", "port": "metrics"},
-                                  "periodSeconds": 10, "failureThreshold": 6, "initialDelaySeconds": 30},
+                "startupProbe": copy.deepcopy(STARTUP_PROBE),
+                "livenessProbe": copy.deepcopy(LIVENESS_PROBE),
+                "readinessProbe": copy.deepcopy(READINESS_PROBE),
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "privileged": False, "capabilities": {"drop": ["ALL"]}},
                 "volumeMounts": [

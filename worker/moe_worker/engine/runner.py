@@ -165,6 +165,7 @@ class RankRunner:
         elif missing:
             log.warning("rank %d: generation %d: experts %s were not staged; reading them at the switch",
                         self.rank, staged.emap.generation, missing)
+        if missing:
             for layer, modules in self._read_experts(missing).items():
                 for e, module in modules.items():
                     moes[layer].add_expert(e, module)
