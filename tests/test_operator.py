@@ -128,6 +128,7 @@ def test_deleted_rank_pod_is_recreated_in_its_slot(core, custom, namespace, gpu_
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest("heal", pool))
     wait_phase(custom, namespace, "heal", "Ready")
     before = core.read_namespaced_pod("heal-g0-r5", namespace)
+    uids = {n: p.metadata.uid for n, p in rank_pods(core, namespace, "heal").items()}
     core.delete_namespaced_pod("heal-g0-r5", namespace)
 
     def recreated():
@@ -140,7 +141,17 @@ def test_deleted_rank_pod_is_recreated_in_its_slot(core, custom, namespace, gpu_
     p = wait_for(recreated, 60, "rank 5 recreated")
     assert p.spec.node_name == before.spec.node_name
     assert plan_of(core, namespace, "heal")["generation"] == 1  # no re-plan for a lost pod
-    wait_phase(custom, namespace, "heal", "Ready")
+    st = wait_phase(custom, namespace, "heal", "Ready")
+    # issue 16: no other pod recreated; the loss and the recovery are told, then the degraded fields go
+    assert {n for n, p in rank_pods(core, namespace, "heal").items() if uids[n] != p.metadata.uid} == {"heal-g0-r5"}
+    assert "degradedGroups" not in st and "degradedSince" not in st
+
+    def told():
+        events = [e for e in core.list_namespaced_event(namespace).items if e.involved_object.name == "heal"]
+        return events if {"RankLost", "GroupWhole"} <= {e.reason for e in events} else None
+
+    lost = [e.message for e in wait_for(told, 30, "RankLost and GroupWhole events") if e.reason == "RankLost"]
+    assert len(lost) == 1 and lost[0].startswith("group 0 rank 5 (heal-g0-r5): pod "), lost
 
 
 def test_node_loss_replaces_only_that_nodes_ranks(core, custom, namespace, gpu_pool, operator):
