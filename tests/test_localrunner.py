@@ -133,3 +133,45 @@ def test_a_hung_process_fails_its_liveness_probe_and_is_killed(core, namespace, 
     reasons = [(e.reason, e.message) for e in events]
     assert any(r == "Unhealthy" and m.startswith("Liveness probe failed") for r, m in reasons), reasons
     assert [m for r, m in reasons if r == "Killing"] == ["Container main failed liveness probe, will be killed"]
+
+
+ENV_SERVER = ("import http.server, os\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        body = os.environ['PEER'].encode()\n"
+              "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+              "        self.wfile.write(body)\n"
+              "http.server.ThreadingHTTPServer((os.environ['POD_IP'], 8000), H).serve_forever()\n")
+
+
+def test_a_pod_name_resolves_to_the_live_pod_not_to_an_ended_one_of_the_same_name(core, namespace, gpu_pool):
+    # A replacement rank (same hostname) and an old one that has failed, not yet deleted: a process
+    # started now must get the live one's address for `hostname.subdomain`, as DNS would give it.
+    _, nodes = gpu_pool(nodes=1, gpus=8, local_runner=True)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": {}})
+
+    def named(name: str, command: list[str], probe: bool) -> dict:
+        p = pod(name, nodes[0], command, probe=probe)
+        p["spec"].update({"hostname": "r0", "subdomain": "ranks"})
+        return p
+
+    def phase_of(name: str, want: str):
+        return lambda: core.read_namespaced_pod(name, namespace) if core.read_namespaced_pod(
+            name, namespace).status.phase == want else None
+
+    # listed after the live one (by name), so without the check it would win the name
+    core.create_namespaced_pod(namespace, named("z-old", ["python3", "-c", "raise SystemExit(1)"], probe=False))
+    wait_for(phase_of("z-old", "Failed"), 60, "z-old Failed")
+    core.create_namespaced_pod(namespace, named("a-new", ["python3", "-c", SERVER], probe=False))
+    live_ip = wait_for(phase_of("a-new", "Running"), 60, "a-new Running").status.pod_ip
+    client = pod("client", nodes[0], ["python3", "-c", ENV_SERVER])
+    client["spec"]["containers"][0]["env"].append({"name": "PEER", "value": "r0.ranks"})
+    client["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] = "/"
+    core.create_namespaced_pod(namespace, client)
+
+    def ready():
+        p = core.read_namespaced_pod("client", namespace)
+        return p if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) else None
+
+    ip = wait_for(ready, 60, "client Ready").status.pod_ip
+    assert urllib.request.urlopen(f"http://{ip}:8000/", timeout=5).read().decode() == live_ip

@@ -10,7 +10,9 @@ that lets the operator's real pod specs run:
   local process with the pod's `env` (fieldRefs resolved), on its own loopback address
   127.0.0.N that becomes the pod IP;
 - stands in for cluster DNS: an env value `POD.SUBDOMAIN` (pod hostname + headless Service, as in
-  MASTER_ADDR) is replaced by that pod's address;
+  MASTER_ADDR) is replaced by that pod's address when the process starts; pods that have ended or
+  are being deleted are not endpoints (as with a headless Service), so a name that only such a pod
+  holds stays unresolved rather than naming a dead address;
 - mounts volumes as directories: configMap (written and kept in sync like the kubelet does),
   emptyDir (a fresh directory), hostPath (the path itself); mount paths in env values are
   rewritten to those directories;
@@ -186,6 +188,8 @@ class LocalRunner:
         dns = {}
         for p in pods:
             spec = p["spec"]
+            if p["metadata"].get("deletionTimestamp") or (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue  # no longer an endpoint: a replacement of the same name must not resolve to it
             if spec.get("hostname") and spec.get("subdomain"):
                 ip = self.ip_for(p["metadata"]["uid"])
                 dns[(p["metadata"]["namespace"], f"{spec['hostname']}.{spec['subdomain']}")] = ip
