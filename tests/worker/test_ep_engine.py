@@ -38,7 +38,7 @@ from moe_worker.engine import (
 from moe_worker.engine.runner import _Chunk
 from moe_worker.engine_api import GenerationRequest, RequestError
 from moe_worker.expertmap import parse_plan, write_plan_files
-from moe_worker.launch import FAULT_EXIT_CODE, GroupFailed, Job, Phase, run_local, spawn_ranks
+from moe_worker.launch import GroupFailed, Job, Phase, run_local, spawn_ranks
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.model import ParallelContext
 
@@ -329,17 +329,21 @@ def _first_life(rank: int, world: int, port: int, ckpt: str, plan: str) -> None:
 def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
     """Rank 3 runs its first life in a child process that dies mid-generation, then starts again
     in this process, as the operator's replacement pod would, and joins the running group."""
-    import multiprocessing
+    import os as _os
 
     from moe_worker.engine import RankConfig, start_rank
 
     plan = str(Path(plan_dir) / "plan.json")
     rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
     if rank == 3:
-        life = multiprocessing.get_context("forkserver").Process(target=_first_life, args=(rank, world, port, ckpt, plan))
-        life.start()
-        life.join()
-        assert life.exitcode == 17, life.exitcode
+        pid = _os.fork()  # (a daemonic process cannot start a multiprocessing child; this one has no threads yet)
+        if pid == 0:
+            try:
+                _first_life(rank, world, port, ckpt, plan)
+            finally:
+                _os._exit(1)
+        _, status = _os.waitpid(pid, 0)
+        assert _os.waitstatus_to_exitcode(status) == 17, status
         start_rank(rc).run()
         return None
     r = start_rank(rc)
@@ -559,6 +563,9 @@ class _Store:
         self.kv[key] = value.encode() if isinstance(value, str) else value
         self.on_set(self, key, self.kv[key].decode())
 
+    def delete_key(self, key):
+        return self.kv.pop(key, None) is not None
+
 
 def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on(fp8_ckpt, tmp_path, monkeypatch):
     # Rank 4 announces generation 2, then sees generation 3 in its plan file and announces that;
@@ -573,14 +580,17 @@ def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on
 
     def on_set(store, key, value):
         if key == "join/4" and value.startswith("2:"):
+            store.kv["first-announced"] = value.encode()
             write_plan_files(plan_dir, plan_doc(6, replicas=True, shift=3), 3)  # the operator moves on
         elif key == "join/4" and value.startswith("3:"):
-            store.kv["resize/2"] = b"6"  # rank 0 regrouped to what it had read: generation 2
+            # rank 0 regrouped to what it had read: generation 2
+            digest = store.kv["first-announced"].decode().split(":")[1]
+            store.kv["admit/4"] = json.dumps({"generation": 2, "digest": digest, "epoch": 3, "world": 6}).encode()
 
     formed = []
 
-    def form(self, world, prefix):
-        formed.append((world, prefix))
+    def form(self, members, world):
+        formed.append((tuple(members), world, self.epoch))
         return ParallelContext(self.rank, world, None), None
 
     monkeypatch.setattr(eng_membership._Membership, "form", form)
@@ -589,6 +599,6 @@ def test_a_joining_rank_joins_the_generation_rank_0_chose_even_after_it_moved_on
                     engine=ENGINE)
     membership = eng_membership._Membership(store, 4, "gloo", torch.device("cpu"), None)
     rank = eng_startup._join_running(rc, membership, Checkpoint(str(fp8_ckpt)).args, None, None)
-    assert formed == [(6, "pg/2")]
+    assert formed == [(tuple(range(6)), 6, 3)]
     assert rank.runner.emap.generation == 2 and rank.runner.ctx.world_size == 6
     assert store.kv["join/4"].decode().startswith("3:")  # it had moved on, and still joined 2

@@ -22,7 +22,7 @@ import torch
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from moe_worker.engine import EngineConfig, RankConfig, Scheduler, model_info, start_rank
+from moe_worker.engine import EngineConfig, RankConfig, Scheduler, StepReply, model_info, start_rank
 from moe_worker.engine import runner as runner_mod
 from moe_worker.engine.scheduler import _Ticket
 from moe_worker.engine_api import GenerationRequest, OverloadedError, SequenceError
@@ -258,8 +258,8 @@ def test_admission_keeps_each_ranks_kv_positions_within_its_budget(bf16_ckpt):
         sched.add(t)
     plan = sched.build(0, None)
     assert [len(w) for w in plan.work] == [2, 2] and sched.kv_used == [80, 80] and len(sched.waiting) == 3
-    for r in sched.running.values():
-        r.ticket.output.append(1)  # as if each had sampled a token
+    sched.update([StepReply(rank, {seq: (1, 0.0) for seq, r in sched.running.items() if r.rank == rank}, (0, ""), 0)
+                  for rank in (0, 1)], {})  # each sampled a token
     first = next(iter(sched.running))
     sched._finish(first, "length")
     plan = sched.build(1, None)

@@ -490,9 +490,9 @@ class MapSwitcher:
         return staged
 
     def lose(self, lost: frozenset[int]) -> Staged:
-        """Serve the `degrade`d map of the served generation without ranks `lost` (and those it
-        had already lost) from now on; what to hold, as `take` returns it (nothing loaded yet)."""
-        self.current = degrade(self.full, lost | self.current.lost)
+        """Serve the served map `degrade`d by ranks `lost` from now on (a second loss moves only
+        what it orphans); what to hold, as `take` returns it (nothing loaded yet)."""
+        self.current = degrade(self.current, lost)
         return Staged(self.current, {})
 
     def wait_idle(self, timeout: float | None = None) -> None:

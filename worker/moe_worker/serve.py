@@ -5,8 +5,9 @@ means the whole EP group is up: a rank is ready once the group's start-up all-re
 rank, and rank 0 while its engine is ready. Rank 0 also serves KServe v2 over HTTP
 (MOE_HTTP_PORT) and gRPC (MOE_GRPC_PORT). Addresses bind to POD_IP when set.
 
-Exit codes: 0 after a clean shutdown (SIGTERM), 1 when the group breaks (a rank died) or cannot
-start; the operator then replaces the pods, since an EP group cannot heal in place.
+Exit codes: 0 after a clean shutdown (SIGTERM), 1 when this rank cannot go on: it cannot start,
+its group re-formed without it (it was silent too long), or rank 0 is gone. A group that loses a
+non-front rank heals in place (`engine`); the operator replaces only the failed pod, which joins.
 """
 
 from __future__ import annotations

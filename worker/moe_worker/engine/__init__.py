@@ -20,12 +20,23 @@ One process per rank (one GPU each in production). Rank 0 owns the scheduler. Ev
 While idle, rank 0 sends an empty plan every `idle_heartbeat_s`, so a lost rank is noticed and
 map switches happen even without traffic; an empty step runs no forward on any rank.
 
-Failure (`EngineError`): a rank that dies closes its sockets, and the others' next collective
-fails within milliseconds (gloo: "Connection reset/closed by peer"). A rank that hangs is caught
-by the collective timeout (`dist_timeout_s`, default 30 s, env MOE_DIST_TIMEOUT_S; NCCL's watchdog
-uses the same value), which bounds every wait since no legitimate step or heartbeat gap comes near
-it. A failing rank destroys its process group so its peers fail at once instead of at the timeout.
-The group cannot heal: every rank exits and the operator replaces the pods.
+A lost rank (`membership`, `GroupEngine._recover`): a rank that dies closes its sockets, and the
+others' next collective fails within about a second (gloo: "Connection reset/closed by peer"). A
+rank that hangs is caught by the collective timeout (`dist_timeout_s`, default 10 s, env
+MOE_DIST_TIMEOUT_S), which bounds every wait: no legitimate step or heartbeat gap comes near it.
+A survivor whose step fails releases its process group (so the others fail at once too) and
+checks in through the store; rank 0 counts as lost every rank that has not checked in and whose
+heartbeat (a counter each rank's own thread sets every 0.25 s) has been silent for
+`peer_lost_s` (2 s, MOE_PEER_LOST_S) or comes from a new process, and publishes the decision.
+Every survivor then serves the degraded map (`expertmap.degrade`: the lost ranks' sole expert
+copies read from the checkpoint by one survivor each), re-forms the process group without the
+lost ranks on a fresh store prefix, and goes on; no process restarts and no KV cache is dropped.
+Rank 0 queues the lost ranks' sequences for recomputation on survivors (a prefill of prompt +
+tokens generated so far; draws are seeded by (seed, token index), so the answer is the one the
+client would have got) and sends the broken step's work again. A replacement rank (the operator
+replaces the failed pod) joins like a rank added by a resize: once it has loaded the published
+map, rank 0 admits it at a rejoin step and the group is whole again. The group stops only when
+steps keep breaking with no rank lost, or rank 0 (the front, which hosts the store) is lost.
 
 Start: ranks meet in a TCP store on rank 0 and load their experts before any collective, waiting
 for each other up to `rendezvous_timeout_s` (600 s: pods start and load minutes apart); a rank

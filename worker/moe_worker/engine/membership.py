@@ -129,45 +129,64 @@ HEARTBEAT_S = 0.25
 
 class _Heartbeat:
     """This rank's heartbeat in the store, from its own thread and store connection (the step
-    thread may be blocked in a collective for up to the timeout). Rank 0 also watches every
-    rank's counter, so that when its group breaks it knows which ranks went silent: dead (SIGKILL,
-    node gone) or stopped (SIGSTOP, a hung driver)."""
+    thread may be blocked in a collective for up to the timeout): `hb/<rank>` = "<incarnation>:
+    <count>", the incarnation random per process. Rank 0 also watches its group's members, so
+    that when the group breaks it knows which ranks went silent (dead: SIGKILL, node gone;
+    stopped: SIGSTOP, a hung driver) or were replaced by a new process already (a new
+    incarnation: the process it formed the group with is gone)."""
 
     def __init__(self, host: str, port: int, rank: int, watch: bool):
         self.rank, self.watch = rank, watch
+        self.incarnation = os.urandom(6).hex()
         self.client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
-        self.ranks: tuple[int, ...] = ()
-        """The ranks rank 0 watches (its group's members)."""
-        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
+        self._ranks: tuple[int, ...] = ()
+        self._seen: dict[int, tuple[str, float]] = {}  # rank -> (last value, when it last changed)
+        self._formed_with: dict[int, str] = {}  # rank -> its incarnation when the group formed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"moe-heartbeat-{rank}", daemon=True)
         self._thread.start()
 
+    def watch_ranks(self, incarnations: dict[int, str]) -> None:
+        """Rank 0, after forming a group: watch its members (rank -> the incarnation each formed
+        it with)."""
+        with self._lock:
+            self._ranks = tuple(incarnations)
+            self._formed_with = dict(incarnations)
+            self._seen = {r: v for r, v in self._seen.items() if r in self._ranks}
+
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        count = 0
+        while True:
             try:
-                self.client.add(f"hb/{self.rank}", 1)
+                count += 1
+                self.client.set(f"hb/{self.rank}", f"{self.incarnation}:{count}")
                 if self.watch:
                     self._sample()
             except Exception as e:  # the store (rank 0) is gone: nothing to beat to
                 log.warning("rank %d: heartbeat stopped: %s", self.rank, str(e).splitlines()[0] if str(e) else e)
                 return
+            if self._stop.wait(HEARTBEAT_S):
+                return
 
     def _sample(self) -> None:
         now = time.monotonic()
-        counts = {r: self.client.add(f"hb/{r}", 0) for r in self.ranks}
+        values = {r: self.client.get(f"hb/{r}").decode() for r in self._ranks if self.client.check([f"hb/{r}"])}
         with self._lock:
-            for r, n in counts.items():
-                if self._seen.get(r, (None,))[0] != n:
-                    self._seen[r] = (n, now)
+            for r, v in values.items():
+                if self._seen.get(r, ("",))[0] != v:
+                    self._seen[r] = (v, now)
 
     def silent_for(self, rank: int) -> float:
-        """Seconds since `rank`'s heartbeat last moved (since watching began, if never seen)."""
+        """Seconds since `rank`'s heartbeat last moved (since watching began, if never seen);
+        infinite when another process has taken the rank since the group formed."""
         with self._lock:
             seen = self._seen.get(rank)
             if seen is None:
-                self._seen[rank] = seen = (-1, time.monotonic())
+                self._seen[rank] = seen = ("", time.monotonic())
+            formed = self._formed_with.get(rank)
+            if formed is not None and seen[0] and seen[0].split(":")[0] != formed:
+                return math.inf
         return time.monotonic() - seen[1]
 
     def stop(self) -> None:
@@ -218,7 +237,10 @@ class _Membership:
             # default), so the survivors can re-form. Not yet run on GPUs.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         kw = {"device_id": self.device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, store=dist.PrefixStore(self.prefix(self.epoch), self.store),
+        prefix = self.prefix(self.epoch)
+        if self.heartbeat is not None:  # which process of this rank is in the group (see _Heartbeat)
+            self.store.set(f"{prefix}/incarnation/{self.rank}", self.heartbeat.incarnation)
+        dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store),
                                 rank=members.index(self.rank), world_size=len(members), timeout=self.timeout, **kw)
         group = dist.group.WORLD
         control_group = dist.new_group(backend="gloo", timeout=self.timeout) if self.backend == "nccl" else group
@@ -228,7 +250,8 @@ class _Membership:
             raise EngineError(f"EP group: all_reduce saw {int(probe.item())} ranks, expected {len(members)}")
         self.members = members
         if self.heartbeat is not None and self.heartbeat.watch:
-            self.heartbeat.ranks = tuple(r for r in members if r != self.rank)
+            self.heartbeat.watch_ranks({r: self.store.get(f"{prefix}/incarnation/{r}").decode()
+                                        for r in members if r != self.rank})
         whole = members == tuple(range(world))
         return ParallelContext(self.rank, world, group, None if whole else members), control_group
 
@@ -252,6 +275,7 @@ class _Membership:
         member has checked in or been silent for `peer_lost_s`; a member that beats but never
         checks in is counted lost after the collective timeout (it will find itself left out)."""
         e, others = self.epoch, [r for r in self.members if r != self.rank]
+
         deadline = time.monotonic() + self.timeout.total_seconds() + self.peer_lost_s + 5.0
         while True:
             alive = {r: int(self.store.get(f"alive/{e}/{r}")) for r in others if self.store.check([f"alive/{e}/{r}"])}
@@ -259,6 +283,7 @@ class _Membership:
             silent = self.heartbeat.silent_for if self.heartbeat is not None else (lambda r: math.inf)
             if all(silent(r) >= self.peer_lost_s for r in pending) or time.monotonic() > deadline:
                 break
+
             time.sleep(0.05)
         doc = {"epoch": e + 1, "generation": max([generation, *alive.values()]), "world": world,
                "lost": sorted(set(pending) | lost_before)}
