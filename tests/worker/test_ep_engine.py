@@ -379,6 +379,60 @@ def test_a_replacement_rank_rejoins_the_running_group(fp8_ckpt, fp8_ref, tmp_pat
     assert out["map"] == full.digest and out["hosts"] == {r: full.owned(r) for r in range(4)}
 
 
+def _front_first_life(world: int, port: int, ckpt: str, plan: str) -> None:
+    """The first rank-0 process: starts serving, and dies (exit 17) once the first token is out."""
+    import os as _os
+
+    from moe_worker.engine import RankConfig, start_rank
+
+    rc = RankConfig(rank=0, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    eng = start_rank(rc).engine
+    tickets = [eng.submit(q) for q in requests("doomed")]
+    deadline = time.monotonic() + 120
+    while not any(t.output for t in tickets) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _os._exit(17)
+
+
+def _front_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
+    """Rank 0 runs a first life that dies mid-generation, then a second, as the operator's
+    replacement pod would; ranks 1..3 keep their processes and join the new rank 0's group."""
+    import os as _os
+
+    from moe_worker.engine import RankConfig, start_rank
+
+    plan = str(Path(plan_dir) / "plan.json")
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    if rank != 0:
+        start_rank(rc).run()
+        return None
+    pid = _os.fork()  # (a daemonic process cannot start a multiprocessing child; this one has no threads yet)
+    if pid == 0:
+        try:
+            _front_first_life(world, port, ckpt, plan)
+        finally:
+            _os._exit(1)
+    _, status = _os.waitpid(pid, 0)
+    assert _os.waitstatus_to_exitcode(status) == 17, status
+    t0 = time.monotonic()
+    eng = start_rank(rc).engine
+    try:
+        formed = time.monotonic() - t0
+        out = [eng._wait(t, 120).output_ids for t in [eng.submit(q) for q in requests("new-front")]]
+        return {"outputs": out, "formed_s": formed}
+    finally:
+        eng.shutdown()
+
+
+def test_the_others_join_a_new_rank_0_without_restarting(fp8_ckpt, fp8_ref, tmp_path):
+    # spawn_ranks fails the test if rank 1, 2 or 3 exits non-zero: they must survive rank 0.
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
+    out = spawn_ranks(4, _front_rank, (str(fp8_ckpt), str(plan_dir)), timeout_s=300)
+    assert out["outputs"] == [fp8_ref.gen[p][0] for p in PROMPTS]
+    print(f"new rank 0 formed the group with the 3 old ranks in {out['formed_s']:.2f} s")
+
+
 def test_map_errors_and_switches_while_idle_in_process(fp8_ckpt, fp8_ref, tmp_path):
     plan = write_plan_files(tmp_path / "plan", plan_doc(1, replicas=False, shift=0), 1)
     metrics = WorkerMetrics()

@@ -113,6 +113,10 @@ def _abort_group(backend: str = "gloo") -> None:
     t.join(5.0)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 _COMM_ERROR_HINTS = ("Connection", "peer", "Timed out", "timed out", "Timeout", "NCCL", "gloo", "closed")
 
 
@@ -121,6 +125,10 @@ def _group_error(step: int, rank: int, e: BaseException) -> EngineError:
     comm = isinstance(e, dist.DistError) or any(h in text for h in _COMM_ERROR_HINTS)
     why = "lost a peer rank or a collective failed" if comm else "failed"
     return EngineError(f"EP group {why} at step {step} on rank {rank}: {type(e).__name__}: {text}")
+
+
+class FrontLost(EngineError):
+    """Rank 0 (the front, which hosts the group's store and scheduler) is gone."""
 
 
 HEARTBEAT_S = 0.25
@@ -268,7 +276,10 @@ class _Membership:
 
     def check_in(self, generation: int) -> None:
         """A survivor's word to rank 0: alive after the group broke, serving `generation`."""
-        self.store.set(f"alive/{self.epoch}/{self.rank}", str(generation))
+        try:
+            self.store.set(f"alive/{self.epoch}/{self.rank}", str(generation))
+        except dist.DistError as e:
+            raise FrontLost(f"rank {self.rank}: the group's store on rank 0 is gone ({_first_line(e)})") from e
 
     def decide(self, generation: int, world: int, lost_before: frozenset[int]) -> dict[str, Any]:
         """Rank 0: which ranks the group lost, published as `reform/<epoch>`. Waits until every
@@ -303,8 +314,7 @@ class _Membership:
                 time.sleep(0.05)
             return json.loads(self.store.get(key))
         except dist.DistError as e:
-            raise EngineError(f"rank {self.rank}: the group's store on rank 0 is gone ({e}); "
-                              "the front rank was lost") from e
+            raise FrontLost(f"rank {self.rank}: the group's store on rank 0 is gone ({_first_line(e)})") from e
 
     def reform(self, decision: dict[str, Any]) -> tuple[ParallelContext, Any]:
         """Join the process group of the decision's epoch: every rank of its map but the lost."""
@@ -349,8 +359,8 @@ def recover_rank(runner: RankRunner, membership: _Membership, err: EngineError) 
 
 def worker_loop(runner: RankRunner, control: _Control, membership: _Membership | None = None) -> None:
     """Ranks 1..N-1: take step plans from rank 0 until it says stop, or until a resize leaves this
-    rank out. A broken step re-forms the group without the lost ranks. Raises EngineError when
-    this rank cannot go on (left out, rank 0 gone, no membership)."""
+    rank out. A broken step re-forms the group without the lost ranks. Raises FrontLost when
+    rank 0 is gone, EngineError when this rank cannot go on (left out, no membership)."""
     step = -1
     while True:
         try:
@@ -372,6 +382,8 @@ def worker_loop(runner: RankRunner, control: _Control, membership: _Membership |
                 raise err from e
             try:
                 control = recover_rank(runner, membership, err)
+            except FrontLost:
+                raise  # the caller waits for a new rank 0 (`startup.Rank.run`)
             except Exception as again:
                 _abort_group(membership.backend)
                 raise EngineError(f"{err}; could not re-form: {again}") from again

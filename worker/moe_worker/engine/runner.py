@@ -121,6 +121,18 @@ class RankRunner:
         self._hold_exactly(self.switcher.lose(lost), reading="the lost ranks' sole copies")
         log.info("rank %d: serving generation %d without ranks %s", self.rank, generation, sorted(self.emap.lost))
 
+    def adopt(self, emap: ExpertMap) -> None:
+        """Serve `emap` in a group a new rank 0 forms (the old one was lost, and with it every
+        sequence: their requests were its): drop all sequences, hold exactly `emap`'s experts."""
+        self.seqs.clear()
+        self.kept_logits.clear()
+        sw = self.switcher
+        sw.staged, sw._loading = None, None  # (a background load still running is discarded)
+        self._hold_exactly(Staged(emap, {}), reading="the new rank 0's map")
+        sw.current = sw.full = emap
+        if self.metrics is not None:
+            self.metrics.expert_map_generation.labels(**self.metrics.lbl()).set(emap.generation)
+
     # ---- expert map ----
 
     def _read_experts(self, added: dict[int, tuple[int, ...]]) -> dict[int, dict[int, Any]]:

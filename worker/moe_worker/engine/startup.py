@@ -24,7 +24,7 @@ from ..expertmap import ExpertMap, default_map, parse_plan, read_plan_files
 from ..model import ParallelContext
 from .config import RankConfig, dist_backend, resolve_device
 from .group import GroupEngine
-from .membership import _abort_group, _Control, _Membership, worker_loop
+from .membership import FrontLost, _abort_group, _Control, _Membership, worker_loop
 from .runner import RankRunner, build_runner
 from .steps import StepPlan
 
@@ -104,7 +104,16 @@ class Rank:
             return
         backend = self.membership.backend if self.membership is not None else "gloo"
         try:
-            worker_loop(self.runner, self.control, self.membership)
+            control = self.control
+            while True:
+                try:
+                    worker_loop(self.runner, control, self.membership)
+                    break
+                except FrontLost as e:
+                    log.warning("%s; waiting for a new rank 0", e)
+                    if self.runner.metrics is not None:
+                        self.runner.metrics.group_ready.labels(**self.runner.metrics.lbl()).set(0)
+                    control = _follow_new_front(self.config, self.runner, self.membership)
         finally:
             if self.runner.metrics is not None:
                 self.runner.metrics.group_ready.labels(**self.runner.metrics.lbl()).set(0)
@@ -249,6 +258,46 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
             raise EngineError(f"rank {rc.rank}: the running EP group did not take it in within "
                               f"{cfg.rendezvous_timeout_s:.0f} s")
         time.sleep(0.1)
+
+
+def _follow_new_front(rc: RankConfig, runner: RankRunner, membership: _Membership) -> _Control:
+    """Rank 0 was lost: keep this process (its model and experts) and join the group a new rank 0
+    forms (the operator replaces the rank-0 pod; MASTER_ADDR names it). Its sequences went with
+    the old rank 0. Connect to the new store, take the map it publishes, say this rank is loaded,
+    and form the group with the others. Raises EngineError when no rank 0 comes back within
+    `rendezvous_timeout_s`, or its map leaves this rank out."""
+    cfg = rc.engine
+    _abort_group(membership.backend)
+    membership.stop()
+    deadline = time.monotonic() + cfg.rendezvous_timeout_s
+    store = None
+    while store is None:
+        try:
+            store = dist.TCPStore(rc.master_addr, rc.master_port, None, False, timeout=datetime.timedelta(seconds=5),
+                                  wait_for_workers=False)
+        except (dist.DistError, RuntimeError) as e:
+            if time.monotonic() > deadline:
+                raise EngineError(f"rank {rc.rank}: no new rank 0 at {rc.master_addr}:{rc.master_port} within "
+                                  f"{cfg.rendezvous_timeout_s:.0f} s ({e})") from e
+            time.sleep(0.5)
+    membership.store, membership.epoch, membership.heartbeat = store, 0, None
+    membership.start_heartbeat()
+    _store_wait(store, ["initial-map"], rc.rank, max(1.0, deadline - time.monotonic()), "the new rank 0's expert map")
+    gen, doc = store.get("initial-map").decode().split("\n", 1)
+    emap = parse_plan(doc, runner.model.args, None, int(gen))
+    if rc.rank >= emap.world_size:
+        raise EngineError(f"rank {rc.rank}: the new rank 0's map has {emap.world_size} ranks")
+    runner.adopt(emap)
+    store.set(f"loaded/{rc.rank}", "1")
+    _store_wait(store, [f"loaded/{r}" for r in range(emap.world_size)], rc.rank,
+                max(1.0, deadline - time.monotonic()), "loading on every rank")
+    ctx, control_group = membership.form(range(emap.world_size), emap.world_size)
+    runner.regroup(ctx)
+    if runner.metrics is not None:
+        runner.metrics.group_ready.labels(**runner.metrics.lbl()).set(1)
+    log.info("rank %d: joined the group of a new rank 0 (%d ranks, generation %d), same process",
+             rc.rank, emap.world_size, emap.generation)
+    return _Control(ctx, control_group)
 
 
 def _tcp_store(rc: RankConfig, timeout: datetime.timedelta) -> dist.TCPStore:
