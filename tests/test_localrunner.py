@@ -161,9 +161,12 @@ def test_a_pod_name_resolves_to_the_live_pod_not_to_an_ended_one_of_the_same_nam
 
     # listed after the live one (by name), so without the check it would win the name
     core.create_namespaced_pod(namespace, named("z-old", ["python3", "-c", "raise SystemExit(1)"], probe=False))
-    wait_for(phase_of("z-old", "Failed"), 60, "z-old Failed")
+    old_ip = wait_for(phase_of("z-old", "Failed"), 60, "z-old Failed").status.pod_ip
     core.create_namespaced_pod(namespace, named("a-new", ["python3", "-c", SERVER], probe=False))
     live_ip = wait_for(phase_of("a-new", "Running"), 60, "a-new Running").status.pod_ip
+    # The new pod of that name takes the address (its process ended): processes given the address
+    # at start, as MASTER_ADDR, reach the new pod (in a cluster, DNS would follow the name).
+    assert live_ip == old_ip
     client = pod("client", nodes[0], ["python3", "-c", ENV_SERVER])
     client["spec"]["containers"][0]["env"].append({"name": "PEER", "value": "r0.ranks"})
     client["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] = "/"

@@ -130,6 +130,7 @@ class LocalRunner:
         self.poll_s = poll_s
         self.pods: dict[str, RunningPod] = {}  # uid -> pod
         self.ips: dict[str, str] = {}  # uid -> 127.0.0.N, allocated at first sight
+        self.named_ips: dict[tuple[str, str], str] = {}  # (namespace, hostname.subdomain) -> its address
         self.next_ip = 2
         # Pod IPs are 127.<subnet>.x.y: two local clusters (say the demo's and the tests') must never
         # hand out the same address. KWOK's fake IPs live in 127.64.0.0/10, above every subnet.
@@ -175,11 +176,26 @@ class LocalRunner:
             log.warning("lease %s: %s", node, e)
 
     # --- pods -----------------------------------------------------------------------------
-    def ip_for(self, uid: str) -> str:
-        if uid not in self.ips:
-            self.ips[uid] = f"127.{self.subnet}.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
+    def ip_for(self, pod: dict) -> str:
+        """The pod's address, allocated at first sight. A pod with a DNS name (hostname.subdomain)
+        gets the address its predecessor of that name had, once no process holds it: this stands
+        in for cluster DNS, where the name follows the new pod, for processes that were given the
+        address at start (MASTER_ADDR) and reconnect to it."""
+        meta, spec = pod["metadata"], pod["spec"]
+        uid = meta["uid"]
+        if uid in self.ips:
+            return self.ips[uid]
+        name = (meta["namespace"], f"{spec['hostname']}.{spec['subdomain']}") \
+            if spec.get("hostname") and spec.get("subdomain") else None
+        ip = self.named_ips.get(name) if name else None
+        if ip is None or any(rp.ip == ip and rp.proc is not None and rp.proc.poll() is None
+                             for rp in self.pods.values()):
+            ip = f"127.{self.subnet}.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
             self.next_ip += 1
-        return self.ips[uid]
+        self.ips[uid] = ip
+        if name:
+            self.named_ips[name] = ip
+        return ip
 
     def sync(self) -> None:
         # 16 ranks mount the same plan ConfigMap: read each ConfigMap once per pass, not once per pod.
@@ -191,7 +207,7 @@ class LocalRunner:
             if p["metadata"].get("deletionTimestamp") or (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue  # no longer an endpoint: a replacement of the same name must not resolve to it
             if spec.get("hostname") and spec.get("subdomain"):
-                ip = self.ip_for(p["metadata"]["uid"])
+                ip = self.ip_for(p)
                 dns[(p["metadata"]["namespace"], f"{spec['hostname']}.{spec['subdomain']}")] = ip
         seen = set()
         for p in pods:
@@ -216,7 +232,7 @@ class LocalRunner:
     def _start(self, pod: dict, dns: dict) -> RunningPod | None:
         meta = pod["metadata"]
         uid = meta["uid"]
-        rp = RunningPod(uid=uid, namespace=meta["namespace"], name=meta["name"], ip=self.ip_for(uid),
+        rp = RunningPod(uid=uid, namespace=meta["namespace"], name=meta["name"], ip=self.ip_for(pod),
                         workdir=self.state / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}")
         rp.workdir.mkdir(parents=True, exist_ok=True)
         self.pods[uid] = rp
