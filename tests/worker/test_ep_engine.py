@@ -227,18 +227,19 @@ def test_a_dead_rank_is_healed_in_place(fp8_ckpt, fp8_ref, tmp_path):
     print(f"re-formed without rank 3 in {took:.2f} s")
 
 
-def test_a_hung_rank_is_dropped_within_the_collective_timeout(fp8_ckpt, fp8_ref, tmp_path):
-    # Rank 2 stops (SIGSTOP: its sockets stay open, nothing errors); the others' collectives
-    # time out after dist_timeout_s, rank 0 finds rank 2's heartbeat silent, and they re-form.
+def test_a_hung_rank_is_dropped_when_its_heartbeat_stops(fp8_ckpt, fp8_ref, tmp_path):
+    # Rank 2 stops (SIGSTOP: its sockets stay open, nothing errors). The others wait for it in
+    # slices; rank 0 sees its heartbeat silent for peer_lost_s (2 s), marks the group broken,
+    # and all re-form without it, long before the collective timeout (20 s here; a survivor's
+    # exit still waits that long for the old group's op to the stopped rank).
     plan = write_plan_files(tmp_path / "plan", plan_doc(4, replicas=True, shift=0), 1)
-    cfg = EngineConfig(map_poll_s=0.0, background_load=False, dist_timeout_s=3.0)
-    t = time.monotonic()
+    cfg = EngineConfig(map_poll_s=0.0, background_load=False, dist_timeout_s=20.0)
     res = run_local(fp8_ckpt, 4, Job([Phase(requests("x"), overlap="off")], stop_rank_at_step=(2, 2)),
                     engine=cfg, expert_map=plan, timeout_s=300)
     fp8_ref.check(res.phases[0], "4 ranks, rank 2 hung")
     (step, lost, moved, took), = res.recoveries
     assert lost == [2] and moved == 1, res.recoveries
-    assert time.monotonic() - t < 120
+    assert res.wall_s < 15, res.wall_s  # (the timeout alone would take 20 s)
 
 
 def test_a_bad_initial_map_stops_every_rank_with_its_reason(fp8_ckpt, tmp_path):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +225,9 @@ class Dispatcher:
         self.members = ctx.members
         """The map ranks in the process group (None: all); the others are lost and host nothing,
         so nothing is ever sent to them and their buckets arrive empty."""
+        self.wait_work: Callable[[Any], None] = lambda work: work.wait()
+        """How to wait for a collective in flight (the engine waits in slices, watching for a
+        broken group: `engine.membership._Watch`)."""
         self.device = torch.device(device or "cpu")
         self.config = config or DispatchConfig()
         self.metrics = metrics
@@ -364,10 +367,14 @@ class _MemberBuckets:
         self.recv = torch.empty((M * self.out.shape[1], *out.shape[1:]), dtype=out.dtype, device=out.device)
         self.work = dist.all_to_all_single(self.recv, send, None, None, group=d.group, async_op=True)
 
-    def wait(self) -> None:
-        self.work.wait()
+    def wait(self, timeout: Any = None) -> bool:
+        if timeout is None:
+            self.work.wait()
+        else:
+            self.work.wait(timeout=timeout)
         self.out[self.idx] = self.recv.view(len(self.idx), *self.out.shape[1:])
         self.out[self.lost] = 0
+        return True
 
 
 def _segments(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -500,7 +507,7 @@ class Exchange:
 
     def advance(self) -> bool:
         if self._work is not None:
-            self._work.wait()
+            self.d.wait_work(self._work)
             self._work = None
         if self.stage == 0:  # bucket rows arrived
             self._headers()

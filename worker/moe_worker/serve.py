@@ -135,7 +135,9 @@ def main(env: Mapping[str, str] | None = None) -> int:
     try:
         return asyncio.run(_serve_front(engine, metrics, sc))
     finally:
-        engine.shutdown()
+        # Leave alone: the other ranks keep their processes and wait for a new rank 0 (this pod's
+        # replacement); when the whole deployment goes, every rank gets its own SIGTERM.
+        engine.shutdown(stop_group=False)
         health.close()
 
 

@@ -151,6 +151,25 @@ class Cluster:
         return self.get("/readyz")[0] == 200
 
 
+def restart(c: Cluster, name: str, down_s: float = 0.0) -> float:
+    """Stop component `name` (SIGTERM, SIGKILL after 20 s) and start it again with the same
+    arguments, after `down_s` seconds: a control-plane fault drill (bench/faults.py). Waits until
+    the API server answers /readyz again; returns the seconds it was down."""
+    pid = c.pids()[name]
+    argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") if a]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(down_s)
+    _spawn(c, name, argv)
+    _wait("kube-apiserver /readyz", lambda: c.get("/readyz", timeout=2)[0] == 200, 180, c, "kube-apiserver")
+    return time.monotonic() - t0
+
+
 def load() -> Cluster | None:
     d = state_dir()
     f = d / "cluster.json"

@@ -56,6 +56,7 @@ class GroupEngine:
         self._wake = threading.Condition()
         self._failed: EngineError | None = None
         self._stopping = False
+        self._stop_group = True
         self._paused = False
         self.stats = {"steps": 0, "rows": 0, "max_batch_seen": 0}
         """Steps that ran a forward, sequences over those steps, the most sequences in one step."""
@@ -74,10 +75,13 @@ class GroupEngine:
         self._thread.start()
         return self
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop every rank's loop (they return normally) and wait for the step thread."""
+    def shutdown(self, timeout: float = 30.0, *, stop_group: bool = True) -> None:
+        """Stop every rank's loop (they return normally) and wait for the step thread. Without
+        `stop_group` rank 0 leaves alone: the other ranks see the front lost and wait for a new
+        one (a rank-0 pod evicted or replaced while its group goes on serving)."""
         with self._wake:
             self._stopping = True
+            self._stop_group = stop_group
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -239,8 +243,9 @@ class GroupEngine:
                         self._wake.wait(self.cfg.idle_heartbeat_s)
                     stopping = self._stopping
                 if stopping:
-                    self.control.plan(StepPlan(self.step, [[] for _ in range(self.world)],
-                                               [[] for _ in range(self.world)], stop=True))
+                    if self._stop_group:
+                        self.control.plan(StepPlan(self.step, [[] for _ in range(self.world)],
+                                                   [[] for _ in range(self.world)], stop=True))
                     break
                 if self._resize is not None:
                     self._regroup(*self._resize)
@@ -294,6 +299,7 @@ class GroupEngine:
             self.metrics.group_ready.labels(**self.metrics.lbl()).set(0)
         self.scheduler.step_broke(plan)
         self._switch_to = None
+        m.mark_broken(str(err))
         _abort_group(m.backend)
         runner = self.runner
         decision = m.decide(runner.emap.generation, self.world, runner.emap.lost)
@@ -303,7 +309,7 @@ class GroupEngine:
         moved = self.scheduler.lose(set(new))
         ctx, control_group = m.reform(decision)
         runner.regroup(ctx)
-        self.control = _Control(ctx, control_group)
+        self.control = _Control(ctx, control_group, m.wait_work)
         if new:
             self._broken = 0  # a peer was lost: this was not the step's own fault
         took = time.perf_counter() - t0
@@ -373,7 +379,7 @@ class GroupEngine:
         ctx, control_group = _take_resize(self.runner, m, plan)
         for r in joiners:
             m.store.delete_key(f"join/{r}")
-        self.control = _Control(ctx, control_group)
+        self.control = _Control(ctx, control_group, m.wait_work)
         self.world = world
         self.switches.append((plan.step, generation))
         took = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -39,10 +39,12 @@ class _Control:
     `steps`' JSON encodings carried as uint8 tensors over the control group (gloo): a length, then
     the bytes. No pickle. Rank 0 is group rank 0; with lost ranks the group has only `ctx.live()`."""
 
-    def __init__(self, ctx: ParallelContext, group: Any = None):
+    def __init__(self, ctx: ParallelContext, group: Any = None, wait: Callable[[Any], None] | None = None):
         self.rank, self.world = ctx.rank, ctx.world_size
         self.live = ctx.live()
         self.group = group if group is not None else ctx.group
+        self.wait = wait or (lambda work: work.wait())
+        """How to wait for a collective (`_Membership.wait_work`: in slices, watching for a broken group)."""
 
     def plan(self, plan: StepPlan | None) -> StepPlan:
         if self.world == 1:
@@ -50,10 +52,10 @@ class _Control:
             return plan
         data = encode_plan(plan) if self.rank == 0 else b""
         n = torch.tensor([len(data)], dtype=torch.int64)
-        dist.broadcast(n, src=0, group=self.group)
+        self.wait(dist.broadcast(n, src=0, group=self.group, async_op=True))
         size = _frame_size(int(n.item()))
         buf = _to_tensor(data) if self.rank == 0 else torch.empty(size, dtype=torch.uint8)
-        dist.broadcast(buf, src=0, group=self.group)
+        self.wait(dist.broadcast(buf, src=0, group=self.group, async_op=True))
         return plan if self.rank == 0 else decode_plan(buf.numpy().tobytes(), self.world)
 
     def replies(self, reply: StepReply) -> list[StepReply]:
@@ -62,12 +64,13 @@ class _Control:
         data = encode_reply(reply)
         M = len(self.live)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(M)]
-        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+        self.wait(dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group,
+                                  async_op=True))
         width = max(_frame_size(int(n.item())) for n in sizes)
         buf = torch.zeros(width, dtype=torch.uint8)
         buf[: len(data)] = _to_tensor(data)
         out = [torch.empty(width, dtype=torch.uint8) for _ in range(M)] if self.rank == 0 else None
-        dist.gather(buf, out, dst=0, group=self.group)
+        self.wait(dist.gather(buf, out, dst=0, group=self.group, async_op=True))
         if out is None:
             return []
         replies = [reply]
@@ -121,10 +124,21 @@ _COMM_ERROR_HINTS = ("Connection", "peer", "Timed out", "timed out", "Timeout", 
 
 
 def _group_error(step: int, rank: int, e: BaseException) -> EngineError:
+    if isinstance(e, GroupBroken):
+        return GroupBroken(f"EP group broken at step {step} (seen on rank {rank}): {e}")
     text = str(e).splitlines()[0] if str(e) else ""
     comm = isinstance(e, dist.DistError) or any(h in text for h in _COMM_ERROR_HINTS)
     why = "lost a peer rank or a collective failed" if comm else "failed"
     return EngineError(f"EP group {why} at step {step} on rank {rank}: {type(e).__name__}: {text}")
+
+
+class GroupBroken(EngineError):
+    """The group's current process group is broken (a rank marked it, or rank 0 saw a member go
+    silent); every rank re-forms."""
+
+
+WAIT_SLICE_S = 0.5
+"""How long a rank waits for a collective before it looks again whether the group is broken."""
 
 
 class FrontLost(EngineError):
@@ -154,6 +168,10 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"moe-heartbeat-{rank}", daemon=True)
         self._thread.start()
+
+    def watched(self) -> tuple[int, ...]:
+        with self._lock:
+            return self._ranks
 
     def watch_ranks(self, incarnations: dict[int, str]) -> None:
         """Rank 0, after forming a group: watch its members (rank -> the incarnation each formed
@@ -272,6 +290,54 @@ class _Membership:
             return None
         return self.form(range(world), world)
 
+    # ---- noticing a broken group ----
+
+    def wait_work(self, work: Any) -> None:
+        """Wait for a collective in slices of `WAIT_SLICE_S`, and between them look for a broken
+        group: another rank marked it broken in the store (its step failed: a peer died), or, on
+        rank 0, a member's heartbeat is silent for `peer_lost_s` or comes from a new process (a
+        hang, or a death the collective has not noticed). Then raise GroupBroken at once instead
+        of waiting for the collective timeout. For gloo work (the control group; the exchanges on
+        CPU): NCCL exchanges are waited for whole (`dispatch_waiter`)."""
+        slice_ = datetime.timedelta(seconds=WAIT_SLICE_S)
+        while True:
+            try:
+                work.wait(timeout=slice_)
+                return
+            except RuntimeError as e:
+                if "Operation timed out" not in str(e):
+                    raise
+            why = self.broken()
+            if why:
+                raise GroupBroken(why)
+
+    def dispatch_waiter(self) -> Callable[[Any], None] | None:
+        """How the dispatcher should wait for its exchanges: in slices on gloo; NCCL work as is
+        (its own timeout and abort; not run on GPUs yet)."""
+        return self.wait_work if self.backend == "gloo" else None
+
+    def broken(self) -> str:
+        """Why the current process group is broken, or ''."""
+        key = f"broken/{self.epoch}"
+        if self.store.check([key]):
+            return self.store.get(key).decode()
+        hb = self.heartbeat
+        if hb is not None and hb.watch:
+            lost = [r for r in hb.watched() if hb.silent_for(r) >= self.peer_lost_s]
+            if lost:
+                why = f"rank 0: no heartbeat from ranks {lost} for {self.peer_lost_s} s (or a new process)"
+                self.mark_broken(why)
+                return why
+        return ""
+
+    def mark_broken(self, why: str) -> None:
+        """Tell every rank of the group that it is broken (they stop waiting and check in); the
+        first reason stays."""
+        try:
+            self.store.compare_set(f"broken/{self.epoch}", "", why[:500])
+        except Exception:  # the store (rank 0) is gone: the others notice that themselves
+            pass
+
     # ---- a broken step ----
 
     def check_in(self, generation: int) -> None:
@@ -343,6 +409,7 @@ def recover_rank(runner: RankRunner, membership: _Membership, err: EngineError) 
     decision (serve the degraded map without the lost ranks) and re-form. Raises EngineError when
     this rank was left out or rank 0 is gone."""
     log.warning("%s; re-forming the group", err)
+    membership.mark_broken(str(err))
     _abort_group(membership.backend)
     membership.check_in(runner.emap.generation)
     decision = membership.await_decision()
@@ -354,7 +421,7 @@ def recover_rank(runner: RankRunner, membership: _Membership, err: EngineError) 
     ctx, control_group = membership.reform(decision)
     runner.regroup(ctx)
     log.info("rank %d: EP group re-formed without ranks %s (epoch %d)", runner.rank, sorted(lost), membership.epoch)
-    return _Control(ctx, control_group)
+    return _Control(ctx, control_group, membership.wait_work)
 
 
 def worker_loop(runner: RankRunner, control: _Control, membership: _Membership | None = None) -> None:
@@ -372,12 +439,12 @@ def worker_loop(runner: RankRunner, control: _Control, membership: _Membership |
                 joined = _take_resize(runner, membership, plan)
                 if joined is None:
                     return
-                control = _Control(*joined)
+                control = _Control(*joined, membership.wait_work)
                 continue
             control.replies(runner.run_step(plan))
         except Exception as e:
             err = _group_error(step, runner.rank, e)
-            if membership is None or isinstance(e, EngineError):
+            if membership is None or (isinstance(e, EngineError) and not isinstance(e, GroupBroken)):
                 _abort_group(membership.backend if membership else "gloo")
                 raise err from e
             try:

@@ -80,6 +80,9 @@ class RankRunner:
         self.switches: list[tuple[int, int]] = []
         """(step, generation) of every switch this rank took."""
         self.dispatcher: Dispatcher | None = None
+        self.wait_work: Callable[[Any], None] | None = None
+        """How the dispatcher waits for a collective (set by the engine: in slices, watching for a
+        broken group); None: plain waits."""
         if ctx.world_size > 1:
             self.dispatcher = Dispatcher(ctx, emap, device=device, config=dispatch_config(model, cfg), metrics=metrics)
         self.switcher = MapSwitcher(
@@ -94,13 +97,16 @@ class RankRunner:
     def emap(self) -> ExpertMap:
         return self.switcher.current
 
-    def attach(self, ctx: ParallelContext) -> None:
+    def attach(self, ctx: ParallelContext, wait_work: Callable[[Any], None] | None = None) -> None:
         """Use process group `ctx.group` from now on (it is created after the model is loaded)."""
         self.ctx = ctx
         self.model.ctx = ctx
+        self.wait_work = wait_work or self.wait_work
         if self.dispatcher is not None:
             self.dispatcher.ctx = ctx
             self.dispatcher.group = ctx.group
+            if self.wait_work is not None:
+                self.dispatcher.wait_work = self.wait_work
 
     def regroup(self, ctx: ParallelContext) -> None:
         """Serve in a process group of a different size from now on (after a resize switch)."""
@@ -110,6 +116,8 @@ class RankRunner:
         if ctx.world_size > 1:
             self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
                                          config=dispatch_config(self.model, self.cfg), metrics=self.metrics)
+            if self.wait_work is not None:
+                self.dispatcher.wait_work = self.wait_work
 
     def take_degraded(self, generation: int, lost: frozenset[int]) -> None:
         """Serve on after the group lost ranks `lost`: take `generation` if this rank is behind

@@ -185,8 +185,8 @@ def start_rank(
         raise
 
     ctx, control_group = membership.form(range(world), world)
-    runner.attach(ctx)
-    control = _Control(ctx, control_group)
+    runner.attach(ctx, membership.dispatch_waiter())
+    control = _Control(ctx, control_group, membership.wait_work)
     if metrics is not None:
         metrics.group_ready.labels(**metrics.lbl()).set(1)
     engine = None
@@ -227,12 +227,13 @@ def _join_running(rc: RankConfig, membership: _Membership, args: ModelArgs, metr
                 runner._switch(hit[0], -1)
             membership.epoch = admit["epoch"]
             ctx, control_group = membership.form(range(admit["world"]), admit["world"])
+            runner.wait_work = membership.dispatch_waiter()
             runner.regroup(ctx)
             if metrics is not None:
                 metrics.group_ready.labels(**metrics.lbl()).set(1)
             log.info("rank %d: joined the running EP group (%d ranks, generation %d, epoch %d)", rc.rank,
                      admit["world"], hit[0], membership.epoch)
-            return Rank(rc, runner, _Control(ctx, control_group), None, membership)
+            return Rank(rc, runner, _Control(ctx, control_group, membership.wait_work), None, membership)
         if runner is None:
             gen, text = read_plan_files(rc.expert_map)
             emap = parse_plan(text, args, None, gen or 0)
@@ -297,7 +298,7 @@ def _follow_new_front(rc: RankConfig, runner: RankRunner, membership: _Membershi
         runner.metrics.group_ready.labels(**runner.metrics.lbl()).set(1)
     log.info("rank %d: joined the group of a new rank 0 (%d ranks, generation %d), same process",
              rc.rank, emap.world_size, emap.generation)
-    return _Control(ctx, control_group)
+    return _Control(ctx, control_group, membership.wait_work)
 
 
 def _tcp_store(rc: RankConfig, timeout: datetime.timedelta) -> dist.TCPStore:
