@@ -17,8 +17,9 @@ each once the group is whole again:
     leader-kill        SIGKILL of rank 3, then at once of the operator leader: the other replica
                        must finish the recovery
 
-Columns: requests that failed; the longest time without a successful answer (from the last one
-before the fault); seconds until full EP again (every rank pod Ready, status Ready 16/16); rank
+Columns: requests in flight at the fault that failed; requests sent after it that failed
+(refused while no front answered; a client retries after 0.2 s); the longest time without a
+successful answer (from the last one before the fault); seconds until full EP again (every rank pod Ready, status Ready 16/16); rank
 processes restarted besides the fault's own; answers that differ from the reference. On 2 cores
 the 16 ranks, the control plane and the clients share the CPUs: times are bound by that.
 """
@@ -265,7 +266,8 @@ class Bench:
                 got = load.window(t0 - 60, time.monotonic())
                 rows.append({
                     "fault": fault,
-                    "failed": sum(1 for r in got if r[3] is None and r[1] >= t0),
+                    "in_flight_failed": sum(1 for r in got if r[3] is None and r[0] < t0 <= r[1]),
+                    "refused": sum(1 for r in got if r[3] is None and r[0] >= t0),
                     "outage_s": load.stalled(t0, time.monotonic()),
                     "full_ep_s": t_whole - t0,
                     "restarted": sum(1 for r, p in before.items() if r not in replaced and after.get(r) != p),
@@ -295,10 +297,11 @@ def main() -> int:
         rows = b.run(faults)
     finally:
         b.teardown()
-    print(f"\n{'fault':<18} {'failed':>7} {'outage s':>9} {'full EP s':>10} {'restarted':>10} {'wrong':>6}  errors")
+    print(f"\n{'fault':<18} {'in flight failed':>16} {'refused':>8} {'outage s':>9} {'full EP s':>10} "
+          f"{'restarted':>10} {'wrong':>6}  errors")
     for r in rows:
-        print(f"{r['fault']:<18} {r['failed']:>7d} {r['outage_s']:>9.1f} {r['full_ep_s']:>10.1f} "
-              f"{r['restarted']:>10d} {r['wrong']:>6d}  {', '.join(r['errors'])}")
+        print(f"{r['fault']:<18} {r['in_flight_failed']:>16d} {r['refused']:>8d} {r['outage_s']:>9.1f} "
+              f"{r['full_ep_s']:>10.1f} {r['restarted']:>10d} {r['wrong']:>6d}  {', '.join(r['errors'])}")
     return 0
 
 
