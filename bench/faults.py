@@ -254,6 +254,7 @@ class Bench:
             for fault in faults:
                 before = self.pids()
                 t0 = time.monotonic()
+                print(f"{time.strftime('%H:%M:%S')} {fault}", flush=True)
                 replaced = self.inject(fault, before)
                 self.wait(lambda t0=t0: load.answered_after(t0) >= 6, 300, f"answers after {fault}")
                 gone = {r: p for r, p in before.items() if r in replaced}

@@ -296,11 +296,11 @@ def _fail_map_load(switcher: Any, generation: int) -> None:
 
 
 def _engine_rank(rank: int, world: int, port: int, checkpoint: str, engine_cfg: Any, expert_map: str | None,
-                 job: Job) -> Any:
+                 job: Job, key: bytes | None = None) -> Any:
     from .engine import RankConfig, start_rank
 
     rc = RankConfig(rank=rank, world_size=world, checkpoint=checkpoint, master_port=port,
-                    expert_map=expert_map, engine=engine_cfg)
+                    expert_map=expert_map, engine=engine_cfg, rank_key=key)
     r = start_rank(rc, before_step=_fault_hook(job))
     if job.map_load_fails is not None and job.map_load_fails[0] == rank:
         _fail_map_load(r.runner.switcher, job.map_load_fails[1])
@@ -367,7 +367,8 @@ def run_local(
         finally:
             eng.shutdown()
     grace = cfg.dist_timeout_s + 10.0
-    return spawn_ranks(world_size, _engine_rank, (str(checkpoint), cfg, plan, job), timeout_s=timeout_s,
+    key = os.urandom(32)  # the group's secret, as the operator's Secret would give every rank
+    return spawn_ranks(world_size, _engine_rank, (str(checkpoint), cfg, plan, job, key), timeout_s=timeout_s,
                        grace_s=grace, may_die=_faulty_ranks(job))
 
 

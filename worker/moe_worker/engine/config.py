@@ -14,6 +14,7 @@ import torch
 from moe_common.model_args import ModelArgs
 
 from ..engine_api import ModelInfo
+from .auth import read_key
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -183,6 +184,9 @@ class RankConfig:
     gpus_per_node: int = 8
     """Node layout of the default map."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    rank_key: bytes | None = field(default=None, repr=False)
+    """The group's secret (the file MOE_RANK_KEY_FILE names): signs the store's values and proves
+    membership of every process group (`auth`). None: nothing is authenticated (local runs)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RankConfig:
@@ -192,7 +196,8 @@ class RankConfig:
         MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
         MOE_MAX_PREFILL_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
-        MOE_DIST_TIMEOUT_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS (`_ENV_FIELDS`). Every number is
+        MOE_DIST_TIMEOUT_S, MOE_PEER_LOST_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS (`_ENV_FIELDS`);
+        MOE_RANK_KEY_FILE (the group's secret, at least 16 bytes). Every number is
         range-checked: a ValueError names the variable. Other MOE_* variables (ports, node) are the server's."""
         env = os.environ if env is None else env
         if not env.get("MOE_CHECKPOINT"):
@@ -206,6 +211,7 @@ class RankConfig:
             group=env_number(env, "MOE_GROUP", 0, integer=True),
             expert_map=env.get("MOE_EXPERT_MAP") or None,
             engine=_engine_config_from_env(env),
+            rank_key=read_key(env["MOE_RANK_KEY_FILE"]) if env.get("MOE_RANK_KEY_FILE") else None,
         )
 
 

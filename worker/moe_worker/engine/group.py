@@ -18,7 +18,7 @@ import torch
 from ..engine_api import EngineError, GenerationRequest, GenerationResult, OverloadedError, RequestError
 from ..expertmap import MAX_ERRORS, agreed_switch
 from .config import EngineConfig, model_info
-from .membership import _abort_group, _Control, _group_error, _Membership, _take_resize
+from .membership import RECOVERY_ATTEMPTS, _abort_group, _Control, _group_error, _Membership, _take_resize
 from .runner import RankRunner
 from .scheduler import Scheduler, _Ticket
 from .steps import StepPlan
@@ -301,13 +301,26 @@ class GroupEngine:
         self._switch_to = None
         m.mark_broken(str(err))
         _abort_group(m.backend)
-        runner = self.runner
-        decision = m.decide(runner.emap.generation, self.world, runner.emap.lost)
-        lost = frozenset(decision["lost"])
-        new = lost - runner.emap.lost
-        runner.take_degraded(decision["generation"], lost)
-        moved = self.scheduler.lose(set(new))
-        ctx, control_group = m.reform(decision)
+        runner, new, moved = self.runner, frozenset(), 0
+        for _ in range(RECOVERY_ATTEMPTS):
+            # A rank may die while the group re-forms (several ranks of a lost node check in one
+            # by one, then go): forming then times out, every survivor checks in again, and rank
+            # 0 decides again with their heartbeats by then silent.
+            decision = m.decide(runner.emap.generation, self.world, runner.emap.lost)
+            lost = frozenset(decision["lost"])
+            now_lost = lost - runner.emap.lost
+            runner.take_degraded(decision["generation"], lost)
+            moved += self.scheduler.lose(set(now_lost))
+            new |= now_lost
+            try:
+                ctx, control_group = m.reform(decision)
+                break
+            except Exception as e:  # a member did not come: decide again
+                log.warning("EP group: re-forming without ranks %s failed (%s); deciding again", sorted(lost),
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                _abort_group(m.backend)
+        else:
+            raise EngineError(f"{err}; the group did not re-form in {RECOVERY_ATTEMPTS} attempts")
         runner.regroup(ctx)
         self.control = _Control(ctx, control_group, m.wait_work)
         if new:

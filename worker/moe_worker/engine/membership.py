@@ -4,6 +4,7 @@ re-forms, and the loop of ranks 1..N-1."""
 from __future__ import annotations
 
 import datetime
+import hmac
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from ..engine_api import EngineError
 from ..model import ParallelContext
+from .auth import SignedStore, membership_proof
 from .runner import RankRunner
 from .steps import (
     MAX_FRAME_BYTES,
@@ -145,6 +147,9 @@ class FrontLost(EngineError):
     """Rank 0 (the front, which hosts the group's store and scheduler) is gone."""
 
 
+RECOVERY_ATTEMPTS = 4
+"""How many decisions of rank 0 a survivor takes for one broken step before it gives up."""
+
 HEARTBEAT_S = 0.25
 """How often a rank adds to its heartbeat counter `hb/<rank>` in the store."""
 
@@ -157,10 +162,11 @@ class _Heartbeat:
     stopped: SIGSTOP, a hung driver) or were replaced by a new process already (a new
     incarnation: the process it formed the group with is gone)."""
 
-    def __init__(self, host: str, port: int, rank: int, watch: bool):
+    def __init__(self, host: str, port: int, rank: int, watch: bool, key: bytes | None = None):
         self.rank, self.watch = rank, watch
         self.incarnation = os.urandom(6).hex()
-        self.client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
+        self.client = SignedStore(dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30)),
+                                  key)
         self._ranks: tuple[int, ...] = ()
         self._seen: dict[int, tuple[str, float]] = {}  # rank -> (last value, when it last changed)
         self._formed_with: dict[int, str] = {}  # rank -> its incarnation when the group formed
@@ -197,7 +203,13 @@ class _Heartbeat:
 
     def _sample(self) -> None:
         now = time.monotonic()
-        values = {r: self.client.get(f"hb/{r}").decode() for r in self._ranks if self.client.check([f"hb/{r}"])}
+        values = {}
+        for r in self._ranks:
+            try:
+                if self.client.check([f"hb/{r}"]):
+                    values[r] = self.client.get(f"hb/{r}").decode()
+            except WireError:  # overwritten by a forgery between the two calls: not a beat
+                pass
         with self._lock:
             for r, v in values.items():
                 if self._seen.get(r, ("",))[0] != v:
@@ -244,7 +256,8 @@ class _Membership:
 
     def start_heartbeat(self) -> None:
         if self.heartbeat is None:
-            self.heartbeat = _Heartbeat(self.store.host, self.store.port, self.rank, watch=self.rank == 0)
+            self.heartbeat = _Heartbeat(self.store.host, self.store.port, self.rank, watch=self.rank == 0,
+                                        key=self.store.key)
 
     def stop(self) -> None:
         if self.heartbeat is not None:
@@ -266,7 +279,7 @@ class _Membership:
         prefix = self.prefix(self.epoch)
         if self.heartbeat is not None:  # which process of this rank is in the group (see _Heartbeat)
             self.store.set(f"{prefix}/incarnation/{self.rank}", self.heartbeat.incarnation)
-        dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store),
+        dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, self.store.raw),
                                 rank=members.index(self.rank), world_size=len(members), timeout=self.timeout, **kw)
         group = dist.group.WORLD
         control_group = dist.new_group(backend="gloo", timeout=self.timeout) if self.backend == "nccl" else group
@@ -274,12 +287,28 @@ class _Membership:
         dist.all_reduce(probe, group=group)
         if int(probe.item()) != len(members):
             raise EngineError(f"EP group: all_reduce saw {int(probe.item())} ranks, expected {len(members)}")
+        self._prove(members, prefix, control_group)
         self.members = members
         if self.heartbeat is not None and self.heartbeat.watch:
             self.heartbeat.watch_ranks({r: self.store.get(f"{prefix}/incarnation/{r}").decode()
                                         for r in members if r != self.rank})
         whole = members == tuple(range(world))
         return ParallelContext(self.rank, world, group, None if whole else members), control_group
+
+    def _prove(self, members: tuple[int, ...], prefix: str, control_group: Any) -> None:
+        """Every member shows it holds the group's secret (`auth.membership_proof`), before the
+        group serves; a process that took a rank's place in the rendezvous cannot."""
+        key = self.store.key
+        if key is None:
+            return
+        session = self.store.session_id()
+        mine = membership_proof(key, session, prefix, members, self.rank)
+        got = [torch.empty(len(mine), dtype=torch.uint8) for _ in members]
+        dist.all_gather(got, torch.frombuffer(bytearray(mine), dtype=torch.uint8), group=control_group)
+        for r, proof in zip(members, got, strict=True):
+            if not hmac.compare_digest(proof.numpy().tobytes(), membership_proof(key, session, prefix, members, r)):
+                raise EngineError(f"EP group {prefix}: the process in rank {r}'s place does not hold the group's "
+                                  "secret; refusing to serve with it")
 
     def regroup(self, world: int) -> tuple[ParallelContext, Any] | None:
         """Leave the current process group and join the next epoch's, of all `world` ranks of the
@@ -383,10 +412,12 @@ class _Membership:
             raise FrontLost(f"rank {self.rank}: the group's store on rank 0 is gone ({_first_line(e)})") from e
 
     def reform(self, decision: dict[str, Any]) -> tuple[ParallelContext, Any]:
-        """Join the process group of the decision's epoch: every rank of its map but the lost."""
+        """Join the process group of the decision's epoch: every rank of its map but the lost. If
+        it fails, the group's members for the next decision are these."""
         self.epoch = decision["epoch"]
         lost = set(decision["lost"])
-        return self.form([r for r in range(decision["world"]) if r not in lost], decision["world"])
+        self.members = tuple(r for r in range(decision["world"]) if r not in lost)
+        return self.form(self.members, decision["world"])
 
 
 def _take_resize(runner: RankRunner, membership: _Membership | None, plan: StepPlan) -> tuple[ParallelContext, Any] | None:
@@ -406,22 +437,32 @@ def _take_resize(runner: RankRunner, membership: _Membership | None, plan: StepP
 
 def recover_rank(runner: RankRunner, membership: _Membership, err: EngineError) -> _Control:
     """Ranks 1..N-1 after a broken step: release the broken group, check in, take rank 0's
-    decision (serve the degraded map without the lost ranks) and re-form. Raises EngineError when
-    this rank was left out or rank 0 is gone."""
+    decision (serve the degraded map without the lost ranks) and re-form; when forming fails (a
+    member died meanwhile), check in again for rank 0's next decision. Raises FrontLost when rank
+    0 is gone, EngineError when this rank was left out or the group does not re-form."""
     log.warning("%s; re-forming the group", err)
     membership.mark_broken(str(err))
     _abort_group(membership.backend)
-    membership.check_in(runner.emap.generation)
-    decision = membership.await_decision()
-    lost = frozenset(decision["lost"])
-    if runner.rank in lost:
-        raise EngineError(f"rank {runner.rank}: the group re-formed without it (silent for more than "
-                          f"{membership.peer_lost_s} s when it broke)")
-    runner.take_degraded(decision["generation"], lost)
-    ctx, control_group = membership.reform(decision)
-    runner.regroup(ctx)
-    log.info("rank %d: EP group re-formed without ranks %s (epoch %d)", runner.rank, sorted(lost), membership.epoch)
-    return _Control(ctx, control_group, membership.wait_work)
+    for _ in range(RECOVERY_ATTEMPTS):
+        membership.check_in(runner.emap.generation)
+        decision = membership.await_decision()
+        lost = frozenset(decision["lost"])
+        if runner.rank in lost:
+            raise EngineError(f"rank {runner.rank}: the group re-formed without it (silent for more than "
+                              f"{membership.peer_lost_s} s when it broke)")
+        runner.take_degraded(decision["generation"], lost)
+        try:
+            ctx, control_group = membership.reform(decision)
+        except Exception as e:  # a member did not come: rank 0 decides again
+            log.warning("rank %d: re-forming failed (%s); checking in again", runner.rank,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            _abort_group(membership.backend)
+            continue
+        runner.regroup(ctx)
+        log.info("rank %d: EP group re-formed without ranks %s (epoch %d)", runner.rank, sorted(lost),
+                 membership.epoch)
+        return _Control(ctx, control_group, membership.wait_work)
+    raise EngineError(f"rank {runner.rank}: the group did not re-form in {RECOVERY_ATTEMPTS} attempts")
 
 
 def worker_loop(runner: RankRunner, control: _Control, membership: _Membership | None = None) -> None:

@@ -22,6 +22,7 @@ from ..checkpoint import Checkpoint
 from ..engine_api import EngineError
 from ..expertmap import ExpertMap, default_map, parse_plan, read_plan_files
 from ..model import ParallelContext
+from .auth import SignedStore
 from .config import RankConfig, dist_backend, resolve_device
 from .group import GroupEngine
 from .membership import FrontLost, _abort_group, _Control, _Membership, worker_loop
@@ -151,7 +152,10 @@ def start_rank(
         return Rank(rc, runner, control, engine)
 
     rdv = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
-    store = _tcp_store(rc, rdv)
+    if rc.rank_key is None:
+        log.warning("rank %d: no group secret (MOE_RANK_KEY_FILE): store values and group membership are not "
+                    "authenticated", rc.rank)
+    store = SignedStore(_tcp_store(rc, rdv), rc.rank_key, create_session=rc.rank == 0)
     device = resolve_device(cfg.device, rc.rank)
     backend = dist_backend(cfg.dist_backend, device)
     membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s),
@@ -274,8 +278,9 @@ def _follow_new_front(rc: RankConfig, runner: RankRunner, membership: _Membershi
     store = None
     while store is None:
         try:
-            store = dist.TCPStore(rc.master_addr, rc.master_port, None, False, timeout=datetime.timedelta(seconds=5),
-                                  wait_for_workers=False)
+            store = SignedStore(dist.TCPStore(rc.master_addr, rc.master_port, None, False,
+                                              timeout=datetime.timedelta(seconds=5), wait_for_workers=False),
+                                rc.rank_key)
         except (dist.DistError, RuntimeError) as e:
             if time.monotonic() > deadline:
                 raise EngineError(f"rank {rc.rank}: no new rank 0 at {rc.master_addr}:{rc.master_port} within "
