@@ -82,6 +82,11 @@ CASES: list[tuple[str, dict, str]] = [
     ("ports-collide", {"serving.grpcPort": 8080}, "spec.serving"),
     ("port-out-of-range", {"serving.httpPort": 70000}, "spec.serving.httpPort"),
     ("model-name-invalid", {"serving.modelName": "my model"}, "spec.serving.modelName"),
+    ("source-neither-addresses-nor-pods", {"serving.allowedSources": [{}]}, "spec.serving.allowedSources[0]"),
+    ("source-addresses-and-pods", {"serving.allowedSources": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]},
+     "spec.serving.allowedSources[0]"),
+    ("metrics-namespace-invalid", {"serving.metricsNamespaces": ["Bad_NS"]}, "spec.serving.metricsNamespaces[0]"),
+    ("api-key-secret-without-key", {"serving.apiKeySecret": {"name": "keys"}}, "spec.serving.apiKeySecret.key"),
     ("unknown-field", {"parallelism.expertParallelism": 16}, "spec.parallelism.expertParallelism"),
 ]
 

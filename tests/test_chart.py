@@ -273,6 +273,8 @@ NAMESPACE_RULES = {
     *(("", "configmaps", v, "*") for v in ("get", "create", "patch")),
     ("", "services", "create", "*"), ("", "services", "patch", "*"),
     ("policy", "poddisruptionbudgets", "create", "*"), ("policy", "poddisruptionbudgets", "patch", "*"),
+    ("networking.k8s.io", "networkpolicies", "create", "*"), ("networking.k8s.io", "networkpolicies", "patch", "*"),
+    ("", "secrets", "get", "*"), ("", "secrets", "create", "*"),
     ("", "events", "create", "*"),
 }
 LEASE_RULES = {("coordination.k8s.io", "leases", "create", "*"), ("coordination.k8s.io", "leases", "get", "moe-operator"),

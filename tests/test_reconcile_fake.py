@@ -309,7 +309,7 @@ def test_a_pass_stops_at_its_first_write_after_the_lease_is_lost(world):
 
     def create(obj):  # the Lease lapses while the fifth rank pod is being created
         out = orig_create(obj)
-        lease["creates_left"] -= 1
+        lease["creates_left"] -= obj["kind"] == "Pod"  # the rank key Secret is created before them
         if lease["creates_left"] == 0:
             lease["held"], lease["writes_at_loss"] = False, len(kube.writes)
         return out
@@ -539,3 +539,71 @@ def test_hung_ranks_are_reported_lost_and_rejoined_one_by_one_and_nothing_is_res
     assert len(reasons(kube, "GroupWhole")) == 1 and len(reasons(kube, "RankRejoined")) == 1
     # a rank that turns NotReady is the kubelet's (liveness) and the group's business: no pod was touched
     assert not pod_writes(kube, n) and uids(kube) == before
+
+
+# --- issue 20: the rank key Secret and the NetworkPolicy ---------------------------------------------
+
+def test_the_rank_key_is_created_once_and_a_new_one_restarts_the_groups_together(world):
+    import base64
+
+    from moe_operator.controller import resources
+
+    kube, rec, _ = world
+    ready_deployment(kube, rec)
+    secret = kube.get("Secret", "tiny-rank-key", NS)
+    assert len(base64.b64decode(secret["data"]["key"])) == 32 and secret["immutable"] is True
+    writes = len(kube.writes)
+    rec.reconcile(NS, "tiny")
+    assert kube.get("Secret", "tiny-rank-key", NS) == secret  # never rewritten
+    assert not [w for w in kube.writes[writes:] if w[1] == "Secret"]
+    hashes = {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in kube.list("Pod", NS)}
+    assert len(hashes) == 1
+
+    kube.delete("Secret", "tiny-rank-key", NS)  # someone deleted it: a new key the running ranks lack
+    rec.reconcile(NS, "tiny")
+    again = kube.get("Secret", "tiny-rank-key", NS)
+    assert again["data"]["key"] != secret["data"]["key"]
+    assert ("Normal", "RollingOut") in {(t, r) for n, t, r, _ in kube.events if n == "tiny"}
+    rec.reconcile(NS, "tiny")
+    new = {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in kube.list("Pod", NS)}
+    assert len(new) == 1 and new != hashes
+
+
+def test_the_network_policy_covers_the_pods_the_pass_created(monkeypatch):
+    kube, _, _ = fake_cluster(monkeypatch, 4, 8)
+    rec = reconcile.Reconciler(kube, workers=2, operator_namespace="moe-system")
+    obj = tiny()
+    obj["spec"]["serving"] = {"metricsNamespaces": ["monitoring"],
+                              "allowedSources": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}
+    kube.add_deployment(obj, NS)
+    rec.reconcile(NS, "tiny")
+    policy = kube.get("NetworkPolicy", "tiny", NS)
+    pods = kube.list("Pod", NS)
+    assert len(pods) == 16
+    sel = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(sel.items() <= p["metadata"]["labels"].items() for p in pods)
+    ingress = policy["spec"]["ingress"]
+    assert ingress[0] == {"from": [{"podSelector": {"matchLabels": sel}}]}
+    assert ingress[1]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    assert ingress[2]["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["moe-system", "monitoring"]
+    assert policy["metadata"]["ownerReferences"][0]["name"] == "tiny"
+    # narrowing who may connect restarts nothing
+    hashes = {p["metadata"]["annotations"]["moe.dev/spec-hash"] for p in pods}
+    stored = kube.objects[("MoEDeployment", NS, "tiny")]
+    stored["spec"]["serving"]["allowedSources"] = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    stored["metadata"]["generation"] += 1
+    kube.bind_all(NS)
+    rec.reconcile(NS, "tiny")
+    assert kube.get("NetworkPolicy", "tiny", NS)["spec"]["ingress"][1]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert {p["metadata"]["annotations"]["moe.dev/spec-hash"] for p in kube.list("Pod", NS)} == hashes
+    assert not [w for w in kube.writes if w[0] == "delete"]
+
+
+def test_an_api_key_secret_that_is_the_rank_key_fails_the_deployment(world):
+    kube, rec, _ = world
+    obj = tiny()
+    obj["spec"]["serving"] = {"apiKeySecret": {"name": "tiny-rank-key", "key": "key"}}
+    kube.add_deployment(obj, NS)
+    out = rec.reconcile(NS, "tiny")
+    assert out.status.phase == "Failed" and "spec.serving.apiKeySecret.name" in out.status.reason
+    assert not kube.list("Pod", NS) and kube.get("Secret", "tiny-rank-key", NS) is None

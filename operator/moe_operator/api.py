@@ -280,18 +280,92 @@ class Worker(_Model):
     shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the /dev/shm memory volume.")
 
 
+LABEL_KEY = Annotated[str, Field(min_length=1, max_length=317, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")]
+LABEL_VALUE = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")]
+DNS_LABEL = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+DNS_SUBDOMAIN = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")]
+CIDR = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")]
+
+
+class LabelSelectorRequirement(_Model):
+    """One term of a label selector, as in meta/v1."""
+
+    key: LABEL_KEY = Field(description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[LABEL_VALUE] = Field(default_factory=list, max_length=256, description="Values for In and NotIn.")
+
+
+class LabelSelector(_Model):
+    """A label selector, as in meta/v1; empty selects everything."""
+
+    match_labels: dict[str, LABEL_VALUE] = Field(default_factory=dict, description="Labels that must all be present with these values.")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=64, description="Terms that must all hold.")
+
+
+class IPBlock(_Model):
+    """A range of addresses, as in networking/v1 (for clients outside the cluster)."""
+
+    cidr: CIDR = Field(description="The range, e.g. 10.0.0.0/8 or 2001:db8::/32.")
+    except_cidrs: list[CIDR] = Field(default_factory=list, alias="except", max_length=64, description="Ranges inside cidr to leave out.")
+
+
+class NetworkPeer(_Model):
+    """A source allowed in, as a networking/v1 NetworkPolicyPeer: pods picked by namespaceSelector
+    and/or podSelector (podSelector alone: this namespace), or addresses in ipBlock."""
+
+    cel: ClassVar[list[dict[str, str]]] = [
+        {"rule": "has(self.ipBlock) != (has(self.namespaceSelector) || has(self.podSelector))",
+         "message": "set either ipBlock or namespaceSelector/podSelector"},
+    ]
+
+    namespace_selector: LabelSelector | None = Field(None, description="Namespaces whose pods may connect; {} means every namespace.")
+    pod_selector: LabelSelector | None = Field(None, description="Pods that may connect (in the namespaces namespaceSelector picks, else in this one).")
+    ip_block: IPBlock | None = Field(None, description="Addresses that may connect.")
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkPeer:
+        if (self.ip_block is None) == (self.namespace_selector is None and self.pod_selector is None):
+            raise ValueError("set either ipBlock or namespaceSelector/podSelector")  # pydantic names the entry
+        return self
+
+
+class SecretKeyRef(_Model):
+    """One key of a Secret in the deployment's namespace."""
+
+    name: DNS_SUBDOMAIN = Field(description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key inside the Secret.")
+
+
 class Serving(_Model):
-    """Ports the front rank serves on (KServe v2 HTTP and gRPC) and every rank's metrics port."""
+    """Ports the front rank serves on (KServe v2 HTTP and gRPC) and every rank's metrics port, who
+    may reach them, and the optional API key."""
 
     cel: ClassVar[list[dict[str, str]]] = [
         {"rule": "self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && self.grpcPort != self.metricsPort",
          "message": "httpPort, grpcPort and metricsPort must differ"},
     ]
+    # The fields that only shape the NetworkPolicy: changing them restarts no rank.
+    NETWORK_FIELDS: ClassVar[tuple[str, ...]] = ("allowed_sources", "metrics_namespaces")
 
     http_port: Port = Field(8080, description="KServe v2 HTTP port.")
     grpc_port: Port = Field(8081, description="KServe v2 gRPC port.")
     metrics_port: Port = Field(9400, description="Prometheus /metrics port on every rank.")
     model_name: str = Field("moe", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name in KServe v2 URLs.")
+    allowed_sources: list[NetworkPeer] = Field(
+        default_factory=lambda: [NetworkPeer(namespace_selector=LabelSelector())], min_length=1, max_length=64,
+        description="Who may reach the HTTP and gRPC ports (the deployment's NetworkPolicy): NetworkPolicyPeers. "
+                    "Default: any pod in the cluster ([{namespaceSelector: {}}]); clients outside it need an ipBlock. "
+                    "Enforced only by a network plugin that implements NetworkPolicy.")
+    metrics_namespaces: list[DNS_LABEL] = Field(
+        default_factory=list, max_length=64,
+        description="Namespaces whose pods may reach the metrics port (e.g. the monitoring namespace); the "
+                    "operator's own namespace is added. Empty: any namespace. The ranks' own probes come from "
+                    "their node.")
+    api_key_secret: SecretKeyRef | None = Field(
+        None, description="A Secret key holding the API key: requests on the HTTP and gRPC ports must then carry "
+                          "`Authorization: Bearer <key>` (401 / UNAUTHENTICATED otherwise); health (/v2/health/*, "
+                          "model ready) and /metrics stay open. Mounted into the front rank only; a new value in "
+                          "the Secret takes effect within seconds, without a restart. Unset: no key.")
 
     @model_validator(mode="after")
     def _check(self) -> Serving:
@@ -425,8 +499,22 @@ class MoEDeploymentStatus(_Model):
 
 
 # CEL rules on the whole object (the CRD's root schema): the deployment's name, which every object
-# it owns is named after (see `names`).
+# it owns is named after (see `names`), and the one rule that needs both the name and the spec.
 NAME_CEL: list[dict[str, str]] = [{"rule": rule, "message": message} for rule, _, message in names.NAME_RULES]
+API_KEY_IS_NOT_RANK_KEY = ("serving.apiKeySecret must not name the deployment's rank key Secret "
+                           f"(NAME{names.RANK_KEY_SUFFIX}): clients would then hold the key ranks trust each other with")
+ROOT_CEL: list[dict[str, str]] = [*NAME_CEL, {
+    "rule": "!has(self.spec.serving) || !has(self.spec.serving.apiKeySecret) || "
+            f"self.spec.serving.apiKeySecret.name != self.metadata.name + '{names.RANK_KEY_SUFFIX}'",
+    "message": API_KEY_IS_NOT_RANK_KEY, "fieldPath": ".spec.serving.apiKeySecret.name"}]
+
+
+def check_api_key_secret(name: str, spec: MoEDeploymentSpec) -> None:
+    """Raise SpecError when the spec's API key Secret is the deployment's rank key Secret (ROOT_CEL's
+    last rule, in Python)."""
+    ref = spec.serving.api_key_secret
+    if ref is not None and ref.name == names.rank_key_secret(name):
+        raise SpecError("spec.serving.apiKeySecret.name", API_KEY_IS_NOT_RANK_KEY)
 
 
 def check_name(name: str) -> None:
@@ -458,6 +546,11 @@ class MoEDeployment(BaseModel):
     kind: Literal["MoEDeployment"] = "MoEDeployment"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: MoEDeploymentSpec
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEDeployment:
+        check_api_key_secret(self.metadata.name, self.spec)
+        return self
 
 
 def parse_spec(spec: dict[str, Any]) -> MoEDeploymentSpec:

@@ -19,6 +19,7 @@ MAX_EXTRA_GPUS = 4096  # spec.loadBalancing.maxExtraGpus: scale-out ranks beyond
 MAX_RANK = MAX_EXPERT_PARALLEL + MAX_EXTRA_GPUS - 1
 
 HEADLESS_SUFFIX = "-ranks"
+RANK_KEY_SUFFIX = "-rank-key"
 
 DNS_LABEL_MAX = 63  # RFC 1123 / RFC 1035 label: Service names, pod hostname and subdomain, label values
 DNS_SUBDOMAIN_MAX = 253  # object names of most kinds (Pod, ConfigMap, PodDisruptionBudget)
@@ -47,6 +48,16 @@ def pod_disruption_budget(deployment: str) -> str:
     return deployment
 
 
+def network_policy(deployment: str) -> str:
+    return deployment
+
+
+def rank_key_secret(deployment: str) -> str:
+    """The Secret holding the deployment's rank key: every rank pod mounts it, and ranks prove
+    membership of their group with it. Created once by the operator, never rotated by it."""
+    return f"{deployment}{RANK_KEY_SUFFIX}"
+
+
 def derived(deployment: str, group: int = MAX_REPLICAS - 1, rank: int = MAX_RANK) -> list[tuple[str, str, re.Pattern, int]]:
     """(what, name, pattern, length limit) of every name derived from `deployment`, for one group
     and rank index (by default the largest the API admits, i.e. the longest names)."""
@@ -60,6 +71,8 @@ def derived(deployment: str, group: int = MAX_REPLICAS - 1, rank: int = MAX_RANK
         ("client Service", client_service(deployment), DNS1035_LABEL, DNS_LABEL_MAX),
         ("plan ConfigMap", plan_configmap(deployment, group), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
         ("PodDisruptionBudget", pod_disruption_budget(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
+        ("NetworkPolicy", network_policy(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
+        ("rank key Secret", rank_key_secret(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
         ("label value", deployment, DNS1123_LABEL, DNS_LABEL_MAX),
     ]
 

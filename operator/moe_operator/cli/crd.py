@@ -81,6 +81,15 @@ def _schema(tp: Any, meta: list[Any] | None = None) -> dict[str, Any]:
     return out
 
 
+def _plain(default: Any) -> Any:
+    """A default as it is written in YAML: models as their aliased fields, unset ones left out."""
+    if isinstance(default, BaseModel):
+        return default.model_dump(by_alias=True, exclude_none=True)
+    if isinstance(default, list):
+        return [_plain(d) for d in default]
+    return default
+
+
 def model_schema(model: type[BaseModel], defaults: bool = True) -> dict[str, Any]:
     props: dict[str, Any] = {}
     required: list[str] = []
@@ -96,9 +105,7 @@ def model_schema(model: type[BaseModel], defaults: bool = True) -> dict[str, Any
         elif field.default_factory is not None:
             # A nested object defaults to its fully defaulted value: the API server checks CEL
             # rules against defaults, so `{}` would fail rules that read the object's fields.
-            default = field.default_factory()
-            s["default"] = (default.model_dump(by_alias=True, exclude_none=True)
-                            if isinstance(default, BaseModel) else default)
+            s["default"] = _plain(field.default_factory())
         elif field.default is not None:
             s["default"] = field.default
         props[alias] = s
@@ -156,7 +163,7 @@ def crd() -> dict[str, Any]:
                         "status": status,
                     },
                     "required": ["spec"],
-                    "x-kubernetes-validations": [dict(r) for r in api.NAME_CEL],
+                    "x-kubernetes-validations": [dict(r) for r in api.ROOT_CEL],
                 }},
             }],
         },

@@ -22,7 +22,9 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "ConfigMap": ("/api/v1", "configmaps", True),
     "Event": ("/api/v1", "events", True),
     "Node": ("/api/v1", "nodes", False),
+    "Secret": ("/api/v1", "secrets", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     "MoEDeployment": ("/apis/serving.moe.dev/v1alpha1", "moedeployments", True),
 }
 

@@ -105,7 +105,8 @@ async def configure(settings: kopf.OperatorSettings, **_):
                               duration_s=int(os.environ.get("MOE_LEASE_SECONDS", "15")),
                               renew_s=float(os.environ.get("MOE_LEASE_RENEW_SECONDS", "5")))
     S.lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-lease")
-    S.reconciler = reconcile.Reconciler(LeaderOnly(Kube(kubeconfig=kubeconfig), S.elector.is_leader))
+    S.reconciler = reconcile.Reconciler(LeaderOnly(Kube(kubeconfig=kubeconfig), S.elector.is_leader),
+                                        operator_namespace=os.environ.get("MOE_OPERATOR_NAMESPACE"))
     S.elect_task = asyncio.get_running_loop().create_task(_elect())
     port = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
     if port:

@@ -1,7 +1,8 @@
 """Reconcile one MoEDeployment. One pass is a chain of steps (`Reconciler._reconcile`), each of
-which may end it: read the spec and the world, admit (GPU memory), decide every group's plan
-(placement, then measured load), publish the changed plans, apply the shared objects, sync the rank
-pods, observe and write status.
+which may end it: read the spec and the world, make sure the rank key exists, admit (GPU memory),
+decide every group's plan (placement, then measured load), publish the changed plans, apply the
+shared objects (Services, PodDisruptionBudget, NetworkPolicy), sync the rank pods, observe and
+write status.
 
 Level-triggered and idempotent: every pass starts from what the API server says (the plan lives in
 a ConfigMap, never only in memory), so the operator can be killed anywhere and a restarted one
@@ -16,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import urllib.parse
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_operator import api, perfmodel
+from moe_operator import api, names, perfmodel
 from moe_operator.controller import metrics, resources, scaling
 from moe_operator.controller.kube import Kube, KubeError, LeaderOnly
 from moe_operator.controller.resources import Owner
@@ -329,6 +331,8 @@ class _Pass:
     kv: perfmodel.KvAdmission | None = None
     prediction: dict[str, Any] | None = None
     spec_hash: str = ""
+    # _ensure_rank_key
+    rank_key_uid: str = ""
     # _plan_placement, _plan_load
     plans: list[Plan] = field(default_factory=list)  # per group, as they will be published
     generations: list[int] = field(default_factory=list)  # per group, the stored generation until published
@@ -366,8 +370,10 @@ class _Pass:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube | LeaderOnly, workers: int = 32):
+    def __init__(self, kube: Kube | LeaderOnly, workers: int = 32, operator_namespace: str | None = None):
         self.kube = kube
+        # Where the operator runs: its pods scrape rank metrics, so the NetworkPolicies let it in.
+        self.operator_namespace = operator_namespace
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-apply")
         # Autoscaler memory per (namespace, name, group); rebuilt within a window after a restart.
         # All per-deployment state is dropped by `forget` when the deployment goes, and when one of
@@ -434,8 +440,8 @@ class Reconciler:
     def _reconcile(self, obj: dict) -> Outcome:
         """One pass as a chain of steps; a step that returns an Outcome ends the pass with it."""
         p = _Pass.of(obj)
-        for step in (self._read_spec, self._read_world, self._admit, self._plan_placement, self._plan_load,
-                     self._publish_plans, self._apply_shared, self._sync_pods):
+        for step in (self._read_spec, self._read_world, self._ensure_rank_key, self._admit, self._plan_placement,
+                     self._plan_load, self._publish_plans, self._apply_shared, self._sync_pods):
             out = step(p)
             if out is not None:
                 return out
@@ -446,6 +452,7 @@ class Reconciler:
         try:
             api.check_name(p.owner.name)  # the CRD checks it too; an object admitted before it did is refused here
             p.spec = api.parse_spec(p.obj.get("spec") or {})
+            api.check_api_key_secret(p.owner.name, p.spec)
         except api.SpecError as e:
             return p.failed("InvalidSpec", str(e))
         p.shape = shape_of(p.spec)
@@ -468,6 +475,17 @@ class Reconciler:
                            tolerations=[t.model_dump(by_alias=True, exclude_none=True)
                                         for t in spec.placement.tolerations])
         p.topo = Topology.from_nodelist({"items": p.nodes}, **p.topo_args)
+
+    def _ensure_rank_key(self, p: _Pass) -> None:
+        """Create the deployment's rank key Secret when it does not exist, with fresh random bytes;
+        never change one that does. Its uid enters the pods' spec hash (see `pod_spec_hash`)."""
+        name = names.rank_key_secret(p.owner.name)
+        found = self.kube.get("Secret", name, p.owner.namespace)
+        if found is None:
+            found = self.kube.create(resources.rank_key_secret(p.owner, secrets.token_bytes(resources.RANK_KEY_BYTES)))
+            if found is None:  # another pass created it first
+                found = self.kube.get("Secret", name, p.owner.namespace)
+        p.rank_key_uid = ((found or {}).get("metadata") or {}).get("uid", "")
 
     def _admit(self, p: _Pass) -> Outcome | None:
         """Refuse a deployment whose ranks cannot fit in GPU memory, before any pod exists; else the
@@ -492,7 +510,7 @@ class Reconciler:
                                  f"requests limited to {kv.max_context} tokens (MOE_MAX_CONTEXT): one rank's KV cache "
                                  f"holds {kv.cache_tokens} tokens on {hw.name}, less than the context of "
                                  f"{kv.model_context}"))
-        p.spec_hash = resources.pod_spec_hash(spec, p.kv)
+        p.spec_hash = resources.pod_spec_hash(spec, p.kv, p.rank_key_uid)
         return None
 
     def _plan_placement(self, p: _Pass) -> Outcome | None:
@@ -628,8 +646,7 @@ class Reconciler:
 
     def _apply_shared(self, p: _Pass) -> None:
         """The objects shared by all groups (idempotent server-side apply)."""
-        for o in (resources.headless_service(p.owner, p.spec), resources.client_service(p.owner, p.spec),
-                  resources.pod_disruption_budget(p.owner)):
+        for o in resources.shared_objects(p.owner, p.spec, self.operator_namespace):
             self.kube.apply(o)
 
     def _observe(self, p: _Pass) -> Outcome:

@@ -4,11 +4,14 @@ Per EP group g of deployment D:
 - a ConfigMap `D-g<g>-plan` with the plan (ranks, expert map) and its generation;
 - one Pod per rank `D-g<g>-r<rank>`, pinned to the planned node by required node affinity;
 and per deployment a headless Service `D-ranks` (rendezvous and per-pod DNS), a client Service `D`
-(front ranks: KServe v2 HTTP and gRPC) and a PodDisruptionBudget. The names come from `names`.
+(front ranks: KServe v2 HTTP and gRPC), a PodDisruptionBudget, a NetworkPolicy `D` (who may reach
+which port of the rank pods) and the Secret `D-rank-key` (the key ranks prove membership with).
+The names come from `names`.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -23,6 +26,12 @@ MANAGER = "moe-operator"  # the one server-side-apply field manager
 DIST_PORT = 29500  # torch.distributed rendezvous on rank 0
 PLAN_MOUNT = "/etc/moe/plan"
 MODEL_MOUNT = "/models"
+RANK_KEY_MOUNT = "/etc/moe/rank-key"
+RANK_KEY_FIELD = "key"  # the Secret's data key; the file the worker reads is RANK_KEY_MOUNT/RANK_KEY_FIELD
+RANK_KEY_BYTES = 32
+API_KEY_MOUNT = "/etc/moe/api-key"
+API_KEY_FILE = "key"  # the file name the spec's apiKeySecret key is mounted as
+SECRET_FILE_MODE = 0o440  # owner and group (fsGroup) read; the container runs as neither root nor other
 
 L_NAME = "app.kubernetes.io/name"
 L_INSTANCE = "app.kubernetes.io/instance"
@@ -59,6 +68,11 @@ READINESS_PROBE = {"httpGet": {"path": "/ready", "port": "metrics"}, "periodSeco
 ENV_KV_CACHE_TOKENS = "MOE_KV_CACHE_TOKENS"
 ENV_MAX_CONTEXT = "MOE_MAX_CONTEXT"
 ENV_MAX_SEQS = "MOE_MAX_SEQS_PER_RANK"
+ENV_RANK_KEY_FILE = "MOE_RANK_KEY_FILE"
+ENV_API_KEY_FILE = "MOE_API_KEY_FILE"
+
+# Namespaces carry their own name in this label (set by the API server since Kubernetes 1.21).
+L_NAMESPACE_NAME = "kubernetes.io/metadata.name"
 
 
 @dataclass(frozen=True)
@@ -114,22 +128,27 @@ def kv_env(spec: api.MoEDeploymentSpec, kv: KvAdmission | None) -> list[dict[str
     return [{"name": k, "value": str(v)} for k, v in values.items() if k not in own]
 
 
-def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None) -> str:
+def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None, rank_key: str = "") -> str:
     """Hash of everything that needs the rank processes restarted when it changes.
 
-    Not the expert map (ranks switch maps live) and not load-balancing settings. The admission
-    settings are in: a group's ranks must agree on them.
+    Not the expert map (ranks switch maps live), not load-balancing settings and not who may reach
+    the pods (the NetworkPolicy changes in place). The admission settings are in: a group's ranks
+    must agree on them. So is `rank_key`, the uid of the rank key Secret: a Secret deleted and
+    created again holds a new key, which ranks started before it do not share, so the groups
+    restart together on it.
     """
     relevant = {
         "model": spec.model.model_dump(mode="json"),
         "parallelism": spec.parallelism.model_dump(mode="json", exclude={"replicas"}),
         "worker": spec.worker.model_dump(mode="json"),
-        "serving": spec.serving.model_dump(mode="json"),
+        "serving": spec.serving.model_dump(mode="json", exclude=set(api.Serving.NETWORK_FIELDS)),
         "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
         "gpuResource": spec.placement.gpu_resource,
     }
     if kv_env(spec, kv):
         relevant["admission"] = kv_env(spec, kv)
+    if rank_key:
+        relevant["rankKey"] = rank_key
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -217,6 +236,7 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
         {"name": "MOE_METRICS_PORT", "value": str(s.metrics_port)},
         {"name": "MOE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": ENV_RANK_KEY_FILE, "value": f"{RANK_KEY_MOUNT}/{RANK_KEY_FIELD}"},
         *kv_env(spec, kv),
         *({"name": e.name, "value": e.value} for e in w.env),
     ]
@@ -225,8 +245,26 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
     else:
         model_volume = {"name": "model", "hostPath": {"path": ckpt.host_path, "type": "Directory"}}
     ports = [{"name": "metrics", "containerPort": s.metrics_port}, {"name": "dist", "containerPort": DIST_PORT}]
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
+        {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "rank-key", "mountPath": RANK_KEY_MOUNT, "readOnly": True},
+    ]
+    volumes = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": w.shm_size}},
+        {"name": "plan", "configMap": {"name": plan_configmap_name(owner, group)}},
+        model_volume,
+        {"name": "tmp", "emptyDir": {}},
+        _secret_volume("rank-key", names.rank_key_secret(owner.name), RANK_KEY_FIELD, RANK_KEY_FIELD),
+    ]
     if rank == 0:
         ports += [{"name": "http", "containerPort": s.http_port}, {"name": "grpc", "containerPort": s.grpc_port}]
+        if s.api_key_secret is not None:  # only the front rank serves clients, so only it holds the key
+            env.append({"name": ENV_API_KEY_FILE, "value": f"{API_KEY_MOUNT}/{API_KEY_FILE}"})
+            mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
+            volumes.append(_secret_volume("api-key", s.api_key_secret.name, s.api_key_secret.key, API_KEY_FILE))
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _meta(name, owner, labels, {A_SPEC_HASH: spec_hash}),
@@ -256,28 +294,92 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
                 "readinessProbe": copy.deepcopy(READINESS_PROBE),
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "privileged": False, "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [
-                    {"name": "dshm", "mountPath": "/dev/shm"},
-                    {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
-                    {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "volumeMounts": mounts,
             }],
-            "volumes": [
-                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": w.shm_size}},
-                {"name": "plan", "configMap": {"name": plan_configmap_name(owner, group)}},
-                model_volume,
-                {"name": "tmp", "emptyDir": {}},
+            "volumes": volumes,
+        },
+    }
+
+
+def _secret_volume(volume: str, secret: str, key: str, path: str) -> dict[str, Any]:
+    """A volume with one key of a Secret as the file `path`, readable by the container's user only."""
+    return {"name": volume, "secret": {"secretName": secret, "items": [{"key": key, "path": path}],
+                                       "defaultMode": SECRET_FILE_MODE}}
+
+
+def rank_key_secret(owner: Owner, key: bytes) -> dict[str, Any]:
+    """The deployment's rank key Secret holding `key` (RANK_KEY_BYTES random bytes the caller draws).
+
+    Immutable: the operator creates it once and never rotates it, since every rank of a group must
+    hold the same key; the kubelet also need not watch an immutable Secret.
+    """
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True,
+        "metadata": _meta(names.rank_key_secret(owner.name), owner, group_labels(owner)),
+        "data": {RANK_KEY_FIELD: base64.b64encode(key).decode()},
+    }
+
+
+def _peer(p: api.NetworkPeer) -> dict[str, Any]:
+    """A NetworkPolicyPeer as written in YAML, empty fields left out (`{namespaceSelector: {}}`)."""
+    return p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+
+
+def metrics_sources(spec: api.MoEDeploymentSpec, operator_namespace: str | None) -> list[dict[str, Any]]:
+    """Who may scrape the metrics port: pods in the namespaces `serving.metricsNamespaces` names,
+    plus the operator's own (it scrapes the ranks itself when load balancing reads no Prometheus);
+    any pod in the cluster when the spec names none."""
+    wanted = list(spec.serving.metrics_namespaces)
+    if not wanted:
+        return [{"namespaceSelector": {}}]
+    if operator_namespace and operator_namespace not in wanted:
+        wanted.append(operator_namespace)
+    return [{"namespaceSelector": {"matchExpressions": [
+        {"key": L_NAMESPACE_NAME, "operator": "In", "values": sorted(wanted)}]}}]
+
+
+def network_policy(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace: str | None = None) -> dict[str, Any]:
+    """Ingress to every rank pod of the deployment, three rules (NetworkPolicies only allow):
+
+    - from the deployment's own pods, any port: the rendezvous port and the ports gloo and NCCL
+      open at random. The deployment is the trust boundary: its groups share one rank key.
+    - to the HTTP and gRPC ports from `serving.allowedSources` (default: any pod in the cluster).
+    - to the metrics port from `metrics_sources`.
+
+    Egress is left open. A network plugin that implements NetworkPolicy enforces it; without one
+    it is inert.
+    """
+    s = spec.serving
+    tcp = [{"protocol": "TCP", "port": port} for port in (s.http_port, s.grpc_port)]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(names.network_policy(owner.name), owner, group_labels(owner)),
+        "spec": {
+            "podSelector": {"matchLabels": {L_DEPLOYMENT: owner.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {L_DEPLOYMENT: owner.name}}}]},
+                {"from": [_peer(p) for p in s.allowed_sources], "ports": tcp},
+                {"from": metrics_sources(spec, operator_namespace),
+                 "ports": [{"protocol": "TCP", "port": s.metrics_port}]},
             ],
         },
     }
 
 
+def shared_objects(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace: str | None = None) -> list[dict[str, Any]]:
+    """The objects all groups share that the operator keeps as built (server-side apply); the rank
+    key Secret is not one of them: it is created once."""
+    return [headless_service(owner, spec), client_service(owner, spec), pod_disruption_budget(owner),
+            network_policy(owner, spec, operator_namespace)]
+
+
 def desired_objects(owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan],
-                    generations: list[int], kv: KvAdmission | None = None) -> list[dict[str, Any]]:
+                    generations: list[int], kv: KvAdmission | None = None,
+                    rank_key: bytes = bytes(RANK_KEY_BYTES)) -> list[dict[str, Any]]:
     """Everything one deployment consists of, for the given per-group plans."""
     h = pod_spec_hash(spec, kv)
-    out = [headless_service(owner, spec), client_service(owner, spec), pod_disruption_budget(owner)]
+    out = [*shared_objects(owner, spec), rank_key_secret(owner, rank_key)]
     for g, (plan, gen) in enumerate(zip(plans, generations, strict=True)):
         out.append(plan_configmap(owner, g, plan, gen))
         out.extend(rank_pod(owner, spec, plan, g, r, h, kv) for r in range(plan.num_ranks))

@@ -13,9 +13,10 @@ that lets the operator's real pod specs run:
   MASTER_ADDR) is replaced by that pod's address when the process starts; pods that have ended or
   are being deleted are not endpoints (as with a headless Service), so a name that only such a pod
   holds stays unresolved rather than naming a dead address;
-- mounts volumes as directories: configMap (written and kept in sync like the kubelet does),
-  emptyDir (a fresh directory), hostPath (the path itself); mount paths in env values are
-  rewritten to those directories;
+- mounts volumes as directories: configMap and secret (files written and kept in sync like the
+  kubelet does; a secret's files hold the decoded bytes, with its defaultMode or item mode, and a
+  pod whose Secret does not exist yet waits for it), emptyDir (a fresh directory), hostPath (the
+  path itself); mount paths in env values are rewritten to those directories;
 - stands in for the projected service-account token: a pod that mounts its token gets a
   kubeconfig holding a TokenRequest token of its ServiceAccount in KUBECONFIG (Kubernetes clients
   fall back to it when the in-cluster files are absent), so it acts with its own RBAC;
@@ -37,6 +38,7 @@ is not enforced), no PVCs.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import logging
 import os
@@ -117,6 +119,7 @@ class RunningPod:
     liveness: ProbeState = field(default_factory=ProbeState)
     kill_at: float | None = None  # a probe failed: SIGTERM sent, SIGKILL due at this time
     configmaps: dict[str, Path] = field(default_factory=dict)  # configMap name -> directory
+    secrets: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # volume name -> (directory, its `secret`)
     exit_code: int | None = None
     finished: bool = False
     deleting_since: float | None = None
@@ -137,7 +140,7 @@ class LocalRunner:
         self.subnet = subnet
         self.nodes: list[str] = []
         self.stop = threading.Event()
-        self._configmaps: dict[tuple[str, str], dict | None] = {}  # this sync pass's reads
+        self._reads: dict[tuple[str, str, str], dict | None] = {}  # this sync pass's (kind, namespace, name) reads
         self.path_env = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
     # --- nodes ----------------------------------------------------------------------------
@@ -198,8 +201,8 @@ class LocalRunner:
         return ip
 
     def sync(self) -> None:
-        # 16 ranks mount the same plan ConfigMap: read each ConfigMap once per pass, not once per pod.
-        self._configmaps = {}
+        # 16 ranks mount the same plan ConfigMap and rank key Secret: read each once per pass, not once per pod.
+        self._reads = {}
         pods = [p for n in self.nodes for p in self.kube.list("Pod", fields=f"spec.nodeName={n}")]
         dns = {}
         for p in pods:
@@ -336,23 +339,46 @@ class LocalRunner:
                 rp.configmaps[v["configMap"]["name"]] = d
                 self._sync_configmap(rp.namespace, v["configMap"]["name"], d)
                 out[m["mountPath"]] = str(d)
+            elif "secret" in v:
+                d = rp.workdir / "volumes" / m["name"]
+                d.mkdir(parents=True, exist_ok=True)
+                rp.secrets[m["name"]] = (d, v["secret"])
+                self._sync_secret(rp.namespace, v["secret"], d)
+                out[m["mountPath"]] = str(d)
             else:
-                raise RunnerError(f"volume {m['name']}: the local runner supports hostPath, emptyDir and configMap only")
+                raise RunnerError(f"volume {m['name']}: the local runner supports hostPath, emptyDir, configMap "
+                                  f"and secret only")
         return out
 
+    def _read(self, kind: str, namespace: str, name: str) -> dict | None:
+        key = (kind, namespace, name)
+        if key not in self._reads:
+            self._reads[key] = self.kube.get(kind, name, namespace)
+        return self._reads[key]
+
     def _sync_configmap(self, namespace: str, name: str, d: Path) -> None:
-        key = (namespace, name)
-        if key not in self._configmaps:
-            self._configmaps[key] = self.kube.get("ConfigMap", name, namespace)
-        cm = self._configmaps[key]
+        cm = self._read("ConfigMap", namespace, name)
         if cm is None:
             raise RunnerError(f"configMap {name} not found")
         for k, v in (cm.get("data") or {}).items():
-            f = d / k
-            if not f.exists() or f.read_text() != v:
-                tmp = d / f".{k}.tmp"
-                tmp.write_text(v)
-                os.replace(tmp, f)  # atomic, like the kubelet's symlink swap
+            _write_file(d / k, v.encode(), 0o644)
+
+    def _sync_secret(self, namespace: str, vol: dict, d: Path) -> None:
+        """The Secret's keys (or the volume's `items`) as files of decoded bytes; RunnerRetry while
+        the Secret does not exist (the kubelet too waits for it), unless the volume is optional."""
+        name = vol["secretName"]
+        secret = self._read("Secret", namespace, name)
+        if secret is None:
+            if vol.get("optional"):
+                return
+            raise RunnerRetry(f"secret {name} not found")
+        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+        mode = vol.get("defaultMode", 0o644)
+        items = vol.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            if item["key"] not in data:
+                raise RunnerError(f"secret {name} has no key {item['key']!r}")
+            _write_file(d / item["path"], data[item["key"]], item.get("mode", mode))
 
     @staticmethod
     def _field(pod: dict, rp: RunningPod, path: str) -> str:
@@ -381,6 +407,11 @@ class LocalRunner:
             try:
                 self._sync_configmap(rp.namespace, name, d)
             except RunnerError:
+                pass
+        for d, vol in rp.secrets.values():
+            try:
+                self._sync_secret(rp.namespace, vol, d)
+            except (RunnerError, RunnerRetry):
                 pass
         code = rp.proc.poll()
         if code is not None:
@@ -584,6 +615,19 @@ class LocalRunner:
             self.stop.wait(self.poll_s)
         for rp in list(self.pods.values()):
             self._kill(rp, grace=5)
+
+
+def _write_file(f: Path, data: bytes, mode: int) -> None:
+    """Write a mounted file when its bytes changed: atomically, like the kubelet's symlink swap,
+    with `mode` (a secret's files are read-only)."""
+    if f.exists() and f.read_bytes() == data:
+        return
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.parent / f".{f.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, f)
 
 
 class RunnerError(RuntimeError):

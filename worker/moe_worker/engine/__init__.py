@@ -20,23 +20,32 @@ One process per rank (one GPU each in production). Rank 0 owns the scheduler. Ev
 While idle, rank 0 sends an empty plan every `idle_heartbeat_s`, so a lost rank is noticed and
 map switches happen even without traffic; an empty step runs no forward on any rank.
 
-A lost rank (`membership`, `GroupEngine._recover`): a rank that dies closes its sockets, and the
-others' next collective fails within about a second (gloo: "Connection reset/closed by peer"). A
-rank that hangs is caught by the collective timeout (`dist_timeout_s`, default 10 s, env
-MOE_DIST_TIMEOUT_S), which bounds every wait: no legitimate step or heartbeat gap comes near it.
-A survivor whose step fails releases its process group (so the others fail at once too) and
-checks in through the store; rank 0 counts as lost every rank that has not checked in and whose
-heartbeat (a counter each rank's own thread sets every 0.25 s) has been silent for
-`peer_lost_s` (2 s, MOE_PEER_LOST_S) or comes from a new process, and publishes the decision.
-Every survivor then serves the degraded map (`expertmap.degrade`: the lost ranks' sole expert
-copies read from the checkpoint by one survivor each), re-forms the process group without the
-lost ranks on a fresh store prefix, and goes on; no process restarts and no KV cache is dropped.
-Rank 0 queues the lost ranks' sequences for recomputation on survivors (a prefill of prompt +
-tokens generated so far; draws are seeded by (seed, token index), so the answer is the one the
-client would have got) and sends the broken step's work again. A replacement rank (the operator
-replaces the failed pod) joins like a rank added by a resize: once it has loaded the published
-map, rank 0 admits it at a rejoin step and the group is whole again. The group stops only when
-steps keep breaking with no rank lost, or rank 0 (the front, which hosts the store) is lost.
+A lost rank (`membership`, `GroupEngine._recover`). Ranks wait for collectives in 0.5 s slices
+and between them look for a broken group: a `broken/<epoch>` mark in the store, which any rank
+whose step failed sets (a dead peer closes its sockets: its neighbours' collectives fail within
+about a second), and which rank 0 sets when a member's heartbeat (a counter each rank's own
+thread signs into the store every 0.25 s) is silent for `peer_lost_s` (2 s, MOE_PEER_LOST_S) or
+comes from a new process. So a dead or hung rank is noticed in about `peer_lost_s`; the
+collective timeout (`dist_timeout_s`, 10 s, MOE_DIST_TIMEOUT_S) is only the last bound. Every
+survivor releases its process group and checks in; rank 0 counts as lost every member that has
+not checked in and is silent, and publishes the decision. Every survivor then serves the degraded
+map (`expertmap.degrade`: the lost ranks' sole expert copies read from the checkpoint by one
+survivor each), re-forms the process group without the lost ranks on a fresh store prefix (if a
+member dies meanwhile, forming fails and rank 0 decides again), and goes on; no process restarts
+and no KV cache is dropped. Rank 0 queues the lost ranks' sequences for recomputation on
+survivors (a prefill of prompt + tokens generated so far; draws are seeded by (seed, token
+index), so the answer is the one the client would have got) and sends the broken step's work
+again. A replacement rank (the operator replaces the failed pod) joins like a rank added by a
+resize: once it has loaded the published map, rank 0 admits it at a rejoin step and the group
+is whole again.
+
+The front (rank 0) lost: it held the requests, the scheduler and the store, so its requests fail
+(their clients' connections close). The other ranks keep their processes, drop their sequences,
+and wait for a new rank 0 (the operator's replacement pod, at MASTER_ADDR), which forms the group
+with them. The group stops only when steps keep breaking with no rank lost.
+
+Authentication (`auth`): with the group's secret (MOE_RANK_KEY_FILE) every store value is signed
+and a forged one reads as absent, and every new process group's members prove they hold it.
 
 Start: ranks meet in a TCP store on rank 0 and load their experts before any collective, waiting
 for each other up to `rendezvous_timeout_s` (600 s: pods start and load minutes apart); a rank

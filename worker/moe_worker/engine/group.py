@@ -397,7 +397,7 @@ class GroupEngine:
         self.switches.append((plan.step, generation))
         took = time.perf_counter() - t0
         self.resizes.append((plan.step, generation, old, world, took))
-        log.info("EP group re-formed: %d -> %d ranks (ranks %s joined) at step %d (generation %d) in %.3f s", old,
+        log.info("EP group resized %d -> %d ranks (ranks %s joined) at step %d (generation %d) in %.3f s", old,
                  world, joiners, plan.step, generation, took)
         self.step += 1
 
