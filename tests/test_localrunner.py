@@ -178,3 +178,39 @@ def test_a_pod_name_resolves_to_the_live_pod_not_to_an_ended_one_of_the_same_nam
 
     ip = wait_for(ready, 60, "client Ready").status.pod_ip
     assert urllib.request.urlopen(f"http://{ip}:8000/", timeout=5).read().decode() == live_ip
+
+
+def test_a_secret_volume_holds_the_decoded_bytes_read_only_and_the_pod_waits_for_its_secret(core, namespace, gpu_pool):
+    import base64
+
+    _, nodes = gpu_pool(nodes=1, gpus=8, local_runner=True)
+    key = bytes(range(200, 232))  # not text: the file must hold these bytes, not their base64
+    report = ("import http.server, os, stat\n"
+              "p = os.environ['KEY_FILE']\n"
+              "line = f\"{os.path.basename(p)} {oct(stat.S_IMODE(os.stat(p).st_mode))} {open(p, 'rb').read().hex()}\"\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        self.send_response(200); self.end_headers(); self.wfile.write(line.encode())\n"
+              "http.server.HTTPServer((os.environ['POD_IP'], 8000), H).serve_forever()\n")
+    spec = pod("keyed", nodes[0], ["python3", "-c", report], probe=False)
+    c = spec["spec"]["containers"][0]
+    c["env"].append({"name": "KEY_FILE", "value": "/etc/key/rank"})
+    c["volumeMounts"] = [{"name": "key", "mountPath": "/etc/key", "readOnly": True}]
+    spec["spec"]["volumes"] = [{"name": "key", "secret": {"secretName": "k", "defaultMode": 0o440,
+                                                          "items": [{"key": "key", "path": "rank"}]}}]
+    core.create_namespaced_pod(namespace, spec)
+    time.sleep(3)  # the Secret does not exist yet: the pod waits for it, as with a kubelet
+    assert core.read_namespaced_pod("keyed", namespace).status.phase == "Pending"
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "k"},
+                                              "data": {"key": base64.b64encode(key).decode(), "other": "eA=="}})
+
+    def answer():
+        p = core.read_namespaced_pod("keyed", namespace)
+        if p.status.phase != "Running" or not p.status.pod_ip:
+            return None
+        try:
+            return urllib.request.urlopen(f"http://{p.status.pod_ip}:8000/", timeout=2).read().decode()
+        except OSError:
+            return None
+
+    assert wait_for(answer, 60, "the pod's report") == f"rank 0o440 {key.hex()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 
@@ -94,6 +95,21 @@ def test_tiny_ep16_becomes_ready_with_rank_pods_on_planned_nodes(core, custom, n
     assert p.metadata.owner_references[0].kind == "MoEDeployment"
     for svc in ("tiny", "tiny-ranks"):
         assert core.read_namespaced_service(svc, namespace).metadata.owner_references[0].name == "tiny"
+    # issue 20: the rank key Secret every rank mounts, and the NetworkPolicy over exactly these pods
+    from kubernetes import client
+
+    secret = core.read_namespaced_secret("tiny-rank-key", namespace)
+    assert secret.immutable and len(base64.b64decode(secret.data["key"])) == 32
+    assert secret.metadata.owner_references[0].name == "tiny"
+    assert {v.secret.secret_name for v in p.spec.volumes if v.secret} == {"tiny-rank-key"}
+    np = client.NetworkingV1Api(core.api_client).read_namespaced_network_policy("tiny", namespace)
+    assert np.metadata.owner_references[0].name == "tiny" and np.spec.policy_types == ["Ingress"]
+    selected = core.list_namespaced_pod(namespace, label_selector=",".join(
+        f"{k}={v}" for k, v in np.spec.pod_selector.match_labels.items())).items
+    assert {q.metadata.name for q in selected} == set(rank_pods(core, namespace, "tiny"))
+    assert np.spec.ingress[0]._from[0].pod_selector.match_labels == np.spec.pod_selector.match_labels
+    assert [q.port for q in np.spec.ingress[1].ports] == [8080, 8081]
+    assert [q.port for q in np.spec.ingress[2].ports] == [9400]
 
 
 def test_too_few_gpus_is_pending_with_the_count(custom, namespace, gpu_pool, operator, core):
