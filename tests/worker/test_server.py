@@ -15,6 +15,7 @@ import functools
 import gzip
 import http.client
 import json
+import os
 import struct
 import threading
 import time
@@ -717,3 +718,115 @@ def test_engine_close_fails_queued_requests_with_503(ckpt):
         assert status == 503 and "not ready" in msg
     finally:
         running.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# API key (issue 20)
+# ---------------------------------------------------------------------------------------------
+
+
+KEY = "s3cret-key_0123"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+def _get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    host, port = url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    out = resp.status, dict(resp.getheaders()), resp.read()
+    conn.close()
+    return out
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    from moe_worker.api_key import ApiKey
+
+    path = tmp_path / "key"
+    path.write_text(KEY + "\n")  # as `kubectl create secret --from-file` keeps a newline
+    eng = StubEngine()
+    running = Running(eng, eng.info, api_key=ApiKey(str(path), recheck_s=0))
+    running.key_path = path
+    yield running
+    running.close()
+
+
+def test_http_requests_without_the_key_get_401_and_health_and_metrics_stay_open(keyed):
+    url = keyed.http_url
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready",
+                 f"/v2/models/{MODEL}/versions/1/ready", "/metrics"):
+        assert _get(url, path)[0] == 200, path
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": KEY}, {"Authorization": f"Bearer {KEY}x"}):
+        for path in ("/v2", f"/v2/models/{MODEL}", "/v2/no/such/route"):
+            status, hdrs, body = _get(url, path, headers)
+            assert status == 401 and hdrs["WWW-Authenticate"].startswith("Bearer"), (path, headers, status)
+            assert "API key" in json.loads(body)["error"]
+        status, msg = _post(url, INFER, _doc(_ids_input([1, 2])), headers=headers)
+        assert status == 401 and "Authorization: Bearer" in msg
+    assert _get(url, "/v2", BEARER)[0] == 200
+    assert _get(url, "/v2", {"Authorization": f"bearer {KEY}"})[0] == 200  # the scheme is case-insensitive
+    assert _get(url, "/v2/no/such/route", BEARER)[0] == 404
+    assert _post(url, INFER, _doc(_ids_input([1, 2])), headers=BEARER)[0] == 200
+    assert keyed.metric("moe_requests_total", outcome="ok") == 1  # refused requests never reached the engine
+    assert keyed.metric("moe_requests_total", outcome="invalid") == 0
+
+
+def test_tritonclient_passes_the_key_over_http_and_grpc(keyed):
+    h, g = keyed.http(), keyed.grpc()
+    assert h.is_server_ready() and h.is_model_ready(MODEL) and g.is_server_live() and g.is_model_ready(MODEL)
+    with pytest.raises(InferenceServerException) as e:
+        http_generate(h, [[5, 6, 7]], binary=True, max_tokens=2)
+    assert "API key" in str(e.value)
+    with pytest.raises(InferenceServerException) as e:
+        grpc_generate(g, [[5, 6, 7]], max_tokens=2)
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED" and "API key" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        g.get_model_metadata(MODEL, headers={"authorization": "Bearer wrong"})
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+
+    arr = np.asarray([[5, 6, 7]], dtype=np.int64)
+    hi = th.InferInput("input_ids", list(arr.shape), "INT64")
+    hi.set_data_from_numpy(arr, binary_data=True)
+    assert ids_of(h.infer(MODEL, [hi], parameters={"max_tokens": 2}, headers=BEARER)) == [5, 6]
+    gi = tg.InferInput("input_ids", list(arr.shape), "INT64")
+    gi.set_data_from_numpy(arr)
+    grpc_headers = {"authorization": f"Bearer {KEY}"}  # gRPC metadata keys are lower case
+    assert ids_of(g.infer(MODEL, [gi], parameters={"max_tokens": 2}, headers=grpc_headers)) == [5, 6]
+    assert g.get_model_metadata(MODEL, headers=grpc_headers).name == MODEL
+    assert h.get_model_metadata(MODEL, headers=BEARER)["name"] == MODEL
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(keyed):
+    url = keyed.http_url
+    new = keyed.key_path.parent / "new"
+    new.write_text("rotated-key")
+    os.replace(new, keyed.key_path)  # atomic, as the kubelet swaps a Secret's files
+    assert _get(url, "/v2", {"Authorization": "Bearer rotated-key"})[0] == 200
+    assert _get(url, "/v2", BEARER)[0] == 401
+    keyed.key_path.write_text("")  # a file gone bad keeps the key read before
+    assert _get(url, "/v2", {"Authorization": "Bearer rotated-key"})[0] == 200
+
+
+@pytest.mark.parametrize("content,words", [(None, "cannot read"), ("", "empty"), ("  \n", "empty"),
+                                           ("two words", "visible ASCII"), ("x" * 5000, "longer than")])
+def test_a_bad_api_key_file_stops_the_rank_naming_the_variable(tmp_path, content, words):
+    from moe_worker.serve import check_env
+
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match="MOE_API_KEY_FILE") as e:
+        check_env({"MOE_CHECKPOINT": "/c", "MOE_API_KEY_FILE": str(path)})
+    assert words in str(e.value)
+
+
+def test_no_api_key_file_means_no_key(tmp_path):
+    from moe_worker.serve import check_env
+
+    assert check_env({"MOE_CHECKPOINT": "/c"})[1].api_key is None
+    path = tmp_path / "key"
+    path.write_text(f"{KEY}\n")
+    key = check_env({"MOE_CHECKPOINT": "/c", "MOE_API_KEY_FILE": str(path)})[1].api_key
+    assert key.accepts(f"Bearer {KEY}") and not key.accepts(None) and not key.accepts(f"Bearer {KEY[:-1]}")

@@ -3,7 +3,8 @@
 Every rank serves `/metrics`, `/live` and `/ready` on MOE_METRICS_PORT (the pod's probes). Ready
 means the whole EP group is up: a rank is ready once the group's start-up all-reduce saw every
 rank, and rank 0 while its engine is ready. Rank 0 also serves KServe v2 over HTTP
-(MOE_HTTP_PORT) and gRPC (MOE_GRPC_PORT). Addresses bind to POD_IP when set.
+(MOE_HTTP_PORT) and gRPC (MOE_GRPC_PORT), behind the API key in MOE_API_KEY_FILE when that is
+set (`api_key`). Addresses bind to POD_IP when set.
 
 Exit codes: 0 after a clean shutdown (SIGTERM), 1 when this rank cannot go on: it cannot start,
 its group re-formed without it (it was silent too long), or rank 0 is gone. A group that loses a
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .api_key import ApiKey
 from .engine_api import EngineError
 from .metrics import WorkerMetrics
 
@@ -80,11 +82,13 @@ class ServeConfig:
     metrics_port: int
     request_timeout_s: float
     checkpoint: str | None
+    api_key: ApiKey | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeConfig:
-        """POD_IP, MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, MOE_REQUEST_TIMEOUT_S; ValueError
-        naming the variable when one is out of range."""
+        """POD_IP, MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, MOE_REQUEST_TIMEOUT_S,
+        MOE_API_KEY_FILE; ValueError naming the variable when one is out of range, or when the API
+        key file cannot be read or holds no usable key."""
         from .engine import env_number
         from .server import DEFAULT_REQUEST_TIMEOUT_S
 
@@ -94,7 +98,18 @@ class ServeConfig:
         return cls(host=env.get("POD_IP") or "0.0.0.0", http_port=port("MOE_HTTP_PORT", 8080),
                    grpc_port=port("MOE_GRPC_PORT", 8081), metrics_port=port("MOE_METRICS_PORT", 9400),
                    request_timeout_s=env_number(env, "MOE_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S, low=0.001),
-                   checkpoint=env.get("MOE_CHECKPOINT"))
+                   checkpoint=env.get("MOE_CHECKPOINT"), api_key=api_key_from_env(env))
+
+
+def api_key_from_env(env: Mapping[str, str]) -> ApiKey | None:
+    """The API key in the file MOE_API_KEY_FILE names; None when it is unset or empty (no key)."""
+    path = env.get("MOE_API_KEY_FILE")
+    if not path:
+        return None
+    try:
+        return ApiKey(path)
+    except ValueError as e:
+        raise ValueError(f"env MOE_API_KEY_FILE={path!r}: {e}") from None
 
 
 def check_env(env: Mapping[str, str]) -> tuple[RankConfig, ServeConfig]:
@@ -146,9 +161,10 @@ async def _serve_front(engine, metrics: WorkerMetrics, sc: ServeConfig) -> int:
 
     server = await serve(engine, engine.info, metrics, sc.host, sc.http_port, sc.grpc_port,
                          checkpoint_dir=sc.checkpoint,
-                         request_timeout_s=sc.request_timeout_s)
+                         request_timeout_s=sc.request_timeout_s, api_key=sc.api_key)
     host = sc.host
-    log.info("serving %s: HTTP %s:%d, gRPC %s:%d", engine.info.name, host, server.http_port, host, server.grpc_port)
+    log.info("serving %s: HTTP %s:%d, gRPC %s:%d%s", engine.info.name, host, server.http_port, host, server.grpc_port,
+             ", API key required" if sc.api_key is not None else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

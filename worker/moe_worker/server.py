@@ -24,6 +24,11 @@ The model, one inference request = one sequence:
   ("length" | "stop"), prompt_tokens, completion_tokens. The model's EOS (info.eos_token_id), if
   any, stops generation.
 
+API key (`api_key`, optional): every endpoint but health (/v2/health/live, /v2/health/ready, model
+ready; gRPC ServerLive, ServerReady, ModelReady) and /metrics then needs `Authorization: Bearer
+<key>` (gRPC: `authorization` metadata); without it HTTP answers 401 with `WWW-Authenticate: Bearer`
+and gRPC UNAUTHENTICATED, before the request is read.
+
 Errors: a bad request gets HTTP 400 / INVALID_ARGUMENT with a message naming the input or
 parameter; an unknown model or version 404 / NOT_FOUND; a full queue 429 / RESOURCE_EXHAUSTED; a
 request that failed alone inside a step (`SequenceError`: non-finite logits, no memory for its
@@ -63,6 +68,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tritonclient.grpc import service_pb2 as pb
 
+from .api_key import ApiKey
 from .engine_api import (
     Engine,
     EngineError,
@@ -93,6 +99,8 @@ _IGNORED_PARAMETERS = frozenset(
 )
 _INT_TYPES = {"INT64": ("<i8", 8), "INT32": ("<i4", 4)}
 _GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+_GRPC_OPEN = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # health: no API key needed
+UNAUTHENTICATED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
 try:
     from importlib.metadata import version as _dist_version
@@ -578,11 +586,12 @@ def _http_outputs(doc: dict[str, Any], params: dict[str, Any]) -> tuple[list[str
 
 
 class HttpApp:
-    """aiohttp handlers over a Frontend."""
+    """aiohttp handlers over a Frontend; with `api_key`, only health and /metrics are open."""
 
-    def __init__(self, front: Frontend):
+    def __init__(self, front: Frontend, api_key: ApiKey | None = None):
         self.front = front
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        self.api_key = api_key
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
         r = self.app.router
         r.add_get("/v2", self.server_metadata)
         r.add_get("/v2/health/live", self.live)
@@ -592,6 +601,17 @@ class HttpApp:
             r.add_get(base + "/ready", self.model_ready)
             r.add_post(base + "/infer", self.infer)
         r.add_get("/metrics", self.metrics)
+        self.open = (self.live, self.ready, self.model_ready, self.metrics)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        """401 for a request without the API key, unless it is for health or metrics (unknown
+        routes too: without the key nobody learns which exist)."""
+        if self.api_key is None or handler in self.open or self.api_key.accepts(request.headers.get("Authorization")):
+            return await handler(request)
+        resp = _error_response(401, UNAUTHENTICATED)
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="moe-worker"'
+        return resp
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -748,10 +768,12 @@ def _grpc_inputs(req: pb.ModelInferRequest) -> list[InTensor]:
 
 
 class GrpcService:
-    """`inference.GRPCInferenceService` over a Frontend; requests are parsed here (bad protobuf -> INVALID_ARGUMENT)."""
+    """`inference.GRPCInferenceService` over a Frontend; requests are parsed here (bad protobuf -> INVALID_ARGUMENT).
+    With `api_key`, every method but the health ones needs it (UNAUTHENTICATED otherwise)."""
 
-    def __init__(self, front: Frontend):
+    def __init__(self, front: Frontend, api_key: ApiKey | None = None):
         self.front = front
+        self.api_key = api_key
 
     def handler(self) -> grpc.GenericRpcHandler:
         service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -769,6 +791,9 @@ class GrpcService:
 
     def _wrap(self, name: str, fn, req_cls):
         async def call(raw: bytes, context: grpc.aio.ServicerContext):
+            if self.api_key is not None and name not in _GRPC_OPEN and not self.api_key.accepts(
+                    _metadata(context, "authorization")):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
             try:
                 req = req_cls.FromString(raw)
             except (DecodeError, RuntimeWarning) as e:
@@ -827,6 +852,14 @@ class GrpcService:
         return resp
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """The first value of one invocation metadata key (gRPC keys are lower case)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else None
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving
 # ---------------------------------------------------------------------------------------------
@@ -883,11 +916,13 @@ async def serve(
     checkpoint_dir: str | Path | None = None,
     grace: float = 5.0,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    api_key: ApiKey | None = None,
 ) -> Server:
     """Start KServe v2 over HTTP and gRPC for `engine` on this event loop; return the running Server.
 
     Port 0 picks a free port (see Server.http_port / grpc_port). Text uses `tokenizer`, else the
-    checkpoint's tokenizer.json from `checkpoint_dir`, else the byte-level fallback.
+    checkpoint's tokenizer.json from `checkpoint_dir`, else the byte-level fallback. With
+    `api_key`, requests other than health and metrics must carry it.
     """
     if tokenizer is None:
         tokenizer = load_tokenizer(checkpoint_dir, info.vocab_size)
@@ -895,7 +930,7 @@ async def serve(
     # auto_decompress off: _decompress gives clear errors for bad gzip/deflate and bounds the size.
     # handler_cancellation: a client that disconnects cancels its handler, and so its generation
     # (aiohttp's default keeps generating to max_tokens for nobody).
-    runner = web.AppRunner(HttpApp(front).app, access_log=None, shutdown_timeout=grace, auto_decompress=False,
+    runner = web.AppRunner(HttpApp(front, api_key).app, access_log=None, shutdown_timeout=grace, auto_decompress=False,
                            handler_cancellation=True)
     await runner.setup()
     try:
@@ -905,7 +940,7 @@ async def serve(
         opts = [("grpc.max_receive_message_length", MAX_BODY_BYTES), ("grpc.max_send_message_length", MAX_BODY_BYTES),
                 ("grpc.so_reuseport", 0)]
         gserver = grpc.aio.server(options=opts)
-        gserver.add_generic_rpc_handlers((GrpcService(front).handler(),))
+        gserver.add_generic_rpc_handlers((GrpcService(front, api_key).handler(),))
         bound_grpc = gserver.add_insecure_port(f"{_grpc_host(host)}:{grpc_port}")
         await gserver.start()
     except BaseException:
