@@ -141,3 +141,46 @@ def test_a_recomputed_sampled_sequence_draws_the_same_tokens(tmp_path):
                 assert got == (want if seed == 1234 else unseeded.result.output_ids), (cut, seed)
     finally:
         eng.shutdown()
+
+
+# ---- noticing a dead or hung peer ----------------------------------------------------------------
+
+
+class _DictStore:
+    def __init__(self):
+        self.kv: dict[str, bytes] = {}
+
+    def set(self, k, v):
+        self.kv[k] = v if isinstance(v, bytes) else v.encode()
+
+    def get(self, k):
+        return self.kv[k]
+
+    def check(self, keys):
+        return all(k in self.kv for k in keys)
+
+
+def test_rank_0_notices_a_silent_a_replaced_and_not_a_forged_heartbeat(monkeypatch):
+    from moe_worker.engine import membership
+    from moe_worker.engine.auth import SignedStore
+
+    clock = [100.0]
+    monkeypatch.setattr(membership.time, "monotonic", lambda: clock[0])
+    raw, key = _DictStore(), b"s" * 32
+    SignedStore(raw, key, create_session=True)
+    one, two = (membership._Heartbeat(SignedStore(raw, key), r, watch=False) for r in (1, 2))
+    zero = membership._Heartbeat(SignedStore(raw, key), 0, watch=True)
+    one.beat(), two.beat()
+    zero.watch_ranks({1: one.incarnation, 2: two.incarnation})
+    zero._sample()
+    clock[0] = 101.0
+    one.beat()  # rank 2 stops beating (dead or stopped)
+    zero._sample()
+    clock[0] = 102.5
+    raw.set("hb/2", f"{two.incarnation}:99".encode())  # a forgery of rank 2's beat: not a beat
+    zero._sample()
+    assert zero.silent_for(1) == 1.5 and zero.silent_for(2) == 2.5
+    # Rank 1's pod was replaced: a new process beats for rank 1; the one that formed the group is gone.
+    membership._Heartbeat(SignedStore(raw, key), 1, watch=False).beat()
+    zero._sample()
+    assert zero.silent_for(1) == float("inf")

@@ -162,18 +162,21 @@ class _Heartbeat:
     stopped: SIGSTOP, a hung driver) or were replaced by a new process already (a new
     incarnation: the process it formed the group with is gone)."""
 
-    def __init__(self, host: str, port: int, rank: int, watch: bool, key: bytes | None = None):
+    def __init__(self, client: SignedStore, rank: int, watch: bool):
         self.rank, self.watch = rank, watch
         self.incarnation = os.urandom(6).hex()
-        self.client = SignedStore(dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30)),
-                                  key)
+        self.client = client
+        """A store connection of its own (the step thread's may be in use)."""
+        self._count = 0
         self._ranks: tuple[int, ...] = ()
         self._seen: dict[int, tuple[str, float]] = {}  # rank -> (last value, when it last changed)
         self._formed_with: dict[int, str] = {}  # rank -> its incarnation when the group formed
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"moe-heartbeat-{rank}", daemon=True)
-        self._thread.start()
+
+    def start(self) -> _Heartbeat:
+        threading.Thread(target=self._run, name=f"moe-heartbeat-{self.rank}", daemon=True).start()
+        return self
 
     def watched(self) -> tuple[int, ...]:
         with self._lock:
@@ -188,11 +191,9 @@ class _Heartbeat:
             self._seen = {r: v for r, v in self._seen.items() if r in self._ranks}
 
     def _run(self) -> None:
-        count = 0
         while True:
             try:
-                count += 1
-                self.client.set(f"hb/{self.rank}", f"{self.incarnation}:{count}")
+                self.beat()
                 if self.watch:
                     self._sample()
             except Exception as e:  # the store (rank 0) is gone: nothing to beat to
@@ -200,6 +201,10 @@ class _Heartbeat:
                 return
             if self._stop.wait(HEARTBEAT_S):
                 return
+
+    def beat(self) -> None:
+        self._count += 1
+        self.client.set(f"hb/{self.rank}", f"{self.incarnation}:{self._count}")
 
     def _sample(self) -> None:
         now = time.monotonic()
@@ -256,8 +261,9 @@ class _Membership:
 
     def start_heartbeat(self) -> None:
         if self.heartbeat is None:
-            self.heartbeat = _Heartbeat(self.store.host, self.store.port, self.rank, watch=self.rank == 0,
-                                        key=self.store.key)
+            client = dist.TCPStore(self.store.host, self.store.port, is_master=False,
+                                   timeout=datetime.timedelta(seconds=30))
+            self.heartbeat = _Heartbeat(SignedStore(client, self.store.key), self.rank, watch=self.rank == 0).start()
 
     def stop(self) -> None:
         if self.heartbeat is not None:
