@@ -16,6 +16,20 @@ def _node_ready(core, name: str) -> bool:
     return ready and not any(t.key == "node.kubernetes.io/not-ready" for t in taints)
 
 
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A meta/v1 LabelSelector's verdict on `labels` (matchLabels and matchExpressions, ANDed), as
+    the API server and network plugins match NetworkPolicy and Service selectors."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        have, values = e["key"] in labels, e.get("values") or []
+        ok = {"In": have and labels.get(e["key"]) in values, "NotIn": not have or labels[e["key"]] not in values,
+              "Exists": have, "DoesNotExist": not have}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     last = None

@@ -17,22 +17,10 @@ from moe_operator.controller import resources
 from moe_operator.controller.reconcile import shape_of
 from moe_operator.placement import plan
 from moe_operator.topology import Topology
+from support import selects
 
 OWNER = resources.Owner(name="tiny", namespace="ns", uid="u")
 OTHER = resources.Owner(name="tiny2", namespace="ns", uid="v")
-
-
-def selects(selector: dict, labels: dict[str, str]) -> bool:
-    """A meta/v1 LabelSelector's verdict on `labels` (matchLabels and matchExpressions, ANDed)."""
-    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
-        return False
-    for e in selector.get("matchExpressions") or []:
-        have, op, values = e["key"] in labels, e["operator"], e.get("values") or []
-        ok = {"In": have and labels.get(e["key"]) in values, "NotIn": not have or labels[e["key"]] not in values,
-              "Exists": have, "DoesNotExist": not have}[op]
-        if not ok:
-            return False
-    return True
 
 
 def admits(policy: dict, src_labels: dict[str, str], src_ns_labels: dict[str, str], src_ns: str,

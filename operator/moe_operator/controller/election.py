@@ -46,6 +46,7 @@ class LeaderElector:
         self.identity = identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.duration_s, self.renew_s = duration_s, renew_s
         self._leader_until = 0.0  # monotonic deadline of our own lease
+        self.last_contact: float | None = None  # monotonic time of the last round the API server answered
 
     @property
     def path(self) -> str:
@@ -65,6 +66,7 @@ class LeaderElector:
                 log.warning("leader election: %s", e)
                 return self.is_leader()
             lease = None
+        self.last_contact = started
         spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.duration_s,
                 "acquireTime": _fmt(now), "renewTime": _fmt(now), "leaseTransitions": 0}
         try:
@@ -100,6 +102,16 @@ class LeaderElector:
         # Act only for a little less than the lease lasts, counted from before the request.
         self._leader_until = started + self.duration_s - self.renew_s
         return True
+
+    def unready_reason(self) -> str | None:
+        """Why this replica could not lead or take over now, or None: the API server has answered a
+        Lease round within the Lease's duration."""
+        if self.last_contact is None:
+            return "the API server has not answered a leader-election round yet"
+        silent = time.monotonic() - self.last_contact
+        if silent > self.duration_s:
+            return f"the API server has not answered a leader-election round for {silent:.0f} s"
+        return None
 
     def release(self) -> None:
         if not self.is_leader():

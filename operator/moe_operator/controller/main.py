@@ -15,10 +15,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import kopf
-from prometheus_client import start_http_server
 
 from moe_operator import api
-from moe_operator.controller import reconcile
+from moe_operator.controller import metrics, reconcile
 from moe_operator.controller.election import LeaderElector
 from moe_operator.controller.kube import Kube, LeaderOnly, NotLeader
 from moe_operator.controller.resources import L_DEPLOYMENT
@@ -109,8 +108,8 @@ async def configure(settings: kopf.OperatorSettings, **_):
                                         operator_namespace=os.environ.get("MOE_OPERATOR_NAMESPACE"))
     S.elect_task = asyncio.get_running_loop().create_task(_elect())
     port = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
-    if port:
-        start_http_server(port, addr=os.environ.get("MOE_OPERATOR_METRICS_ADDR", "0.0.0.0"))
+    if port:  # /metrics and /readyz (the pod's readiness probe)
+        metrics.serve(os.environ.get("MOE_OPERATOR_METRICS_ADDR", "0.0.0.0"), port, S.elector.unready_reason)
 
 
 @kopf.on.cleanup(id="release-lease")

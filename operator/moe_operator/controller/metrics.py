@@ -1,6 +1,13 @@
-"""The operator's own Prometheus metrics (served on /metrics by `main`)."""
+"""The operator's own Prometheus metrics, and the HTTP server that serves them (`serve`): /metrics
+and /readyz, the operator pod's readiness probe."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 RECONCILES = Counter("moe_operator_reconciles_total", "Reconcile passes run.")
 RECONCILE_ERRORS = Counter("moe_operator_reconcile_errors_total", "Reconcile passes that failed.")
@@ -45,3 +52,36 @@ def forget_deployment(namespace: str, name: str) -> None:
         for values in series:
             if None not in values:
                 metric.remove(*values)
+
+
+def serve(addr: str, port: int, ready: Callable[[], str | None]) -> ThreadingHTTPServer:
+    """Serve /metrics (this process's registry) and /readyz on `addr:port` from a daemon thread.
+
+    /readyz answers 200 when `ready()` returns None and 503 with its words otherwise. Liveness is
+    kopf's own /healthz on another port: a replica that cannot reach the API server is not ready
+    (it could neither lead nor take over), but restarting it would not help.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                code, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+            elif path == "/readyz":
+                why = ready()
+                code, ctype, body = (200, "text/plain", b"ok\n") if why is None else (503, "text/plain", f"{why}\n".encode())
+            else:
+                code, ctype, body = 404, "text/plain", b"not found: /metrics and /readyz only\n"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer((addr, port), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="moe-operator-metrics", daemon=True).start()
+    return httpd

@@ -330,7 +330,9 @@ def down(quiet: bool = False) -> None:
 
 def node_manifest(name: str, gpus: int, labels: dict[str, str], gpu_resource: str = "nvidia.com/gpu",
                   cpu: str = "128", memory: str = "2Ti") -> dict[str, Any]:
-    capacity = {"cpu": cpu, "memory": memory, "pods": "110", gpu_resource: str(gpus)}
+    # ephemeral-storage: a kubelet reports its root filesystem; pods that request some (the chart's
+    # operator) are unschedulable on a node without it.
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti", gpu_resource: str(gpus)}
     return {
         "apiVersion": "v1",
         "kind": "Node",
