@@ -188,7 +188,9 @@ class _Heartbeat:
         with self._lock:
             self._ranks = tuple(incarnations)
             self._formed_with = dict(incarnations)
-            self._seen = {r: v for r, v in self._seen.items() if r in self._ranks}
+            # (a beat of an earlier process of a rank is no beat of the one in the group now)
+            self._seen = {r: v for r, v in self._seen.items()
+                          if r in self._formed_with and v[0].split(":")[0] == self._formed_with[r]}
 
     def _run(self) -> None:
         while True:
