@@ -38,7 +38,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,59 +46,11 @@ sys.path.insert(0, str(REPO / "operator"))
 from moe_operator import api  # noqa: E402
 from moe_operator.controller.kube import Kube  # noqa: E402
 from moe_operator.localdev import devcluster  # noqa: E402
+from moe_operator.localdev.loadgen import SteadyClients  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400]]
 NEW = 6
 FAULTS = ["rank-kill", "rank-stop", "front-kill", "node-delete", "node-drain", "apiserver-restart", "leader-kill"]
-
-
-class Load:
-    """Clients sending the prompts in turn; every outcome recorded as (sent, answered, prompt,
-    output ids or None, error)."""
-
-    def __init__(self, url: str, clients: int):
-        self.url, self.results, self.lock, self.stop = url, [], threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self, i: int) -> None:
-        import tritonclient.http as httpclient
-
-        http = httpclient.InferenceServerClient(self.url, connection_timeout=120, network_timeout=120)
-        n = i
-        while not self.stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            t0 = time.monotonic()
-            try:
-                inp = httpclient.InferInput("input_ids", [len(prompt)], "INT64")
-                inp.set_data_from_numpy(np.array(prompt, dtype=np.int64))
-                out, err = http.infer("moe", [inp], parameters={"max_tokens": NEW}).as_numpy("output_ids").tolist(), ""
-            except Exception as e:  # counted, then the client goes on
-                out, err = None, f"{type(e).__name__}: {str(e)[:120]}"
-                time.sleep(0.2)
-            with self.lock:
-                self.results.append((t0, time.monotonic(), tuple(prompt), out, err))
-
-    def window(self, t0: float, t1: float) -> list:
-        with self.lock:
-            return [r for r in self.results if t0 <= r[1] <= t1]
-
-    def answered_after(self, t: float) -> int:
-        with self.lock:
-            return sum(1 for r in self.results if r[0] >= t and r[3] is not None)
-
-    def stalled(self, t_fault: float, t_end: float) -> float:
-        with self.lock:
-            done = sorted(r[1] for r in self.results if r[3] is not None and r[1] <= t_end)
-        marks = [t for t in done if t < t_fault][-1:] + [t for t in done if t >= t_fault]
-        return max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=float("inf"))
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(130)
 
 
 class Bench:
@@ -247,9 +198,8 @@ class Bench:
 
     def run(self, faults: list[str]) -> list[dict]:
         ip = self.pods()[0]["status"]["podIP"]
-        load = Load(f"{ip}:8080", self.clients)
         rows = []
-        try:
+        with SteadyClients(f"{ip}:8080", PROMPTS, NEW, self.clients) as load:
             self.wait(lambda: load.answered_after(0) >= 6, 120, "steady traffic")
             for fault in faults:
                 before = self.pids()
@@ -264,23 +214,22 @@ class Bench:
                 t_whole = time.monotonic()
                 time.sleep(3)
                 after = self.pids()
-                got = load.window(t0 - 60, time.monotonic())
+                got = load.outcomes(since=t0 - 60)
+                failed = [o for o in got if o.output is None and o.answered >= t0]
                 rows.append({
                     "fault": fault,
-                    "in_flight_failed": sum(1 for r in got if r[3] is None and r[0] < t0 <= r[1]),
-                    "refused": sum(1 for r in got if r[3] is None and r[0] >= t0),
-                    "outage_s": load.stalled(t0, time.monotonic()),
+                    "in_flight_failed": sum(1 for o in failed if o.sent < t0),
+                    "refused": sum(1 for o in failed if o.sent >= t0),
+                    "outage_s": load.longest_outage(t0, time.monotonic()),
                     "full_ep_s": t_whole - t0,
                     "restarted": sum(1 for r, p in before.items() if r not in replaced and after.get(r) != p),
-                    "wrong": sum(1 for r in got if r[3] is not None and r[3] != self.reference[r[2]]),
-                    "errors": sorted({r[4].split(":")[0] for r in got if r[3] is None and r[1] >= t0})[:3],
+                    "wrong": sum(1 for o in got if o.output is not None and o.output != self.reference[o.prompt]),
+                    "errors": sorted({o.error.split(":")[0] for o in failed})[:3],
                 })
                 print(f"{fault}: {rows[-1]}", flush=True)
                 if fault == "node-drain":
                     self.drain.join(60)
                     self.sh("uncordon", self.pods()[8]["spec"]["nodeName"], check=False)
-        finally:
-            load.close()
         return rows
 
 

@@ -84,3 +84,22 @@ class OperatorProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
+
+
+class DictStore:
+    """The TCPStore calls the worker's store code makes (set, get, check, delete_key), on a dict."""
+
+    def __init__(self):
+        self.kv: dict[str, bytes] = {}
+
+    def set(self, key, value):
+        self.kv[key] = value if isinstance(value, bytes) else value.encode()
+
+    def get(self, key):
+        return self.kv[key]
+
+    def check(self, keys):
+        return all(k in self.kv for k in keys)
+
+    def delete_key(self, key):
+        return self.kv.pop(key, None) is not None

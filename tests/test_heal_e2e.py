@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import test_e2e
 from test_e2e import GROUP, NEW, PLURAL, PROMPTS, VERSION, tiny
 
+from moe_operator.localdev.loadgen import SteadyClients
 from support import wait_for
 
 checkpoint, reference = test_e2e.checkpoint, test_e2e.reference  # the same module fixtures
@@ -48,63 +47,6 @@ def rank_pids(core, namespace: str, name: str) -> dict[int, int]:
         if "serve" in cmd and env.get("POD_IP") in ips and env.get("RANK") == str(ips[env["POD_IP"]]):
             out[int(env["RANK"])] = int(d.name)
     return out
-
-
-class Load:
-    """Clients sending the prompts in turn, each waiting for its answer; every outcome recorded."""
-
-    def __init__(self, url: str, clients: int = 3):
-        self.url, self.results = url, []  # (start, end, prompt, output ids or None, error)
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-
-    def _client(self, i: int) -> None:
-        import tritonclient.http as httpclient
-
-        http = httpclient.InferenceServerClient(self.url, connection_timeout=120, network_timeout=120)
-        n = i
-        while not self.stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            t0 = time.monotonic()
-            try:
-                inp = httpclient.InferInput("input_ids", [len(prompt)], "INT64")
-                inp.set_data_from_numpy(np.array(prompt, dtype=np.int64))
-                res = http.infer("moe", [inp], parameters={"max_tokens": NEW})
-                out, err = res.as_numpy("output_ids").tolist(), ""
-            except Exception as e:  # recorded: the test fails on any
-                out, err = None, f"{type(e).__name__}: {e}"
-            with self.lock:
-                self.results.append((t0, time.monotonic(), tuple(prompt), out, err))
-
-    def since(self, t: float) -> list:
-        with self.lock:
-            return [r for r in self.results if r[1] >= t]
-
-    def wait_answers(self, after: float, n: int, timeout: float) -> None:
-        wait_for(lambda: len([r for r in self.since(after) if r[0] >= after and r[3] is not None]) >= n, timeout,
-                 f"{n} requests sent after t={after:.0f} answered")
-
-
-def stalled_for(load: Load, t_fault: float, window: float = 60.0) -> float:
-    """The longest time no request succeeded, from the last success before the fault until the
-    window's end (what a client sees as the outage)."""
-    with load.lock:
-        done = sorted(r[1] for r in load.results if r[3] is not None and r[1] <= t_fault + window)
-    before = [t for t in done if t < t_fault]
-    after = [t for t in done if t >= t_fault]
-    marks = before[-1:] + after
-    return max(b - a for a, b in zip(marks, marks[1:], strict=False)) if len(marks) > 1 else float("inf")
 
 
 def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_pool, operator, checkpoint,
@@ -136,31 +78,34 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
         ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
         return pod.metadata.uid != uids[pod.metadata.name] and ready and bool(whole())
 
-    with Load(f"{ip}:8080") as load:
-        load.wait_answers(0, 6, 120)  # steady traffic first
+    with SteadyClients(f"{ip}:8080", PROMPTS, NEW) as load:
+        def answered(after: float, n: int = 6) -> None:
+            wait_for(lambda: load.answered_after(after) >= n, 120, f"{n} requests sent after t={after:.0f} answered")
+
+        answered(0)  # steady traffic first
         faults, t_front = [], None
         for rank, sig, outage in ((5, signal.SIGKILL, 5.0), (9, signal.SIGSTOP, 25.0), (0, signal.SIGKILL, 30.0)):
             t_fault = time.monotonic()
             t_front = t_fault if rank == 0 else t_front
             os.kill(pids[rank], sig)
-            load.wait_answers(t_fault, 6, 120)
-            stalled = stalled_for(load, t_fault, window=time.monotonic() - t_fault)
+            answered(t_fault)
+            stalled = load.longest_outage(t_fault, time.monotonic())
             t_whole = wait_for(lambda rank=rank: rejoined(rank) and time.monotonic(), 180,
                                f"a new rank {rank} in the group, Ready 16/16, after {sig.name}", interval=1) - t_fault
             faults.append((rank, sig.name, round(stalled, 2), round(t_whole, 2)))
             assert stalled < outage, (rank, sig.name, stalled)
             assert t_whole < 120, (rank, sig.name, t_whole)
-            load.wait_answers(time.monotonic(), 6, 120)  # and it serves with the replacement in the group
+            answered(time.monotonic())  # and it serves with the replacement in the group
     print("faults (rank, signal, longest time without an answer (s), s until Ready 16/16):", faults)
 
     # A non-front rank lost no request. Losing the front (it holds the requests and the
     # connections; there is no router in front of it yet) fails the requests it had, cleanly: a
     # connection error at once, never a hang.
-    failed = [r for r in load.results if r[3] is None]
-    assert all(r[1] >= t_front for r in failed), [r for r in failed if r[1] < t_front][:5]
-    assert all(r[1] - r[0] < 60 and ("Connection" in r[4] or "connect" in r[4] or "503" in r[4]) for r in failed), \
-        failed[:5]
-    wrong = [r for r in load.results if r[3] is not None and r[3] != reference[r[2]]]
+    failed = [o for o in load.outcomes() if o.output is None]
+    assert all(o.answered >= t_front for o in failed), [o for o in failed if o.answered < t_front][:5]
+    assert all(o.answered - o.sent < 60 and ("Connection" in o.error or "connect" in o.error or "503" in o.error)
+               for o in failed), failed[:5]
+    wrong = [o for o in load.outcomes() if o.output is not None and o.output != reference[o.prompt]]
     assert not wrong, wrong[:5]
     # Only the faulty ranks were replaced: every other pod and rank process is the same one.
     now_pods = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}

@@ -16,6 +16,7 @@ from moe_worker.engine.scheduler import _Ticket
 from moe_worker.engine_api import GenerationRequest
 from moe_worker.expertmap import ExpertMap, ExpertMapError, degrade, parse_plan
 from moe_worker.sampling import token_seed
+from support import DictStore
 
 
 @pytest.fixture(scope="module")
@@ -146,27 +147,13 @@ def test_a_recomputed_sampled_sequence_draws_the_same_tokens(tmp_path):
 # ---- noticing a dead or hung peer ----------------------------------------------------------------
 
 
-class _DictStore:
-    def __init__(self):
-        self.kv: dict[str, bytes] = {}
-
-    def set(self, k, v):
-        self.kv[k] = v if isinstance(v, bytes) else v.encode()
-
-    def get(self, k):
-        return self.kv[k]
-
-    def check(self, keys):
-        return all(k in self.kv for k in keys)
-
-
 def test_rank_0_notices_a_silent_a_replaced_and_not_a_forged_heartbeat(monkeypatch):
     from moe_worker.engine import membership
     from moe_worker.engine.auth import SignedStore
 
     clock = [100.0]
     monkeypatch.setattr(membership.time, "monotonic", lambda: clock[0])
-    raw, key = _DictStore(), b"s" * 32
+    raw, key = DictStore(), b"s" * 32
     SignedStore(raw, key, create_session=True)
     one, two = (membership._Heartbeat(SignedStore(raw, key), r, watch=False) for r in (1, 2))
     zero = membership._Heartbeat(SignedStore(raw, key), 0, watch=True)

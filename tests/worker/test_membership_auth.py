@@ -18,32 +18,14 @@ from moe_worker.engine.auth import SignedStore, membership_proof, read_key
 from moe_worker.engine.steps import WireError
 from moe_worker.expertmap import write_plan_files
 from moe_worker.launch import GroupFailed, spawn_ranks
+from support import DictStore
 
 KEY = b"k" * 32
 fp8_ckpt, fp8_ref = test_ep_engine.fp8_ckpt, test_ep_engine.fp8_ref  # the EP tests' model and reference
 
 
-class _Dict:
-    """The TCPStore calls SignedStore makes, on a dict."""
-
-    def __init__(self):
-        self.kv: dict[str, bytes] = {}
-
-    def set(self, k, v):
-        self.kv[k] = v if isinstance(v, bytes) else v.encode()
-
-    def get(self, k):
-        return self.kv[k]
-
-    def check(self, keys):
-        return all(k in self.kv for k in keys)
-
-    def delete_key(self, k):
-        return self.kv.pop(k, None) is not None
-
-
 def test_signed_values_verify_and_forged_ones_read_as_absent():
-    raw = _Dict()
+    raw = DictStore()
     host = SignedStore(raw, KEY, create_session=True)
     peer = SignedStore(raw, KEY)
     host.set("join/3", "7:abc")
@@ -58,12 +40,12 @@ def test_signed_values_verify_and_forged_ones_read_as_absent():
     host.set("admit/1", "x")
     raw.set("admit/2", raw.get("admit/1"))
     assert not peer.check(["admit/2"])
-    other = _Dict()
+    other = DictStore()
     SignedStore(other, KEY, create_session=True)
     other.set("admit/1", raw.get("admit/1"))
     assert not SignedStore(other, KEY).check(["admit/1"])  # another session: no replay
     # Without a secret nothing is signed or checked (local runs).
-    plain = SignedStore(_Dict(), None)
+    plain = SignedStore(DictStore(), None)
     plain.set("a", "1")
     assert plain.raw.get("a") == b"1" and plain.get("a") == b"1"
 

@@ -1,4 +1,5 @@
-"""A load generator that sends skewed traffic to a KServe v2 endpoint with tritonclient.
+"""Load generators for a KServe v2 endpoint with tritonclient: skewed traffic (`run`) and steady
+clients for fault drills (`SteadyClients`).
 
 Skew without touching the model: a prompt that repeats one token gives every position the same
 hidden state in the first MoE layer, so all its tokens pick the same experts; a handful of such
@@ -87,6 +88,81 @@ def run(url: str, traffic: Traffic, seconds: float, clients: int, model: str = "
     for t in threads:
         t.join()
     return res
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sent: float
+    """time.monotonic() when the request was sent."""
+    answered: float
+    """... and when its answer or error came."""
+    prompt: tuple[int, ...]
+    output: list[int] | None
+    """The answer's output ids; None when the request failed."""
+    error: str = ""
+
+
+class SteadyClients:
+    """`clients` threads, each sending `prompts` in turn and waiting for every answer, until
+    stopped; every outcome is kept. Steady traffic for fault drills (bench/faults.py,
+    tests/test_heal_e2e.py): what failed, and how long nothing was answered."""
+
+    def __init__(self, url: str, prompts: list[list[int]], max_tokens: int, clients: int = 3, model: str = "moe",
+                 retry_pause_s: float = 0.2):
+        self.url, self.prompts, self.max_tokens, self.model = url, prompts, max_tokens, model
+        self.retry_pause_s = retry_pause_s
+        self._outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> SteadyClients:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(130)
+
+    def _client(self, i: int) -> None:
+        import numpy as np
+        import tritonclient.http as httpclient
+
+        http = httpclient.InferenceServerClient(self.url, connection_timeout=120, network_timeout=120)
+        n = i
+        while not self._stop.is_set():
+            prompt = self.prompts[n % len(self.prompts)]
+            n += 1
+            t0 = time.monotonic()
+            try:
+                inp = httpclient.InferInput("input_ids", [len(prompt)], "INT64")
+                inp.set_data_from_numpy(np.array(prompt, dtype=np.int64))
+                res = http.infer(self.model, [inp], parameters={"max_tokens": self.max_tokens})
+                out, err = res.as_numpy("output_ids").tolist(), ""
+            except Exception as e:  # kept as an outcome; the client goes on after a pause
+                out, err = None, f"{type(e).__name__}: {str(e)[:160]}"
+                self._stop.wait(self.retry_pause_s)
+            with self._lock:
+                self._outcomes.append(Outcome(t0, time.monotonic(), tuple(prompt), out, err))
+
+    def outcomes(self, since: float = float("-inf"), until: float = float("inf")) -> list[Outcome]:
+        """Outcomes answered (or failed) between `since` and `until`."""
+        with self._lock:
+            return [o for o in self._outcomes if since <= o.answered <= until]
+
+    def answered_after(self, t: float) -> int:
+        """Requests sent at or after `t` that were answered."""
+        with self._lock:
+            return sum(1 for o in self._outcomes if o.sent >= t and o.output is not None)
+
+    def longest_outage(self, t_fault: float, until: float) -> float:
+        """The longest time without an answer, from the last answer before `t_fault` to `until`."""
+        with self._lock:
+            done = sorted(o.answered for o in self._outcomes if o.output is not None and o.answered <= until)
+        marks = [t for t in done if t < t_fault][-1:] + [t for t in done if t >= t_fault]
+        return max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=float("inf"))
 
 
 def main(argv: list[str] | None = None) -> int:
