@@ -74,7 +74,12 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
     ip = core.read_namespaced_pod("heal-g0-r0", namespace).status.pod_ip
 
     def rejoined(rank: int) -> bool:
-        pod = core.read_namespaced_pod(f"heal-g0-r{rank}", namespace)
+        try:
+            pod = core.read_namespaced_pod(f"heal-g0-r{rank}", namespace)
+        except client.exceptions.ApiException as e:
+            if e.status == 404:  # between the old pod's deletion and its replacement
+                return False
+            raise
         ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
         return pod.metadata.uid != uids[pod.metadata.name] and ready and bool(whole())
 
