@@ -227,6 +227,9 @@ class Bench:
                     "errors": sorted({o.error.split(":")[0] for o in failed})[:3],
                 })
                 print(f"{fault}: {rows[-1]}", flush=True)
+                if os.environ.get("MOE_BENCH_TIMELINE"):  # answers around the fault, seconds from it
+                    print("  answered:", [round(o.answered - t0, 1) for o in got if o.output is not None
+                                          and -5 < o.answered - t0 < 30], flush=True)
                 if fault == "node-drain":
                     self.drain.join(60)
                     self.sh("uncordon", self.pods()[8]["spec"]["nodeName"], check=False)

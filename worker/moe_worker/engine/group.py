@@ -18,7 +18,15 @@ import torch
 from ..engine_api import EngineError, GenerationRequest, GenerationResult, OverloadedError, RequestError
 from ..expertmap import MAX_ERRORS, agreed_switch
 from .config import EngineConfig, model_info
-from .membership import RECOVERY_ATTEMPTS, _abort_group, _Control, _group_error, _Membership, _take_resize
+from .membership import (
+    RECOVERY_ATTEMPTS,
+    _abort_group,
+    _Control,
+    _group_error,
+    _Membership,
+    _take_resize,
+    bury,
+)
 from .runner import RankRunner
 from .scheduler import Scheduler, _Ticket
 from .steps import StepPlan
@@ -255,6 +263,7 @@ class GroupEngine:
                     self._run_step(plan)
                     self._broken = 0
                 except Exception as e:
+                    bury(e, self.cfg.dist_timeout_s + 5.0)
                     self._recover(plan, _group_error(plan.step, 0, e))
         except Exception as e:
             self._failed = e if isinstance(e, EngineError) else _group_error(self.step, 0, e)

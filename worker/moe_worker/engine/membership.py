@@ -122,6 +122,17 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def bury(failure: BaseException, after_s: float) -> None:
+    """Keep `failure` (and what its traceback's frames hold: the broken group's pending gloo work)
+    alive for `after_s`, then drop it on a timer thread. A pending gloo work object's destructor
+    waits for its operation to end, at the collective timeout when a peer hung; dropped on the
+    step thread when the `except` clause ends, it would stall the re-formed group that long."""
+    hold = [failure]
+    t = threading.Timer(after_s, hold.clear)
+    t.daemon = True
+    t.start()
+
+
 _COMM_ERROR_HINTS = ("Connection", "peer", "Timed out", "timed out", "Timeout", "NCCL", "gloo", "closed")
 
 
@@ -492,6 +503,7 @@ def worker_loop(runner: RankRunner, control: _Control, membership: _Membership |
                 continue
             control.replies(runner.run_step(plan))
         except Exception as e:
+            bury(e, membership.timeout.total_seconds() + 5.0 if membership else 0.0)
             err = _group_error(step, runner.rank, e)
             if membership is None or (isinstance(e, EngineError) and not isinstance(e, GroupBroken)):
                 _abort_group(membership.backend if membership else "gloo")
