@@ -89,7 +89,7 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
 
         answered(0)  # steady traffic first
         faults, t_front = [], None
-        for rank, sig, outage in ((5, signal.SIGKILL, 5.0), (9, signal.SIGSTOP, 25.0), (0, signal.SIGKILL, 30.0)):
+        for rank, sig, outage in ((5, signal.SIGKILL, 5.0), (9, signal.SIGSTOP, 10.0), (0, signal.SIGKILL, 30.0)):
             t_fault = time.monotonic()
             t_front = t_fault if rank == 0 else t_front
             os.kill(pids[rank], sig)
