@@ -64,6 +64,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _shows(pod: dict, phase: str, ready: str) -> bool:
+    """The pod object as listed has this phase and Ready condition."""
+    st = pod.get("status") or {}
+    conds = {c.get("type"): c.get("status") for c in st.get("conditions") or []}
+    return st.get("phase") == phase and conds.get("Ready") == ready
+
+
 def _now_micro() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -568,8 +575,9 @@ class LocalRunner:
         if reason:
             status["reason"], status["message"] = reason, message
         key = (phase, ready, rp.restarts, rp.exit_code)
-        if rp.last_status.get("key") == key:
-            return
+        if rp.last_status.get("key") == key and _shows(pod, phase, st):
+            return  # (written before, and nobody changed it since: the node controller marks the
+            # pods of a node whose lease lapsed, say while the API server was down, not Ready)
         try:
             self.kube.request("PATCH", self.kube.path("Pod", rp.namespace, rp.name, "status"), body={"status": status},
                               content_type="application/merge-patch+json")
