@@ -475,12 +475,13 @@ class LocalRunner:
         return rp.kill_at is None
 
     def _readiness(self, pod: dict, rp: RunningPod, c: dict) -> None:
-        """Run the readiness probe every second and write the Ready condition when it changes."""
+        """Run the readiness probe every second and write the Ready condition when it changes,
+        or when the pod as listed shows another (someone else wrote it)."""
         probe = (c.get("readinessProbe") or {}).get("httpGet")
         if time.monotonic() >= rp.next_probe:
             ready = self._probe(pod, rp, probe)[0] if probe else True
             rp.next_probe = time.monotonic() + 1.0
-            if ready != rp.ready:
+            if ready != rp.ready or not _shows(pod, "Running", "True" if ready else "False"):
                 rp.ready = ready
                 self._status(pod, rp, phase="Running")
 
