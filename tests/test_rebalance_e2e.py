@@ -132,7 +132,9 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         # Phase D: a threshold only more GPUs reach. The operator adds rank pods (scale-out); the
         # running group takes them in at a step boundary while the traffic flows.
         assert reachable20 < reachable * 0.9, (reachable, reachable20)
-        threshold_d = round(reachable20 + 0.4 * (reachable - reachable20), 2)
+        # Between what 20 and 16 ranks reach, nearer 16: the measured imbalance on 20 ranks lands
+        # up to ~9% above its prediction on a busy machine (0.4 of the way failed 1 run in 4).
+        threshold_d = round(reachable20 + 0.6 * (reachable - reachable20), 2)
         custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "rb", {"spec": {"loadBalancing": {
             "imbalanceThreshold": threshold_d, "maxExtraGpus": 4}}})
         chunks: list = []
