@@ -1,9 +1,11 @@
 """The rank step loop of an EP group, and the engine that serves `engine_api.Engine` on top of it.
 
-Modules, in the order they build on each other: `config` (EngineConfig, RankConfig, env),
-`steps` (the plan and reply of a step), `runner` (one rank's share of a step), `scheduler` (rank
-0's requests and admission), `membership` (control collectives, the process group, ranks 1..N-1),
-`group` (GroupEngine), `startup` (rendezvous, loading, joining a running group).
+Modules, in the order they build on each other: `steps` (the plan and reply of a step), `auth`
+(the group's secret: signed store values, membership proofs), `config` (EngineConfig, RankConfig,
+env), `runner` (one rank's share of a step), `scheduler` (rank 0's requests and admission),
+`membership` (control collectives, heartbeats, the process group and how it re-forms after a
+loss, ranks 1..N-1), `group` (GroupEngine), `startup` (rendezvous, loading, joining a running
+group, following a new rank 0).
 
 One process per rank (one GPU each in production). Rank 0 owns the scheduler. Every step:
 
