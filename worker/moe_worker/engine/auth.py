@@ -49,19 +49,16 @@ _MAC_HEX = 64
 
 class SignedStore:
     """The group's store with signed values (see the module doc). Offers the calls the engine
-    makes (`set`, `get`, `check`, `compare_set`, `delete_key`); `raw` is the TCPStore itself, for
+    makes (`set`, `get`, `check`, `set_if_absent`, `delete_key`); `raw` is the TCPStore itself, for
     torch's own rendezvous of a process group."""
 
     def __init__(self, raw: Any, key: bytes | None, *, create_session: bool = False):
         self.raw, self.key = raw, key
         self._warned: set[str] = set()
         self.session = ""
-        if key is not None:
-            if create_session:
-                self.session = os.urandom(16).hex()
-                self.raw.set(SESSION_KEY, self._sign(SESSION_KEY, self.session.encode(), session=""))
-            else:
-                self.session = ""  # read on first use: the store's host may not have written it yet
+        if key is not None and create_session:  # (other ranks read it on first use: `_session`)
+            self.session = os.urandom(16).hex()
+            self.raw.set(SESSION_KEY, self._sign(SESSION_KEY, self.session.encode(), session=""))
 
     # ---- signing ----
 
@@ -113,7 +110,7 @@ class SignedStore:
             return False
         return self.key is None or all(self._open(n, self.raw.get(n)) is not None for n in names)
 
-    def compare_set(self, name: str, expected: str, value: str) -> None:
+    def set_if_absent(self, name: str, value: str) -> None:
         """Set `name` to `value` unless it holds a (verified) value already."""
         if self.check([name]):
             return

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..engine_api import EngineError, GenerationRequest, GenerationResult, OverloadedError, RequestError
-from ..expertmap import MAX_ERRORS, agreed_switch
+from ..expertmap import MAX_ERRORS, ExpertMap, agreed_switch
 from .config import EngineConfig, model_info
 from .membership import (
     RECOVERY_ATTEMPTS,
@@ -47,7 +47,7 @@ class GroupEngine:
         self.runner = runner
         self.control = control
         self.membership = membership
-        self._resize: tuple[int, int] | None = None  # (generation, world) the next step regroups to
+        self._resize: ExpertMap | None = None  # the map the next step regroups to
         self.cfg = cfg
         self.metrics = metrics
         self.info = model_info(runner.model.args, cfg)
@@ -256,7 +256,7 @@ class GroupEngine:
                                                    [[] for _ in range(self.world)], stop=True))
                     break
                 if self._resize is not None:
-                    self._regroup(*self._resize)
+                    self._regroup(self._resize)
                     continue
                 plan = self._empty_plan() if self._paused else sched.build(self.step, self._switch_to)
                 try:
@@ -370,7 +370,7 @@ class GroupEngine:
         want = f"{target.generation}:{target.digest}".encode()
         joined = all(store.check([f"join/{r}"]) and store.get(f"join/{r}") == want for r in joiners)
         if self.scheduler.drained(target.world_size) and joined:
-            self._resize = (target.generation, target.world_size)
+            self._resize = target
         return None
 
     def _empty_plan(self) -> StepPlan:
@@ -383,13 +383,14 @@ class GroupEngine:
             self.stats["rows"] += rows
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], rows)
 
-    def _regroup(self, generation: int, world: int) -> None:
-        """The resize (or rejoin) step: every rank takes `generation` and re-forms the group with
-        all `world` ranks of its map; the ranks it adds are admitted through `admit/<rank>`."""
+    def _regroup(self, target: ExpertMap) -> None:
+        """The resize (or rejoin) step: every rank takes `target` (the staged generation, or the
+        served one's whole map) and re-forms the group with all its ranks; the ranks it adds are
+        admitted through `admit/<rank>`."""
         self._resize = None
         t0 = time.perf_counter()
         m = self.membership
-        target = self.runner.switcher.staged.emap if self.runner.switcher.staged else self.runner.switcher.full
+        generation, world = target.generation, target.world_size
         joiners = [r for r in range(world) if r not in self.control.live]
         release = self.scheduler.resize(world)
         old = self.world

@@ -382,7 +382,7 @@ class _Membership:
         """Tell every rank of the group that it is broken (they stop waiting and check in); the
         first reason stays."""
         try:
-            self.store.compare_set(f"broken/{self.epoch}", "", why[:500])
+            self.store.set_if_absent(f"broken/{self.epoch}", why[:500])
         except Exception:  # the store (rank 0) is gone: the others notice that themselves
             pass
 
