@@ -47,6 +47,7 @@ from moe_operator import api  # noqa: E402
 from moe_operator.controller.kube import Kube  # noqa: E402
 from moe_operator.localdev import devcluster  # noqa: E402
 from moe_operator.localdev.loadgen import SteadyClients  # noqa: E402
+from moe_operator.localdev.localrunner import rank_processes  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400]]
 NEW = 6
@@ -144,19 +145,7 @@ class Bench:
 
     def pids(self) -> dict[int, int]:
         ips = {p["status"].get("podIP"): r for r, p in self.pods().items() if (p.get("status") or {}).get("podIP")}
-        out = {}
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace")
-                           .split("\0") if "=" in kv)
-                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "serve" in cmd and env.get("POD_IP") in ips and env.get("RANK") == str(ips[env["POD_IP"]]):
-                out[int(env["RANK"])] = int(d.name)
-        return out
+        return rank_processes(ips)
 
     def leader(self) -> str:
         lease = self.kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases/moe-operator")

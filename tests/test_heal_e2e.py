@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import test_e2e
 from test_e2e import GROUP, NEW, PLURAL, PROMPTS, VERSION, tiny
 
 from moe_operator.localdev.loadgen import SteadyClients
+from moe_operator.localdev.localrunner import rank_processes
 from support import wait_for
 
 checkpoint, reference = test_e2e.checkpoint, test_e2e.reference  # the same module fixtures
@@ -34,19 +34,7 @@ def rank_pids(core, namespace: str, name: str) -> dict[int, int]:
     for pod in core.list_namespaced_pod(namespace, label_selector=f"moe.dev/deployment={name}").items:
         if pod.status.pod_ip and pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
             ips[pod.status.pod_ip] = int(pod.metadata.labels["moe.dev/rank"])
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0")
-                       if "=" in kv)
-            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "serve" in cmd and env.get("POD_IP") in ips and env.get("RANK") == str(ips[env["POD_IP"]]):
-            out[int(env["RANK"])] = int(d.name)
-    return out
+    return rank_processes(ips)
 
 
 def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_pool, operator, checkpoint,

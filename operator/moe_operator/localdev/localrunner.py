@@ -133,6 +133,26 @@ class RunningPod:
     last_status: dict = field(default_factory=dict)
 
 
+def rank_processes(ranks_by_ip: dict[str, int]) -> dict[int, int]:
+    """rank -> PID of the `moe-worker serve` process this runner runs for each rank pod (pod IP ->
+    rank), found by POD_IP and RANK in the process's environment. For fault drills (bench/faults.py,
+    tests/test_heal_e2e.py) that kill or stop one rank's process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in kv)
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        ip = env.get("POD_IP")
+        if "serve" in cmd and ip in ranks_by_ip and env.get("RANK") == str(ranks_by_ip[ip]):
+            out[ranks_by_ip[ip]] = int(d.name)
+    return out
+
+
 class LocalRunner:
     def __init__(self, kube: Kube, state: Path, poll_s: float = 0.5, subnet: int = 0):
         self.kube = kube
