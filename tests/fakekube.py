@@ -132,11 +132,13 @@ class FakeKube:
         return self.create(obj)
 
     def bind_all(self, namespace: str = "ns") -> None:
-        """What the scheduler and kubelets would do: every pending pod runs, Ready, on its node."""
+        """What the scheduler and kubelets would do: every pending rank pod runs, Ready, on its node
+        (pods not pinned to a node, such as routers a test made, are left as they are)."""
         for (kind, ns, _), o in self.objects.items():
-            if kind != "Pod" or ns != namespace:
+            pinned = (o.get("spec", {}).get("affinity") or {}).get("nodeAffinity")
+            if kind != "Pod" or ns != namespace or pinned is None:
                 continue
-            node = o["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            node = pinned["requiredDuringSchedulingIgnoredDuringExecution"][
                 "nodeSelectorTerms"][0]["matchFields"][0]["values"][0]
             o["spec"]["nodeName"] = node
             o["status"] = {"phase": "Running", "podIP": "127.0.0.1",

@@ -87,6 +87,8 @@ CASES: list[tuple[str, dict, str]] = [
      "spec.serving.allowedSources[0]"),
     ("metrics-namespace-invalid", {"serving.metricsNamespaces": ["Bad_NS"]}, "spec.serving.metricsNamespaces[0]"),
     ("api-key-secret-without-key", {"serving.apiKeySecret": {"name": "keys"}}, "spec.serving.apiKeySecret.key"),
+    ("router-replicas-negative", {"serving.routerReplicas": -1}, "spec.serving.routerReplicas"),
+    ("router-replicas-above-16", {"serving.routerReplicas": 17}, "spec.serving.routerReplicas"),
     ("unknown-field", {"parallelism.expertParallelism": 16}, "spec.parallelism.expertParallelism"),
 ]
 
@@ -100,6 +102,7 @@ INVALID_NAMES: list[tuple[str, str]] = [
     ("name-with-dot", "my.model"),  # Services need DNS-1035 labels
     ("name-starts-with-digit", "9lives"),
     ("name-ends-in-ranks", "tiny-ranks"),  # its client Service would be tiny's headless Service
+    ("name-ends-in-router", "tiny-router"),  # its PodDisruptionBudget and NetworkPolicy would be tiny's routers'
 ]
 
 

@@ -356,6 +356,7 @@ NAMESPACE_RULES = {
     ("", "services", "create", "*"), ("", "services", "patch", "*"),
     ("policy", "poddisruptionbudgets", "create", "*"), ("policy", "poddisruptionbudgets", "patch", "*"),
     ("networking.k8s.io", "networkpolicies", "create", "*"), ("networking.k8s.io", "networkpolicies", "patch", "*"),
+    ("apps", "deployments", "create", "*"), ("apps", "deployments", "patch", "*"),
     ("", "secrets", "get", "*"), ("", "secrets", "create", "*"),
     ("", "events", "create", "*"),
 }

@@ -47,6 +47,11 @@ def test_the_builders_use_exactly_these_names():
             assert len(o["spec"]["hostname"]) <= 63 and len(o["spec"]["subdomain"]) <= 63
     services = [o["metadata"]["name"] for o in objs if o["kind"] == "Service"]
     assert sorted(services) == sorted([LONGEST_NAME, LONGEST_NAME + "-ranks"])
+    (router,) = [o for o in objs if o["kind"] == "Deployment"]
+    assert router["metadata"]["name"] == LONGEST_NAME + "-router"
+    # its pods are named by the ReplicaSet controller: NAME-router-<hash up to 10>-<5>
+    router_pod = dict((w, n) for w, n, _, _ in names.derived(LONGEST_NAME))["router pod"]
+    assert router_pod.startswith(LONGEST_NAME + "-router-") and len(router_pod) == len(LONGEST_NAME) + 7 + 17
 
 
 @pytest.mark.parametrize("case,name", INVALID_NAMES, ids=[c[0] for c in INVALID_NAMES])
@@ -79,6 +84,21 @@ def test_no_two_accepted_names_share_a_service_name():
     # and in general: the headless Service name of an accepted name is never an accepted name
     for d in accepted:
         assert names.name_problem(names.headless_service(d)) is not None
+
+
+def test_no_two_accepted_names_share_a_budget_or_policy_name():
+    # The rank PodDisruptionBudget and NetworkPolicy are named like the deployment, the routers'
+    # NAME-router; a deployment named X-router would take X's, so such names are refused.
+    candidates = ["x", "x-router", "x-router-router", "router", "x-routers", "tiny", "tiny-router", LONGEST_NAME]
+    accepted = [n for n in candidates if names.name_problem(n) is None]
+    assert "x-router" not in accepted and "tiny-router" not in accepted
+    assert {"router", "x-routers", "x"} <= set(accepted)
+    seen: dict[str, str] = {}
+    for d in accepted:
+        for n in {names.pod_disruption_budget(d), names.network_policy(d), names.router(d)}:
+            assert seen.setdefault(n, d) == d, f"{d} and {seen[n]} both own a budget or policy {n}"
+    for d in accepted:
+        assert names.name_problem(names.router(d)) is not None
 
 
 def test_every_manifest_name_is_accepted():

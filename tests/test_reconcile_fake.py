@@ -607,3 +607,68 @@ def test_an_api_key_secret_that_is_the_rank_key_fails_the_deployment(world):
     out = rec.reconcile(NS, "tiny")
     assert out.status.phase == "Failed" and "spec.serving.apiKeySecret.name" in out.status.reason
     assert not kube.list("Pod", NS) and kube.get("Secret", "tiny-rank-key", NS) is None
+
+
+# --- the routers in front of the front ranks ---------------------------------------------------------
+
+def router_pods(kube: FakeKube, n: int) -> list[str]:
+    """What the Deployment controller and kubelets would do with the router Deployment: `n` pods of
+    its template, Running and Ready on a node."""
+    dep = kube.get("Deployment", "tiny-router", NS)
+    out = []
+    for i in range(n):
+        name = f"tiny-router-7d4f9c5b8c-{'bcdfg'[i]}xz2k"
+        kube.create({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": name, "namespace": NS, "labels": dep["spec"]["template"]["metadata"]["labels"]},
+                     "spec": {**dep["spec"]["template"]["spec"], "nodeName": "node-0"}})
+        kube.objects[("Pod", NS, name)]["status"] = {"phase": "Running", "podIP": "127.0.0.2",
+                                                     "conditions": [{"type": "Ready", "status": "True"}]}
+        out.append(name)
+    return out
+
+
+def test_the_routers_are_applied_and_their_pods_are_never_taken_for_ranks(world):
+    from moe_operator.controller import resources
+
+    kube, rec, _ = world
+    ready_deployment(kube, rec)
+    dep = kube.get("Deployment", "tiny-router", NS)
+    assert dep["metadata"]["ownerReferences"][0]["name"] == "tiny" and dep["spec"]["replicas"] == 2
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"] == ["--front", "tiny-g0-r0.tiny-ranks"]
+    assert kube.get("NetworkPolicy", "tiny-router", NS) and kube.get("PodDisruptionBudget", "tiny-router", NS)
+    assert kube.get("Service", "tiny", NS)["spec"]["selector"] == {resources.L_ROUTER: "tiny"}
+    assert [w for w in kube.writes if w[1] == "Deployment"] == [("apply", "Deployment", "tiny-router")] * 2
+
+    routers = router_pods(kube, 2)
+    n = len(kube.writes)
+    out = rec.reconcile(NS, "tiny")
+    assert out.status.phase == "Ready" and (out.status.ready_ranks, out.status.total_ranks) == (16, 16)
+    assert not [w for w in kube.writes[n:] if w[1] == "Pod"]  # no router deleted as a stray rank
+    assert all(kube.get("Pod", r, NS) for r in routers)
+
+
+def test_changing_the_router_count_restarts_no_rank(world):
+    from moe_operator.controller import resources
+
+    kube, rec, _ = world
+    ready_deployment(kube, rec)
+    router_pods(kube, 2)
+    ranks = {p["metadata"]["name"]: p["metadata"]["uid"] for p in kube.list("Pod", NS, labels="moe.dev/deployment=tiny")}
+    hashes = {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in kube.list("Pod", NS, labels="moe.dev/deployment=tiny")}
+    n = len(kube.writes)
+    stored = kube.objects[("MoEDeployment", NS, "tiny")]
+    for count in (0, 5):
+        stored["spec"]["serving"] = {"routerReplicas": count}
+        stored["metadata"]["generation"] += 1
+        out = rec.reconcile(NS, "tiny")
+        assert out.status.phase == "Ready"
+        assert kube.get("Deployment", "tiny-router", NS)["spec"]["replicas"] == count  # 0: kept, scaled to 0
+        selector = kube.get("Service", "tiny", NS)["spec"]["selector"]
+        assert selector == ({resources.L_DEPLOYMENT: "tiny", resources.L_FRONT: "true"} if count == 0
+                            else {resources.L_ROUTER: "tiny"})
+    assert not [w for w in kube.writes[n:] if w[1] == "Pod"]
+    after = kube.list("Pod", NS, labels="moe.dev/deployment=tiny")
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in after} == ranks
+    assert {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in after} == hashes
+    assert not [r for _, _, r, _ in kube.events if r == "RollingOut"]

@@ -69,3 +69,110 @@ def test_a_hung_rank_is_killed_soon_and_a_slow_start_is_not_taken_for_a_hang():
     # a process gets minutes to open its port, and a transient stall of one probe kills nothing
     assert start["periodSeconds"] * start["failureThreshold"] >= 120
     assert live["failureThreshold"] >= 2 and live["timeoutSeconds"] >= 2
+
+
+# --- the routers in front of the front ranks -------------------------------------------------------
+
+def _spec(**changes) -> api.MoEDeploymentSpec:
+    """tiny_spec with `changes` ({section: {field: value}}) merged into its sections."""
+    raw = tiny_spec()
+    for section, fields in changes.items():
+        raw.setdefault(section, {}).update(fields)
+    return api.parse_spec(raw)
+
+
+def _router_container(dep: dict) -> dict:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_the_router_deployment_names_one_front_per_group_and_serves_the_specs_ports():
+    spec = _spec(parallelism={"replicas": 3}, serving={"httpPort": 18080, "grpcPort": 18081, "metricsPort": 19400})
+    dep = resources.router_deployment(OWNER, spec)
+    assert dep["apiVersion"] == "apps/v1" and dep["kind"] == "Deployment"
+    assert dep["metadata"]["name"] == "tiny-router" and dep["metadata"]["namespace"] == "ns"
+    assert dep["metadata"]["ownerReferences"] == [OWNER.ref()]
+    assert dep["spec"]["replicas"] == 2  # the default
+    c = _router_container(dep)
+    assert c["name"] == "router" and c["command"] == ["moe-worker", "route"]
+    assert (c["image"], c["imagePullPolicy"]) == (spec.worker.image, spec.worker.image_pull_policy)
+    # one `--front` per group, each name one whole item (the local runner resolves POD.SUBDOMAIN items)
+    assert c["args"] == ["--front", "tiny-g0-r0.tiny-ranks", "--front", "tiny-g1-r0.tiny-ranks",
+                         "--front", "tiny-g2-r0.tiny-ranks"]
+    env = {e["name"]: e.get("value") or e.get("valueFrom") for e in c["env"]}
+    assert env == {"MOE_HTTP_PORT": "18080", "MOE_GRPC_PORT": "18081", "MOE_METRICS_PORT": "19400",
+                   "POD_IP": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 18080, "grpc": 18081, "metrics": 19400}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/live"
+    assert c["resources"]["requests"]["cpu"] and "cpu" not in c["resources"]["limits"]
+    assert c["resources"]["limits"]["memory"]
+    # the front a rank pod of group 2 would be is the name the router gets
+    p = plan(shape_of(spec), Topology.synthetic(2, 8), redundant=4)
+    front = resources.rank_pod(OWNER, spec, p, 2, 0, "h")
+    assert f"{front['spec']['hostname']}.{front['spec']['subdomain']}" == c["args"][-1]
+
+
+def test_router_pods_are_hardened_like_ranks_and_run_where_ranks_may():
+    spec = _spec(placement={"nodeSelector": {"pool": "gpu"},
+                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    dep = resources.router_deployment(OWNER, spec)
+    pod = dep["spec"]["template"]["spec"]
+    rank = _pod(spec, None)
+    assert pod["securityContext"] == rank["spec"]["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = _router_container(dep)
+    assert c["securityContext"] == rank["spec"]["containers"][0]["securityContext"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"] and "emptyDir" in vols[c["volumeMounts"][0]["name"]]
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == rank["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # no node selector or toleration in the spec: none on the routers
+    plain = resources.router_deployment(OWNER, _spec())["spec"]["template"]["spec"]
+    assert "nodeSelector" not in plain and "tolerations" not in plain
+
+
+def test_router_pods_carry_no_rank_label():
+    dep = resources.router_deployment(OWNER, _spec())
+    for labels in (dep["metadata"]["labels"], dep["spec"]["template"]["metadata"]["labels"]):
+        assert resources.L_DEPLOYMENT not in labels and resources.L_FRONT not in labels
+        assert labels[resources.L_ROUTER] == "tiny" and labels["app.kubernetes.io/component"] == "router"
+
+
+def test_router_replicas_reach_the_deployment_and_restart_no_rank():
+    base = _spec()
+    kv = perfmodel.KvAdmission(cache_tokens=8192, max_context=1024, max_seqs=8, model_context=1024)
+    p = plan(shape_of(base), Topology.synthetic(2, 8), redundant=4)
+    for n in (0, 1, 16):
+        spec = _spec(serving={"routerReplicas": n})
+        assert resources.router_deployment(OWNER, spec)["spec"]["replicas"] == n
+        assert resources.pod_spec_hash(spec, kv, "uid") == resources.pod_spec_hash(base, kv, "uid")
+        h = resources.pod_spec_hash(spec, kv)
+        assert resources.rank_pod(OWNER, spec, p, 1, 0, h, kv) == resources.rank_pod(OWNER, base, p, 1, 0, h, kv)
+    # a serving port is the ranks' business too: it still restarts them
+    assert resources.pod_spec_hash(_spec(serving={"httpPort": 9000})) != resources.pod_spec_hash(base)
+
+
+def test_the_client_service_selects_the_routers_or_with_none_the_front_ranks():
+    p = plan(shape_of(_spec()), Topology.synthetic(2, 8), redundant=4)
+    for n, want in ((2, "routers"), (0, "fronts")):
+        spec = _spec(serving={"routerReplicas": n})
+        sel = resources.client_service(OWNER, spec)["spec"]["selector"]
+        router = resources.router_deployment(OWNER, spec)["spec"]["template"]["metadata"]["labels"]
+        ranks = [resources.rank_pod(OWNER, spec, p, g, r, "h")["metadata"]["labels"] for g in range(2) for r in range(16)]
+        picked = [r for r in ranks if sel.items() <= r.items()]
+        if want == "routers":
+            assert sel.items() <= router.items() and not picked
+        else:
+            assert not sel.items() <= router.items()
+            assert [r[resources.L_RANK] for r in picked] == ["0", "0"] and {r[resources.L_GROUP] for r in picked} == {"0", "1"}

@@ -176,6 +176,87 @@ def test_the_api_key_secret_cannot_be_the_rank_key_secret():
     api.parse_deployment(other)
 
 
+# --- the routers ---------------------------------------------------------------------------------
+
+def router_labels(owner: resources.Owner, spec: api.MoEDeploymentSpec) -> dict[str, str]:
+    """The labels of the router pods the Deployment controller makes from the operator's template."""
+    return resources.router_deployment(owner, spec)["spec"]["template"]["metadata"]["labels"]
+
+
+def test_nothing_that_selects_rank_pods_selects_a_router():
+    spec = api.parse_spec(tiny_spec())
+    router = router_labels(OWNER, spec)
+    ranks = pods_of(OWNER, spec)
+    rank_selectors = {
+        "headless Service": {"matchLabels": resources.headless_service(OWNER, spec)["spec"]["selector"]},
+        "PodDisruptionBudget": resources.pod_disruption_budget(OWNER)["spec"]["selector"],
+        "NetworkPolicy": resources.network_policy(OWNER, spec)["spec"]["podSelector"],
+        # the reconciler lists its rank pods, and kopf watches pods, by this label
+        "the operator's pod listing and watch": {"matchExpressions": [
+            {"key": resources.L_DEPLOYMENT, "operator": "Exists"}]},
+    }
+    for what, sel in rank_selectors.items():
+        assert all(selects(sel, labels(p)) for p in ranks), what
+        assert not selects(sel, router), f"the {what} would take a router pod for a rank"
+    # and the routers' own objects take no rank pod, nor another deployment's router
+    router_selectors = {
+        "router Deployment": resources.router_deployment(OWNER, spec)["spec"]["selector"],
+        "router PodDisruptionBudget": resources.router_pod_disruption_budget(OWNER)["spec"]["selector"],
+        "router NetworkPolicy": resources.router_network_policy(OWNER, spec)["spec"]["podSelector"],
+    }
+    for what, sel in router_selectors.items():
+        assert selects(sel, router), what
+        assert not any(selects(sel, labels(p)) for p in ranks), what
+        assert not selects(sel, router_labels(OTHER, spec)), what
+
+
+def test_ranks_admit_their_routers_on_the_serving_ports_only():
+    spec = spec_with(allowedSources=[{"ipBlock": {"cidr": "10.0.0.0/8"}}])  # no pod is an allowed source
+    policy = resources.network_policy(OWNER, spec, operator_namespace="moe-system")
+    front = next(p for p in pods_of(OWNER, spec) if labels(p).get(resources.L_FRONT) == "true")
+    mine, theirs = router_labels(OWNER, spec), router_labels(OTHER, spec)
+    for port in (spec.serving.http_port, spec.serving.grpc_port):
+        assert admits(policy, mine, ns_labels("ns"), "ns", labels(front), port)
+        assert not admits(policy, theirs, ns_labels("ns"), "ns", labels(front), port)
+        assert not admits(policy, mine, ns_labels("elsewhere"), "elsewhere", labels(front), port)
+    assert not admits(policy, mine, ns_labels("ns"), "ns", labels(front), resources.DIST_PORT)
+    assert not admits(policy, mine, ns_labels("ns"), "ns", labels(front), 41234)  # a gloo port
+
+
+def test_routers_admit_the_specs_clients_and_metrics_scrapers():
+    spec = api.parse_spec(tiny_spec())
+    router = router_labels(OWNER, spec)
+    http, grpc, metrics = spec.serving.http_port, spec.serving.grpc_port, spec.serving.metrics_port
+    default = resources.router_network_policy(OWNER, spec)
+    assert default["metadata"]["name"] == "tiny-router" and default["metadata"]["ownerReferences"][0]["uid"] == "u"
+    assert default["spec"]["policyTypes"] == ["Ingress"]  # egress open: to the fronts and DNS
+    for port in (http, grpc, metrics):
+        assert admits(default, {"app": "client"}, ns_labels("anywhere"), "anywhere", router, port)
+    assert not admits(default, {"app": "client"}, ns_labels("anywhere"), "anywhere", router, resources.DIST_PORT)
+
+    narrowed = spec_with(metricsNamespaces=["monitoring"], allowedSources=[
+        {"namespaceSelector": {"matchLabels": {"team": "ml"}}, "podSelector": {"matchLabels": {"app": "gateway"}}}])
+    policy = resources.router_network_policy(OWNER, narrowed, operator_namespace="moe-system")
+    gw_ns = {**ns_labels("gw"), "team": "ml"}
+    for port in (http, grpc):
+        assert admits(policy, {"app": "gateway"}, gw_ns, "gw", router, port)
+        assert not admits(policy, {"app": "other"}, gw_ns, "gw", router, port)
+        assert not admits(policy, {"app": "gateway"}, ns_labels("gw"), "gw", router, port)
+    assert not admits(policy, {"app": "gateway"}, gw_ns, "gw", router, metrics)
+    for ns in ("monitoring", "moe-system"):
+        assert admits(policy, {"app": "prometheus"}, ns_labels(ns), ns, router, metrics)
+    assert not admits(policy, {"app": "prometheus"}, ns_labels("default"), "default", router, metrics)
+    # the same sources as the ranks' serving and metrics ports
+    ranks = resources.network_policy(OWNER, narrowed, operator_namespace="moe-system")["spec"]["ingress"]
+    assert policy["spec"]["ingress"] == [ranks[1], ranks[2]]
+
+
+def test_the_router_budget_lets_one_router_go_at_a_time():
+    pdb = resources.router_pod_disruption_budget(OWNER)
+    assert pdb["metadata"]["name"] == "tiny-router" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["metadata"]["ownerReferences"][0]["uid"] == "u"
+
+
 # --- rank key and API key -------------------------------------------------------------------------
 
 def test_the_rank_key_secret_holds_the_key_and_is_immutable():

@@ -338,14 +338,16 @@ class SecretKeyRef(_Model):
 
 class Serving(_Model):
     """Ports the front rank serves on (KServe v2 HTTP and gRPC) and every rank's metrics port, who
-    may reach them, and the optional API key."""
+    may reach them, the optional API key, and the routers in front of the front ranks."""
 
     cel: ClassVar[list[dict[str, str]]] = [
         {"rule": "self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && self.grpcPort != self.metricsPort",
          "message": "httpPort, grpcPort and metricsPort must differ"},
     ]
-    # The fields that only shape the NetworkPolicy: changing them restarts no rank.
+    # The fields that only shape the NetworkPolicies: changing them restarts no rank.
     NETWORK_FIELDS: ClassVar[tuple[str, ...]] = ("allowed_sources", "metrics_namespaces")
+    # The fields that only shape the routers in front of the ranks: changing them restarts no rank either.
+    ROUTER_FIELDS: ClassVar[tuple[str, ...]] = ("router_replicas",)
 
     http_port: Port = Field(8080, description="KServe v2 HTTP port.")
     grpc_port: Port = Field(8081, description="KServe v2 gRPC port.")
@@ -366,6 +368,12 @@ class Serving(_Model):
                           "`Authorization: Bearer <key>` (401 / UNAUTHENTICATED otherwise); health (/v2/health/*, "
                           "model ready) and /metrics stay open. Mounted into the front rank only; a new value in "
                           "the Secret takes effect within seconds, without a restart. Unset: no key.")
+    router_replicas: NonNeg = Field(
+        2, le=16,
+        description="Router pods in front of the EP groups' front ranks (a Deployment `NAME-router`): the client "
+                    "Service selects them; they retry a request whose front rank died on the replacement or on "
+                    "another group's front, or answer 503 with Retry-After. 0: the Service selects the front "
+                    "ranks directly.")
 
     @model_validator(mode="after")
     def _check(self) -> Serving:

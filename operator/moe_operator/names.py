@@ -4,7 +4,9 @@ The one definition of each name: `resources` builds objects with these names and
 deployment names for which every derived name is valid (the CRD checks the same with CEL). Per EP
 group g and rank r of deployment D: pods `D-g<g>-r<r>` (also each pod's `hostname`), ConfigMaps
 `D-g<g>-plan`; per deployment: the headless Service `D-ranks` (each pod's `subdomain`), the client
-Service `D` and the PodDisruptionBudget `D`.
+Service `D`, the PodDisruptionBudget and NetworkPolicy `D`, the rank key Secret `D-rank-key`, and the
+router Deployment `D-router` with its PodDisruptionBudget and NetworkPolicy of the same name (its pods
+are named by the ReplicaSet controller: `D-router-<pod-template-hash>-<5 characters>`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ MAX_RANK = MAX_EXPERT_PARALLEL + MAX_EXTRA_GPUS - 1
 
 HEADLESS_SUFFIX = "-ranks"
 RANK_KEY_SUFFIX = "-rank-key"
+ROUTER_SUFFIX = "-router"
+# What the Deployment and ReplicaSet controllers append to a Deployment's name to name its pods:
+# `-<pod-template-hash, at most 10 characters>-<5 random characters>`.
+REPLICASET_POD_SUFFIX = "-" + "b" * 10 + "-" + "b" * 5
 
 DNS_LABEL_MAX = 63  # RFC 1123 / RFC 1035 label: Service names, pod hostname and subdomain, label values
 DNS_SUBDOMAIN_MAX = 253  # object names of most kinds (Pod, ConfigMap, PodDisruptionBudget)
@@ -58,6 +64,13 @@ def rank_key_secret(deployment: str) -> str:
     return f"{deployment}{RANK_KEY_SUFFIX}"
 
 
+def router(deployment: str) -> str:
+    """The router Deployment in front of the deployment's front ranks; its PodDisruptionBudget and
+    NetworkPolicy have the same name (which is why NAME_RULES refuses deployment names ending in
+    ROUTER_SUFFIX: their own PodDisruptionBudget and NetworkPolicy would take it)."""
+    return f"{deployment}{ROUTER_SUFFIX}"
+
+
 def derived(deployment: str, group: int = MAX_REPLICAS - 1, rank: int = MAX_RANK) -> list[tuple[str, str, re.Pattern, int]]:
     """(what, name, pattern, length limit) of every name derived from `deployment`, for one group
     and rank index (by default the largest the API admits, i.e. the longest names)."""
@@ -73,6 +86,9 @@ def derived(deployment: str, group: int = MAX_REPLICAS - 1, rank: int = MAX_RANK
         ("PodDisruptionBudget", pod_disruption_budget(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
         ("NetworkPolicy", network_policy(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
         ("rank key Secret", rank_key_secret(deployment), DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
+        ("router Deployment, PodDisruptionBudget and NetworkPolicy", router(deployment), DNS1123_SUBDOMAIN,
+         DNS_SUBDOMAIN_MAX),
+        ("router pod", router(deployment) + REPLICASET_POD_SUFFIX, DNS1123_SUBDOMAIN, DNS_SUBDOMAIN_MAX),
         ("label value", deployment, DNS1123_LABEL, DNS_LABEL_MAX),
     ]
 
@@ -93,6 +109,9 @@ NAME_RULES: list[tuple[str, Callable[[str], bool], str]] = [
     (f"!self.metadata.name.endsWith('{HEADLESS_SUFFIX}')", lambda n: not n.endswith(HEADLESS_SUFFIX),
      f"metadata.name must not end in '{HEADLESS_SUFFIX}': NAME{HEADLESS_SUFFIX} is the headless Service "
      f"of the deployment NAME"),
+    (f"!self.metadata.name.endsWith('{ROUTER_SUFFIX}')", lambda n: not n.endswith(ROUTER_SUFFIX),
+     f"metadata.name must not end in '{ROUTER_SUFFIX}': NAME{ROUTER_SUFFIX} is the router PodDisruptionBudget "
+     f"and NetworkPolicy of the deployment NAME"),
 ]
 
 

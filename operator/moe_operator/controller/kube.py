@@ -25,6 +25,7 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "Secret": ("/api/v1", "secrets", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "Deployment": ("/apis/apps/v1", "deployments", True),
     "MoEDeployment": ("/apis/serving.moe.dev/v1alpha1", "moedeployments", True),
 }
 

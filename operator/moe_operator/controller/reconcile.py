@@ -1,8 +1,8 @@
 """Reconcile one MoEDeployment. One pass is a chain of steps (`Reconciler._reconcile`), each of
 which may end it: read the spec and the world, make sure the rank key exists, admit (GPU memory),
 decide every group's plan (placement, then measured load), publish the changed plans, apply the
-shared objects (Services, PodDisruptionBudget, NetworkPolicy), sync the rank pods, observe and
-write status.
+shared objects (Services, PodDisruptionBudgets, NetworkPolicies, the router Deployment), sync the
+rank pods, observe and write status.
 
 Level-triggered and idempotent: every pass starts from what the API server says (the plan lives in
 a ConfigMap, never only in memory), so the operator can be killed anywhere and a restarted one
@@ -645,7 +645,8 @@ class Reconciler:
             self._claim(owner, g, plan)
 
     def _apply_shared(self, p: _Pass) -> None:
-        """The objects shared by all groups (idempotent server-side apply)."""
+        """The objects shared by all groups, the routers among them (idempotent server-side apply;
+        the Deployment controller runs the router pods)."""
         for o in resources.shared_objects(p.owner, p.spec, self.operator_namespace):
             self.kube.apply(o)
 

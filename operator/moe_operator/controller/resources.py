@@ -4,9 +4,10 @@ Per EP group g of deployment D:
 - a ConfigMap `D-g<g>-plan` with the plan (ranks, expert map) and its generation;
 - one Pod per rank `D-g<g>-r<rank>`, pinned to the planned node by required node affinity;
 and per deployment a headless Service `D-ranks` (rendezvous and per-pod DNS), a client Service `D`
-(front ranks: KServe v2 HTTP and gRPC), a PodDisruptionBudget, a NetworkPolicy `D` (who may reach
-which port of the rank pods) and the Secret `D-rank-key` (the key ranks prove membership with).
-The names come from `names`.
+(KServe v2 HTTP and gRPC: the routers, or the front ranks when there are none), a PodDisruptionBudget,
+a NetworkPolicy `D` (who may reach which port of the rank pods), the Secret `D-rank-key` (the key
+ranks prove membership with), and the routers in front of the front ranks: a Deployment `D-router`
+with a PodDisruptionBudget and a NetworkPolicy of the same name. The names come from `names`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ L_DEPLOYMENT = "moe.dev/deployment"
 L_GROUP = "moe.dev/group"
 L_RANK = "moe.dev/rank"
 L_FRONT = "moe.dev/front"
+L_COMPONENT = "app.kubernetes.io/component"
+# Router pods carry this label (the deployment's name) and never L_DEPLOYMENT: everything that
+# selects rank pods (the headless Service, the PodDisruptionBudget and NetworkPolicy `D`, the
+# operator's own pod listings and watch) selects L_DEPLOYMENT, and must never take a router for a rank.
+L_ROUTER = "moe.dev/router"
 A_SPEC_HASH = "moe.dev/spec-hash"
 A_GENERATION = "moe.dev/expert-map-generation"
 
@@ -63,6 +69,30 @@ LIVENESS_PROBE = {"httpGet": {"path": "/live", "port": "metrics"},
                   "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3,
                   "terminationGracePeriodSeconds": 2}
 READINESS_PROBE = {"httpGet": {"path": "/ready", "port": "metrics"}, "periodSeconds": 5, "failureThreshold": 3}
+
+# Router pod probes, on its metrics port too: /live (the process answers) and /ready (it listens on
+# the HTTP and gRPC ports; it does not wait for a front, requests wait for one within the router's
+# retry budget). The startup probe gives a new process ROUTER_STARTUP_PROBE's period x
+# failureThreshold to open the port before liveness counts.
+ROUTER_STARTUP_PROBE = {"httpGet": {"path": "/live", "port": "metrics"},
+                        "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 60}
+ROUTER_LIVENESS_PROBE = {"httpGet": {"path": "/live", "port": "metrics"},
+                         "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+ROUTER_READINESS_PROBE = {"httpGet": {"path": "/ready", "port": "metrics"}, "periodSeconds": 2, "failureThreshold": 2}
+# A router holds client connections and buffers bodies up to the front's limit; no CPU limit (a
+# throttled router delays every request it forwards). Ephemeral storage: its logs and /tmp.
+ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi", "ephemeral-storage": "64Mi"},
+                    "limits": {"memory": "512Mi", "ephemeral-storage": "256Mi"}}
+ROUTER_TMP_SIZE = "64Mi"
+# Time a stopping router has to finish the requests it holds (its retry budget is 30 s too).
+ROUTER_GRACE_S = 30
+
+# Every pod the operator makes runs as the images' user 1000, non-root, with no privilege, no
+# capability and a read-only root filesystem (writable: emptyDir volumes such as /tmp).
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                              "privileged": False, "capabilities": {"drop": ["ALL"]}}
 
 # The worker's admission settings (moe_worker.engine.EngineConfig), set from the memory model.
 ENV_KV_CACHE_TOKENS = "MOE_KV_CACHE_TOKENS"
@@ -93,6 +123,17 @@ def group_labels(owner: Owner, group: int | None = None) -> dict[str, str]:
     if group is not None:
         out[L_GROUP] = str(group)
     return out
+
+
+def router_labels(owner: Owner) -> dict[str, str]:
+    """The router Deployment's and its pods' labels: no L_DEPLOYMENT (see L_ROUTER)."""
+    return {L_NAME: "moe-router", L_INSTANCE: owner.name, L_MANAGED: MANAGER, L_COMPONENT: "router",
+            L_ROUTER: owner.name}
+
+
+def router_selector(owner: Owner) -> dict[str, str]:
+    """What selects the deployment's router pods (the Deployment's selector, which never changes)."""
+    return {L_ROUTER: owner.name}
 
 
 def pod_name(owner: Owner, group: int, rank: int) -> str:
@@ -131,17 +172,18 @@ def kv_env(spec: api.MoEDeploymentSpec, kv: KvAdmission | None) -> list[dict[str
 def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None, rank_key: str = "") -> str:
     """Hash of everything that needs the rank processes restarted when it changes.
 
-    Not the expert map (ranks switch maps live), not load-balancing settings and not who may reach
-    the pods (the NetworkPolicy changes in place). The admission settings are in: a group's ranks
-    must agree on them. So is `rank_key`, the uid of the rank key Secret: a Secret deleted and
-    created again holds a new key, which ranks started before it do not share, so the groups
-    restart together on it.
+    Not the expert map (ranks switch maps live), not load-balancing settings, not who may reach
+    the pods (the NetworkPolicy changes in place) and not the routers (a Deployment of their own).
+    The admission settings are in: a group's ranks must agree on them. So is `rank_key`, the uid of
+    the rank key Secret: a Secret deleted and created again holds a new key, which ranks started
+    before it do not share, so the groups restart together on it.
     """
     relevant = {
         "model": spec.model.model_dump(mode="json"),
         "parallelism": spec.parallelism.model_dump(mode="json", exclude={"replicas"}),
         "worker": spec.worker.model_dump(mode="json"),
-        "serving": spec.serving.model_dump(mode="json", exclude=set(api.Serving.NETWORK_FIELDS)),
+        "serving": spec.serving.model_dump(mode="json",
+                                           exclude={*api.Serving.NETWORK_FIELDS, *api.Serving.ROUTER_FIELDS}),
         "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
         "gpuResource": spec.placement.gpu_resource,
     }
@@ -185,11 +227,18 @@ def headless_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any
 
 
 def client_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
+    """The Service clients use: it selects the router pods, or the front ranks when
+    `serving.routerReplicas` is 0. The switch takes effect at once: going from 0 to some routers,
+    new connections are refused until the first router is Ready (seconds)."""
+    if spec.serving.router_replicas > 0:
+        selector = router_selector(owner)
+    else:
+        selector = {L_DEPLOYMENT: owner.name, L_FRONT: "true"}
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(names.client_service(owner.name), owner, group_labels(owner)),
         "spec": {
-            "selector": {L_DEPLOYMENT: owner.name, L_FRONT: "true"},
+            "selector": selector,
             "ports": [{"name": "http", "port": spec.serving.http_port, "targetPort": "http"},
                       {"name": "grpc", "port": spec.serving.grpc_port, "targetPort": "grpc",
                        "appProtocol": "grpc"}],
@@ -278,8 +327,7 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [slot.node]}]}]}}},
             "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations],
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
             "containers": [{
                 "name": "worker",
                 "image": w.image,
@@ -292,8 +340,7 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
                 "startupProbe": copy.deepcopy(STARTUP_PROBE),
                 "livenessProbe": copy.deepcopy(LIVENESS_PROBE),
                 "readinessProbe": copy.deepcopy(READINESS_PROBE),
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "privileged": False, "capabilities": {"drop": ["ALL"]}},
+                "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
                 "volumeMounts": mounts,
             }],
             "volumes": volumes,
@@ -339,12 +386,14 @@ def metrics_sources(spec: api.MoEDeploymentSpec, operator_namespace: str | None)
 
 
 def network_policy(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace: str | None = None) -> dict[str, Any]:
-    """Ingress to every rank pod of the deployment, three rules (NetworkPolicies only allow):
+    """Ingress to every rank pod of the deployment, four rules (NetworkPolicies only allow):
 
     - from the deployment's own pods, any port: the rendezvous port and the ports gloo and NCCL
       open at random. The deployment is the trust boundary: its groups share one rank key.
     - to the HTTP and gRPC ports from `serving.allowedSources` (default: any pod in the cluster).
     - to the metrics port from `metrics_sources`.
+    - to the HTTP and gRPC ports from the deployment's routers (`router_network_policy` admits
+      their clients); only front ranks listen there.
 
     Egress is left open. A network plugin that implements NetworkPolicy enforces it; without one
     it is inert.
@@ -362,6 +411,102 @@ def network_policy(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace
                 {"from": [_peer(p) for p in s.allowed_sources], "ports": tcp},
                 {"from": metrics_sources(spec, operator_namespace),
                  "ports": [{"protocol": "TCP", "port": s.metrics_port}]},
+                {"from": [{"podSelector": {"matchLabels": router_selector(owner)}}], "ports": tcp},
+            ],
+        },
+    }
+
+
+def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
+    """The routers in front of the EP groups' front ranks: `serving.routerReplicas` pods of
+    `moe-worker route`, one `--front POD.SUBDOMAIN` per group (each name one item: the local dev
+    runner resolves whole items of that form, as cluster DNS does), listening on the serving ports
+    and forwarding to the same ports of the fronts.
+
+    With routerReplicas 0 the Deployment stays, scaled to 0: the client Service then selects the
+    front ranks, and the operator deletes nothing (no verb beyond server-side apply). Its pods run
+    where the ranks may (placement's nodeSelector and tolerations), spread over nodes when they can
+    be, and roll one new pod at a time before an old one goes.
+    """
+    s, w = spec.serving, spec.worker
+    svc = headless_service_name(owner)
+    fronts = [item for g in range(spec.parallelism.replicas)
+              for item in ("--front", f"{pod_name(owner, g, 0)}.{svc}")]
+    pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": ROUTER_GRACE_S,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                "labelSelector": {"matchLabels": router_selector(owner)}}}]}},
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+        "containers": [{
+            "name": "router",
+            "image": w.image,
+            "imagePullPolicy": w.image_pull_policy,
+            "command": ["moe-worker", "route"],
+            "args": fronts,
+            "env": [
+                {"name": "MOE_HTTP_PORT", "value": str(s.http_port)},
+                {"name": "MOE_GRPC_PORT", "value": str(s.grpc_port)},
+                {"name": "MOE_METRICS_PORT", "value": str(s.metrics_port)},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            ],
+            "ports": [{"name": "http", "containerPort": s.http_port},
+                      {"name": "grpc", "containerPort": s.grpc_port},
+                      {"name": "metrics", "containerPort": s.metrics_port}],
+            "resources": copy.deepcopy(ROUTER_RESOURCES),
+            "startupProbe": copy.deepcopy(ROUTER_STARTUP_PROBE),
+            "livenessProbe": copy.deepcopy(ROUTER_LIVENESS_PROBE),
+            "readinessProbe": copy.deepcopy(ROUTER_READINESS_PROBE),
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": ROUTER_TMP_SIZE}}],
+    }
+    if spec.placement.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
+    if spec.placement.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(names.router(owner.name), owner, router_labels(owner)),
+        "spec": {
+            "replicas": s.router_replicas,
+            "selector": {"matchLabels": router_selector(owner)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": router_labels(owner)}, "spec": pod_spec},
+        },
+    }
+
+
+def router_pod_disruption_budget(owner: Owner) -> dict[str, Any]:
+    # A drain takes one router at a time (the Deployment replaces it elsewhere first); with fewer
+    # than two routers it never blocks one, so it exists whatever serving.routerReplicas says.
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": _meta(names.router(owner.name), owner, router_labels(owner)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(owner)}},
+    }
+
+
+def router_network_policy(owner: Owner, spec: api.MoEDeploymentSpec,
+                          operator_namespace: str | None = None) -> dict[str, Any]:
+    """Ingress to the router pods: their HTTP and gRPC ports from `serving.allowedSources` (the
+    clients the ranks' own policy lets in), their metrics port from `metrics_sources`. Egress is
+    left open (to the fronts, and DNS)."""
+    s = spec.serving
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(names.router(owner.name), owner, router_labels(owner)),
+        "spec": {
+            "podSelector": {"matchLabels": router_selector(owner)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [_peer(p) for p in s.allowed_sources],
+                 "ports": [{"protocol": "TCP", "port": port} for port in (s.http_port, s.grpc_port)]},
+                {"from": metrics_sources(spec, operator_namespace),
+                 "ports": [{"protocol": "TCP", "port": s.metrics_port}]},
             ],
         },
     }
@@ -369,9 +514,11 @@ def network_policy(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace
 
 def shared_objects(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace: str | None = None) -> list[dict[str, Any]]:
     """The objects all groups share that the operator keeps as built (server-side apply); the rank
-    key Secret is not one of them: it is created once."""
+    key Secret is not one of them: it is created once. The routers' policy and budget come before
+    their Deployment, so no router runs without them."""
     return [headless_service(owner, spec), client_service(owner, spec), pod_disruption_budget(owner),
-            network_policy(owner, spec, operator_namespace)]
+            network_policy(owner, spec, operator_namespace), router_network_policy(owner, spec, operator_namespace),
+            router_pod_disruption_budget(owner), router_deployment(owner, spec)]
 
 
 def desired_objects(owner: Owner, spec: api.MoEDeploymentSpec, plans: list[Plan],
