@@ -197,6 +197,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MOE_CHECKPOINT, MOE_EXPERT_MAP, POD_IP, "
                         "MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, MOE_MODEL_NAME)")
     sv.set_defaults(func=_cmd_serve)
+
+    rt = sub.add_parser("route", add_help=False, help="run the router in front of the EP groups' front ranks, as a "
+                        "router pod does (--front HOST per group; MOE_HTTP_PORT, MOE_GRPC_PORT, MOE_METRICS_PORT, "
+                        "MOE_ROUTER_RETRY_S, POD_IP from env)")
+    rt.set_defaults(func=_cmd_route)
     return p
 
 
@@ -206,8 +211,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main()
 
 
+def _cmd_route(args: argparse.Namespace) -> int:
+    from .router import main as route_main
+
+    return route_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args, rest = _build_parser().parse_known_args(argv)
+    if rest and args.command != "route":
+        _build_parser().parse_args(argv)  # the usual error for unknown arguments
+    args.rest = rest
     try:
         return args.func(args)
     except UsageError as e:

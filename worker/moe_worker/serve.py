@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .api_key import ApiKey
 from .engine_api import EngineError
@@ -39,14 +39,14 @@ log = logging.getLogger("moe.serve")
 class HealthServer:
     """/metrics, /live and /ready on the metrics port, in a daemon thread."""
 
-    def __init__(self, host: str, port: int, metrics: WorkerMetrics):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry):
         self.ready_fn: Callable[[], bool] = lambda: False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path.startswith("/metrics"):
-                    body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
+                    body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif self.path.startswith("/live"):
                     body, ctype, code = b"ok\n", "text/plain", 200
                 elif self.path.startswith("/ready"):
@@ -134,7 +134,7 @@ def main(env: Mapping[str, str] | None = None) -> int:
     rank, group = rc.rank, rc.group
     host = sc.host
     metrics = WorkerMetrics(rank=rank, group=group)
-    health = HealthServer(host, sc.metrics_port, metrics)
+    health = HealthServer(host, sc.metrics_port, metrics.registry)
     group_ready = metrics.group_ready.labels(**metrics.lbl())
     health.ready_fn = lambda: group_ready._value.get() == 1
     try:
