@@ -1,12 +1,13 @@
 """End to end: an EP16 group heals in place on the real control plane (issue 16).
 
 The operator and the tiny EP16 model run as in test_e2e (ranks are real processes started by the
-local runner from the operator's pod specs). Three tritonclient clients send steady traffic to
-rank 0 while one rank process is SIGKILLed, then another is SIGSTOPped (a hang), then rank 0 itself
-(the front) is SIGKILLed. Every answer must equal `moe-worker generate --world-size 1`'s; no
-request may fail but those the dead front held; the other rank processes keep their PIDs, no
-other pod is recreated, and each replacement joins the running group (a new front forms it with
-the old ranks) until the deployment is Ready 16/16 again.
+local runner from the operator's pod specs). Three tritonclient clients send steady traffic through
+one of the deployment's routers while one rank process is SIGKILLed, then another is SIGSTOPped (a
+hang), then rank 0 itself (the front) is SIGKILLed. Every answer must equal `moe-worker generate
+--world-size 1`'s and no request may fail (the router sends the dead front's requests again to its
+replacement); the other rank processes keep their PIDs, no other pod is recreated, and each
+replacement joins the running group (a new front forms it with the old ranks) until the deployment
+is Ready 16/16 again.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
         return found if len(found) == 16 else None
 
     pids = wait_for(all_pids, 30, "16 rank processes")
-    ip = core.read_namespaced_pod("heal-g0-r0", namespace).status.pod_ip
+
+    def a_ready_router():
+        for pod in core.list_namespaced_pod(namespace, label_selector="moe.dev/router=heal").items:
+            if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
+                return pod.status.pod_ip
+        return None
+
+    ip = wait_for(a_ready_router, 60, "a Ready router pod")
 
     def rejoined(rank: int) -> bool:
         try:
@@ -76,10 +84,9 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
             wait_for(lambda: load.answered_after(after) >= n, 120, f"{n} requests sent after t={after:.0f} answered")
 
         answered(0)  # steady traffic first
-        faults, t_front = [], None
+        faults = []
         for rank, sig, outage in ((5, signal.SIGKILL, 5.0), (9, signal.SIGSTOP, 10.0), (0, signal.SIGKILL, 30.0)):
             t_fault = time.monotonic()
-            t_front = t_fault if rank == 0 else t_front
             os.kill(pids[rank], sig)
             answered(t_fault)
             stalled = load.longest_outage(t_fault, time.monotonic())
@@ -91,13 +98,10 @@ def test_a_lost_rank_heals_in_place_under_load(core, api_client, namespace, gpu_
             answered(time.monotonic())  # and it serves with the replacement in the group
     print("faults (rank, signal, longest time without an answer (s), s until Ready 16/16):", faults)
 
-    # A non-front rank lost no request. Losing the front (it holds the requests and the
-    # connections; there is no router in front of it yet) fails the requests it had, cleanly: a
-    # connection error at once, never a hang.
+    # No request failed: a lost rank's sequences are recomputed by the group, and the requests the
+    # dead front held are sent again by the router to the replacement front.
     failed = [o for o in load.outcomes() if o.output is None]
-    assert all(o.answered >= t_front for o in failed), [o for o in failed if o.answered < t_front][:5]
-    assert all(o.answered - o.sent < 60 and ("Connection" in o.error or "connect" in o.error or "503" in o.error)
-               for o in failed), failed[:5]
+    assert not failed, failed[:5]
     wrong = [o for o in load.outcomes() if o.output is not None and o.output != reference[o.prompt]]
     assert not wrong, wrong[:5]
     # Only the faulty ranks were replaced: every other pod and rank process is the same one.

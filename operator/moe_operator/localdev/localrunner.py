@@ -9,10 +9,11 @@ that lets the operator's real pod specs run:
 - for every pod bound to one of its nodes, starts the first container's `command + args` as a
   local process with the pod's `env` (fieldRefs resolved), on its own loopback address
   127.0.0.N that becomes the pod IP;
-- stands in for cluster DNS: an env value `POD.SUBDOMAIN` (pod hostname + headless Service, as in
-  MASTER_ADDR) is replaced by that pod's address when the process starts; pods that have ended or
-  are being deleted are not endpoints (as with a headless Service), so a name that only such a pod
-  holds stays unresolved rather than naming a dead address;
+- stands in for cluster DNS: an env value or argument `POD.SUBDOMAIN` (pod hostname + headless
+  Service, as in MASTER_ADDR or the router's `--front`) is replaced by that pod's address when the
+  process starts. A name keeps its address from pod to pod (the replacement takes it), and a name
+  whose pod is gone or not created yet resolves to the address its next pod will take, so that a
+  process reaches it once it is there, as it would by asking DNS again;
 - mounts volumes as directories: configMap and secret (files written and kept in sync like the
   kubelet does; a secret's files hold the decoded bytes, with its defaultMode or item mode, and a
   pod whose Secret does not exist yet waits for it), emptyDir (a fresh directory), hostPath (the
@@ -58,6 +59,7 @@ from moe_operator.controller.kube import Kube, KubeError
 log = logging.getLogger("moe.localrunner")
 
 RUNNER_LABEL = "moe.dev/local-runner"
+_POD_DNS = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)")
 
 
 def _now() -> str:
@@ -220,11 +222,15 @@ class LocalRunner:
         ip = self.named_ips.get(name) if name else None
         if ip is None or any(rp.ip == ip and rp.proc is not None and rp.proc.poll() is None
                              for rp in self.pods.values()):
-            ip = f"127.{self.subnet}.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
-            self.next_ip += 1
+            ip = self._new_ip()
         self.ips[uid] = ip
         if name:
             self.named_ips[name] = ip
+        return ip
+
+    def _new_ip(self) -> str:
+        ip = f"127.{self.subnet}.{self.next_ip // 254}.{self.next_ip % 254 + 1}"
+        self.next_ip += 1
         return ip
 
     def sync(self) -> None:
@@ -416,15 +422,33 @@ class LocalRunner:
             raise RunnerError(f"fieldRef {path} is not supported by the local runner")
         return table[path]
 
-    @staticmethod
-    def _rewrite(v: str, namespace: str, mounts: dict[str, str], dns: dict) -> str:
+    def _rewrite(self, v: str, namespace: str, mounts: dict[str, str], dns: dict) -> str:
         for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
             if v == mount or v.startswith(mount + "/"):
-                v = local + v[len(mount):]
-                break
-        if (namespace, v) in dns:
-            v = dns[(namespace, v)]
-        return v
+                return local + v[len(mount):]
+        return self._resolve(v, namespace, dns)
+
+    def _resolve(self, v: str, namespace: str, dns: dict) -> str:
+        """A pod's DNS name (hostname.subdomain) as the address its pod has, or will have.
+
+        Cluster DNS is asked at every connection; here the name is resolved once, when the process
+        starts. So that a process started while the named pod is gone or not yet created (a router
+        before its front rank, a rank while rank 0 is being replaced) reaches it once it is there,
+        such a name resolves to the address the name's next pod will take (`ip_for`): the one its
+        last pod had, or one reserved now when the subdomain is a headless Service here."""
+        key = (namespace, v)
+        if key in dns:
+            return dns[key]
+        if key in self.named_ips:
+            return self.named_ips[key]
+        m = _POD_DNS.fullmatch(v)
+        if m is None:
+            return v
+        svc = self._read("Service", namespace, m.group(2))
+        if svc is None or (svc.get("spec") or {}).get("clusterIP") != "None":
+            return v
+        self.named_ips[key] = self._new_ip()
+        return self.named_ips[key]
 
     def _supervise(self, pod: dict, rp: RunningPod, dns: dict) -> None:
         """One look at a running container: its configMaps, its exit, a kill in progress, its probes."""
