@@ -3,14 +3,17 @@
     python bench/faults.py [--only rank-kill,front-kill] [--clients 3]
 
 A local control plane of its own (the bench cluster), four runner nodes of 8 GPUs: the tiny EP16
-model's 16 rank processes on two of them, two spare. Two operator replicas (one leads through
-the Lease). tritonclient clients send the prompts to rank 0 in turn, each waiting for its answer;
-every answer is checked against `moe-worker generate --world-size 1`. The faults, in this order,
-each once the group is whole again:
+model's 16 rank processes on two of them, two spare, and the deployment's two routers. Two
+operator replicas (one leads through the Lease). tritonclient clients send the prompts through the
+routers in turn (client i to the i-th Ready router; after a failure, to the next one Ready then,
+as a client of the Service would), each waiting for its answer; every answer is checked against
+`moe-worker generate --world-size 1`. The faults, in this order, each once the group is whole
+again:
 
     rank-kill          SIGKILL of rank 5's process
     rank-stop          SIGSTOP of rank 9's process (a hang; the liveness probe then kills it)
-    front-kill         SIGKILL of rank 0's process (the front: it holds the requests)
+    front-kill         SIGKILL of rank 0's process (the front: the routers send its requests again)
+    router-kill        SIGKILL of the first client's router (it holds its clients' connections)
     node-delete        the Node object of the node holding ranks 8-15 deleted (its processes stop)
     node-drain         kubectl drain of the node holding ranks 8-15 now (eviction API, PDB)
     apiserver-restart  kube-apiserver stopped and started again
@@ -18,9 +21,10 @@ each once the group is whole again:
                        must finish the recovery
 
 Columns: requests in flight at the fault that failed; requests sent after it that failed
-(refused while no front answered; a client retries after 0.2 s); the longest time without a
-successful answer (from the last one before the fault); seconds until full EP again (every rank pod Ready, status Ready 16/16); rank
-processes restarted besides the fault's own; answers that differ from the reference. On 2 cores
+(a client retries after 0.2 s); the longest time without a successful answer (from the last one
+before the fault); seconds until full EP again (every rank pod Ready, status Ready 16/16, and for
+router-kill two Ready routers again); rank processes restarted besides the fault's own; answers
+that differ from the reference. On 2 cores
 the 16 ranks, the control plane and the clients share the CPUs: times are bound by that.
 """
 
@@ -47,11 +51,12 @@ from moe_operator import api  # noqa: E402
 from moe_operator.controller.kube import Kube  # noqa: E402
 from moe_operator.localdev import devcluster  # noqa: E402
 from moe_operator.localdev.loadgen import SteadyClients  # noqa: E402
-from moe_operator.localdev.localrunner import rank_processes  # noqa: E402
+from moe_operator.localdev.localrunner import rank_processes, router_process  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400]]
 NEW = 6
-FAULTS = ["rank-kill", "rank-stop", "front-kill", "node-delete", "node-drain", "apiserver-restart", "leader-kill"]
+FAULTS = ["rank-kill", "rank-stop", "front-kill", "router-kill", "node-delete", "node-drain", "apiserver-restart",
+          "leader-kill"]
 
 
 class Bench:
@@ -66,6 +71,7 @@ class Bench:
         self.ns, self.pool = f"bench-faults-{tag}", f"ft{tag}"
         self.work = Path(tempfile.mkdtemp(prefix="moe-bench-faults-"))
         self.operators: dict[str, subprocess.Popen] = {}
+        self._routers: list[str] = []
 
     def sh(self, *args: str, check: bool = True, timeout: float = 600) -> str:
         return subprocess.run([self.kubectl, f"--kubeconfig={self.kc}", *args], check=check, capture_output=True,
@@ -99,6 +105,7 @@ class Bench:
         s["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}, {"name": "MOE_DEVICE", "value": "cpu"}]
         self.kube.apply(obj)
         self.wait(self.whole, 300, "ft Ready 16/16")
+        self.wait(lambda: len(self.routers()) == 2, 120, "two Ready routers")
 
     def start_operator(self, name: str) -> None:
         log = open(self.work / f"{name}.log", "ab")
@@ -143,6 +150,18 @@ class Bench:
                                                   for c in (p.get("status") or {}).get("conditions") or [])]
         return st.get("phase") == "Ready" and st.get("ready") == "16/16" and len(ready) == 16
 
+    def routers(self) -> list[str]:
+        """host:port of the Ready routers (the client Service's endpoints)."""
+        try:
+            pods = self.kube.list("Pod", self.ns, labels="moe.dev/router=ft")
+        except Exception:  # the API server is restarting: the last ones stand
+            return self._routers
+        self._routers = sorted(f"{p['status']['podIP']}:8080" for p in pods
+                               if not p["metadata"].get("deletionTimestamp")
+                               and any(c.get("type") == "Ready" and c.get("status") == "True"
+                                       for c in (p.get("status") or {}).get("conditions") or []))
+        return self._routers
+
     def pids(self) -> dict[int, int]:
         ips = {p["status"].get("podIP"): r for r, p in self.pods().items() if (p.get("status") or {}).get("podIP")}
         return rank_processes(ips)
@@ -164,6 +183,11 @@ class Bench:
         if fault == "front-kill":
             os.kill(pids[0], signal.SIGKILL)
             return {0}
+        if fault == "router-kill":
+            pid = router_process(self.routers()[0].rsplit(":", 1)[0])
+            assert pid is not None, "no router process found"
+            os.kill(pid, signal.SIGKILL)
+            return set()
         if fault in ("node-delete", "node-drain"):
             node = self.pods()[8]["spec"]["nodeName"]
             ranks = {r for r, p in self.pods().items() if p["spec"].get("nodeName") == node}
@@ -186,9 +210,8 @@ class Bench:
         raise ValueError(fault)
 
     def run(self, faults: list[str]) -> list[dict]:
-        ip = self.pods()[0]["status"]["podIP"]
         rows = []
-        with SteadyClients(f"{ip}:8080", PROMPTS, NEW, self.clients) as load:
+        with SteadyClients(self.routers, PROMPTS, NEW, self.clients) as load:
             self.wait(lambda: load.answered_after(0) >= 6, 120, "steady traffic")
             for fault in faults:
                 before = self.pids()
@@ -197,8 +220,8 @@ class Bench:
                 replaced = self.inject(fault, before)
                 self.wait(lambda t0=t0: load.answered_after(t0) >= 6, 300, f"answers after {fault}")
                 gone = {r: p for r, p in before.items() if r in replaced}
-                self.wait(lambda gone=gone: self.whole() and all(self.pids().get(r) not in (None, p)
-                                                                  for r, p in gone.items()), 600,
+                self.wait(lambda gone=gone: self.whole() and len(self.routers()) == 2
+                          and all(self.pids().get(r) not in (None, p) for r, p in gone.items()), 600,
                           f"full EP after {fault}")
                 t_whole = time.monotonic()
                 time.sleep(3)

@@ -323,10 +323,19 @@ def test_monitors_need_the_prometheus_operator_api():
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert sm["metadata"]["labels"]["release"] == "kps"
-    (pm,) = kinds["PodMonitor"]
+    pm, routers = kinds["PodMonitor"]
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     # The worker pods the operator builds carry these labels and a port named `metrics`.
+    from moe_operator import api
     from moe_operator.controller import resources
+
+    dep = api.parse_deployment(yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text()))
+    owner = resources.Owner("tiny-ep16", "ns", "uid")
+    router_pod = resources.router_deployment(owner, dep.spec)["spec"]["template"]
+    assert routers["spec"]["selector"]["matchLabels"].items() <= router_pod["metadata"]["labels"].items()
+    assert "metrics" in [p["name"] for p in router_pod["spec"]["containers"][0]["ports"]]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_moe_dev_router"], "targetLabel": "deployment"} \
+        in routers["spec"]["podMetricsEndpoints"][0]["relabelings"]
 
     assert pm["spec"]["selector"]["matchLabels"] == {resources.L_NAME: "moe-worker", resources.L_MANAGED: resources.MANAGER}
     endpoint = pm["spec"]["podMetricsEndpoints"][0]

@@ -202,10 +202,11 @@ def main() -> int:
 
         st = wait(ready, 300, "tiny-ep16 Ready (16 rank processes loading the model)")
         print(kubectl(kc, "get", "moed", "-n", NAMESPACE))
-        front = kube.get("Pod", "tiny-ep16-g0-r0", NAMESPACE)
-        ip = front["status"]["podIP"]
+        ip = wait(lambda: ready_router(kube), 120, "a Ready router (tiny-ep16-router)")
+        front = (kube.get("Pod", "tiny-ep16-g0-r0", NAMESPACE) or {}).get("status", {}).get("podIP")
         prompt = [1, 2, 3, 4, 5, 6, 7, 8]
-        step(f"tritonclient -> rank 0 at {ip} (KServe v2): input_ids {prompt}, max_tokens 8")
+        step(f"tritonclient -> a router at {ip} (KServe v2; it forwards to rank 0 at {front}): "
+             f"input_ids {prompt}, max_tokens 8")
         via_http, via_grpc = ask(ip, prompt, 8)
         print(f"   HTTP: {via_http}\n   gRPC: {via_grpc}")
         if via_http != via_grpc:
@@ -232,13 +233,25 @@ def main() -> int:
         print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide; kubectl describe moed -n {NAMESPACE} tiny-ep16")
         print(f"   container logs (the local runner keeps them; no kubectl logs here): "
               f"{devcluster.state_dir() / 'runner' / 'pods'}/<namespace>_<pod>_*/container.log")
-        print(f"   curl http://{ip}:9400/metrics | grep moe_expert_tokens_total")
+        print(f"   curl http://{front}:9400/metrics | grep moe_expert_tokens_total")
+        print(f"   python -m moe_operator.localdev.loadgen --url {ip}:8080   # traffic through the router; "
+              f"kill -9 a rank or rank 0: no request fails")
         print("   moe plan -f manifests/deepseek-v3-ep320.yaml      # what the real model would need")
         print("   moe cluster down                                   # stop the local cluster and every rank")
         return 0
     except (DemoError, devcluster.ClusterError, KubeError, OSError) as e:
         print(f"make demo: {e}", file=sys.stderr)
         return 1
+
+
+def ready_router(kube: Kube) -> str | None:
+    """The address of a Ready router pod of tiny-ep16 (the client Service's endpoints; the local
+    cluster has no Service proxy)."""
+    for p in kube.list("Pod", NAMESPACE, labels="moe.dev/router=tiny-ep16"):
+        st = p.get("status") or {}
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []):
+            return st.get("podIP")
+    return None
 
 
 def _ns_exists(kc: str) -> bool:

@@ -107,9 +107,13 @@ class SteadyClients:
     stopped; every outcome is kept. Steady traffic for fault drills (bench/faults.py,
     tests/test_heal_e2e.py): what failed, and how long nothing was answered."""
 
-    def __init__(self, url: str, prompts: list[list[int]], max_tokens: int, clients: int = 3, model: str = "moe",
-                 retry_pause_s: float = 0.2):
-        self.url, self.prompts, self.max_tokens, self.model = url, prompts, max_tokens, model
+    def __init__(self, url: str | Callable[[], list[str]], prompts: list[list[int]], max_tokens: int,
+                 clients: int = 3, model: str = "moe", retry_pause_s: float = 0.2):
+        """`url`: one host:port, or a function giving the current ones (a Service's ready endpoints):
+        client i starts on the i-th and, after a failure, takes the next of those current then, as
+        a client of a Service reconnects to another endpoint."""
+        self.endpoints = url if callable(url) else lambda: [url]
+        self.prompts, self.max_tokens, self.model = prompts, max_tokens, model
         self.retry_pause_s = retry_pause_s
         self._outcomes: list[Outcome] = []
         self._lock = threading.Lock()
@@ -130,8 +134,12 @@ class SteadyClients:
         import numpy as np
         import tritonclient.http as httpclient
 
-        http = httpclient.InferenceServerClient(self.url, connection_timeout=120, network_timeout=120)
-        n = i
+        def connect(k: int) -> httpclient.InferenceServerClient:
+            urls = self.endpoints() or [""]
+            return httpclient.InferenceServerClient(urls[k % len(urls)], connection_timeout=120, network_timeout=120)
+
+        http = connect(i)
+        n, failures = i, 0
         while not self._stop.is_set():
             prompt = self.prompts[n % len(self.prompts)]
             n += 1
@@ -144,6 +152,8 @@ class SteadyClients:
             except Exception as e:  # kept as an outcome; the client goes on after a pause
                 out, err = None, f"{type(e).__name__}: {str(e)[:160]}"
                 self._stop.wait(self.retry_pause_s)
+                failures += 1
+                http = connect(i + failures)
             with self._lock:
                 self._outcomes.append(Outcome(t0, time.monotonic(), tuple(prompt), out, err))
 

@@ -135,11 +135,8 @@ class RunningPod:
     last_status: dict = field(default_factory=dict)
 
 
-def rank_processes(ranks_by_ip: dict[str, int]) -> dict[int, int]:
-    """rank -> PID of the `moe-worker serve` process this runner runs for each rank pod (pod IP ->
-    rank), found by POD_IP and RANK in the process's environment. For fault drills (bench/faults.py,
-    tests/test_heal_e2e.py) that kill or stop one rank's process."""
-    out = {}
+def _processes():
+    """(pid, environment, command line) of every process this user may read."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -149,10 +146,24 @@ def rank_processes(ranks_by_ip: dict[str, int]) -> dict[int, int]:
             cmd = (d / "cmdline").read_bytes().decode(errors="replace")
         except OSError:  # gone meanwhile, or not ours to read
             continue
+        yield int(d.name), env, cmd
+
+
+def rank_processes(ranks_by_ip: dict[str, int]) -> dict[int, int]:
+    """rank -> PID of the `moe-worker serve` process this runner runs for each rank pod (pod IP ->
+    rank), found by POD_IP and RANK in the process's environment. For fault drills (bench/faults.py,
+    tests/test_heal_e2e.py) that kill or stop one rank's process."""
+    out = {}
+    for pid, env, cmd in _processes():
         ip = env.get("POD_IP")
         if "serve" in cmd and ip in ranks_by_ip and env.get("RANK") == str(ranks_by_ip[ip]):
-            out[ranks_by_ip[ip]] = int(d.name)
+            out[ranks_by_ip[ip]] = pid
     return out
+
+
+def router_process(ip: str) -> int | None:
+    """PID of the `moe-worker route` process of the router pod at `ip` (for fault drills)."""
+    return next((pid for pid, env, cmd in _processes() if "route" in cmd and env.get("POD_IP") == ip), None)
 
 
 class LocalRunner:
