@@ -89,6 +89,8 @@ CASES: list[tuple[str, dict, str]] = [
     ("api-key-secret-without-key", {"serving.apiKeySecret": {"name": "keys"}}, "spec.serving.apiKeySecret.key"),
     ("router-replicas-negative", {"serving.routerReplicas": -1}, "spec.serving.routerReplicas"),
     ("router-replicas-above-16", {"serving.routerReplicas": 17}, "spec.serving.routerReplicas"),
+    ("router-node-selector-value", {"serving.routerNodeSelector": {"pool": "cpu nodes"}},
+     "spec.serving.routerNodeSelector.pool"),
     ("unknown-field", {"parallelism.expertParallelism": 16}, "spec.parallelism.expertParallelism"),
 ]
 

@@ -648,7 +648,7 @@ def test_the_routers_are_applied_and_their_pods_are_never_taken_for_ranks(world)
     assert all(kube.get("Pod", r, NS) for r in routers)
 
 
-def test_changing_the_router_count_restarts_no_rank(world):
+def test_changing_the_router_count_or_nodes_restarts_no_rank(world):
     from moe_operator.controller import resources
 
     kube, rec, _ = world
@@ -658,12 +658,14 @@ def test_changing_the_router_count_restarts_no_rank(world):
     hashes = {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in kube.list("Pod", NS, labels="moe.dev/deployment=tiny")}
     n = len(kube.writes)
     stored = kube.objects[("MoEDeployment", NS, "tiny")]
-    for count in (0, 5):
-        stored["spec"]["serving"] = {"routerReplicas": count}
+    for count, nodes in ((0, None), (5, {"pool": "cpu"})):
+        stored["spec"]["serving"] = {"routerReplicas": count, **({"routerNodeSelector": nodes} if nodes else {})}
         stored["metadata"]["generation"] += 1
         out = rec.reconcile(NS, "tiny")
         assert out.status.phase == "Ready"
-        assert kube.get("Deployment", "tiny-router", NS)["spec"]["replicas"] == count  # 0: kept, scaled to 0
+        router = kube.get("Deployment", "tiny-router", NS)["spec"]
+        assert router["replicas"] == count  # 0: kept, scaled to 0
+        assert router["template"]["spec"].get("nodeSelector") == nodes
         selector = kube.get("Service", "tiny", NS)["spec"]["selector"]
         assert selector == ({resources.L_DEPLOYMENT: "tiny", resources.L_FRONT: "true"} if count == 0
                             else {resources.L_ROUTER: "tiny"})

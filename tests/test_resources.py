@@ -132,14 +132,49 @@ def test_router_pods_are_hardened_like_ranks_and_run_where_ranks_may():
     assert pod["tolerations"] == rank["spec"]["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
-    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    spread, _ = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
-    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert spread["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # no node selector or toleration in the spec: none on the routers
     plain = resources.router_deployment(OWNER, _spec())["spec"]["template"]["spec"]
     assert "nodeSelector" not in plain and "tolerations" not in plain
+
+
+def test_router_node_selector_replaces_the_placements_for_the_routers_only():
+    gpu = {"placement": {"nodeSelector": {"pool": "gpu"},
+                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}
+    for router_sel, want in ((None, {"pool": "gpu"}), ({"pool": "cpu", "zone": "a"}, {"pool": "cpu", "zone": "a"}),
+                             ({}, None)):  # {}: any node, not the placement's
+        serving = {} if router_sel is None else {"routerNodeSelector": router_sel}
+        spec = _spec(**gpu, serving=serving)
+        assert spec.serving.router_node_selector == router_sel
+        pod = resources.router_deployment(OWNER, spec)["spec"]["template"]["spec"]
+        assert pod.get("nodeSelector") == want
+        # the tolerations stay the placement's
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # no selector anywhere: none on the routers either
+    assert "nodeSelector" not in resources.router_deployment(OWNER, _spec())["spec"]["template"]["spec"]
+
+
+def test_routers_prefer_nodes_without_this_deployments_ranks_after_spreading():
+    spec = _spec()
+    dep = resources.router_deployment(OWNER, spec)
+    anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti  # preferences only: a router always runs
+    spread, avoid = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert avoid["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname",
+                                        "labelSelector": {"matchLabels": {resources.L_DEPLOYMENT: "tiny"}}}
+    assert 0 < avoid["weight"] <= spread["weight"] <= 100
+    # the term picks every rank pod of this deployment, and no router (not even its own kind)
+    sel = avoid["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    p = plan(shape_of(spec), Topology.synthetic(2, 8), redundant=4)
+    ranks = [resources.rank_pod(OWNER, spec, p, g, r, "h")["metadata"]["labels"] for g in range(2) for r in range(16)]
+    assert all(sel.items() <= labels.items() for labels in ranks)
+    assert not sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    other = resources.rank_pod(resources.Owner(name="other", namespace="ns", uid="v"), spec, p, 0, 0, "h")
+    assert not sel.items() <= other["metadata"]["labels"].items()
 
 
 def test_router_pods_carry_no_rank_label():
@@ -161,6 +196,18 @@ def test_router_replicas_reach_the_deployment_and_restart_no_rank():
         assert resources.rank_pod(OWNER, spec, p, 1, 0, h, kv) == resources.rank_pod(OWNER, base, p, 1, 0, h, kv)
     # a serving port is the ranks' business too: it still restarts them
     assert resources.pod_spec_hash(_spec(serving={"httpPort": 9000})) != resources.pod_spec_hash(base)
+
+
+def test_router_node_selector_reaches_the_deployment_and_restarts_no_rank():
+    base = _spec(placement={"nodeSelector": {"pool": "gpu"}})
+    kv = perfmodel.KvAdmission(cache_tokens=8192, max_context=1024, max_seqs=8, model_context=1024)
+    p = plan(shape_of(base), Topology.synthetic(2, 8), redundant=4)
+    h = resources.pod_spec_hash(base, kv, "uid")
+    for sel in ({"pool": "cpu"}, {}):
+        spec = _spec(placement={"nodeSelector": {"pool": "gpu"}}, serving={"routerNodeSelector": sel})
+        assert resources.router_deployment(OWNER, spec) != resources.router_deployment(OWNER, base)
+        assert resources.pod_spec_hash(spec, kv, "uid") == h
+        assert resources.rank_pod(OWNER, spec, p, 1, 0, h, kv) == resources.rank_pod(OWNER, base, p, 1, 0, h, kv)
 
 
 def test_the_client_service_selects_the_routers_or_with_none_the_front_ranks():

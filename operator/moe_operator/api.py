@@ -347,7 +347,7 @@ class Serving(_Model):
     # The fields that only shape the NetworkPolicies: changing them restarts no rank.
     NETWORK_FIELDS: ClassVar[tuple[str, ...]] = ("allowed_sources", "metrics_namespaces")
     # The fields that only shape the routers in front of the ranks: changing them restarts no rank either.
-    ROUTER_FIELDS: ClassVar[tuple[str, ...]] = ("router_replicas",)
+    ROUTER_FIELDS: ClassVar[tuple[str, ...]] = ("router_replicas", "router_node_selector")
 
     http_port: Port = Field(8080, description="KServe v2 HTTP port.")
     grpc_port: Port = Field(8081, description="KServe v2 gRPC port.")
@@ -374,6 +374,12 @@ class Serving(_Model):
                     "Service selects them; they retry a request whose front rank died on the replacement or on "
                     "another group's front, or answer 503 with Retry-After. 0: the Service selects the front "
                     "ranks directly.")
+    router_node_selector: dict[str, LABEL_VALUE] | None = Field(
+        None,
+        description="Where the routers run: only nodes with all these labels. Unset: placement.nodeSelector, "
+                    "the ranks' nodes. Set it to put the routers on CPU nodes apart from the GPU nodes, so that "
+                    "a GPU node's death takes no router with it; {} lets them run on any node. The routers keep "
+                    "placement.tolerations either way, and prefer nodes without this deployment's ranks.")
 
     @model_validator(mode="after")
     def _check(self) -> Serving:

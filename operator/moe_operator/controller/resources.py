@@ -86,6 +86,12 @@ ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi", "ephemeral-st
 ROUTER_TMP_SIZE = "64Mi"
 # Time a stopping router has to finish the requests it holds (its retry budget is 30 s too).
 ROUTER_GRACE_S = 30
+# Preferred anti-affinity weights of a router pod: away from the other routers (spread), and away
+# from this deployment's rank pods (so a GPU node's death takes no router). The scheduler counts a
+# term once per matching pod on the node, so a node with 8 ranks still weighs 8 x 50 against; the
+# lower weight only says that spreading the routers comes first when a node holds one rank.
+ROUTER_SPREAD_WEIGHT = 100
+ROUTER_AVOID_RANKS_WEIGHT = 50
 
 # Every pod the operator makes runs as the images' user 1000, non-root, with no privilege, no
 # capability and a read-only root filesystem (writable: emptyDir volumes such as /tmp).
@@ -425,8 +431,9 @@ def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, An
 
     With routerReplicas 0 the Deployment stays, scaled to 0: the client Service then selects the
     front ranks, and the operator deletes nothing (no verb beyond server-side apply). Its pods run
-    where the ranks may (placement's nodeSelector and tolerations), spread over nodes when they can
-    be, and roll one new pod at a time before an old one goes.
+    on the nodes `serving.routerNodeSelector` picks, else where the ranks may (placement's
+    nodeSelector), with placement's tolerations; they spread over nodes when they can be, preferring
+    nodes without this deployment's ranks, and roll one new pod at a time before an old one goes.
     """
     s, w = spec.serving, spec.worker
     svc = headless_service_name(owner)
@@ -437,8 +444,14 @@ def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, An
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
-                                                "labelSelector": {"matchLabels": router_selector(owner)}}}]}},
+            # One node's death should take one router at most...
+            {"weight": ROUTER_SPREAD_WEIGHT, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": router_selector(owner)}}},
+            # ...and not take ranks and a router together (a GPU node's loss fails the requests its
+            # router held too). No more weight than the spread: see ROUTER_AVOID_RANKS_WEIGHT.
+            {"weight": ROUTER_AVOID_RANKS_WEIGHT, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {L_DEPLOYMENT: owner.name}}}},
+        ]}},
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [{
             "name": "router",
@@ -464,8 +477,9 @@ def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, An
         }],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": ROUTER_TMP_SIZE}}],
     }
-    if spec.placement.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
+    node_selector = spec.placement.node_selector if s.router_node_selector is None else s.router_node_selector
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations]
     return {
