@@ -107,11 +107,11 @@ def test_a_failure_inside_a_step_fails_that_request_only(served, monkeypatch):
     greedy, _ = served.infer(PROMPT, max_tokens=6)
     real_sample, real_cache = runner_mod.sample, served.engine.runner.model.new_cache
 
-    def nan_for_seed_7(row, temperature, generator):
+    def nan_for_seed_7(row, temperature, generator, top_p=1.0):
         if temperature == 0.25:
             row = row.clone()
             row[3] = float("nan")
-        return real_sample(row, temperature, generator)
+        return real_sample(row, temperature, generator, top_p)
 
     def no_memory_for_77(batch, max_len):
         if max_len == len(PROMPT) + 77:

@@ -195,7 +195,7 @@ def test_metadata_and_health_over_http_and_grpc(srv):
     assert not h.is_model_ready("nope") and not h.is_model_ready(MODEL, "2")
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         g.is_model_ready("nope")
-    assert h.get_server_metadata()["extensions"] == ["binary_tensor_data", "parameters"]
+    assert h.get_server_metadata()["extensions"] == ["binary_tensor_data", "parameters", "model_configuration", "generate"]
     assert g.get_server_metadata().name == "moe-worker"
     md = h.get_model_metadata(MODEL)
     assert md["versions"] == ["1"]

@@ -43,6 +43,7 @@ class GenerationRequest:
     temperature: float = 0.0  # 0: greedy
     seed: int | None = None  # for temperature > 0; None: nondeterministic
     stop_ids: tuple[int, ...] = ()
+    top_p: float = 1.0  # nucleus sampling (temperature > 0): draw among the most likely tokens holding this mass
 
 
 @dataclass

@@ -7,11 +7,13 @@ import torch
 from .engine_api import SequenceError
 
 
-def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0) -> int:
     """Next token from a logits row (vocab,): greedy for temperature 0 (first max on ties), else a
     draw from softmax(row / temperature). The row is shifted to max 0 and divided in float64, so
     any finite temperature works: tiny ones send every other token to -inf (greedy among the
-    maxima), huge ones send every logit to 0 (uniform). Non-finite logits fail the sequence."""
+    maxima), huge ones send every logit to 0 (uniform). With top_p < 1 the draw is among the
+    fewest most likely tokens whose probabilities reach top_p (the most likely one always; ties
+    in id order). Non-finite logits fail the sequence."""
     if not bool(torch.isfinite(row).all()):
         bad = int((~torch.isfinite(row)).sum())
         raise SequenceError(f"the model produced {bad} non-finite logits (NaN or inf) for this sequence")
@@ -19,6 +21,12 @@ def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | N
         return int(torch.argmax(row))
     scaled = (row.double() - row.max().double()) / temperature
     probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        ordered, order = torch.sort(probs, descending=True, stable=True)
+        before = torch.cumsum(ordered, dim=-1) - ordered  # mass of the tokens ahead of each
+        keep = before < top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], ordered[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -47,6 +47,7 @@ depth and running gauges, read at scrape time. An engine must not count those ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -56,7 +57,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,14 @@ from typing import Any
 import grpc
 import numpy as np
 from aiohttp import web
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from .api_key import ApiKey
+from .chat_template import ChatTemplate, load_chat_template
 from .engine_api import (
     Engine,
     EngineError,
@@ -80,6 +84,7 @@ from .engine_api import (
     SequenceError,
 )
 from .metrics import WorkerMetrics
+from .textstream import Piece, TextStream
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,12 +98,13 @@ DEFAULT_REQUEST_TIMEOUT_S = 600.0
 """Server-side deadline of one request, queueing included (MOE_REQUEST_TIMEOUT_S); then 504."""
 MAX_BODY_BYTES = 64 << 20
 """Largest HTTP body or gRPC message, compressed or not (a DeepSeek-V3 context of INT64 ids is 1.3 MB)."""
-PARAMETERS = ("max_tokens", "temperature", "seed")
+PARAMETERS = ("max_tokens", "temperature", "top_p", "seed")
 _IGNORED_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output", "headers"}
 )
 _INT_TYPES = {"INT64": ("<i8", 8), "INT32": ("<i4", 4)}
-_GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+_GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+                 "ModelConfig")
 _GRPC_OPEN = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # health: no API key needed
 UNAUTHENTICATED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
@@ -186,6 +192,16 @@ class OutTensor:
 
 
 @dataclass
+class Delta:
+    """New output of a streamed request."""
+
+    ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    """On the last Delta: "length" (max_tokens), "stop" (an end token) or "stop_string"."""
+
+
+@dataclass
 class Answer:
     request_id: str
     outputs: list[OutTensor]
@@ -269,7 +285,8 @@ class Frontend:
             return False
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "parameters"]}
+        return {"name": SERVER_NAME, "version": SERVER_VERSION,
+                "extensions": ["binary_tensor_data", "parameters", "model_configuration", "generate"]}
 
     def check_model(self, name: str, version: str = "") -> None:
         if name != self.info.name:
@@ -286,6 +303,24 @@ class Frontend:
             outputs.append({"name": OUTPUT_TEXT, "datatype": "BYTES", "shape": [1]})
         return {"name": self.info.name, "versions": [self.info.version], "platform": self.info.platform,
                 "inputs": inputs, "outputs": outputs}
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton's model configuration (the `model_configuration` extension), as perf_analyzer
+        reads it: no batching dimension (one sequence per request: max_batch_size 0), inputs
+        optional (send one of them), not decoupled (`infer` answers once; ModelStreamInfer streams
+        tokens with `triton_final_response` flags, which clients honour whatever this says)."""
+        md = self.model_metadata(name, version)
+        types = {"INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
+        return {
+            "name": md["name"], "platform": "", "backend": SERVER_NAME, "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": 0,
+            "input": [{"name": t["name"], "data_type": types[t["datatype"]], "dims": [-1], "optional": True}
+                      for t in md["inputs"]],
+            "output": [{"name": t["name"], "data_type": types[t["datatype"]], "dims": [-1]} for t in md["outputs"]],
+            "model_transaction_policy": {"decoupled": False},
+            "parameters": {"max_context": {"string_value": str(self.info.max_context)},
+                           "max_new_tokens": {"string_value": str(self.info.max_new_tokens)}},
+        }
 
     def output_names(self) -> list[str]:
         return [OUTPUT_IDS] + ([OUTPUT_TEXT] if self.tokenizer is not None else [])
@@ -310,7 +345,7 @@ class Frontend:
             prompt, rank = self._parse_ids(t)
         else:
             prompt, rank = self._parse_text(t)
-        max_tokens, temperature, seed = self._parse_params(params, len(prompt))
+        max_tokens, temperature, top_p, seed = self._parse_params(params, len(prompt))
         wanted = self.output_names() if outputs is None else outputs
         for i, name in enumerate(wanted):
             if name not in self.output_names():
@@ -320,7 +355,8 @@ class Frontend:
                 raise _invalid(f"output '{name}' is requested more than once")
         stop = () if self.info.eos_token_id is None else (self.info.eos_token_id,)
         req = GenerationRequest(request_id=request_id or uuid.uuid4().hex, prompt_ids=tuple(prompt),
-                                max_tokens=max_tokens, temperature=temperature, seed=seed, stop_ids=stop)
+                                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop_ids=stop)
         return Job(req, rank, list(wanted))
 
     def _parse_ids(self, t: InTensor) -> tuple[list[int], int]:
@@ -387,7 +423,7 @@ class Frontend:
                            f"{self.info.max_context} tokens, so a prompt may have at most {self.info.max_context - 1}")
         return ids, len(shape)
 
-    def _parse_params(self, params: dict[str, Any], n_prompt: int) -> tuple[int, float, int | None]:
+    def _parse_params(self, params: dict[str, Any], n_prompt: int) -> tuple[int, float, float, int | None]:
         for key in params:
             if key in _IGNORED_PARAMETERS or key.startswith("triton_") or key in PARAMETERS:
                 continue
@@ -413,41 +449,27 @@ class Frontend:
             raise _invalid(f"parameter 'temperature' must be a number, got {temperature!r}")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise _invalid(f"parameter 'temperature' is {temperature}; it must be a finite number >= 0")
+        top_p = params.get("top_p", 1.0)
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+            raise _invalid(f"parameter 'top_p' is {top_p!r}; it must be a number in (0, 1]")
         seed = params.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool):
                 raise _invalid(f"parameter 'seed' must be an integer, got {seed!r}")
             if not 0 <= seed < 2**63:
                 raise _invalid(f"parameter 'seed' is {seed}; it must be in 0..2**63-1")
-        return max_tokens, float(temperature), seed
+        return max_tokens, float(temperature), float(top_p), seed
 
     # ---- running ----
 
     async def run(self, job: Job) -> Answer:
-        if not self.ready():
-            raise InferError("unavailable", f"model '{self.info.name}' is not ready (the EP group is not up)")
+        self._check_ready()
         self.in_flight += 1
         start = time.perf_counter()
         try:
-            result: GenerationResult = await asyncio.wait_for(self.engine.generate(job.request),
-                                                              self.request_timeout_s)
-        except asyncio.TimeoutError:  # wait_for cancelled the generation: its sequence is freed
-            raise InferError("deadline", f"request {job.request.request_id} did not finish within the server's "
-                             f"deadline of {self.request_timeout_s:g} s (MOE_REQUEST_TIMEOUT_S)") from None
-        except asyncio.CancelledError:  # the client left (HTTP disconnect, gRPC cancel or deadline)
-            self.metrics.requests.labels(**self.metrics.lbl(), outcome="cancelled").inc()
-            raise
-        except RequestError as e:
-            raise _invalid(str(e)) from None
-        except SequenceError as e:
-            raise InferError("internal", f"request {job.request.request_id} failed: {e}") from None
-        except OverloadedError as e:
-            raise InferError("overloaded", str(e)) from None
-        except EngineError as e:
-            raise InferError("unavailable", f"the engine cannot serve: {e}") from None
-        except Exception as e:
-            log.exception("engine.generate failed on request %s", job.request.request_id)
-            raise InferError("internal", f"internal error: {type(e).__name__}: {e}") from None
+            with self._engine_errors(job.request):
+                result: GenerationResult = await asyncio.wait_for(self.engine.generate(job.request),
+                                                                  self.request_timeout_s)
         finally:
             self.in_flight -= 1
         self._observe(result, time.perf_counter() - start)
@@ -461,6 +483,87 @@ class Frontend:
         params = {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
                   "completion_tokens": len(result.output_ids)}
         return Answer(job.request.request_id, outs, params)
+
+    async def stream(self, req: GenerationRequest, stop: list[str] | tuple[str, ...] = ()) -> AsyncIterator[Delta]:
+        """The request's output as it is generated: one Delta per token (its text may be empty
+        while a character or a possible stop string is held back, see `textstream`); the last
+        one has `finish_reason` and holds the rest of the text. A stop string ends the sequence
+        (freed within a step) with finish_reason "stop_string". The iterator must be closed
+        (`aclosing`): closing it early cancels the sequence."""
+        self._check_ready()
+        if stop and self.tokenizer is None:
+            raise _invalid("stop strings need a tokenizer and this model has none; send stop token ids")
+        text = TextStream(self.tokenizer, stop) if self.tokenizer is not None else None
+        self.in_flight += 1
+        m, lbl = self.metrics, self.metrics.lbl()
+        start = last = time.perf_counter()
+        n = 0
+        finished = False
+        deadline = time.monotonic() + self.request_timeout_s
+        try:
+            with self._engine_errors(req):
+                async with contextlib.aclosing(self.engine.stream(req)) as toks:
+                    while True:
+                        try:
+                            tok = await asyncio.wait_for(toks.__anext__(), max(deadline - time.monotonic(), 0.001))
+                        except StopAsyncIteration:
+                            break
+                        now = time.perf_counter()
+                        (m.ttft_seconds if n == 0 else m.itl_seconds).labels(**lbl).observe(now - last)
+                        last = now
+                        n += 1
+                        if finished:
+                            continue  # a token past the end the engine already had in flight
+                        piece = text.add(tok) if text is not None else Piece("")
+                        reason = "stop_string" if piece.stopped else "stop" if tok in req.stop_ids else \
+                            "length" if n >= req.max_tokens else None
+                        if reason is not None and not piece.stopped and text is not None:
+                            piece = Piece(piece.text + text.finish().text)
+                        finished = reason is not None
+                        yield Delta([tok], piece.text, reason)
+                        if piece.stopped:
+                            break  # closing the engine's stream cancels the sequence
+            if not finished:  # the engine ended it for a reason of its own
+                yield Delta([], text.finish().text if text is not None else "", "length")
+            m.requests.labels(**lbl, outcome="ok").inc()
+            m.request_seconds.labels(**lbl).observe(time.perf_counter() - start)
+            m.input_tokens.labels(**lbl).inc(len(req.prompt_ids))
+            m.output_tokens.labels(**lbl).inc(n)
+        except GeneratorExit:  # the caller stopped reading: the client left (or had it all)
+            if not finished:
+                m.requests.labels(**lbl, outcome="cancelled").inc()
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def _check_ready(self) -> None:
+        if not self.ready():
+            raise InferError("unavailable", f"model '{self.info.name}' is not ready (the EP group is not up)")
+
+    @contextlib.contextmanager
+    def _engine_errors(self, req: GenerationRequest):
+        """The engine's exceptions as InferErrors; a cancellation counted."""
+        try:
+            yield
+        except (asyncio.TimeoutError, TimeoutError):  # the generation was cancelled: its sequence is freed
+            raise InferError("deadline", f"request {req.request_id} did not finish within the server's "
+                             f"deadline of {self.request_timeout_s:g} s (MOE_REQUEST_TIMEOUT_S)") from None
+        except asyncio.CancelledError:  # the client left (disconnect, gRPC cancel or deadline)
+            self.metrics.requests.labels(**self.metrics.lbl(), outcome="cancelled").inc()
+            raise
+        except RequestError as e:
+            raise _invalid(str(e)) from None
+        except SequenceError as e:
+            raise InferError("internal", f"request {req.request_id} failed: {e}") from None
+        except OverloadedError as e:
+            raise InferError("overloaded", str(e)) from None
+        except EngineError as e:
+            raise InferError("unavailable", f"the engine cannot serve: {e}") from None
+        except InferError:
+            raise
+        except Exception as e:
+            log.exception("the engine failed on request %s", req.request_id)
+            raise InferError("internal", f"internal error: {type(e).__name__}: {e}") from None
 
     def _observe(self, result: GenerationResult, wall: float) -> None:
         m, lbl = self.metrics, self.metrics.lbl()
@@ -588,7 +691,9 @@ def _http_outputs(doc: dict[str, Any], params: dict[str, Any]) -> tuple[list[str
 class HttpApp:
     """aiohttp handlers over a Frontend; with `api_key`, only health and /metrics are open."""
 
-    def __init__(self, front: Frontend, api_key: ApiKey | None = None):
+    def __init__(self, front: Frontend, api_key: ApiKey | None = None, chat: ChatTemplate | None = None):
+        from .llm_api import LlmRoutes
+
         self.front = front
         self.api_key = api_key
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
@@ -600,6 +705,8 @@ class HttpApp:
             r.add_get(base, self.model_metadata)
             r.add_get(base + "/ready", self.model_ready)
             r.add_post(base + "/infer", self.infer)
+            r.add_get(base + "/config", self.model_config)
+        LlmRoutes(front, chat).add_to(r)
         r.add_get("/metrics", self.metrics)
         self.open = (self.live, self.ready, self.model_ready, self.metrics)
 
@@ -642,6 +749,10 @@ class HttpApp:
     async def model_metadata(self, request: web.Request) -> web.Response:
         m = request.match_info
         return _json_response(self.front.model_metadata(m["model"], m.get("version", "")))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json_response(self.front.model_config(m["model"], m.get("version", "")))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -787,6 +898,9 @@ class GrpcService:
                 request_deserializer=None,  # raw bytes: parsed in _wrap so a bad message gets a clear status
                 response_serializer=resp_cls.SerializeToString,
             )
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer, request_deserializer=None,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString)
         return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
     def _wrap(self, name: str, fn, req_cls):
@@ -828,6 +942,73 @@ class GrpcService:
             name=md["name"], versions=md["versions"], platform=md["platform"],
             inputs=[tm(**t) for t in md["inputs"]], outputs=[tm(**t) for t in md["outputs"]],
         )
+
+    async def ModelConfig(self, req: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        config = json_format.ParseDict(self.front.model_config(req.name, req.version), mc.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Decoupled streaming: every request on the stream gets one response per generated token
+        (output_ids: that token; text: the text it completes, maybe empty), the last flagged
+        `triton_final_response` true (the others false); a failed request gets one response with
+        `error_message` naming its id, and the stream goes on. Requests run concurrently; their
+        responses interleave. The stream ends once the client has half-closed and every request
+        has finished; a cancelled stream cancels them all."""
+        if self.api_key is not None and not self.api_key.accepts(_metadata(context, "authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def read() -> None:
+            async for raw in requests:
+                task = asyncio.create_task(self._stream_one(raw, out))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (resp := await out.get()) is not None:
+                yield resp
+            await reader
+        finally:
+            for t in (reader, *tasks):
+                t.cancel()
+
+    async def _stream_one(self, raw: bytes, out: asyncio.Queue) -> None:
+        front = self.front
+        rid = ""
+        try:
+            try:
+                req = pb.ModelInferRequest.FromString(raw)
+            except (DecodeError, RuntimeWarning) as e:
+                raise _invalid(f"ModelStreamInfer: malformed ModelInferRequest protobuf ({e})") from None
+            rid = req.id
+            front.check_model(req.model_name, req.model_version)
+            params = {k: _grpc_param(v) for k, v in req.parameters.items()}
+            job = front.parse(_grpc_inputs(req), params, req.id, [o.name for o in req.outputs] or None)
+            suffix = [1] if job.rank == 1 else [1, 1]
+            async with contextlib.aclosing(front.stream(job.request)) as deltas:
+                async for d in deltas:
+                    resp = pb.ModelInferResponse(model_name=front.info.name, model_version=front.info.version, id=req.id)
+                    for t in job.outputs:
+                        ot = (OutTensor(OUTPUT_IDS, "INT64", suffix[:-1] + [len(d.ids)], ids=d.ids) if t == OUTPUT_IDS
+                              else OutTensor(OUTPUT_TEXT, "BYTES", suffix, text=d.text))
+                        resp.outputs.add(name=ot.name, datatype=ot.datatype, shape=ot.shape)
+                        resp.raw_output_contents.append(ot.to_bytes())
+                    resp.parameters["triton_final_response"].bool_param = d.finish_reason is not None
+                    if d.finish_reason is not None:
+                        resp.parameters["finish_reason"].string_param = d.finish_reason
+                    await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+        except InferError as e:
+            front.count_failure(e)
+            final = pb.ModelInferResponse(model_name=front.info.name, model_version=front.info.version, id=rid)
+            final.parameters["triton_final_response"].bool_param = True
+            await out.put(pb.ModelStreamInferResponse(
+                error_message=f"request '{rid}': {e.message}" if rid else e.message, infer_response=final))
 
     async def ModelInfer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
         front = self.front
@@ -930,7 +1111,7 @@ async def serve(
     # auto_decompress off: _decompress gives clear errors for bad gzip/deflate and bounds the size.
     # handler_cancellation: a client that disconnects cancels its handler, and so its generation
     # (aiohttp's default keeps generating to max_tokens for nobody).
-    runner = web.AppRunner(HttpApp(front, api_key).app, access_log=None, shutdown_timeout=grace, auto_decompress=False,
+    runner = web.AppRunner(HttpApp(front, api_key, load_chat_template(checkpoint_dir)).app, access_log=None, shutdown_timeout=grace, auto_decompress=False,
                            handler_cancellation=True)
     await runner.setup()
     try:

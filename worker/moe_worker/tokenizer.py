@@ -26,7 +26,9 @@ class Tokenizer(Protocol):
     name: str
     """What the server reports: 'tokenizer.json' or 'bytes'."""
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; `special`: add the tokenizer's special tokens (BOS) as it is set up to."""
+        ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -41,7 +43,7 @@ class ByteTokenizer:
             raise TokenizerError(f"the byte-level tokenizer needs a vocabulary of >= 256 ids, this model has {vocab_size}")
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -79,8 +81,8 @@ class HFTokenizer:
             raise TokenizerError(f"{path}: tokenizer has {size} ids, the model's vocabulary only {vocab_size}")
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=True).ids)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -160,6 +160,8 @@ class GroupEngine:
             )
         if not (isinstance(req.temperature, (int, float)) and math.isfinite(req.temperature) and req.temperature >= 0):
             raise RequestError(f"temperature must be a finite number >= 0, got {req.temperature}")
+        if not (isinstance(req.top_p, (int, float)) and 0 < req.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1], got {req.top_p}")
 
     def submit(self, req: GenerationRequest, *, want_logits: bool = False) -> _Ticket:
         """Queue a request (thread-safe); the ticket's `done` event fires when it finishes."""

@@ -45,6 +45,7 @@ class _SeqState:
     drawn: int
     """Tokens generated so far (the index of the next draw)."""
     want_logits: bool
+    top_p: float = 1.0
 
 
 class RankRunner:
@@ -238,7 +239,7 @@ class RankRunner:
         if st.temperature > 0:
             gen = self._rng
             gen.manual_seed(token_seed(st.seed, st.drawn))
-        tok = sample(row, st.temperature, gen)
+        tok = sample(row, st.temperature, gen, st.top_p)
         st.drawn += 1
         return tok
 
@@ -248,7 +249,7 @@ class RankRunner:
         try:
             seed = w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little")
             self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, seed, w.drawn,
-                                         w.want_logits)
+                                         w.want_logits, w.top_p)
             return False
         except (torch.OutOfMemoryError, MemoryError) as e:
             failed[w.seq] = f"rank {self.rank} has no memory for a KV cache of {w.max_len} positions: {e}"

@@ -155,7 +155,7 @@ class Scheduler:
                 self._next_seq += 1
                 req = t.req
                 w = SeqWork(seq, tokens, 0, new=True, max_len=kv, temperature=req.temperature, seed=t.seed,
-                            want_logits=t.want_logits, drawn=len(t.output))
+                            want_logits=t.want_logits, drawn=len(t.output), top_p=req.top_p)
                 self.running[seq] = _Running(t, rank, 0, w, kv)
                 self.per_rank[rank] += 1
                 self.kv_used[rank] += kv

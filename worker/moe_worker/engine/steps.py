@@ -35,6 +35,7 @@ class SeqWork:
     drawn: int = 0
     """With `new`: tokens the sequence already generated (a sequence recomputed after a fault
     from prompt + output: its next draw is number `drawn`)."""
+    top_p: float = 1.0
 
 
 @dataclass
@@ -82,7 +83,8 @@ def encode_plan(plan: StepPlan) -> bytes:
     doc = {
         "step": plan.step, "micro_batches": plan.micro_batches, "switch_to": plan.switch_to,
         "resize": plan.resize, "stop": plan.stop, "release": plan.release,
-        "work": [[[w.seq, w.tokens, w.start, w.new, w.max_len, w.temperature, w.seed, w.want_logits, w.drawn]
+        "work": [[[w.seq, w.tokens, w.start, w.new, w.max_len, w.temperature, w.seed, w.want_logits, w.drawn,
+                   w.top_p]
                   for w in ws] for ws in plan.work],
     }
     return _dump(doc)
@@ -172,21 +174,23 @@ def _float(v: Any, where: str) -> float:
 def _seq_work(item: Any, where: str) -> SeqWork:
     # Every rank decodes every sequence of every step: plain type() checks, one branch for the
     # common case, the detailed message only for a bad item.
-    if type(item) is not list or len(item) != 9:
-        raise WireError(f"{where} must be [seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn]")
-    seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn = item
+    if type(item) is not list or len(item) != 10:
+        raise WireError(f"{where} must be [seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn, "
+                        f"top_p]")
+    seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn, top_p = item
     ok = (type(seq) is int and type(start) is int and type(max_len) is int and type(drawn) is int
           and min(seq, start, max_len, drawn) >= 0 and max(seq, start, max_len, drawn) < 2**63
           and type(new) is bool and type(want_logits) is bool
           and (seed is None or (type(seed) is int and -(2**63) <= seed < 2**63))
           and type(tokens) is list and tokens and all(type(t) is int for t in tokens)
           and min(tokens) >= 0 and max(tokens) < 2**63
-          and type(temperature) in (int, float) and math.isfinite(temperature) and temperature >= 0)
+          and type(temperature) in (int, float) and math.isfinite(temperature) and temperature >= 0
+          and type(top_p) in (int, float) and 0 < top_p <= 1)
     if not ok:
         raise WireError(f"{where} must be [seq >= 0, non-empty tokens (integers >= 0), start >= 0, new (bool), "
                         f"max_len >= 0, temperature (finite, >= 0), seed (integer or null), want_logits (bool), "
-                        f"drawn >= 0], got {str(item)[:200]}")
-    return SeqWork(seq, tokens, start, new, max_len, float(temperature), seed, want_logits, drawn)
+                        f"drawn >= 0, top_p in (0, 1]], got {str(item)[:200]}")
+    return SeqWork(seq, tokens, start, new, max_len, float(temperature), seed, want_logits, drawn, float(top_p))
 
 
 class _Fields:
