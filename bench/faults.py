@@ -17,6 +17,7 @@ again:
     node-delete        the Node object of the node holding ranks 8-15 deleted (its processes stop)
     node-drain         kubectl drain of the node holding ranks 8-15 now (eviction API, PDB)
     apiserver-restart  kube-apiserver stopped and started again
+    etcd-restart       etcd stopped and started again (the API server fails while it is down)
     leader-kill        SIGKILL of rank 3, then at once of the operator leader: the other replica
                        must finish the recovery
 
@@ -56,7 +57,7 @@ from moe_operator.localdev.localrunner import rank_processes, router_process  # 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400]]
 NEW = 6
 FAULTS = ["rank-kill", "rank-stop", "front-kill", "router-kill", "node-delete", "node-drain", "apiserver-restart",
-          "leader-kill"]
+          "etcd-restart", "leader-kill"]
 
 
 class Bench:
@@ -201,6 +202,9 @@ class Bench:
             return ranks
         if fault == "apiserver-restart":
             devcluster.restart(self.c, "kube-apiserver")
+            return set()
+        if fault == "etcd-restart":
+            devcluster.restart(self.c, "etcd")
             return set()
         if fault == "leader-kill":
             os.kill(pids[3], signal.SIGKILL)
