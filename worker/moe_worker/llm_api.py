@@ -186,6 +186,10 @@ class LlmRoutes:
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
 
+    def _error(self, e: InferError, shape) -> web.Response:
+        self.front.count_failure(e)
+        return shape(e)
+
     # ---- OIP generate ----
 
     def _oip_request(self, request: web.Request, doc: dict[str, Any]) -> tuple[GenerationRequest, list[str]]:
@@ -219,7 +223,7 @@ class LlmRoutes:
                 async for d in deltas:
                     got.add(d)
         except InferError as e:
-            return _oip_error(e)
+            return self._error(e, _oip_error)
         return web.json_response(self._oip_doc(req, "".join(got.text), got.finish_reason))
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -228,7 +232,7 @@ class LlmRoutes:
             stream = self.front.stream(req, stop)
             first, rest = await _first_then_rest(stream)
         except InferError as e:
-            return _oip_error(e)
+            return self._error(e, _oip_error)
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         async with contextlib.aclosing(rest):
@@ -241,6 +245,7 @@ class LlmRoutes:
                     await resp.write(_sse(doc))
                     d = await _next(rest)
             except InferError as e:
+                self.front.count_failure(e)
                 await resp.write(_sse({"error": e.message}))
         await resp.write_eof()
         return resp
@@ -355,7 +360,7 @@ class LlmRoutes:
             deltas = self.front.stream(req, s.stop)
             first, rest = await _first_then_rest(deltas)
         except InferError as e:
-            return _openai_error(e)
+            return self._error(e, _openai_error)
         kind = "chat.completion" if chat else "text_completion"
         base = {"id": rid, "created": created, "model": self.front.info.name}
         if not stream:
@@ -367,7 +372,7 @@ class LlmRoutes:
                         got.add(d)
                         d = await _next(rest)
             except InferError as e:
-                return _openai_error(e)
+                return self._error(e, _openai_error)
             text = "".join(got.text)
             choice: dict[str, Any] = {"index": 0, "finish_reason": OPENAI_FINISH[got.finish_reason], "logprobs": None}
             if chat:
@@ -410,6 +415,7 @@ class LlmRoutes:
                     await resp.write(_sse({**base, "object": chunk_kind, "choices": [],
                                            "usage": _usage(len(prompt), n_out)}))
             except InferError as e:
+                self.front.count_failure(e)
                 await resp.write(_sse({"error": {"message": e.message, "type": OPENAI_TYPE[e.kind], "param": None,
                                                  "code": OIP_STATUS[e.kind] if e.kind != "invalid" else 400}}))
         await resp.write(b"data: [DONE]\n\n")

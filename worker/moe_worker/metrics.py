@@ -52,6 +52,9 @@ class WorkerMetrics:
                                       ["rank", "group"], buckets=_REQ_BUCKETS, registry=r)
         self.itl_seconds = Histogram("moe_inter_token_seconds", "Time between consecutive output tokens of a request.",
                                      ["rank", "group"], buckets=_STEP_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("moe_queue_seconds", "Time a request waited before it was scheduled "
+                                       "(admitted to a rank's batch).", ["rank", "group"], buckets=_REQ_BUCKETS,
+                                       registry=r)
         self.queue_depth = Gauge("moe_queue_depth_requests", "Requests waiting to be scheduled.",
                                  ["rank", "group"], registry=r)
         self.running = Gauge("moe_running_requests", "Requests in the running batch.", ["rank", "group"], registry=r)

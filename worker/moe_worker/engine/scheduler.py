@@ -151,6 +151,8 @@ class Scheduler:
                 if rank is None:
                     break
                 self.waiting.popleft()
+                if self.metrics is not None and not t.output:  # first admission (a recomputation is not queueing)
+                    self.metrics.queue_seconds.labels(**self.metrics.lbl()).observe(time.monotonic() - t.arrived)
                 seq = self._next_seq
                 self._next_seq += 1
                 req = t.req
