@@ -1,4 +1,4 @@
-"""KServe v2 serving overhead: N concurrent tritonclient clients vs the same generation done directly.
+"""KServe v2 serving overhead and streaming: N concurrent tritonclient clients vs the same generation done directly.
 
 Baseline ("direct"): a process with the engine (`GroupEngine`, one rank) and N asyncio tasks calling
 `engine.generate` back to back. Then, for each protocol (tritonclient HTTP with JSON tensors, HTTP
@@ -6,9 +6,13 @@ with binary tensors, gRPC), N client threads in this process send the same reque
 process (`moe_worker.server.serve` over the same kind of engine). Every request is greedy with a
 fixed prompt length and `--max-tokens`, so each mode does the same work per request. The modes take
 turns in `--rounds` rounds of `--duration / --rounds` seconds each, so drift on a shared machine
-hits all of them alike.
+hits all of them alike. `grpc-stream` sends the same requests over ModelStreamInfer (one response
+per token): its TTFT is the first token's response, where the non-streamed modes' TTFT is the whole
+answer (their first token arrives with it). With `--perf-analyzer`, Triton's perf_analyzer (`make
+perf-analyzer` installs it outside the repo) then runs a concurrency sweep 1..16 against the server
+over HTTP, gRPC and gRPC streaming and the run fails on any error it reports.
 
-Columns: output tokens/s, request latency p50/p99, `batch` = mean sequences per engine forward
+Columns: output tokens/s, request latency p50/p99, time to first token p50/p99, `batch` = mean sequences per engine forward
 (the engine admits the requests waiting at a step boundary and decodes every running sequence in
 each step, so how clients' requests line up in time matters as much as the protocol), `same` = fraction of
 responses whose tokens equal a batch-1 generation of the same prompt (batching rounds logits
@@ -41,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("http-json", "http-binary", "grpc")
+MODES = ("http-json", "http-binary", "grpc", "grpc-stream")
 
 
 def tiny_ep16_config() -> dict:
@@ -64,6 +68,7 @@ class Tally:
     def __init__(self, mode: str):
         self.mode = mode
         self.lat: list[float] = []
+        self.ttft: list[float] = []
         self.tokens = 0
         self.errors = 0
         self.elapsed = 0.0
@@ -73,20 +78,20 @@ class Tally:
 
     def add(self, seg: dict) -> None:
         self.lat += seg["lat"]
+        self.ttft += seg.get("ttft", seg["lat"])
         self.tokens += seg["tokens"]
         self.errors += seg["errors"]
         self.elapsed += seg["elapsed"]
         self.same += seg["same"]
 
     def row(self) -> dict:
-        lat = sorted(self.lat)
+        def pct(xs: list[float], q: float) -> float:
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else float("nan")
 
-        def pct(q: float) -> float:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else float("nan")
-
-        return {"mode": self.mode, "requests": len(lat), "errors": self.errors,
-                "tok_s": self.tokens / self.elapsed if self.elapsed else 0.0, "p50_ms": pct(0.50),
-                "p99_ms": pct(0.99), "same": sum(self.same) / len(self.same) if self.same else None,
+        return {"mode": self.mode, "requests": len(self.lat), "errors": self.errors,
+                "tok_s": self.tokens / self.elapsed if self.elapsed else 0.0, "p50_ms": pct(self.lat, 0.50),
+                "p99_ms": pct(self.lat, 0.99), "ttft50_ms": pct(self.ttft, 0.50), "ttft99_ms": pct(self.ttft, 0.99), "same": sum(self.same) / len(self.same) if self.same else None,
                 "batch": self.rows / self.steps if self.steps else None}
 
 
@@ -224,13 +229,32 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    seg = {"lat": [], "tokens": 0, "errors": 0, "same": []}
+    seg = {"lat": [], "ttft": [], "tokens": 0, "errors": 0, "same": []}
     lock = threading.Lock()
     errors_seen: list[str] = []
     params = {"max_tokens": a.max_tokens}
+    first_token: dict[int, float] = {}  # worker -> time of the current request's first token
 
-    def one(client, i: int) -> list[int]:
+    def one(client, i: int, c: int) -> list[int]:
         arr = np.asarray([ps[i]], dtype=np.int64)
+        if mode == "grpc-stream":
+            import queue
+
+            got: queue.Queue = queue.Queue()
+            client._moe_sink = got  # the stream's callback (started below) feeds this worker's queue
+            inp = tg.InferInput("input_ids", list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            client.async_stream_infer(a.model, [inp], parameters=params)
+            out: list[int] = []
+            while True:
+                result, error = got.get(timeout=600)
+                if error is not None:
+                    raise RuntimeError(str(error))
+                if not out:
+                    first_token[c] = time.perf_counter()
+                out += [int(t) for t in result.as_numpy("output_ids").reshape(-1)]
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return out
         if mode == "grpc":
             inp = tg.InferInput("input_ids", list(arr.shape), "INT64")
             inp.set_data_from_numpy(arr)
@@ -243,8 +267,11 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
             r = client.infer(a.model, [inp], outputs=outs, parameters=params)
         return [int(t) for t in r.as_numpy("output_ids").reshape(-1)]
 
-    clients = [tg.InferenceServerClient(url) if mode == "grpc" else th.InferenceServerClient(url)
+    clients = [tg.InferenceServerClient(url) if mode.startswith("grpc") else th.InferenceServerClient(url)
                for _ in range(a.clients)]
+    if mode == "grpc-stream":
+        for cl in clients:
+            cl.start_stream(callback=lambda result, error, cl=cl: cl._moe_sink.put((result, error)))
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -254,7 +281,7 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
             i = k % len(ps)
             t = time.perf_counter()
             try:
-                out = one(clients[c], i)
+                out = one(clients[c], i, c)
             except Exception as e:
                 with lock:
                     seg["errors"] += 1
@@ -263,6 +290,7 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
             dt = time.perf_counter() - t
             with lock:
                 seg["lat"].append(dt)
+                seg["ttft"].append(first_token.pop(c, t + dt) - t)
                 seg["tokens"] += len(out)
                 if ref is not None:
                     seg["same"].append(out == ref[i])
@@ -275,6 +303,8 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
         t.join()
     seg["elapsed"] = time.perf_counter() - start
     for c in clients:
+        if mode == "grpc-stream":
+            c.stop_stream()
         c.close()
     if errors_seen:
         print(f"{mode}: {len(errors_seen)} errors, first: {errors_seen[0]}", file=sys.stderr)
@@ -284,7 +314,8 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
 def print_table(rows: list[dict], base: dict | None, a) -> None:
     print(f"\n{a.clients} clients, {a.rounds} rounds x {a.duration / a.rounds:g} s per mode, prompt {a.prompt_len} "
           f"tokens, {a.max_tokens} output tokens per request, greedy; model {a.model}")
-    hdr = (f"{'mode':<12} {'requests':>8} {'errors':>6} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} "
+    hdr = (f"{'mode':<12} {'requests':>8} {'errors':>6} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'TTFT p50':>8} "
+           f"{'TTFT p99':>8} {'batch':>5} "
            f"{'same':>5} {'tok/s x':>8} {'p50 x':>6} {'p99 x':>6}")
     print(hdr)
     print("-" * len(hdr))
@@ -297,7 +328,7 @@ def print_table(rows: list[dict], base: dict | None, a) -> None:
             ratios = (f"{r['tok_s'] / base['tok_s']:>8.2f} {r['p50_ms'] / base['p50_ms']:>6.2f} "
                       f"{r['p99_ms'] / base['p99_ms']:>6.2f}")
         print(f"{r['mode']:<12} {r['requests']:>8} {r['errors']:>6} {r['tok_s']:>8.1f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {batch:>5} {same:>5} {ratios}")
+              f"{r['p99_ms']:>8.1f} {r['ttft50_ms']:>8.1f} {r['ttft99_ms']:>8.1f} {batch:>5} {same:>5} {ratios}")
 
 
 def main() -> int:
@@ -347,9 +378,10 @@ def main() -> int:
         if a.url is None:
             server = Child(a, "server")
             children.append(server)
-            urls = {"http-json": server.hello["http"], "http-binary": server.hello["http"], "grpc": server.hello["grpc"]}
+            urls = {"http-json": server.hello["http"], "http-binary": server.hello["http"], "grpc": server.hello["grpc"],
+                    "grpc-stream": server.hello["grpc"]}
         else:
-            urls = {"http-json": a.url, "http-binary": a.url, "grpc": a.grpc_url}
+            urls = {"http-json": a.url, "http-binary": a.url, "grpc": a.grpc_url, "grpc-stream": a.grpc_url}
         # The direct child's prompts; without a checkpoint, ids < 256 fit any model this serves.
         vocab = json.loads((Path(a.checkpoint) / "config.json").read_text())["vocab_size"] if a.checkpoint else 256
         ps = prompts(a.num_prompts, a.prompt_len, vocab)
