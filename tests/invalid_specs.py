@@ -81,6 +81,10 @@ CASES: list[tuple[str, dict, str]] = [
     ("env-name-invalid", {"worker.env": [{"name": "1BAD", "value": "x"}]}, "spec.worker.env[0].name"),
     ("ports-collide", {"serving.grpcPort": 8080}, "spec.serving"),
     ("port-out-of-range", {"serving.httpPort": 70000}, "spec.serving.httpPort"),
+    ("openai-port-is-grpc-port", {"serving.openaiPort": 8081}, "spec.serving.openaiPort"),
+    ("openai-port-is-metrics-port", {"serving.openaiPort": 9400}, "spec.serving.openaiPort"),
+    # the default openaiPort (8000) is taken too: a spec with grpcPort 8000 must now move one of them
+    ("grpc-port-is-default-openai-port", {"serving.grpcPort": 8000}, "spec.serving.openaiPort"),
     ("model-name-invalid", {"serving.modelName": "my model"}, "spec.serving.modelName"),
     ("source-neither-addresses-nor-pods", {"serving.allowedSources": [{}]}, "spec.serving.allowedSources[0]"),
     ("source-addresses-and-pods", {"serving.allowedSources": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]},

@@ -223,3 +223,51 @@ def test_the_client_service_selects_the_routers_or_with_none_the_front_ranks():
         else:
             assert not sel.items() <= router.items()
             assert [r[resources.L_RANK] for r in picked] == ["0", "0"] and {r[resources.L_GROUP] for r in picked} == {"0", "1"}
+
+
+# --- the client Service's OpenAI port ----------------------------------------------------------------
+
+def _service_ports(spec: api.MoEDeploymentSpec) -> dict[str, tuple[int, str, str | None]]:
+    ports = resources.client_service(OWNER, spec)["spec"]["ports"]
+    # the API server refuses a Service with two ports of one number (and protocol), or one name twice
+    assert len({p["port"] for p in ports}) == len({p["name"] for p in ports}) == len(ports)
+    return {p["name"]: (p["port"], p["targetPort"], p.get("appProtocol")) for p in ports}
+
+
+def test_the_client_service_serves_the_openai_api_on_port_8000_to_the_http_port():
+    for n in (2, 0):  # routers or front ranks behind it, the same ports
+        assert _service_ports(_spec(serving={"routerReplicas": n})) == {
+            "http": (8080, "http", None), "grpc": (8081, "grpc", "grpc"), "openai": (8000, "http", "http")}
+    got = _service_ports(_spec(serving={"openaiPort": 80, "httpPort": 18080}))
+    assert got["openai"] == (80, "http", "http") and got["http"] == (18080, "http", None)
+    # the target is a container port of whatever the Service selects, routers and front ranks alike
+    spec = _spec()
+    p = plan(shape_of(spec), Topology.synthetic(2, 8), redundant=4)
+    front = resources.rank_pod(OWNER, spec, p, 0, 0, "h")["spec"]["containers"][0]["ports"]
+    for ports in (front, _router_container(resources.router_deployment(OWNER, spec))["ports"]):
+        assert {c["name"]: c["containerPort"] for c in ports}["http"] == spec.serving.http_port
+        assert spec.serving.openai_port not in {c["containerPort"] for c in ports}
+
+
+def test_an_openai_port_equal_to_the_http_port_adds_no_port():
+    for serving in ({"httpPort": 8000}, {"openaiPort": 8080}):
+        spec = _spec(serving=serving)
+        assert spec.serving.openai_port == spec.serving.http_port
+        assert _service_ports(spec) == {"http": (spec.serving.http_port, "http", None),
+                                        "grpc": (8081, "grpc", "grpc")}
+
+
+def test_the_openai_port_restarts_no_rank_and_no_router():
+    base = _spec()
+    kv = perfmodel.KvAdmission(cache_tokens=8192, max_context=1024, max_seqs=8, model_context=1024)
+    p = plan(shape_of(base), Topology.synthetic(2, 8), redundant=4)
+    h = resources.pod_spec_hash(base, kv, "uid")
+    for port in (9000, 8080):
+        spec = _spec(serving={"openaiPort": port})
+        assert resources.client_service(OWNER, spec) != resources.client_service(OWNER, base)
+        assert resources.pod_spec_hash(spec, kv, "uid") == h
+        for rank in (0, 1):
+            assert resources.rank_pod(OWNER, spec, p, 1, rank, h, kv) == resources.rank_pod(OWNER, base, p, 1, rank, h, kv)
+        for build in (resources.router_deployment, resources.headless_service,
+                      resources.network_policy, resources.router_network_policy):
+            assert build(OWNER, spec) == build(OWNER, base), build.__name__

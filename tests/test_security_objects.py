@@ -251,6 +251,31 @@ def test_routers_admit_the_specs_clients_and_metrics_scrapers():
     assert policy["spec"]["ingress"] == [ranks[1], ranks[2]]
 
 
+def test_every_client_service_port_reaches_a_port_the_allowed_sources_are_admitted_to():
+    # A Service forwards to its targetPort; a NetworkPolicy sees that port, not the Service's, so the
+    # `openai` port (8000 -> the container port `http`) needs no rule of its own.
+    gw_ns = {**ns_labels("gw"), "team": "ml"}
+    for routers in (2, 0):
+        spec = spec_with(routerReplicas=routers, allowedSources=[{"namespaceSelector": {"matchLabels": {"team": "ml"}}}])
+        svc = resources.client_service(OWNER, spec)["spec"]
+        if routers:
+            policy = resources.router_network_policy(OWNER, spec)
+            target = resources.router_deployment(OWNER, spec)["spec"]["template"]
+            dst = target["metadata"]["labels"]
+            container_ports = {p["name"]: p["containerPort"] for p in target["spec"]["containers"][0]["ports"]}
+        else:
+            policy = resources.network_policy(OWNER, spec)
+            front = next(p for p in pods_of(OWNER, spec) if labels(p).get(resources.L_FRONT) == "true")
+            dst, container_ports = labels(front), ports_of(front)
+        assert selects({"matchLabels": svc["selector"]}, dst)
+        assert {p["name"] for p in svc["ports"]} == {"http", "grpc", "openai"}
+        for port in svc["ports"]:
+            target_port = container_ports[port["targetPort"]]
+            assert admits(policy, {"app": "gateway"}, gw_ns, "gw", dst, target_port), (routers, port)
+            assert not admits(policy, {"app": "gateway"}, ns_labels("gw"), "gw", dst, target_port), (routers, port)
+        assert not admits(policy, {"app": "gateway"}, gw_ns, "gw", dst, spec.serving.openai_port)
+
+
 def test_the_router_budget_lets_one_router_go_at_a_time():
     pdb = resources.router_pod_disruption_budget(OWNER)
     assert pdb["metadata"]["name"] == "tiny-router" and pdb["spec"]["maxUnavailable"] == 1

@@ -336,21 +336,37 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key inside the Secret.")
 
 
+OPENAI_PORT_CLASH = "openaiPort must differ from grpcPort and metricsPort"
+
+
 class Serving(_Model):
-    """Ports the front rank serves on (KServe v2 HTTP and gRPC) and every rank's metrics port, who
-    may reach them, the optional API key, and the routers in front of the front ranks."""
+    """Ports the front rank serves on (KServe v2 HTTP and gRPC; the OpenAI API on the HTTP port, which
+    the client Service also exposes as `openaiPort`) and every rank's metrics port, who may reach
+    them, the optional API key, and the routers in front of the front ranks."""
 
     cel: ClassVar[list[dict[str, str]]] = [
         {"rule": "self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && self.grpcPort != self.metricsPort",
          "message": "httpPort, grpcPort and metricsPort must differ"},
+        {"rule": "self.openaiPort != self.grpcPort && self.openaiPort != self.metricsPort",
+         "message": OPENAI_PORT_CLASH, "fieldPath": ".openaiPort"},
     ]
     # The fields that only shape the NetworkPolicies: changing them restarts no rank.
     NETWORK_FIELDS: ClassVar[tuple[str, ...]] = ("allowed_sources", "metrics_namespaces")
     # The fields that only shape the routers in front of the ranks: changing them restarts no rank either.
     ROUTER_FIELDS: ClassVar[tuple[str, ...]] = ("router_replicas", "router_node_selector")
+    # The fields that only shape the client Service: changing them restarts no rank and no router.
+    SERVICE_FIELDS: ClassVar[tuple[str, ...]] = ("openai_port",)
 
     http_port: Port = Field(8080, description="KServe v2 HTTP port.")
     grpc_port: Port = Field(8081, description="KServe v2 gRPC port.")
+    openai_port: Port = Field(
+        8000,
+        description="The client Service's port named `openai`, for the OpenAI-compatible API "
+                    "(`http://NAME.NAMESPACE:8000/v1`, where vLLM-style clients and gateways expect it). It "
+                    "targets the HTTP port, which serves the OpenAI API beside KServe v2: no pod listens on "
+                    "it, and changing it restarts nothing. Equal to httpPort: the Service's `http` port "
+                    "serves it and there is no `openai` port (a Service cannot have two ports of one number), "
+                    "so a deployment with httpPort 8000 stays valid. Must differ from grpcPort and metricsPort.")
     metrics_port: Port = Field(9400, description="Prometheus /metrics port on every rank.")
     model_name: str = Field("moe", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Model name in KServe v2 URLs.")
     allowed_sources: list[NetworkPeer] = Field(
@@ -385,6 +401,8 @@ class Serving(_Model):
     def _check(self) -> Serving:
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise SpecError("spec.serving", "httpPort, grpcPort and metricsPort must differ")
+        if self.openai_port in (self.grpc_port, self.metrics_port):
+            raise SpecError("spec.serving.openaiPort", OPENAI_PORT_CLASH)
         return self
 
 

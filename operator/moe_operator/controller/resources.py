@@ -179,7 +179,8 @@ def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None, ra
     """Hash of everything that needs the rank processes restarted when it changes.
 
     Not the expert map (ranks switch maps live), not load-balancing settings, not who may reach
-    the pods (the NetworkPolicy changes in place) and not the routers (a Deployment of their own).
+    the pods (the NetworkPolicy changes in place), not the routers (a Deployment of their own) and
+    not the client Service's OpenAI port (no pod listens on it).
     The admission settings are in: a group's ranks must agree on them. So is `rank_key`, the uid of
     the rank key Secret: a Secret deleted and created again holds a new key, which ranks started
     before it do not share, so the groups restart together on it.
@@ -189,7 +190,8 @@ def pod_spec_hash(spec: api.MoEDeploymentSpec, kv: KvAdmission | None = None, ra
         "parallelism": spec.parallelism.model_dump(mode="json", exclude={"replicas"}),
         "worker": spec.worker.model_dump(mode="json"),
         "serving": spec.serving.model_dump(mode="json",
-                                           exclude={*api.Serving.NETWORK_FIELDS, *api.Serving.ROUTER_FIELDS}),
+                                           exclude={*api.Serving.NETWORK_FIELDS, *api.Serving.ROUTER_FIELDS,
+                                                    *api.Serving.SERVICE_FIELDS}),
         "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
         "gpuResource": spec.placement.gpu_resource,
     }
@@ -235,20 +237,25 @@ def headless_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any
 def client_service(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
     """The Service clients use: it selects the router pods, or the front ranks when
     `serving.routerReplicas` is 0. The switch takes effect at once: going from 0 to some routers,
-    new connections are refused until the first router is Ready (seconds)."""
-    if spec.serving.router_replicas > 0:
+    new connections are refused until the first router is Ready (seconds).
+
+    Its ports: `http` (KServe v2, the OIP generate extension and the OpenAI API), `grpc`, and
+    `openai`, a second way to the HTTP port at `serving.openaiPort`, left out when that is the HTTP
+    port itself. Every port targets a container port, so the NetworkPolicies, which see the
+    target port, admit `openai` through the rule for `http`."""
+    s = spec.serving
+    if s.router_replicas > 0:
         selector = router_selector(owner)
     else:
         selector = {L_DEPLOYMENT: owner.name, L_FRONT: "true"}
+    ports = [{"name": "http", "port": s.http_port, "targetPort": "http"},
+             {"name": "grpc", "port": s.grpc_port, "targetPort": "grpc", "appProtocol": "grpc"}]
+    if s.openai_port != s.http_port:
+        ports.append({"name": "openai", "port": s.openai_port, "targetPort": "http", "appProtocol": "http"})
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(names.client_service(owner.name), owner, group_labels(owner)),
-        "spec": {
-            "selector": selector,
-            "ports": [{"name": "http", "port": spec.serving.http_port, "targetPort": "http"},
-                      {"name": "grpc", "port": spec.serving.grpc_port, "targetPort": "grpc",
-                       "appProtocol": "grpc"}],
-        },
+        "spec": {"selector": selector, "ports": ports},
     }
 
 
