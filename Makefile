@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all venv testbin lint crd test unit demo clean-cluster
+.PHONY: all venv testbin perf-analyzer lint crd test unit demo clean-cluster
 
 all: test
 
@@ -21,6 +21,11 @@ venv: $(STAMP)
 # Control-plane binaries, built once into ~/.cache/moe-operator (see hack/README.md).
 testbin:
 	bash hack/build-testbin.sh >/dev/null
+
+# Triton's perf_analyzer for the serving benchmarks, into ~/.cache/moe-operator; prints the path of
+# the wrapper to run (see hack/README.md).
+perf-analyzer:
+	bash hack/perf-analyzer.sh
 
 lint: venv
 	$(VENV)/bin/ruff check common operator worker tests bench hack dashboards
