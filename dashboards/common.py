@@ -3,6 +3,8 @@
 Label conventions the queries rely on (see charts/moe-operator/templates/podmonitor.yaml):
 - worker series carry `rank` and `group` from the worker itself, and `namespace` and `deployment`
   (the MoEDeployment's name) from the PodMonitor's relabelling;
+- router series (pods `NAME-router`) carry `namespace` and `deployment` from their own PodMonitor and
+  no `group` or `rank`: router queries match DEPLOY, never WORKER;
 - operator series carry their own `namespace` and `deployment` labels where they have them (the
   ServiceMonitor keeps them with honorLabels).
 Variables match with `=~` and "All" means `.*`, which also matches a series without that label, so
