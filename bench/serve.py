@@ -311,6 +311,51 @@ def client_segment(mode: str, a, url: str, ps: list[list[int]], ref: list[list[i
     return seg
 
 
+PERF_ANALYZER = Path.home() / ".cache" / "moe-operator" / "bin" / "perf_analyzer"
+
+
+def perf_analyzer_sweeps(a, http_url: str, grpc_url: str, ps: list[list[int]], work: Path) -> list[dict]:
+    """perf_analyzer's concurrency sweep over HTTP, gRPC and gRPC streaming: one row per
+    (protocol, concurrency) from its CSV; a sweep that reports an error fails the run."""
+    import csv
+
+    data = work / "ids.json"
+    data.write_text(json.dumps({"data": [{"input_ids": {"content": p, "shape": [len(p)]}} for p in ps]}))
+    sweeps = {"http": ["-u", http_url], "grpc": ["-i", "grpc", "-u", grpc_url,
+                                                 "--request-parameter", f"max_tokens:{a.max_tokens}:int"],
+              "grpc-streaming": ["-i", "grpc", "-u", grpc_url, "--streaming",
+                                 "--request-parameter", f"max_tokens:{a.max_tokens}:int"]}
+    rows = []
+    for name, args in sweeps.items():
+        out = work / f"{name}.csv"
+        cmd = [str(PERF_ANALYZER), "-m", a.model, *args, "--input-data", str(data), "--concurrency-range",
+               a.pa_concurrency, "--stability-percentage", str(a.pa_stability), "-f", str(out)]
+        print("$", " ".join(cmd), file=sys.stderr)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0 or not out.exists():
+            tail = (p.stdout + p.stderr).strip().splitlines()[-5:]
+            rows.append({"protocol": name, "concurrency": "-", "error": " / ".join(tail) or f"exit {p.returncode}"})
+            continue
+        with out.open() as f:
+            for r in csv.DictReader(f):
+                rows.append({"protocol": name, "concurrency": r["Concurrency"], "infer_s": float(r["Inferences/Second"]),
+                             "p50_ms": float(r["p50 latency"]) / 1e3, "p99_ms": float(r["p99 latency"]) / 1e3,
+                             "error": ""})
+    return rows
+
+
+def print_perf_analyzer(rows: list[dict], a) -> None:
+    print(f"\nperf_analyzer (concurrency {a.pa_concurrency}, {a.max_tokens} output tokens per request; HTTP gets the "
+          f"server's default max_tokens 16: perf_analyzer sends request parameters over gRPC only)")
+    print(f"{'protocol':<15} {'concurrency':>11} {'infer/s':>8} {'p50 ms':>8} {'p99 ms':>8}  error")
+    for r in rows:
+        if r["error"]:
+            print(f"{r['protocol']:<15} {'-':>11} {'-':>8} {'-':>8} {'-':>8}  {r['error']}")
+        else:
+            print(f"{r['protocol']:<15} {r['concurrency']:>11} {r['infer_s']:>8.1f} {r['p50_ms']:>8.1f} "
+                  f"{r['p99_ms']:>8.1f}")
+
+
 def print_table(rows: list[dict], base: dict | None, a) -> None:
     print(f"\n{a.clients} clients, {a.rounds} rounds x {a.duration / a.rounds:g} s per mode, prompt {a.prompt_len} "
           f"tokens, {a.max_tokens} output tokens per request, greedy; model {a.model}")
@@ -346,6 +391,10 @@ def main() -> int:
     ap.add_argument("--url", help="HTTP host:port of a running server (default: start one)")
     ap.add_argument("--grpc-url", help="gRPC host:port of a running server")
     ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--perf-analyzer", action="store_true", help="also run perf_analyzer's sweeps (make perf-analyzer)")
+    ap.add_argument("--pa-concurrency", default="1:16:5", help="perf_analyzer --concurrency-range start:end:step")
+    ap.add_argument("--pa-stability", type=int, default=30, help="perf_analyzer --stability-percentage (a shared "
+                    "2-core machine needs a loose one)")
     ap.add_argument("--role", choices=("bench", "server", "direct"), default="bench", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.role == "server":
@@ -365,7 +414,10 @@ def main() -> int:
         a.checkpoint = str(make_checkpoint(tiny_ep16_config(), Path(tmp.name) / a.model, dtype=a.dtype, seed=0))
         print(f"random {a.dtype} tiny-ep16 checkpoint in {a.checkpoint}", file=sys.stderr)
 
+    if a.perf_analyzer and not PERF_ANALYZER.exists():
+        ap.error(f"--perf-analyzer: {PERF_ANALYZER} is missing; run `make perf-analyzer`")
     children: list[Child] = []
+    pa_rows: list[dict] = []
     try:
         direct = ref = None
         if a.checkpoint is not None:
@@ -400,6 +452,9 @@ def main() -> int:
                     after = owner.ask("stats")
                     tally.steps += after["steps"] - before["steps"]
                     tally.rows += after["rows"] - before["rows"]
+        if a.perf_analyzer:
+            with tempfile.TemporaryDirectory(prefix="bench-serve-pa-") as work:
+                pa_rows = perf_analyzer_sweeps(a, urls["http-json"], urls["grpc"], ps, Path(work))
     finally:
         for c in children:
             c.close()
@@ -407,7 +462,9 @@ def main() -> int:
             tmp.cleanup()
     rows = [t.row() for t in tallies.values()]
     print_table(rows, rows[0] if direct else None, a)
-    return 1 if any(r["errors"] for r in rows) else 0
+    if a.perf_analyzer:
+        print_perf_analyzer(pa_rows, a)
+    return 1 if any(r["errors"] for r in rows) or any(r["error"] for r in pa_rows) else 0
 
 
 if __name__ == "__main__":
