@@ -725,7 +725,10 @@ class HttpApp:
         try:
             return await handler(request)
         except InferError as e:
-            return _error_response(InferError.HTTP[e.kind], e.message)
+            resp = _error_response(InferError.HTTP[e.kind], e.message)
+            if e.kind in ("overloaded", "unavailable"):
+                resp.headers["Retry-After"] = "1"  # a full queue or a group re-forming: seconds, not minutes
+            return resp
         except web.HTTPException as e:  # unknown route, wrong method, body too large
             if e.status < 400:
                 raise
