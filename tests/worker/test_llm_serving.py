@@ -282,21 +282,20 @@ def test_a_cancelled_stream_frees_its_kv_cache_within_a_step(served):
 
 
 def test_overload_is_429_with_retry_after(tmp_path):
+    from moe_worker.engine_api import GenerationRequest
+
     ckpt = checkpoint(tmp_path, "hf")
-    cfg = EngineConfig(model_name=MODEL, max_context=64, max_new_tokens=24, idle_heartbeat_s=0.02,
+    cfg = EngineConfig(model_name=MODEL, max_context=512, max_new_tokens=500, idle_heartbeat_s=0.02,
                        max_seqs_per_rank=1, max_queue=1)
     engine = start_rank(RankConfig(0, 1, str(ckpt), engine=cfg)).engine
     srv = Running(engine, engine.info, checkpoint_dir=ckpt)
     try:
-        import threading
-
-        long = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 24}
-        threads = [threading.Thread(target=post, args=(srv, "/v1/completions", long)) for _ in range(2)]
-        for t in threads:
-            t.start()
+        # One long sequence runs (one per rank), one waits: the queue (1) is full.
+        blockers = [engine.submit(GenerationRequest("long0", (1, 2, 3), max_tokens=500))]
         deadline = time.monotonic() + 30
-        while len(engine.scheduler.waiting) < 1 and time.monotonic() < deadline:
+        while not engine.scheduler.running and time.monotonic() < deadline:
             time.sleep(0.002)
+        blockers.append(engine.submit(GenerationRequest("long1", (1, 2, 3), max_tokens=500)))
         code, headers, body = post(srv, f"/v2/models/{MODEL}/generate", {"text_input": "x"})
         assert code == 429 and headers["Retry-After"].isdigit(), body
         code, headers, body = post(srv, f"/v2/models/{MODEL}/infer", {"inputs": [
@@ -305,8 +304,8 @@ def test_overload_is_429_with_retry_after(tmp_path):
         client = openai.OpenAI(base_url=url(srv) + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=MODEL, prompt="x", max_tokens=2)
-        for t in threads:
-            t.join(60)
+        for t in blockers:
+            t.cancelled = True
     finally:
         srv.close()
         engine.shutdown()
