@@ -236,6 +236,8 @@ def main() -> int:
         print(f"   curl http://{front}:9400/metrics | grep moe_expert_tokens_total")
         print(f"   python -m moe_operator.localdev.loadgen --url {ip}:8080   # traffic through the router; "
               f"kill -9 a rank or rank 0: no request fails")
+        print(f"   curl -N http://{ip}:8080/v1/completions -d '{{\"prompt\": [1, 2, 3], \"max_tokens\": 8, "
+              f"\"stream\": true}}'   # the OpenAI API (also /v1/chat/completions, /v2/models/tiny-ep16/generate_stream)")
         print("   moe plan -f manifests/deepseek-v3-ep320.yaml      # what the real model would need")
         print("   moe cluster down                                   # stop the local cluster and every rank")
         return 0
