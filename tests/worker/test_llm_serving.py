@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import openai
 import pytest
@@ -29,6 +30,7 @@ import tritonclient.http as th
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_server import MODEL, Running, make_tokenizer_json, one_rank_engine, tiny_ep16_config
+from tritonclient.grpc import service_pb2 as pb
 
 from moe_worker.api_key import ApiKey
 from moe_worker.checkpoint import make_checkpoint
@@ -304,6 +306,17 @@ def test_overload_is_429_with_retry_after(tmp_path):
         client = openai.OpenAI(base_url=url(srv) + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        with grpc.insecure_channel(srv.grpc_url) as ch:  # RESOURCE_EXHAUSTED with a retry-after trailer
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+            req = pb.ModelInferRequest(model_name=MODEL)
+            req.inputs.add(name="input_ids", datatype="INT64", shape=[1])
+            req.raw_input_contents.append(np.array([1], dtype="<i8").tobytes())
+            with pytest.raises(grpc.RpcError) as e:
+                infer(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("retry-after", "1") in tuple(e.value.trailing_metadata())
         for t in blockers:
             t.cancelled = True
     finally:

@@ -918,7 +918,8 @@ class GrpcService:
             try:
                 return await fn(req)
             except InferError as e:
-                await context.abort(InferError.GRPC[e.kind], e.message)
+                hint = (("retry-after", "1"),) if e.kind in ("overloaded", "unavailable") else ()
+                await context.abort(InferError.GRPC[e.kind], e.message, trailing_metadata=hint)
             except Exception as e:
                 log.exception("unhandled error in gRPC %s", name)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
