@@ -50,6 +50,9 @@ CASES: list[tuple[str, dict, str]] = [
     ("attention-dp-tp-mismatch", {"parallelism.attentionDataParallel": 8}, "spec.parallelism.attentionDataParallel"),
     ("attention-tp-not-dividing", {"parallelism.attentionTensorParallel": 3},
      "spec.parallelism.attentionTensorParallel"),
+    # divides 16, but the worker runs data-parallel attention only (issue 21)
+    ("attention-tp-unsupported", {"parallelism.attentionTensorParallel": 2},
+     "spec.parallelism.attentionTensorParallel"),
     ("hidden-zero", {"model.architecture.hiddenSize": 0}, "spec.model.architecture.hiddenSize"),
     ("layers-negative", {"model.architecture.numHiddenLayers": -1}, "spec.model.architecture.numHiddenLayers"),
     ("kv-lora-zero", {"model.architecture.kvLoraRank": 0}, "spec.model.architecture.kvLoraRank"),
@@ -97,6 +100,13 @@ CASES: list[tuple[str, dict, str]] = [
      "spec.serving.routerNodeSelector.pool"),
     ("unknown-field", {"parallelism.expertParallelism": 16}, "spec.parallelism.expertParallelism"),
 ]
+
+# Words the error of some cases must also contain, where naming the field does not say enough.
+MESSAGES: dict[str, str] = {
+    "attention-tp-not-dividing": "attentionTensorParallel must divide expertParallelSize",
+    "attention-tp-unsupported": "attentionTensorParallel > 1 is not supported yet: the worker runs "
+                                "data-parallel attention only (issue 21); use 1",
+}
 
 
 # (case id, metadata.name) of names the API refuses, each with a valid spec: every error names

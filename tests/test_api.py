@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from invalid_specs import CASES, invalid_spec, tiny_spec
+from invalid_specs import CASES, MESSAGES, invalid_spec, tiny_spec
 from moe_operator import api
 from support import REPO
 
@@ -43,6 +43,19 @@ def test_invalid_spec_names_the_field(case, changes, field):
     with pytest.raises(api.SpecError) as e:
         api.parse_spec(invalid_spec(changes))
     assert e.value.field.startswith(field), (e.value.field, str(e.value))
+    assert MESSAGES.get(case, "") in e.value.message
+
+
+def test_attention_tp_is_refused_in_a_spec_but_modelled_as_a_what_if():
+    spec = invalid_spec({"parallelism.attentionTensorParallel": 4})
+    with pytest.raises(api.SpecError, match="not supported yet"):
+        api.parse_spec(spec)
+    par = api.parse_spec(spec, what_if=True).parallelism
+    assert (par.attention_tensor_parallel, par.attention_dp) == (4, 4)
+    # the what-if keeps the other rules
+    with pytest.raises(api.SpecError, match="must divide"):
+        api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": 3}), what_if=True)
+    assert api.parse_spec(tiny_spec(), what_if=True) == api.parse_spec(tiny_spec())
 
 
 def test_there_are_at_least_25_distinct_invalid_cases():

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from invalid_specs import CASES, INVALID_NAMES, LONGEST_NAME, invalid_spec, tiny_spec
+from invalid_specs import CASES, INVALID_NAMES, LONGEST_NAME, MESSAGES, invalid_spec, tiny_spec
 from support import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -52,8 +52,8 @@ def test_invalid_specs_are_rejected_naming_the_field(custom, namespace):
             failures.append(f"{case}: accepted")
         except client.ApiException as e:
             msg = json.loads(e.body).get("message", e.body)
-            if e.status not in (400, 422) or field not in msg:
-                failures.append(f"{case}: HTTP {e.status}, expected {field!r} in: {msg}")
+            if e.status not in (400, 422) or field not in msg or MESSAGES.get(case, "") not in msg:
+                failures.append(f"{case}: HTTP {e.status}, expected {field!r} and {MESSAGES.get(case)!r} in: {msg}")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 25
 

@@ -95,7 +95,7 @@ def test_more_experts_per_gpu_and_attention_tp_move_memory_where_expected():
     four = perfmodel.memory(ds_spec(72, 4, 32), hw, w)
     assert four.routed_experts == pytest.approx(4 * one.routed_experts)
     assert four.attention == one.attention and four.kv_cache == one.kv_cache
-    tp4 = perfmodel.memory(ds_spec(288, 1, 32, attentionTensorParallel=4), hw, w)
+    tp4 = perfmodel.memory(perfmodel.with_attention_tp(ds_spec(288, 1, 32), 4), hw, w)
     # the MLA latent is shared by all heads, so each TP rank keeps the whole cache of the group
     assert tp4.kv_cache == pytest.approx(4 * one.kv_cache)
     assert tp4.attention < 0.35 * one.attention and tp4.embeddings == pytest.approx(one.embeddings / 4, rel=1e-6)
@@ -364,7 +364,7 @@ def test_kv_admission_default_sequence_count_fills_the_budget_with_typical_reque
     assert perfmodel.memory(spec, hw, Workload("decode", kv.max_seqs, 4096)).fits
     assert not perfmodel.memory(spec, hw, Workload("decode", kv.max_seqs + 1, 4096)).fits
     # attention TP: every rank of a TP group keeps the group's whole latent cache
-    spec2 = ds_spec(320, 1, 64, attentionTensorParallel=2)
+    spec2 = perfmodel.with_attention_tp(ds_spec(320, 1, 64), 2)
     fixed = perfmodel.memory(spec2, hw, Workload("decode", 64, 1))
     free = hw.capacity - (fixed.total - fixed.kv_cache)
     assert perfmodel.kv_admission(spec2, hw, max_seqs=64).cache_tokens == int(free // (2 * 70272))

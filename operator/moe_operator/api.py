@@ -11,7 +11,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from moe_common.model_args import ConfigError, ModelArgs
@@ -157,6 +165,14 @@ class ModelSource(_Model):
     precision: Literal["fp8", "bf16"] = Field("fp8", description="Routed expert weight precision: fp8 (128x128 block scales) or bf16.")
 
 
+# Validation context key of `parse_spec(..., what_if=True)`: also accept layouts the performance
+# model estimates but the worker cannot run yet (attention TP > 1, `ATTENTION_TP_UNSUPPORTED`).
+WHAT_IF = "what_if"
+
+ATTENTION_TP_UNSUPPORTED = ("attentionTensorParallel > 1 is not supported yet: the worker runs data-parallel "
+                            "attention only (issue 21); use 1")
+
+
 class Parallelism(_Model):
     """How one EP group is split over GPUs, and how many groups run."""
 
@@ -170,13 +186,16 @@ class Parallelism(_Model):
         {"rule": "self.expertParallelSize % self.attentionTensorParallel == 0",
          "message": "attentionTensorParallel must divide expertParallelSize",
          "fieldPath": ".attentionTensorParallel"},
+        # CEL rather than `maximum: 1`, whose error would not say why
+        {"rule": "self.attentionTensorParallel == 1", "message": ATTENTION_TP_UNSUPPORTED,
+         "fieldPath": ".attentionTensorParallel"},
     ]
 
     expert_parallel_size: Pos = Field(288, le=names.MAX_EXPERT_PARALLEL, description="GPUs in one expert-parallel group (one pod per GPU). With one expert per GPU it must equal routed + redundant experts.")
     max_experts_per_gpu: Pos = Field(1, description="Most experts one GPU hosts per MoE layer; 1 is the large-EP layout.")
     redundant_experts: NonNeg = Field(32, description="Extra physical expert slots per layer that hold replicas of hot experts.")
     attention_data_parallel: Pos | None = Field(None, description="Attention data-parallel degree; default expertParallelSize / attentionTensorParallel.")
-    attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree inside one data-parallel attention group.")
+    attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree inside one data-parallel attention group. Only 1 is accepted: the worker runs data-parallel attention only (issue 21).")
     replicas: Pos = Field(1, le=names.MAX_REPLICAS, description="Independent EP groups serving the same model.")
     allow_small_expert_parallel: bool = Field(False, description="Allow expertParallelSize below 16 (tests and tiny demos).")
 
@@ -185,7 +204,7 @@ class Parallelism(_Model):
         return self.attention_data_parallel or self.expert_parallel_size // self.attention_tensor_parallel
 
     @model_validator(mode="after")
-    def _check(self) -> Parallelism:
+    def _check(self, info: ValidationInfo) -> Parallelism:
         f = "spec.parallelism"
         if self.expert_parallel_size < 16 and not self.allow_small_expert_parallel:
             raise SpecError(f"{f}.expertParallelSize", "expertParallelSize must be >= 16 (large expert parallelism); set allowSmallExpertParallel for smaller groups")
@@ -194,6 +213,8 @@ class Parallelism(_Model):
             raise SpecError(f"{f}.attentionDataParallel", "attentionDataParallel * attentionTensorParallel must equal expertParallelSize")
         if self.expert_parallel_size % self.attention_tensor_parallel:
             raise SpecError(f"{f}.attentionTensorParallel", "attentionTensorParallel must divide expertParallelSize")
+        if self.attention_tensor_parallel != 1 and not (info.context or {}).get(WHAT_IF):
+            raise SpecError(f"{f}.attentionTensorParallel", ATTENTION_TP_UNSUPPORTED)
         return self
 
 
@@ -585,10 +606,15 @@ class MoEDeployment(BaseModel):
         return self
 
 
-def parse_spec(spec: dict[str, Any]) -> MoEDeploymentSpec:
-    """Parse a spec dict; raise SpecError naming the field for the first problem."""
+def parse_spec(spec: dict[str, Any], *, what_if: bool = False) -> MoEDeploymentSpec:
+    """Parse a spec dict; raise SpecError naming the field for the first problem.
+
+    `what_if`: also accept layouts the performance model estimates but the worker cannot run yet
+    (attention TP > 1), for `moe plan` what-if questions and the calibration; never for a spec
+    that is to be deployed.
+    """
     try:
-        return MoEDeploymentSpec.model_validate(spec)
+        return MoEDeploymentSpec.model_validate(spec, context={WHAT_IF: True} if what_if else None)
     except ValidationError as e:
         raise spec_error_from(e, prefix="spec") from None
 

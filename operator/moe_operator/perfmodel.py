@@ -878,7 +878,17 @@ def with_layout(spec: api.MoEDeploymentSpec, gpus: int, experts_per_gpu: int) ->
                redundantExperts=gpus * experts_per_gpu - e, allowSmallExpertParallel=True)
     lb = d.setdefault("loadBalancing", {})
     lb["maxReplicasPerExpert"] = min(lb.get("maxReplicasPerExpert", 4), gpus)
-    return api.parse_spec(d)
+    return api.parse_spec(d, what_if=True)
+
+
+def with_attention_tp(spec: api.MoEDeploymentSpec, tp: int) -> api.MoEDeploymentSpec:
+    """The spec with attention TP `tp` (and attention DP EP / tp): a what-if the model estimates
+    though the worker runs TP1 only (issue 21), so the API refuses it in a spec to deploy.
+    SpecError when `tp` does not divide the EP size."""
+    d = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    d["parallelism"].pop("attentionDataParallel", None)
+    d["parallelism"]["attentionTensorParallel"] = tp
+    return api.parse_spec(d, what_if=True)
 
 
 def sweep_ep(spec: api.MoEDeploymentSpec, hw: Hardware, ep_sizes: list[int], *, context: int = DEFAULT_CONTEXT,
@@ -1043,7 +1053,7 @@ class CalibrationRow:
 def calibrate(cases: tuple[CalibrationCase, ...] = CALIBRATION) -> list[CalibrationRow]:
     rows = []
     for c in cases:
-        spec = api.parse_spec(c.spec)
+        spec = api.parse_spec(c.spec, what_if=True)  # decode-ep320-tp4 is DeepSeek's layout, not ours yet
         hw = hardware(c.hardware)
         if c.batch is None:
             lim = max_batch(spec, hw, c.phase, context=c.context, tpot_target=c.tpot_target, imbalance=c.imbalance)
@@ -1062,5 +1072,5 @@ __all__ = [
     "admission_memory", "attention_params", "calibrate", "check_fits", "comm_buffer_bytes", "default_imbalance",
     "expert_bytes", "hardware", "hardware_for_gpu_product", "hardware_from_dict", "kv_bytes_per_token",
     "linear_bytes", "max_batch", "memory", "plan", "plot_sweep", "step", "sweep_ep", "weight_bytes",
-    "with_layout",
+    "with_attention_tp", "with_layout",
 ]

@@ -1,6 +1,7 @@
 """`moe plan`: what a MoEDeployment will cost and deliver, from the performance model.
 
     moe plan -f DEPLOYMENT.yaml [--hardware NAME|PROFILE.yaml] [--json] [--sweep-ep 16,32,64] [--plot CURVE.png]
+             [--attention-tp 4]   # what-if: a layout the operator refuses until the worker runs it
     moe plan --calibration      # the model against DeepSeek's and SGLang's published figures
 """
 
@@ -59,13 +60,20 @@ def load_spec(path: str) -> tuple[str, api.MoEDeploymentSpec]:
             try:
                 dep = api.parse_deployment(doc)
             except api.SpecError as e:
-                raise PlanError(f"{path}: invalid MoEDeployment: {e}") from None
+                raise PlanError(f"{path}: invalid MoEDeployment: {_with_hint(e)}") from None
             return dep.metadata.name or Path(path).stem, dep.spec
         try:
             return Path(path).stem, api.parse_spec(doc.get("spec", doc))
         except api.SpecError as e:
-            raise PlanError(f"{path}: invalid MoEDeployment spec: {e}") from None
+            raise PlanError(f"{path}: invalid MoEDeployment spec: {_with_hint(e)}") from None
     raise PlanError(f"{path}: no {api.KIND} in the file")
+
+
+def _with_hint(e: api.SpecError) -> str:
+    """The error, and for attention TP > 1 (refused until the worker runs it) how to estimate it anyway."""
+    if e.message == api.ATTENTION_TP_UNSUPPORTED:
+        return f"{e} (to estimate that layout anyway: set 1 and pass --attention-tp N)"
+    return str(e)
 
 
 def load_hardware(value: str) -> perfmodel.Hardware:
@@ -130,6 +138,8 @@ def render_text(name: str, spec: api.MoEDeploymentSpec, p: perfmodel.Plan) -> st
         f"  EP{par.expert_parallel_size} on {nodes} nodes x {gpn} GPUs; {slots} routed expert(s) per GPU per layer "
         f"({a.n_routed_experts} routed + {par.redundant_experts} redundant); attention TP{par.attention_tensor_parallel}"
         f" x DP{par.attention_dp}; {spec.model.precision}; load imbalance {imb:.2f} (max/mean per GPU)",
+        *([f"  what-if: attention TP{par.attention_tensor_parallel} is modelled, but the operator refuses it until "
+           f"the worker runs it (issue 21)"] if par.attention_tensor_parallel > 1 else []),
         f"  {hw.fp8_tflops:g} FP8 / {hw.bf16_tflops:g} BF16 TFLOPS at {hw.mfu:.0%}; {hw.memory_gb:g} GB at "
         f"{hw.memory_tbs:g} TB/s at {hw.memory_efficiency:.0%}; NVLink {hw.nvlink_gbs:g} GB/s, network "
         f"{hw.network_gbs:g} GB/s per GPU per direction at {hw.link_efficiency:.0%}",
@@ -225,6 +235,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--prompt", type=int, default=perfmodel.DEFAULT_CONTEXT, help="prefill: prompt length (default %(default)s)")
     s.add_argument("--cache-hit", type=float, default=0.0, help="prefill: fraction of prompt tokens in the prefix cache")
     s.add_argument("--micro-batches", type=int, choices=(1, 2), default=2, help="2: two-micro-batch overlap (default)")
+    s.add_argument("--attention-tp", type=int, metavar="N",
+                   help="what-if: model attention tensor parallelism N (attention DP = EP / N); the API refuses "
+                        "N > 1 in a MoEDeployment until the worker implements it (issue 21)")
     s.add_argument("--imbalance", type=float, help="max/mean routed tokens per GPU (default: 1.11 with load "
                                                    "balancing and redundant experts, else 2.56)")
     s.add_argument("--calibration", action="store_true", help="print the calibration table (markdown) and exit")
@@ -271,9 +284,16 @@ def _run(args: argparse.Namespace) -> int:
         raise PlanError(f"--cache-hit must be in [0, 1), got {args.cache_hit:g}")
     if args.imbalance is not None and args.imbalance < 1:
         raise PlanError(f"--imbalance is max/mean and must be >= 1, got {args.imbalance:g}")
+    if args.attention_tp is not None and args.attention_tp < 1:
+        raise PlanError(f"--attention-tp must be >= 1, got {args.attention_tp}")
     sweep = parse_int_list(args.sweep_ep, "--sweep-ep") if args.sweep_ep else None
     hw = load_hardware(args.hardware)
     name, spec = load_spec(args.filename)
+    if args.attention_tp is not None:
+        try:
+            spec = perfmodel.with_attention_tp(spec, args.attention_tp)
+        except api.SpecError as e:
+            raise PlanError(f"--attention-tp {args.attention_tp}: {e.message}") from None
     tpot = args.tpot_ms / 1e3 if args.tpot_ms > 0 else None
     p = perfmodel.plan(spec, hw, context=args.context, tpot_target=tpot, decode_batch=args.batch,
                        prefill_tokens=args.prefill_tokens, prompt=args.prompt, cache_hit=args.cache_hit,
@@ -287,6 +307,8 @@ def _run(args: argparse.Namespace) -> int:
             raise PlanError(f"--plot {args.plot}: cannot write ({e.strerror or e})") from None
     if args.json:
         out = {"name": name, **p.to_dict()}
+        if spec.parallelism.attention_tensor_parallel > 1:  # not a layout the operator deploys (issue 21)
+            out["what_if"] = {"attention_tensor_parallel": spec.parallelism.attention_tensor_parallel}
         if rows is not None:
             out["sweep"] = [r.to_dict() for r in rows]
         print(json.dumps(out, indent=2))
