@@ -253,14 +253,23 @@ class MLA(nn.Module):
 
     def _absorb(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
         """W_UK folded into the query and W_UV applied after attention: attend over the latent."""
+        wkv_b, q_lat = self._absorbed_query(q_nope)
+        out = self._latent_attention(q_lat, q_pe, kv, k_pe, start_pos, mask, cache)  # (B, S, H, C)
+        return torch.einsum("bshc,hvc->bshv", out, wkv_b[:, self.args.qk_nope_head_dim:])  # (B, S, H, V)
+
+    def _absorbed_query(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj as (H, N + V, C) and the query folded into the latent space (..., H, C)."""
         a = self.args
-        B, S, H, _ = q_nope.shape
-        N, C = a.qk_nope_head_dim, a.kv_lora_rank
+        H, N, C = a.num_attention_heads, a.qk_nope_head_dim, a.kv_lora_rank
         # kv_b_proj (H * (N + V), C): dequantized per call, never kept (it would double its bytes).
         # As in DeepSeek's reference, the absorbed form multiplies by the dequantized weight, so with
         # FP8 "emulate" products it skips the latent's 1x128 activation rounding that naive applies.
         wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype).view(H, -1, C)  # (H, N + V, C)
-        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv_b[:, :N])  # (B, S, H, C)
+        return wkv_b, torch.einsum("...hn,hnc->...hc", q_nope, wkv_b[:, :N])
+
+    def _latent_attention(self, q_lat, q_pe, kv, k_pe, start_pos, mask, cache):
+        """q_lat (B, S, H, C), q_pe (B, S, H, R) over the latent keys -> (B, S, H, C)."""
+        B, S = q_lat.shape[:2]
         if cache is not None:
             end = start_pos + S
             cache.kv[:B, start_pos:end] = kv
@@ -270,8 +279,82 @@ class MLA(nn.Module):
             torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
         ) * self.softmax_scale  # (B, S, H, T)
         probs = _softmax(scores, mask)
-        out = torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
-        return torch.einsum("bshc,hvc->bshv", out, wkv_b[:, N:])  # (B, S, H, V)
+        return torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
+
+    def forward_packed(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
+                       impl: AttnImpl) -> torch.Tensor:
+        """Attention for the tokens of many sequences packed together: x (T, D), rope for each
+        token's position, `segments` in x's order (each sequence's tokens, its first position, its
+        cache) -> (T, D). The projections run once over all T tokens; with the absorbed form every
+        single-token (decode) segment attends in one batched call over its latent cache (keys
+        padded to the longest, padding masked), and each longer (prefill) segment in a call of its
+        own with its causal mask. Same values as `forward` per sequence, up to the order of sums."""
+        a = self.args
+        T = x.shape[0]
+        H, N, R, C = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        xb = x[None]  # (1, T, D)
+        q = self.wq(xb) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(xb)))
+        q_nope, q_pe = q.view(1, T, H, N + R).split([N, R], dim=-1)
+        q_pe = apply_rope(q_pe, *rope)
+        kv, k_pe = self.wkv_a(xb).split([C, R], dim=-1)
+        k_pe = apply_rope(k_pe, *rope)
+        kv = self.kv_norm(kv)
+        offsets = [0]
+        for seg in segments:
+            if seg.start + seg.length > cache_len(seg.cache):
+                raise ValueError(f"KV cache holds {cache_len(seg.cache)} positions, step needs {seg.start + seg.length}")
+            offsets.append(offsets[-1] + seg.length)
+        if impl == "naive":
+            outs = [self._naive(q_nope[:, o:o + g.length], q_pe[:, o:o + g.length], kv[:, o:o + g.length],
+                                k_pe[:, o:o + g.length], g.start, causal_mask(g.start, g.length, x.device), g.cache)
+                    for g, o in zip(segments, offsets, strict=False)]
+            return self.wo(torch.cat(outs, dim=1).flatten(2))[0]
+        if impl != "absorb":
+            raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
+        wkv_b, q_lat = self._absorbed_query(q_nope)  # (1, T, H, C)
+        out = torch.empty(T, H, C, dtype=q_lat.dtype, device=x.device)
+        decode = [(i, g) for i, g in enumerate(segments) if g.length == 1]
+        for i, g in enumerate(segments):
+            if g.length > 1:
+                o = offsets[i]
+                sl = slice(o, o + g.length)
+                out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], kv[:, sl], k_pe[:, sl], g.start,
+                                                 causal_mask(g.start, g.length, x.device), g.cache)[0]
+        if decode:
+            rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
+            out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
+                                               [g for _, g in decode])
+        return self.wo(torch.einsum("thc,hvc->thv", out, wkv_b[:, N:]).flatten(1)[None])[0]
+
+    def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment]) -> torch.Tensor:
+        """One new token for each of B sequences: q_lat (B, H, C), q_pe (B, H, R), their latent kv
+        (B, C) and rotated key (B, R) -> (B, H, C). Each token's latent goes into its cache; the
+        keys of all B are gathered, padded to the longest, into one batched attention."""
+        B = len(segments)
+        ends = [g.start + 1 for g in segments]
+        longest = max(ends)
+        keys = kv.new_zeros(B, longest, kv.shape[-1])
+        pes = k_pe.new_zeros(B, longest, k_pe.shape[-1])
+        for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
+            g.cache.kv[0, g.start] = kv[b]
+            g.cache.pe[0, g.start] = k_pe[b]
+            keys[b, :end] = g.cache.kv[0, :end]
+            pes[b, :end] = g.cache.pe[0, :end]
+        scores = (torch.einsum("bhc,btc->bht", q_lat, keys)
+                  + torch.einsum("bhr,btr->bht", q_pe, pes)) * self.softmax_scale  # (B, H, T)
+        pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
+        scores = scores.float().masked_fill(pad[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q_lat.dtype)
+        return torch.einsum("bht,btc->bhc", probs, keys)
+
+
+@dataclass
+class Segment:
+    """One sequence's tokens in a packed batch: `length` tokens at positions start.. of `cache`."""
+
+    start: int
+    length: int
+    cache: LayerCache
 
 
 def cache_len(cache: LayerCache) -> int:

@@ -17,7 +17,7 @@ from ..dispatch import DispatchConfig, Dispatcher, interleave
 from ..engine_api import SequenceError
 from ..expertmap import ExpertMap, MapSwitcher, Staged
 from ..fp8 import resolve_impl
-from ..model import KVCache, MoE, ParallelContext, Transformer, causal_mask
+from ..model import KVCache, MoE, ParallelContext, Segment, Transformer
 from ..sampling import sample, token_seed
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
 from .steps import SeqWork, StepPlan, StepReply
@@ -275,39 +275,39 @@ class RankRunner:
     def _mb_forward(
         self, chunks: list[_Chunk], results: dict[int, torch.Tensor], full: dict[int, list[torch.Tensor]]
     ) -> Iterator[None]:
-        """One micro-batch through every layer; yields while its MoE exchanges are in flight
-        (three yields per MoE layer on every rank, whatever the token count)."""
+        """One micro-batch through every layer, its sequences' tokens packed into one (T, D)
+        tensor: every layer's projections, norms and feed-forward run once over all of them, and
+        attention batches the decode tokens (`MLA.forward_packed`). Yields while its MoE exchanges
+        are in flight (three yields per MoE layer on every rank, whatever the token count)."""
         m = self.model
         D = m.args.hidden_size
         dev = self.device
-        ropes, masks, hs = [], [], []
-        for c in chunks:
-            S = len(c.tokens)
-            pos = torch.arange(c.start, c.start + S, device=dev)
-            ropes.append(m.rotary(pos))
-            masks.append(causal_mask(c.start, S, dev))
-            hs.append(m.embed(torch.tensor([c.tokens], dtype=torch.long, device=dev)))  # (1, S, D)
         sizes = [len(c.tokens) for c in chunks]
+        if chunks:
+            tokens = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=dev)
+            positions = torch.cat([torch.arange(c.start, c.start + n, device=dev) for c, n in zip(chunks, sizes, strict=True)])
+            rope = m.rotary(positions)
+            x = m.embed(tokens)  # (T, D)
+        else:
+            x = torch.zeros(0, D, dtype=m.dtype, device=dev)
         exchange = self.dispatcher.start if self.dispatcher is not None else None
         for i, block in enumerate(m.layers):
-            hs = [block.attend(h, rope, c.start, mask, c.cache.layers[i], m.attn_impl)
-                  for h, rope, mask, c in zip(hs, ropes, masks, chunks, strict=True)]
-            if not hs and not isinstance(block.ffn, MoE):
+            if chunks:
+                segments = [Segment(c.start, n, c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
+                x = x + block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl)
+            elif not isinstance(block.ffn, MoE):
                 continue
-            # Feed-forward over the micro-batch's tokens of all its sequences at once; an MoE
-            # layer joins the exchange even with no tokens, so every rank's collectives match.
-            x = torch.cat([h[0] for h in hs]) if hs else torch.zeros(0, D, dtype=m.dtype, device=dev)  # (T, D)
+            # An MoE layer joins the exchange even with no tokens, so every rank's collectives match.
             x = yield from block.ffn_stages(x, exchange)
-            hs = [t[None] for t in torch.split(x, sizes)] if hs else []
         last = []
-        for h, c in zip(hs, chunks, strict=True):
+        for c, h in zip(chunks, torch.split(x, sizes), strict=True):
             if c.want_logits:
-                lg = m.head(m.norm(h[0])).float()  # (S, vocab)
+                lg = m.head(m.norm(h)).float()  # (S, vocab)
                 full.setdefault(c.seq, []).append(lg)
                 if c.last:
                     results[c.seq] = lg[-1]
             elif c.last:
-                last.append((c.seq, h[0, -1]))
+                last.append((c.seq, h[-1]))
         if last:  # one head GEMM for the last position of every sequence
             rows = m.head(m.norm(torch.stack([r for _, r in last]))).float()  # (n, vocab)
             for (seq, _), row in zip(last, rows, strict=True):
