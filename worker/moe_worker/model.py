@@ -119,13 +119,12 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, [H,] R) by angles cos/sin (S, R/2); computed in fp32."""
+    """Rotate interleaved pairs of x (B, S, [H,] R) by angles cos/sin (S, R/2); computed in fp32,
+    as a complex product (pair (a, b) times cos + i sin: a cos - b sin, a sin + b cos)."""
     shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + (cos.shape[1],)  # (S, [1,] R/2)
-    cos, sin = cos.view(shape), sin.view(shape)
-    xf = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
-    even, odd = xf[..., 0], xf[..., 1]
-    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    rot = torch.complex(cos, sin).view(shape)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., R/2)
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -324,7 +323,8 @@ class MLA(nn.Module):
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
                                                [g for _, g in decode])
-        return self.wo(torch.einsum("thc,hvc->thv", out, wkv_b[:, N:]).flatten(1)[None])[0]
+        out = torch.bmm(out.transpose(0, 1), wkv_b[:, N:].transpose(1, 2)).transpose(0, 1)  # (T, H, V)
+        return self.wo(out.flatten(1)[None])[0]
 
     def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment]) -> torch.Tensor:
         """One new token for each of B sequences: q_lat (B, H, C), q_pe (B, H, R), their latent kv
@@ -332,20 +332,27 @@ class MLA(nn.Module):
         keys of all B are gathered, padded to the longest, into one batched attention."""
         B = len(segments)
         ends = [g.start + 1 for g in segments]
-        longest = max(ends)
-        keys = kv.new_zeros(B, longest, kv.shape[-1])
-        pes = k_pe.new_zeros(B, longest, k_pe.shape[-1])
-        for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
+        for b, g in enumerate(segments):
             g.cache.kv[0, g.start] = kv[b]
             g.cache.pe[0, g.start] = k_pe[b]
-            keys[b, :end] = g.cache.kv[0, :end]
-            pes[b, :end] = g.cache.pe[0, :end]
-        scores = (torch.einsum("bhc,btc->bht", q_lat, keys)
-                  + torch.einsum("bhr,btr->bht", q_pe, pes)) * self.softmax_scale  # (B, H, T)
-        pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
-        scores = scores.float().masked_fill(pad[:, None, :], float("-inf"))
+        if B == 1:  # attend over the cache itself: nothing to gather or pad
+            g = segments[0]
+            keys, pes, pad = g.cache.kv[:1, :ends[0]], g.cache.pe[:1, :ends[0]], None
+        else:
+            longest = max(ends)
+            keys = kv.new_zeros(B, longest, kv.shape[-1])
+            pes = k_pe.new_zeros(B, longest, k_pe.shape[-1])
+            for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
+                keys[b, :end] = g.cache.kv[0, :end]
+                pes[b, :end] = g.cache.pe[0, :end]
+            pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
+        # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here)
+        scores = (torch.bmm(q_lat, keys.transpose(1, 2)) + torch.bmm(q_pe, pes.transpose(1, 2))) * self.softmax_scale
+        scores = scores.float()
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(q_lat.dtype)
-        return torch.einsum("bht,btc->bhc", probs, keys)
+        return torch.bmm(probs, keys)  # (B, H, C)
 
 
 @dataclass
