@@ -24,12 +24,18 @@ import grpc
 import numpy as np
 import openai
 import pytest
-import torch
 import tritonclient.grpc as tg
 import tritonclient.http as th
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_server import MODEL, Running, make_tokenizer_json, one_rank_engine, tiny_ep16_config
+from test_server import (  # noqa: F401 - _few_threads: the module's autouse fixture
+    MODEL,
+    Running,
+    _few_threads,
+    make_tokenizer_json,
+    one_rank_engine,
+    tiny_ep16_config,
+)
 from tritonclient.grpc import service_pb2 as pb
 
 from moe_worker.api_key import ApiKey
@@ -42,14 +48,6 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPT = "the expert routes"
 NEW = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def checkpoint(root: Path, kind: str) -> Path:
