@@ -105,7 +105,7 @@ def test_a_failure_inside_a_step_fails_that_request_only(served, monkeypatch):
     """Non-finite logits of one sequence and no memory for another's cache: those two requests get
     500 naming why; the sequences batched with them finish; the group keeps serving."""
     greedy, _ = served.infer(PROMPT, max_tokens=6)
-    real_sample, real_cache = runner_mod.sample, served.engine.runner.model.new_cache
+    real_sample, real_cache = runner_mod.sample, served.engine.runner.new_cache
 
     def nan_for_seed_7(row, temperature, generator, top_p=1.0):
         if temperature == 0.25:
@@ -113,13 +113,13 @@ def test_a_failure_inside_a_step_fails_that_request_only(served, monkeypatch):
             row[3] = float("nan")
         return real_sample(row, temperature, generator, top_p)
 
-    def no_memory_for_77(batch, max_len):
+    def no_memory_for_77(max_len):
         if max_len == len(PROMPT) + 77:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_cache(batch, max_len)
+        return real_cache(max_len)
 
     monkeypatch.setattr(runner_mod, "sample", nan_for_seed_7)
-    monkeypatch.setattr(served.engine.runner.model, "new_cache", no_memory_for_77)
+    monkeypatch.setattr(served.engine.runner, "new_cache", no_memory_for_77)
     eng = served.engine
     good = [eng.submit(GenerationRequest(f"good-{i}", tuple(PROMPT), max_tokens=6)) for i in range(3)]
     nan = eng.submit(GenerationRequest("nan", tuple(PROMPT), max_tokens=6, temperature=0.25, seed=7))

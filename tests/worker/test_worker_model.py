@@ -316,3 +316,41 @@ def test_packed_attention_equals_one_sequence_at_a_time(bf16_ckpt, impl):
                                   model.rotary(torch.cat([torch.arange(p + 1, p + s + 1) for p, s in shapes])),
                                   [Segment(p, s, c) for (p, s), c in zip(shapes, prepared_caches(), strict=True)], impl)
     assert rel(shifted, packed) > 1e-3
+
+
+def test_paged_latent_cache_equals_the_per_sequence_cache(bf16_ckpt):
+    """The engine's paged latent cache (pages from one pool per layer, a block table per sequence)
+    gives the packed attention the same keys as per-sequence caches: same outputs, decode and
+    prefill mixed, over pages that are not contiguous (a freed page is reused out of order)."""
+    from moe_worker.model import PagedLatentCache, Segment
+
+    model = load_model(bf16_ckpt, dtype=torch.float32, attn_impl="absorb")
+    attn = model.layers[0].attn
+    D = model.args.hidden_size
+    pool = PagedLatentCache(model.args, pages=16, page_size=4, dtype=torch.float32)
+    spacer = pool.allocate(5)  # two pages taken and given back: later sequences get scattered pages
+    shapes = [(5, 1), (0, 4), (11, 1), (3, 3), (1, 1)]
+    seqs = [pool.allocate(p + s + 1) for p, s in shapes]
+    pool.release(spacer)
+    assert pool.free_pages == 16 - sum(len(q.pages) for q in seqs)
+    g = torch.Generator().manual_seed(5)
+    history = [torch.randn(p, D, generator=g) for p, _ in shapes]
+    new = [torch.randn(s, D, generator=g) for _, s in shapes]
+
+    def step(views, xs, starts_lengths):
+        return attn.forward_packed(torch.cat(xs), model.rotary(torch.cat([torch.arange(p, p + s) for p, s in starts_lengths])),
+                                   [Segment(p, s, v) for (p, s), v in zip(starts_lengths, views, strict=True)], "absorb")
+
+    own = [model.new_cache(1, 16).layers[0] for _ in shapes]
+    paged = [pool.view(q, 0) for q in seqs]
+    with_history = [(0, p) for p, _ in shapes if p]
+    for views in (own, paged):
+        step([v for v, (p, _) in zip(views, shapes, strict=True) if p], [h for h in history if len(h)], with_history)
+    want = step(own, new, shapes)
+    got = step(paged, new, shapes)
+    assert rel(got, want) < 1e-6
+    # a full pool says so, and a released sequence's pages can be taken again
+    with pytest.raises(MemoryError, match="free pages"):
+        pool.allocate(4 * (pool.free_pages + 1))
+    pool.release(seqs[0])
+    assert pool.allocate(len(seqs[0].slots) or 4).pages

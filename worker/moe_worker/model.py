@@ -163,6 +163,92 @@ class LayerCache:
             self.k = torch.zeros(batch, max_len, H, args.qk_head_dim, dtype=dtype, device=device)
             self.v = torch.zeros(batch, max_len, H, args.v_head_dim, dtype=dtype, device=device)
 
+    # One sequence's latent store (batch row 0), as the packed path uses it; see PagedView.
+    def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        self.kv[0, start:start + kv.shape[0]] = kv
+        self.pe[0, start:start + pe.shape[0]] = pe
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[0, :end], self.pe[0, :end]
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[1] if self.impl == "absorb" else self.k.shape[1]
+
+
+class PagedLatentCache:
+    """One rank's latent cache (absorbed attention) for all its sequences, in fixed-size pages.
+
+    Per layer one pool of `pages * page_size` rows of the normalised latent (C) and the rotated
+    key (R). A sequence gets the pages its positions need when it is admitted and gives them back
+    when it ends: no per-sequence allocation, no fragmentation, and the decode step gathers every
+    sequence's keys from one pool with one index (its block table, as FlashMLA pages its cache).
+    The pools are `torch.empty`: on CPU untouched pages cost no memory; on a GPU the size comes
+    from the operator's memory model (MOE_KV_CACHE_TOKENS)."""
+
+    def __init__(self, args: ModelArgs, pages: int, page_size: int, dtype: torch.dtype, device=None):
+        if pages < 1 or page_size < 1:
+            raise ValueError(f"a paged cache needs pages >= 1 and page_size >= 1, got {pages} x {page_size}")
+        rows = pages * page_size
+        self.page_size, self.pages = page_size, pages
+        self.kv = [torch.empty(rows, args.kv_lora_rank, dtype=dtype, device=device)
+                   for _ in range(args.num_hidden_layers)]
+        self.pe = [torch.empty(rows, args.qk_rope_head_dim, dtype=dtype, device=device)
+                   for _ in range(args.num_hidden_layers)]
+        self._free = list(range(pages - 1, -1, -1))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def allocate(self, positions: int) -> PagedSeq:
+        """Pages for `positions` positions; MemoryError when the pool has too few free."""
+        need = -(-positions // self.page_size)
+        if need > len(self._free):
+            raise MemoryError(f"the paged KV cache has {len(self._free)} free pages of {self.page_size} positions, "
+                              f"{need} needed for {positions}")
+        pages = [self._free.pop() for _ in range(need)]
+        device = self.kv[0].device
+        slots = (torch.tensor(pages, device=device)[:, None] * self.page_size
+                 + torch.arange(self.page_size, device=device)[None, :]).flatten()[:positions]
+        return PagedSeq(pages, slots, positions)
+
+    def release(self, seq: PagedSeq) -> None:
+        self._free.extend(reversed(seq.pages))
+        seq.pages = []
+
+    def view(self, seq: PagedSeq, layer: int) -> PagedView:
+        return PagedView(self.kv[layer], self.pe[layer], seq.slots)
+
+
+@dataclass
+class PagedSeq:
+    """A sequence's pages and its block table expanded to rows: position p is row slots[p]."""
+
+    pages: list[int]
+    slots: torch.Tensor
+    max_len: int
+
+
+class PagedView:
+    """One sequence's positions in one layer's pools (the LayerCache write/read interface)."""
+
+    def __init__(self, kv: torch.Tensor, pe: torch.Tensor, slots: torch.Tensor):
+        self.kv, self.pe, self.slots = kv, pe, slots
+
+    def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        rows = self.slots[start:start + kv.shape[0]]
+        self.kv[rows] = kv
+        self.pe[rows] = pe
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.slots[:end]
+        return self.kv[rows], self.pe[rows]
+
+    @property
+    def length(self) -> int:
+        return self.slots.shape[0]
+
 
 class KVCache:
     """Per-layer attention state; `model.new_cache(batch, max_len)` makes one."""
@@ -300,8 +386,8 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)
         offsets = [0]
         for seg in segments:
-            if seg.start + seg.length > cache_len(seg.cache):
-                raise ValueError(f"KV cache holds {cache_len(seg.cache)} positions, step needs {seg.start + seg.length}")
+            if seg.start + seg.length > seg.cache.length:
+                raise ValueError(f"KV cache holds {seg.cache.length} positions, step needs {seg.start + seg.length}")
             offsets.append(offsets[-1] + seg.length)
         if impl == "naive":
             outs = [self._naive(q_nope[:, o:o + g.length], q_pe[:, o:o + g.length], kv[:, o:o + g.length],
@@ -317,8 +403,10 @@ class MLA(nn.Module):
             if g.length > 1:
                 o = offsets[i]
                 sl = slice(o, o + g.length)
-                out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], kv[:, sl], k_pe[:, sl], g.start,
-                                                 causal_mask(g.start, g.length, x.device), g.cache)[0]
+                g.cache.write(g.start, kv[0, sl], k_pe[0, sl])
+                keys, pes = g.cache.read(g.start + g.length)
+                out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
+                                                 causal_mask(g.start, g.length, x.device), None)[0]
         if decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
@@ -332,19 +420,31 @@ class MLA(nn.Module):
         keys of all B are gathered, padded to the longest, into one batched attention."""
         B = len(segments)
         ends = [g.start + 1 for g in segments]
-        for b, g in enumerate(segments):
-            g.cache.kv[0, g.start] = kv[b]
-            g.cache.pe[0, g.start] = k_pe[b]
-        if B == 1:  # attend over the cache itself: nothing to gather or pad
-            g = segments[0]
-            keys, pes, pad = g.cache.kv[:1, :ends[0]], g.cache.pe[:1, :ends[0]], None
+        views = [g.cache for g in segments]
+        paged = all(isinstance(v, PagedView) and v.kv is views[0].kv for v in views)
+        if paged:  # one pool: one scatter of the new rows, one gather of every key (padding: row 0, masked)
+            pool_kv, pool_pe = views[0].kv, views[0].pe
+            new_rows = torch.stack([v.slots[g.start] for v, g in zip(views, segments, strict=True)])
+            pool_kv[new_rows] = kv
+            pool_pe[new_rows] = k_pe
+        else:
+            for b, g in enumerate(segments):
+                g.cache.write(g.start, kv[b:b + 1], k_pe[b:b + 1])
+        if B == 1:  # attend over the sequence's own keys: nothing to pad
+            keys, pes = (t[None] for t in views[0].read(ends[0]))
+            pad = None
+        elif paged:
+            rows = torch.nn.utils.rnn.pad_sequence([v.slots[:e] for v, e in zip(views, ends, strict=True)],
+                                                   batch_first=True)  # (B, longest)
+            keys, pes = pool_kv[rows], pool_pe[rows]
+            longest = rows.shape[1]
+            pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
         else:
             longest = max(ends)
             keys = kv.new_zeros(B, longest, kv.shape[-1])
             pes = k_pe.new_zeros(B, longest, k_pe.shape[-1])
             for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
-                keys[b, :end] = g.cache.kv[0, :end]
-                pes[b, :end] = g.cache.pe[0, :end]
+                keys[b, :end], pes[b, :end] = g.cache.read(end)
             pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
         # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here)
         scores = (torch.bmm(q_lat, keys.transpose(1, 2)) + torch.bmm(q_pe, pes.transpose(1, 2))) * self.softmax_scale
@@ -361,7 +461,7 @@ class Segment:
 
     start: int
     length: int
-    cache: LayerCache
+    cache: LayerCache | PagedView
 
 
 def cache_len(cache: LayerCache) -> int:

@@ -17,7 +17,7 @@ from ..dispatch import DispatchConfig, Dispatcher, interleave
 from ..engine_api import SequenceError
 from ..expertmap import ExpertMap, MapSwitcher, Staged
 from ..fp8 import resolve_impl
-from ..model import KVCache, MoE, ParallelContext, Segment, Transformer
+from ..model import KVCache, MoE, PagedLatentCache, PagedSeq, ParallelContext, Segment, Transformer
 from ..sampling import sample, token_seed
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
 from .steps import SeqWork, StepPlan, StepReply
@@ -32,14 +32,14 @@ class _Chunk:
     seq: int
     tokens: list[int]
     start: int
-    cache: KVCache
+    cache: KVCache | PagedSeq
     last: bool  # holds the sequence's last new token: produces its next-token logits
     want_logits: bool
 
 
 @dataclass
 class _SeqState:
-    cache: KVCache
+    cache: KVCache | PagedSeq
     temperature: float
     seed: int
     drawn: int
@@ -74,6 +74,9 @@ class RankRunner:
         self.metrics = metrics
         self.before_step = before_step
         self.seqs: dict[int, _SeqState] = {}
+        self.pool = new_pool(model, cfg, device)
+        """The paged latent cache of every sequence (absorbed attention); None: per-sequence
+        KVCaches (the naive reference attention)."""
         self.kept_logits: dict[int, torch.Tensor] = {}
         """seq -> (S, vocab) fp32 logits of `want_logits` sequences (read by rank 0's engine)."""
         self._errors: list[str] = []
@@ -133,7 +136,8 @@ class RankRunner:
     def adopt(self, emap: ExpertMap) -> None:
         """Serve `emap` in a group a new rank 0 forms (the old one was lost, and with it every
         sequence: their requests were its): drop all sequences, hold exactly `emap`'s experts."""
-        self.seqs.clear()
+        for seq in list(self.seqs):
+            self._drop(seq)
         self.kept_logits.clear()
         sw = self.switcher
         sw.staged, sw._loading = None, None  # (a background load still running is discarded)
@@ -201,7 +205,7 @@ class RankRunner:
     @torch.inference_mode()
     def run_step(self, plan: StepPlan) -> StepReply:
         for seq in plan.release[self.rank]:
-            self.seqs.pop(seq, None)
+            self._drop(seq)
         if plan.switch_to is not None:
             self._switch(plan.switch_to, plan.step)
         if self.before_step is not None:
@@ -224,12 +228,12 @@ class RankRunner:
                 lbl = self.metrics.lbl()
                 self.metrics.step_seconds.labels(**lbl, phase=phase).observe(time.perf_counter() - t0)
                 cap = kv_budget(self.cfg)
-                used = sum(s.cache.max_len for s in self.seqs.values())
+                used = sum(s.cache.max_len for s in self.seqs.values())  # reserved positions
                 self.metrics.kv_cache_usage.labels(**lbl).set(used / cap if cap else 0.0)
         self.switcher.poll()
         errors, self._errors = self._errors, []
         for seq in failed:
-            self.seqs.pop(seq, None)
+            self._drop(seq)
             self.kept_logits.pop(seq, None)
         return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
 
@@ -248,7 +252,7 @@ class RankRunner:
         (recorded in `failed`: its request fails alone, the step runs without it)."""
         try:
             seed = w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little")
-            self.seqs[w.seq] = _SeqState(self.model.new_cache(1, w.max_len), w.temperature, seed, w.drawn,
+            self.seqs[w.seq] = _SeqState(self.new_cache(w.max_len), w.temperature, seed, w.drawn,
                                          w.want_logits, w.top_p)
             return False
         except (torch.OutOfMemoryError, MemoryError) as e:
@@ -257,6 +261,18 @@ class RankRunner:
             failed[w.seq] = f"rank {self.rank} could not set up the sequence: {type(e).__name__}: {e}"
         log.error("sequence %d: %s", w.seq, failed[w.seq])
         return True
+
+    def new_cache(self, max_len: int) -> KVCache | PagedSeq:
+        """A new sequence's cache of `max_len` positions: pages of the pool, or its own KVCache."""
+        if self.pool is not None:
+            return self.pool.allocate(max_len)
+        return self.model.new_cache(1, max_len)
+
+    def _drop(self, seq: int) -> None:
+        """Forget a sequence; its pages go back to the pool."""
+        st = self.seqs.pop(seq, None)
+        if st is not None and isinstance(st.cache, PagedSeq):
+            self.pool.release(st.cache)
 
     def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
         """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
@@ -293,7 +309,8 @@ class RankRunner:
         exchange = self.dispatcher.start if self.dispatcher is not None else None
         for i, block in enumerate(m.layers):
             if chunks:
-                segments = [Segment(c.start, n, c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
+                segments = [Segment(c.start, n, self.pool.view(c.cache, i) if isinstance(c.cache, PagedSeq)
+                                    else c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
                 x = x + block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl)
             elif not isinstance(block.ffn, MoE):
                 continue
@@ -349,6 +366,19 @@ def dispatch_config(model: Transformer, cfg: EngineConfig) -> DispatchConfig:
     combine = None if cfg.combine_dtype == "auto" else DTYPES[cfg.combine_dtype]
     scale_fmt = model.args.quantization.scale_fmt if model.args.quantization else None
     return DispatchConfig(fp8_payload=fp8, combine_dtype=combine, scale_fmt=scale_fmt)
+
+
+KV_PAGE = 64
+"""Positions per page of the paged latent cache (FlashMLA's block size)."""
+
+
+def new_pool(model: Transformer, cfg: EngineConfig, device: torch.device) -> PagedLatentCache | None:
+    """The rank's paged latent cache for absorbed attention: the KV budget's positions, plus a
+    page per sequence for rounding each one up to whole pages."""
+    if model.attn_impl != "absorb":
+        return None
+    pages = -(-kv_budget(cfg) // KV_PAGE) + cfg.max_seqs_per_rank
+    return PagedLatentCache(model.args, pages, KV_PAGE, model.dtype, device)
 
 
 def build_runner(
