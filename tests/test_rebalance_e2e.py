@@ -111,7 +111,7 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         # Phase B: a reachable threshold; keep the same traffic flowing through the switch.
         custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "rb",
                                               {"spec": {"loadBalancing": {"imbalanceThreshold": threshold}}})
-        pods_before = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
+        pods_before = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment").items}
         b = loadgen.run(url, traffic, seconds=30, clients=6)
         assert b.errors == 0, b.error_messages[:3]
         st = status()
@@ -120,7 +120,7 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         hot = st.get("hotExperts") or []
         assert hot and max(h["replicas"] for h in hot) >= 2, hot
         # no rank restarted: the switch is live
-        assert {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items} == pods_before
+        assert {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment").items} == pods_before
 
         # Phase C: after a full window on the new map, the measured imbalance is below the threshold.
         t0 = time.monotonic()
@@ -163,7 +163,7 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
         grown = Plan.from_json(core.read_namespaced_config_map("rb-g0-plan", namespace).data["plan.json"])
         assert grown.num_ranks == 16 + extra
         # the 16 original rank pods are the same processes: the group grew in place
-        now_pods = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
+        now_pods = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment").items}
         assert all(now_pods.get(n) == uid for n, uid in pods_before.items()), "an original rank restarted"
         th.join()
         d = loadgen.Result()
@@ -192,9 +192,9 @@ def test_skewed_load_gets_replicas_and_imbalance_falls(core, api_client, kubecon
             print("events:", [(ev.reason, ev.message) for ev in core.list_namespaced_event(namespace).items][-12:])
             _print_rank_logs(namespace)
             raise
-        wait_for(lambda: not [p for p in core.list_namespaced_pod(namespace).items
+        wait_for(lambda: not [p for p in core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment").items
                               if int(p.metadata.labels["moe.dev/rank"]) >= 16], 60, "extra rank pods gone")
-        final = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace).items}
+        final = {p.metadata.name: p.metadata.uid for p in core.list_namespaced_pod(namespace, label_selector="moe.dev/deployment").items}
         assert final == pods_before, "the original ranks must still be the same pods"
         f = loadgen.run(url, traffic, seconds=4, clients=2)
         assert f.errors == 0, f.error_messages[:3]
