@@ -94,7 +94,7 @@ def test_the_router_deployment_names_one_front_per_group_and_serves_the_specs_po
     assert dep["metadata"]["ownerReferences"] == [OWNER.ref()]
     assert dep["spec"]["replicas"] == 2  # the default
     c = _router_container(dep)
-    assert c["name"] == "router" and c["command"] == ["moe-worker", "route"]
+    assert c["name"] == "router" and c["command"] == ["moe-router"]
     assert (c["image"], c["imagePullPolicy"]) == (spec.worker.image, spec.worker.image_pull_policy)
     # one `--front` per group, each name one whole item (the local runner resolves POD.SUBDOMAIN items)
     assert c["args"] == ["--front", "tiny-g0-r0.tiny-ranks", "--front", "tiny-g1-r0.tiny-ranks",

@@ -265,3 +265,18 @@ def test_admission_keeps_each_ranks_kv_positions_within_its_budget(bf16_ckpt):
     plan = sched.build(1, None)
     assert sum(len([w for w in ws if w.new]) for ws in plan.work) == 1 and max(sched.kv_used) <= 100
     assert EngineConfig().kv_cache_tokens == 0 and model_info(args, EngineConfig()).max_context == 4096
+
+
+def test_a_sequence_admitted_again_gives_back_its_first_pages(served):
+    """A step that broke is sent again with its new sequences: admitting one a second time must
+    return the first admission's pages to the pool (else every recovery shrinks the KV cache)."""
+    from moe_worker.engine.steps import SeqWork
+
+    runner = served.engine.runner
+    free = runner.pool.free_pages
+    w = SeqWork(10**9, [1, 2, 3], 0, new=True, max_len=200)
+    failed: dict[int, str] = {}
+    assert not runner._admit(w, failed) and not runner._admit(w, failed), failed
+    assert runner.pool.free_pages == free - 4  # 200 positions: 4 pages of 64, once
+    runner._drop(w.seq)
+    assert runner.pool.free_pages == free

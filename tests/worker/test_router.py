@@ -31,6 +31,7 @@ import tritonclient.grpc as tg
 from aiohttp import web
 
 from moe_worker.router import RouterConfig, run
+from moe_worker.server import GRPC_SERVER_OPTIONS
 
 ROUTER, FRONT_A, FRONT_B = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 
@@ -104,7 +105,7 @@ async def router(port: int, fronts: list[str], retry_s: float = 5.0):
                        retry_s=retry_s)
     stop = asyncio.Event()
     bound: asyncio.Future = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(cfg, stop, bound))
+    task = asyncio.create_task(run(cfg, stop, bound, drain_s=0.0))
     await asyncio.wait_for(asyncio.shield(bound), 10)
     try:
         yield cfg, bound.result()
@@ -315,7 +316,7 @@ class GrpcStub(grpc.GenericRpcHandler):
 
 async def grpc_front(host: str, port: int, name: str, mode: str) -> tuple[grpc.aio.Server, GrpcStub]:
     stub = GrpcStub(name, mode)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)  # as the front's: the router's keepalive pings
     server.add_generic_rpc_handlers((stub,))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -338,7 +339,7 @@ def test_grpc_calls_are_forwarded_and_unavailable_ones_tried_again(mode, monkeyp
                            retry_s=5.0)
         stop = asyncio.Event()
         bound: asyncio.Future = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run(cfg, stop, bound))
+        task = asyncio.create_task(run(cfg, stop, bound, drain_s=0.0))
         try:
             _, gport, _ = await asyncio.wait_for(asyncio.shield(bound), 10)
             await wait_ready(f"http://{ROUTER}:{port}")
@@ -485,3 +486,68 @@ def test_sigkill_of_the_front_holding_a_request_loses_nothing(two_fronts, protoc
             pass
         assert time.monotonic() < end
         time.sleep(0.5)
+
+
+class StreamStub(grpc.GenericRpcHandler):
+    """A bidirectional stream: `fail` aborts UNAVAILABLE after reading the first message (a front
+    that dies before answering), else every message is echoed back as it comes."""
+
+    def __init__(self, name: str, fail: bool):
+        self.name, self.fail, self.seen = name, fail, []
+
+    def service(self, details):
+        async def echo(requests, context):
+            async for m in requests:
+                self.seen.append(m)
+                if self.fail:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "front lost")
+                yield self.name.encode() + b":" + m
+
+        return grpc.stream_stream_rpc_method_handler(echo)
+
+
+def test_a_grpc_stream_tried_again_gets_the_messages_sent_after_the_failure(monkeypatch):
+    """A client keeps its stream open: it sends m1, the first front fails before answering, the
+    router tries the other front, then the client sends m2. The second front gets m1 and m2 (the
+    failed try must not keep reading the client's stream) and the client both answers."""
+    import moe_worker.router as router_mod
+
+    monkeypatch.setattr(router_mod.random, "choice", lambda xs: xs[0])
+
+    async def main():
+        port, gport = free_port(), free_port()
+        ha, hb = await StubFront(FRONT_A, port).start(), await StubFront(FRONT_B, port).start()
+        servers = []
+        stubs = {}
+        for host, name, fail in ((FRONT_A, "A", True), (FRONT_B, "B", False)):
+            stubs[name] = StreamStub(name, fail)
+            srv = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+            srv.add_generic_rpc_handlers((stubs[name],))
+            srv.add_insecure_port(f"{host}:{gport}")
+            await srv.start()
+            servers.append(srv)
+        cfg = RouterConfig(fronts=[FRONT_A, FRONT_B], http_port=port, grpc_port=gport, metrics_port=0, host=ROUTER)
+        stop = asyncio.Event()
+        bound: asyncio.Future = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run(cfg, stop, bound, drain_s=0.0))
+        try:
+            _, rport, _ = await asyncio.wait_for(asyncio.shield(bound), 10)
+            await wait_ready(f"http://{ROUTER}:{port}")
+            async with grpc.aio.insecure_channel(f"{ROUTER}:{rport}") as ch:
+                call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(timeout=20)
+                await call.write(b"m1")
+                first = await call.read()
+                await call.write(b"m2")
+                await call.done_writing()
+                second = await call.read()
+            assert (first, second) == (b"B:m1", b"B:m2")
+            assert stubs["A"].seen == [b"m1"] and stubs["B"].seen == [b"m1", b"m2"]
+        finally:
+            stop.set()
+            await task
+            for srv in servers:
+                await srv.stop(0)
+            await ha.stop()
+            await hb.stop()
+
+    asyncio.run(main())

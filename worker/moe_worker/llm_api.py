@@ -270,7 +270,7 @@ class LlmRoutes:
         if model is not None and model != self.front.info.name:
             raise InferError("not_found", f"the model '{model}' does not exist; this server serves "
                              f"'{self.front.info.name}'")
-        if doc.get("n", 1) != 1:
+        if doc.get("n") not in (None, 1):
             raise _invalid("'n' must be 1: one choice per request", "n")
         if doc.get("best_of") not in (None, 1):
             raise _invalid("'best_of' must be 1", "best_of")
@@ -354,7 +354,7 @@ class LlmRoutes:
             s = Sampling(doc, "", None if chat else OPENAI_DEFAULT_MAX_TOKENS,
                          ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))
             req = s.request(self.front, prompt, rid)
-            stream = doc.get("stream", False)
+            stream = doc.get("stream") or False
             if not isinstance(stream, bool):
                 raise _invalid("'stream' must be true or false", "stream")
             deltas = self.front.stream(req, s.stop)

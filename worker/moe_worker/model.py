@@ -436,9 +436,12 @@ class MLA(nn.Module):
         elif paged:
             rows = torch.nn.utils.rnn.pad_sequence([v.slots[:e] for v, e in zip(views, ends, strict=True)],
                                                    batch_first=True)  # (B, longest)
-            keys, pes = pool_kv[rows], pool_pe[rows]
             longest = rows.shape[1]
             pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
+            # The padding reads row 0 of the pool, whatever it holds (a failed sequence's NaN):
+            # zero it, since masked scores still multiply those rows by 0 in the last product.
+            keys = pool_kv[rows].masked_fill(pad[..., None], 0)
+            pes = pool_pe[rows].masked_fill(pad[..., None], 0)
         else:
             longest = max(ends)
             keys = kv.new_zeros(B, longest, kv.shape[-1])

@@ -1,4 +1,4 @@
-"""`moe-worker route`: the router in front of the EP groups' front ranks (the `NAME-router` pods).
+"""`moe-router` (also `moe-worker route`): the router in front of the EP groups' front ranks (the `NAME-router` pods).
 
 The front rank (rank 0 of a group) holds its clients' connections, so when it dies they die with
 it. The router holds them instead: it forwards every HTTP request and gRPC call to a front, and a
@@ -42,6 +42,12 @@ log = logging.getLogger("moe.router")
 
 MAX_BODY_BYTES = 64 << 20  # as the front's limit (server.MAX_BODY_BYTES): the router must not refuse what it takes
 POLL_S = 0.5
+DRAIN_S = 5.0
+"""After SIGTERM: seconds answering not-ready while still serving, for the Service to drop the pod."""
+KEEPALIVE_S = 5  # idle seconds before probing a connection to a front; then 3 probes 2 s apart
+KEEPALIVE_GRPC = (("grpc.keepalive_time_ms", KEEPALIVE_S * 1000), ("grpc.keepalive_timeout_ms", 5000),
+                  ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
+"""Client-side gRPC keepalive towards the fronts (their servers permit pings this often: server.GRPC_SERVER_OPTIONS)."""
 RETRY_AFTER_S = 2
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP layers set again themselves.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -67,7 +73,7 @@ class RouterConfig:
 
     @classmethod
     def parse(cls, argv: list[str] | None, env: Mapping[str, str]) -> RouterConfig:
-        p = argparse.ArgumentParser(prog="moe-worker route", description=__doc__.split("\n")[0])
+        p = argparse.ArgumentParser(prog="moe-router", description=__doc__.split("\n")[0])
         p.add_argument("--front", action="append", required=True, help="a front rank's host (one per EP group)")
         a = p.parse_args(argv)
 
@@ -316,7 +322,9 @@ class GrpcProxy(grpc.GenericRpcHandler):
                 ("grpc.max_receive_message_length", MAX_BODY_BYTES), ("grpc.max_send_message_length", MAX_BODY_BYTES),
                 # Reconnect soon after a front comes back (the default backoff grows to 2 minutes).
                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000)])
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                # A front whose node vanished (no RST) fails its calls within ~10 s, not TCP's minutes.
+                *KEEPALIVE_GRPC])
         return f.channel
 
     async def _forward(self, method: str, requests: AsyncIterator[bytes],
@@ -326,8 +334,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         deadline = start + self.cfg.retry_s
         metadata = tuple((k, v) for k, v in (context.invocation_metadata() or ())
                          if not k.startswith(":") and k not in _GRPC_OWN)
-        sent: list[bytes] = []  # what the client sent so far, for another try
-        incoming = _Tee(requests, sent)
+        incoming = _Tee(requests)
         tried: Front | None = None
         outcome = "unavailable"
         try:
@@ -355,7 +362,8 @@ class GrpcProxy(grpc.GenericRpcHandler):
                 except grpc.aio.AioRpcError as e:
                     retry = e.code() == grpc.StatusCode.UNAVAILABLE and not answered and time.monotonic() < deadline
                     if not retry:
-                        outcome = "broken" if answered else "ok"
+                        outcome = ("broken" if answered else "unavailable" if e.code() in (
+                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else "ok")
                         if e.code() == grpc.StatusCode.UNAVAILABLE:
                             self.fronts.mark(front, False)
                         await context.abort(e.code(), e.details() or "", trailing_metadata=e.trailing_metadata() or ())
@@ -370,6 +378,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
             outcome = "cancelled"
             raise
         finally:
+            incoming.close()
             self.metrics.requests.labels("grpc", outcome).inc()
             self.metrics.seconds.labels("grpc").observe(time.monotonic() - start)
 
@@ -381,35 +390,83 @@ async def _pass_status(call: grpc.aio.StreamStreamCall, context: grpc.aio.Servic
 
 
 class _Tee:
-    """The client's request stream, kept while no response has gone back so that another try can
-    send it again from the start."""
+    """The client's request stream, read by one pump task into a buffer that each try replays
+    from the start (so a try that failed and one that follows never read the source at once).
+    Once a response has gone back no other try can follow: what the live try has taken is
+    dropped."""
 
-    def __init__(self, source: AsyncIterator[bytes], kept: list[bytes]):
-        self.source = source.__aiter__()
-        self.kept = kept
-        self.keeping = True
+    def __init__(self, source: AsyncIterator[bytes]):
+        self.source = source
+        self.items: list[bytes] = []
+        self.offset = 0  # index of items[0] in the stream
         self.done = False
+        self.keeping = True
+        self._more = asyncio.Event()
+        self._pump: asyncio.Task | None = None
+        self._live: object | None = None  # the replay of the current try
 
     def stop_keeping(self) -> None:
-        if self.keeping:
-            self.keeping = False
-            self.kept.clear()
+        self.keeping = False
+
+    async def _run(self) -> None:
+        try:
+            async for m in self.source:
+                self.items.append(m)
+                self._more.set()
+        finally:
+            self.done = True
+            self._more.set()
 
     async def replay(self) -> AsyncIterator[bytes]:
-        for m in list(self.kept):
-            yield m
-        while not self.done:
-            try:
-                m = await self.source.__anext__()
-            except StopAsyncIteration:
-                self.done = True
+        """The stream from its start for a new try; the replay of an earlier try stops reading."""
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run())
+        me = self._live = object()
+        i = self.offset
+        while self._live is me:
+            if i - self.offset < len(self.items):
+                m = self.items[i - self.offset]
+                i += 1
+                if not self.keeping:
+                    del self.items[:i - self.offset]
+                    self.offset = i
+                yield m
+                continue
+            if self.done:
                 return
-            if self.keeping:
-                self.kept.append(m)
-            yield m
+            self._more.clear()  # no await since the check: nothing came in between
+            await self._more.wait()
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
 
 
-async def run(cfg: RouterConfig, stop: asyncio.Event, bound: asyncio.Future | None = None) -> None:
+def _keepalive_sockets() -> dict:
+    """TCP keepalive (and a user timeout) on connections to fronts, where aiohttp lets us make
+    the sockets (3.12+): a front that vanished without closing them fails its requests in ~11 s."""
+    import inspect
+    import socket
+
+    if "socket_factory" not in inspect.signature(aiohttp.TCPConnector).parameters:
+        return {}
+
+    def factory(addr_info):
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_S), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # unacknowledged data: give up after 15 s
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 15000)
+        return sock
+
+    return {"socket_factory": factory}
+
+
+async def run(cfg: RouterConfig, stop: asyncio.Event, bound: asyncio.Future | None = None,
+              drain_s: float = DRAIN_S) -> None:
     """Serve until `stop` is set; `bound` gets (http_port, grpc_port, metrics_port) once listening."""
     from .serve import HealthServer
 
@@ -422,11 +479,12 @@ async def run(cfg: RouterConfig, stop: asyncio.Event, bound: asyncio.Future | No
     http = HttpProxy(cfg, fronts, metrics)
     # No connection limit (the fronts bound their queues); names resolved at every connection;
     # bodies passed on as they are (auto_decompress off both ways).
-    connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
+    connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False, **_keepalive_sockets())
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0))
     http.session = session
-    runner = web.AppRunner(http.app, access_log=None, auto_decompress=False, handler_cancellation=True)
+    runner = web.AppRunner(http.app, access_log=None, auto_decompress=False, handler_cancellation=True,
+                           shutdown_timeout=20.0)  # within the pod's 30 s grace, after DRAIN_S
     await runner.setup()
     gserver = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES),
                                        ("grpc.max_send_message_length", MAX_BODY_BYTES), ("grpc.so_reuseport", 0)])
@@ -444,6 +502,10 @@ async def run(cfg: RouterConfig, stop: asyncio.Event, bound: asyncio.Future | No
         if bound is not None:
             bound.set_result((http_port, grpc_port, health.httpd.server_address[1]))
         await stop.wait()
+        # Say not ready and keep serving a while, so that the Service stops sending new
+        # connections here before the listeners close.
+        health.ready_fn = lambda: False
+        await asyncio.sleep(drain_s)
     finally:
         poller.cancel()
         # Let answers in flight finish (a rolling update of the routers), then close.
@@ -461,7 +523,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     try:
         cfg = RouterConfig.parse(argv, env)
     except ValueError as e:
-        log.error("moe-worker route: %s", e)
+        log.error("moe-router: %s", e)
         return 2
 
     async def serve() -> None:

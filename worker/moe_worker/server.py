@@ -96,6 +96,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 """Server-side deadline of one request, queueing included (MOE_REQUEST_TIMEOUT_S); then 504."""
+GRPC_SERVER_OPTIONS = (("grpc.http2.min_ping_interval_without_data_ms", 4000),
+                       ("grpc.keepalive_permit_without_calls", 1))
+"""Let clients (the router) keep connections alive with pings every 5 s (the default allows one per 5 min)."""
 MAX_BODY_BYTES = 64 << 20
 """Largest HTTP body or gRPC message, compressed or not (a DeepSeek-V3 context of INT64 ids is 1.3 MB)."""
 PARAMETERS = ("max_tokens", "temperature", "top_p", "seed")
@@ -1123,7 +1126,7 @@ async def serve(
         await site.start()
         bound_http = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp keeps the socket here
         opts = [("grpc.max_receive_message_length", MAX_BODY_BYTES), ("grpc.max_send_message_length", MAX_BODY_BYTES),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.so_reuseport", 0), *GRPC_SERVER_OPTIONS]
         gserver = grpc.aio.server(options=opts)
         gserver.add_generic_rpc_handlers((GrpcService(front, api_key).handler(),))
         bound_grpc = gserver.add_insecure_port(f"{_grpc_host(host)}:{grpc_port}")

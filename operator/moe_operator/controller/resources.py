@@ -432,7 +432,7 @@ def network_policy(owner: Owner, spec: api.MoEDeploymentSpec, operator_namespace
 
 def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, Any]:
     """The routers in front of the EP groups' front ranks: `serving.routerReplicas` pods of
-    `moe-worker route`, one `--front POD.SUBDOMAIN` per group (each name one item: the local dev
+    `moe-router` (the worker image's router; no torch imported), one `--front POD.SUBDOMAIN` per group (each name one item: the local dev
     runner resolves whole items of that form, as cluster DNS does), listening on the serving ports
     and forwarding to the same ports of the fronts.
 
@@ -464,7 +464,7 @@ def router_deployment(owner: Owner, spec: api.MoEDeploymentSpec) -> dict[str, An
             "name": "router",
             "image": w.image,
             "imagePullPolicy": w.image_pull_policy,
-            "command": ["moe-worker", "route"],
+            "command": ["moe-router"],
             "args": fronts,
             "env": [
                 {"name": "MOE_HTTP_PORT", "value": str(s.http_port)},

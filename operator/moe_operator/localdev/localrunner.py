@@ -162,7 +162,7 @@ def rank_processes(ranks_by_ip: dict[str, int]) -> dict[int, int]:
 
 
 def router_process(ip: str) -> int | None:
-    """PID of the `moe-worker route` process of the router pod at `ip` (for fault drills)."""
+    """PID of the `moe-router` process of the router pod at `ip` (for fault drills)."""
     return next((pid for pid, env, cmd in _processes() if "route" in cmd and env.get("POD_IP") == ip), None)
 
 
@@ -455,7 +455,7 @@ class LocalRunner:
         m = _POD_DNS.fullmatch(v)
         if m is None:
             return v
-        svc = self._read("Service", namespace, m.group(2))
+        svc = self._read("Service", namespace, m.group(3))
         if svc is None or (svc.get("spec") or {}).get("clusterIP") != "None":
             return v
         self.named_ips[key] = self._new_ip()

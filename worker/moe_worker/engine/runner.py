@@ -250,6 +250,7 @@ class RankRunner:
     def _admit(self, w: SeqWork, failed: dict[int, str]) -> bool:
         """Set up a new sequence (KV cache, sampler); False when it fits, True when it failed
         (recorded in `failed`: its request fails alone, the step runs without it)."""
+        self._drop(w.seq)  # a broken step sent again: the first try's pages go back first
         try:
             seed = w.seed if w.seed is not None else int.from_bytes(os.urandom(7), "little")
             self.seqs[w.seq] = _SeqState(self.new_cache(w.max_len), w.temperature, seed, w.drawn,
