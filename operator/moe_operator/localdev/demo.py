@@ -237,7 +237,7 @@ def main() -> int:
         print(f"   python -m moe_operator.localdev.loadgen --url {ip}:8080   # traffic through the router; "
               f"kill -9 a rank or rank 0: no request fails")
         print(f"   curl -N http://{ip}:8080/v1/completions -d '{{\"prompt\": [1, 2, 3], \"max_tokens\": 8, "
-              f"\"stream\": true}}'   # the OpenAI API (also /v1/chat/completions, /v2/models/tiny-ep16/generate_stream)")
+              f"\"stream\": true}}'   # the OpenAI API (also /v2/models/moe/generate_stream; chat needs a checkpoint with a chat template)")
         print("   moe plan -f manifests/deepseek-v3-ep320.yaml      # what the real model would need")
         print("   moe cluster down                                   # stop the local cluster and every rank")
         return 0
