@@ -109,7 +109,11 @@ def test_tiny_ep16_serves_tritonclient_and_exports_metrics(core, api_client, nam
         n = prom.write_targets(Kube(api_client=api_client), namespace, "e2e", metrics_port=9400,
                                extra=[f"127.0.0.1:{operator.metrics_port}"])
         assert n == 16
-        wait_for(lambda: prom.up_targets() == 17, 60, "16 ranks and the operator up")
+        # and the deployment's two routers, each seeing the front ready
+        wait_for(lambda: prom.up_targets() == 19, 60, "16 ranks, 2 routers and the operator up")
+        fronts = wait_for(lambda: (r := prom.query('moe_router_front_ready{deployment="e2e"}')) and len(r) == 2 and r,
+                          60, "the routers' front_ready series")
+        assert all(float(r["value"][1]) == 1 for r in fronts), fronts
         pairs_per_layer = 4 * 3 * sum(len(p) + NEW - 1 for p in PROMPTS)  # top-4; 3 transports per prompt
         q = 'sum by (layer) (moe_expert_tokens_total{deployment="e2e"})'
 

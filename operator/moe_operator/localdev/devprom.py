@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_operator.controller.kube import Kube
-from moe_operator.controller.resources import L_DEPLOYMENT
+from moe_operator.controller.resources import L_DEPLOYMENT, L_ROUTER
 
 CONFIG = """\
 global:
@@ -101,20 +101,24 @@ class Prometheus:
 
     def write_targets(self, kube: Kube, namespace: str, deployment: str, metrics_port: int,
                       extra: list[str] | None = None) -> int:
-        """file_sd targets for every running rank pod of a deployment (plus `extra` host:port targets
-        without labels, e.g. the operator, whose metrics carry their own); returns the rank count."""
+        """file_sd targets for every running rank pod and router pod of a deployment, labelled as
+        the chart's PodMonitors label them (plus `extra` host:port targets without labels, e.g. the
+        operator, whose metrics carry their own); returns the rank count."""
         groups: list[dict] = [{"targets": list(extra), "labels": {}}] if extra else []
-        for p in kube.list("Pod", namespace, labels=f"{L_DEPLOYMENT}={deployment}"):
-            ip = (p.get("status") or {}).get("podIP")
-            if not ip or (p.get("status") or {}).get("phase") != "Running":
-                continue
-            groups.append({"targets": [f"{ip}:{metrics_port}"],
-                           "labels": {"namespace": namespace, "deployment": deployment, "pod": p["metadata"]["name"],
-                                      "node": (p.get("spec") or {}).get("nodeName", "")}})
+        ranks = 0
+        for selector in (f"{L_DEPLOYMENT}={deployment}", f"{L_ROUTER}={deployment}"):
+            for p in kube.list("Pod", namespace, labels=selector):
+                ip = (p.get("status") or {}).get("podIP")
+                if not ip or (p.get("status") or {}).get("phase") != "Running":
+                    continue
+                ranks += selector.startswith(L_DEPLOYMENT)
+                groups.append({"targets": [f"{ip}:{metrics_port}"],
+                               "labels": {"namespace": namespace, "deployment": deployment,
+                                          "pod": p["metadata"]["name"], "node": (p.get("spec") or {}).get("nodeName", "")}})
         tmp = self.targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(groups))
         tmp.replace(self.targets_file)
-        return len(groups) - (1 if extra else 0)
+        return ranks
 
     def query(self, promql: str, at: float | None = None) -> list[dict]:
         params = {"query": promql}
