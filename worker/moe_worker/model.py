@@ -308,8 +308,8 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, R], dim=-1)  # (B, S, C), (B, S, R)
         k_pe = apply_rope(k_pe, *rope)
         kv = self.kv_norm(kv)
-        if cache is not None and end > cache_len(cache):
-            raise ValueError(f"KV cache holds {cache_len(cache)} positions, step needs {end}")
+        if cache is not None and end > cache.length:
+            raise ValueError(f"KV cache holds {cache.length} positions, step needs {end}")
         if impl == "naive":
             out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, mask, cache)
         elif impl == "absorb":
@@ -466,9 +466,6 @@ class Segment:
     length: int
     cache: LayerCache | PagedView
 
-
-def cache_len(cache: LayerCache) -> int:
-    return (cache.kv if cache.impl == "absorb" else cache.k).shape[1]
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
