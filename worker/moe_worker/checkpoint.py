@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moe_common.model_args import ConfigError, ModelArgs
+from moe_common.model_args import FP8_BLOCK, ConfigError, ModelArgs
 
 from .fp8 import Linear, dequantize_weight, quantize_weight, scale_shape
 from .model import MLP, Gate, MoE, RMSNorm, Transformer
@@ -174,8 +174,10 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{name}' is listed under {file} but that file does not hold it") from None
         return TensorInfo(name, file, tuple(sl.get_shape()), sl.get_dtype())
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None, dtypes: Iterable[str] | None = None) -> torch.Tensor:
-        """Read one tensor after checking its header against `shape` and allowed `dtypes`."""
+    def read(self, name: str, shape: tuple[int, ...] | None = None, dtypes: Iterable[str] | None = None,
+             part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Read one tensor after checking its header against `shape` and allowed `dtypes`; with
+        `part` = (dim, lo, hi) only entries lo..hi-1 along dim 0 or 1 (read from the file alone)."""
         info = self.info(name)
         if shape is not None and info.shape != tuple(shape):
             raise CheckpointError(f"tensor '{name}' in {info.file} has shape {list(info.shape)}, expected {list(shape)}")
@@ -185,7 +187,12 @@ class Checkpoint:
                 f"tensor '{name}' in {info.file} has dtype {info.dtype}, expected {' or '.join(allowed)}"
             )
         try:
-            tensor = self._handle(info.file).get_tensor(name)
+            if part is None:
+                tensor = self._handle(info.file).get_tensor(name)
+            else:
+                dim, lo, hi = part
+                sl = self._handle(info.file).get_slice(name)
+                tensor = (sl[lo:hi] if dim == 0 else sl[:, lo:hi]).contiguous()
         except SafetensorError as e:
             raise CheckpointError(f"tensor '{name}' in {info.file} could not be read ({e})") from None
         self.tensors_read.append(name)
@@ -244,26 +251,40 @@ class Checkpoint:
             param.copy_(t)
 
     def _load_linear(self, prefix: str, lin: Linear) -> None:
+        """Fill `lin` from the checkpoint: its whole weight, or with `lin.shard` the rank's part,
+        read as whole 128x128 blocks when the stored weight is FP8 and cut to the part."""
         wname, sname = hf_name(f"{prefix}.weight"), hf_name(f"{prefix}.scale")
         shape = (lin.out_features, lin.in_features)
         info = self.info(wname)
+        sh = lin.shard
+        fp8_stored = info.dtype == "F8_E4M3"
+        if sh is None:
+            part = spart = None
+        else:  # FP8 is read as whole blocks (their scales); lin.is_fp8 stores them as read
+            blocks = sh if lin.is_fp8 or not fp8_stored else replace(sh, block=FP8_BLOCK)
+            lo, hi = blocks.lo, blocks.hi
+            part, spart = (sh.dim, lo, hi), (sh.dim, lo // FP8_BLOCK, -(-hi // FP8_BLOCK))
         if lin.is_fp8:
-            w = self.read(wname, shape, ("F8_E4M3",))  # an FP8 config with a bf16 tensor fails here
-            s = self.read(sname, scale_shape(*shape), ("F32",))
+            w = self.read(wname, shape, ("F8_E4M3",), part)  # an FP8 config with a bf16 tensor fails here
+            s = self.read(sname, scale_shape(*shape), ("F32",), spart)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 lin.scale.copy_(s)
-        elif info.dtype == "F8_E4M3":  # FP8 checkpoint into a model built with fp8=False
-            w = self.read(wname, shape, ("F8_E4M3",))
-            s = self.read(sname, scale_shape(*shape), ("F32",))
+        elif fp8_stored:  # FP8 checkpoint into a model built with fp8=False
+            w = self.read(wname, shape, ("F8_E4M3",), part)
+            s = self.read(sname, scale_shape(*shape), ("F32",), spart)
+            w = dequantize_weight(w, s, lin.weight.dtype)
+            if sh is not None:
+                w = w.narrow(sh.dim, sh.start - part[1], sh.stop - sh.start)
             with torch.no_grad():
-                lin.weight.copy_(dequantize_weight(w, s, lin.weight.dtype))
+                lin.weight.copy_(w)
         else:
-            w = self.read(wname, shape, FLOAT_DTYPES)
+            w = self.read(wname, shape, FLOAT_DTYPES, part)
             if sname in self.weight_map:
                 raise CheckpointError(f"tensor '{sname}' in {self.weight_map[sname]} scales a {info.dtype} weight")
             with torch.no_grad():
                 lin.weight.copy_(w)
+
 
 
 def load_model(path: str | Path, **model_kw) -> Transformer:

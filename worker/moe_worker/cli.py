@@ -83,8 +83,12 @@ def _engine_config(a: argparse.Namespace, dtype: str):
     from .engine import EngineConfig
 
     _device(a.device)  # a clear error here rather than inside every rank
+    tp = getattr(a, "attention_tp", 1)
+    if tp < 1 or a.world_size % tp:
+        raise UsageError(f"--attention-tp {tp} must be >= 1 and divide --world-size {a.world_size}")
     return EngineConfig(dtype=dtype, attn_impl=a.attn, fp8_impl=a.fp8_impl, device=a.device,
-                        overlap=getattr(a, "overlap", "auto"), dispatch_fp8=getattr(a, "dispatch_fp8", "auto"))
+                        overlap=getattr(a, "overlap", "auto"), dispatch_fp8=getattr(a, "dispatch_fp8", "auto"),
+                        attention_tp=tp)
 
 
 def _check_ids(checkpoint: str, ids: list[int], flag: str) -> None:
@@ -191,6 +195,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "cpu, cuda or cuda:N")
     gn.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="two overlapped micro-batches")
     gn.add_argument("--dispatch-fp8", choices=("auto", "on", "off"), default="auto", help="FP8 dispatch payload")
+    gn.add_argument("--attention-tp", type=int, default=1, help="attention tensor-parallel degree: consecutive ranks "
+                    "split the heads (divides --world-size and the heads)")
     gn.set_defaults(func=_cmd_generate)
 
     sv = sub.add_parser("serve", help="run one rank of an EP group, as a rank pod does (configuration from env: "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -478,11 +479,45 @@ def _triton_act_quant():
     return _TRITON_ACT_QUANT[0]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The part of a full (out, in) weight that one rank of a tensor-parallel group holds: along
+    `dim` (0: output rows, 1: input columns) entries [start, stop) of `full`.
+
+    The rank stores [lo, hi): the range widened to whole blocks of `block` (128 for FP8 weights,
+    1 otherwise), so that it multiplies with the checkpoint's own 128x128 block scales. The
+    widened rows are cut from the output (exact: an output row depends on its own weight row
+    only); the widened columns meet zero inputs. When a column shard is not block-aligned, an
+    FP8 product quantizes the rank's activations per 128 columns with the other ranks' columns
+    as zeros, so its rounding differs from the unsharded product's (DeepSeek-V3's shards are
+    aligned: o_proj's 16384 columns over TP 2-8 cut at multiples of 2048)."""
+
+    dim: int
+    start: int
+    stop: int
+    full: int
+    block: int = 1
+
+    @property
+    def lo(self) -> int:
+        return self.start // self.block * self.block
+
+    @property
+    def hi(self) -> int:
+        return min(-(-self.stop // self.block) * self.block, self.full)
+
+    @property
+    def widened(self) -> bool:
+        return (self.lo, self.hi) != (self.start, self.stop)
+
+
 class Linear(nn.Module):
     """y = x W^T without bias. Holds `weight` (out, in) and, for e4m3 weights, `scale` = weight_scale_inv.
 
     The checkpoint decides nothing here: the model builds each Linear as fp8 or not (from
-    `ModelArgs.quantization`), and the loader checks that the stored tensors agree.
+    `ModelArgs.quantization`), and the loader checks that the stored tensors agree. With a
+    `shard` (tensor parallelism) `in_features`/`out_features` are the full weight's and the rank
+    holds `shard`'s part of it; `weight` is (stored rows, stored columns).
     """
 
     def __init__(
@@ -493,7 +528,9 @@ class Linear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         fp8: bool = False,
         device: torch.device | str | None = None,
+        shard: tuple[int, int, int] | None = None,
     ):
+        """shard: (dim, start, stop) of the full weight this rank holds (see `Shard`)."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -501,11 +538,21 @@ class Linear(nn.Module):
         """How an fp8 product is computed: one of IMPLS (see module docstring)."""
         self.scale_fmt: str | None = None
         """Activation scale format, from ModelArgs.quantization.scale_fmt."""
+        self.shard: Shard | None = None
+        rows, cols = out_features, in_features
+        if shard is not None:
+            dim, start, stop = shard
+            full = (out_features, in_features)[dim]
+            if dim not in (0, 1) or not 0 <= start < stop <= full:
+                raise ValueError(f"shard {shard} of a ({out_features}, {in_features}) weight")
+            self.shard = Shard(dim, start, stop, full, FP8_BLOCK if fp8 else 1)
+            part = self.shard.hi - self.shard.lo
+            rows, cols = (part, cols) if dim == 0 else (rows, part)
         wdtype = FP8_DTYPE if fp8 else dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=wdtype, device=device), requires_grad=False)
         if fp8:
-            shape = scale_shape(out_features, in_features)
-            self.scale = nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device), requires_grad=False)
+            self.scale = nn.Parameter(torch.empty(scale_shape(rows, cols), dtype=torch.float32, device=device),
+                                      requires_grad=False)
         else:
             self.register_parameter("scale", None)
 
@@ -514,14 +561,27 @@ class Linear(nn.Module):
         return self.weight.dtype == FP8_DTYPE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
+        s = self.shard
+        if s is not None and s.dim == 1 and s.widened:
+            x = F.pad(x, (s.start - s.lo, s.hi - s.stop))
+        y = linear(x, self.weight, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
+        if s is not None and s.dim == 0 and s.widened:
+            y = y[..., s.start - s.lo:s.stop - s.lo]
+        return y
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(out, in) weight in `dtype` (default: the activation dtype for float weights, fp32 for fp8)."""
+        """(out, in) weight in `dtype` (default: the activation dtype for float weights, fp32 for
+        fp8); with a shard, the rank's part of it ((stop - start) rows or columns)."""
         if not self.is_fp8:
-            return self.weight if dtype is None else self.weight.to(dtype)
-        return dequantize_weight(self.weight, self.scale, dtype or torch.float32)
+            w = self.weight if dtype is None else self.weight.to(dtype)
+        else:
+            w = dequantize_weight(self.weight, self.scale, dtype or torch.float32)
+        s = self.shard
+        if s is not None and s.widened:
+            w = w.narrow(s.dim, s.start - s.lo, s.stop - s.start)
+        return w
 
     def extra_repr(self) -> str:
         kind = "fp8 e4m3 128x128" if self.is_fp8 else str(self.weight.dtype).replace("torch.", "")
-        return f"in={self.in_features}, out={self.out_features}, {kind}"
+        part = "" if self.shard is None else f", {('rows', 'columns')[self.shard.dim]} {self.shard.start}:{self.shard.stop}"
+        return f"in={self.in_features}, out={self.out_features}, {kind}{part}"

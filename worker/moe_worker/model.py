@@ -56,6 +56,15 @@ class ParallelContext:
     members: tuple[int, ...] | None = None
     """The ranks in `group`, in group order, when some of the map's ranks are lost (the group
     serves on without them); None: every rank, group rank = rank."""
+    tp: int = 1
+    """Attention tensor-parallel degree: ranks [g * tp, (g + 1) * tp) split the attention heads
+    of the sequences they serve together (`tp_rank` = rank % tp)."""
+    tp_group: Any = None
+    """The process group of this rank's TP group (None: tp == 1, or a member of it is lost)."""
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
     def live(self) -> tuple[int, ...]:
         """The ranks in the process group, ascending."""
@@ -153,9 +162,10 @@ class LayerCache:
     per token. naive: `k` (B, T_max, H, N + R) and `v` (B, T_max, H, V), the reference's full cache.
     """
 
-    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None):
+    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None,
+                 heads: int | None = None):
         self.impl = impl
-        H = args.num_attention_heads
+        H = heads or args.num_attention_heads  # naive: this rank's heads (attention TP)
         if impl == "absorb":
             self.kv = torch.zeros(batch, max_len, args.kv_lora_rank, dtype=dtype, device=device)
             self.pe = torch.zeros(batch, max_len, args.qk_rope_head_dim, dtype=dtype, device=device)
@@ -253,11 +263,13 @@ class PagedView:
 class KVCache:
     """Per-layer attention state; `model.new_cache(batch, max_len)` makes one."""
 
-    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None):
+    def __init__(self, args: ModelArgs, impl: AttnImpl, batch: int, max_len: int, dtype, device=None,
+                 heads: int | None = None):
         self.batch = batch
         self.max_len = max_len
         self.impl = impl
-        self.layers = [LayerCache(args, impl, batch, max_len, dtype, device) for _ in range(args.num_hidden_layers)]
+        self.layers = [LayerCache(args, impl, batch, max_len, dtype, device, heads)
+                       for _ in range(args.num_hidden_layers)]
 
     def values_per_token_per_layer(self) -> int:
         """Cached numbers per token per layer (C + R = 576 for DeepSeek-V3 with absorb)."""
@@ -268,23 +280,39 @@ class KVCache:
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention, naive (full K/V) or weight-absorbed (latent cache)."""
+    """Multi-head latent attention, naive (full K/V) or weight-absorbed (latent cache).
 
-    def __init__(self, args: ModelArgs, *, dtype: torch.dtype, fp8: bool, device=None):
+    With attention tensor parallelism `tp` = (t, n) this rank holds heads [t * H/n, (t+1) * H/n):
+    their rows of q_b_proj and kv_b_proj and their columns of o_proj; q_a, kv_a and the latent
+    cache are whole on every rank of the group. Its output is then this rank's partial sum of
+    o_proj over its heads: the sum over the group's ranks is the attention output."""
+
+    def __init__(self, args: ModelArgs, *, dtype: torch.dtype, fp8: bool, device=None, tp: tuple[int, int] = (0, 1)):
         super().__init__()
         self.args = args
         H, D = args.num_attention_heads, args.hidden_size
+        t, n = tp
+        if H % n or not 0 <= t < n:
+            raise ValueError(f"attention TP {n} must divide num_attention_heads ({H}); rank {t} of it")
+        self.n_heads = H // n
+        """The heads this rank computes."""
+        h0, h1 = t * self.n_heads, (t + 1) * self.n_heads
+
+        def heads(per_head: int, dim: int = 0) -> tuple[int, int, int] | None:
+            return None if n == 1 else (dim, h0 * per_head, h1 * per_head)
+
         lin = {"dtype": dtype, "fp8": fp8, "device": device}
         if args.q_lora_rank is None:
-            self.wq = Linear(D, H * args.qk_head_dim, **lin)  # q_proj
+            self.wq = Linear(D, H * args.qk_head_dim, **lin, shard=heads(args.qk_head_dim))  # q_proj
         else:
             self.wq_a = Linear(D, args.q_lora_rank, **lin)  # q_a_proj
             self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype, device)  # q_a_layernorm
-            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim, **lin)  # q_b_proj
+            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim, **lin, shard=heads(args.qk_head_dim))  # q_b_proj
         self.wkv_a = Linear(D, args.kv_lora_rank + args.qk_rope_head_dim, **lin)  # kv_a_proj_with_mqa
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)  # kv_a_layernorm
-        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), **lin)  # kv_b_proj
-        self.wo = Linear(H * args.v_head_dim, D, **lin)  # o_proj
+        nv = args.qk_nope_head_dim + args.v_head_dim
+        self.wkv_b = Linear(args.kv_lora_rank, H * nv, **lin, shard=heads(nv))  # kv_b_proj
+        self.wo = Linear(H * args.v_head_dim, D, **lin, shard=heads(args.v_head_dim, dim=1))  # o_proj
         self.softmax_scale = args.softmax_scale
 
     def forward(
@@ -299,7 +327,7 @@ class MLA(nn.Module):
         """x (B, S, D) at positions start_pos.. -> (B, S, D). mask (S, T) additive, T = start_pos + S."""
         a = self.args
         B, S, _ = x.shape
-        H, N, R = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
+        H, N, R = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
         end = start_pos + S
         q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, H, N + R)
@@ -345,7 +373,7 @@ class MLA(nn.Module):
     def _absorbed_query(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as (H, N + V, C) and the query folded into the latent space (..., H, C)."""
         a = self.args
-        H, N, C = a.num_attention_heads, a.qk_nope_head_dim, a.kv_lora_rank
+        H, N, C = self.n_heads, a.qk_nope_head_dim, a.kv_lora_rank
         # kv_b_proj (H * (N + V), C): dequantized per call, never kept (it would double its bytes).
         # As in DeepSeek's reference, the absorbed form multiplies by the dequantized weight, so with
         # FP8 "emulate" products it skips the latent's 1x128 activation rounding that naive applies.
@@ -376,7 +404,7 @@ class MLA(nn.Module):
         own with its causal mask. Same values as `forward` per sequence, up to the order of sums."""
         a = self.args
         T = x.shape[0]
-        H, N, R, C = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         xb = x[None]  # (1, T, D)
         q = self.wq(xb) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(xb)))
         q_nope, q_pe = q.view(1, T, H, N + R).split([N, R], dim=-1)
@@ -684,10 +712,11 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); ffn dense or MoE."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, owned: Iterable[int], *, dtype, fp8: bool, device=None):
+    def __init__(self, args: ModelArgs, layer_id: int, owned: Iterable[int], *, dtype, fp8: bool, device=None,
+                 tp: tuple[int, int] = (0, 1)):
         super().__init__()
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)  # input_layernorm
-        self.attn = MLA(args, dtype=dtype, fp8=fp8, device=device)
+        self.attn = MLA(args, dtype=dtype, fp8=fp8, device=device, tp=tp)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)  # post_attention_layernorm
         if args.is_moe_layer(layer_id):
             self.ffn: nn.Module = MoE(args, layer_id, owned, dtype=dtype, fp8=fp8, device=device)
@@ -725,6 +754,7 @@ class Transformer(nn.Module):
         owned_experts: Mapping[int, Iterable[int]] | None = None,
         ctx: ParallelContext | None = None,
         device: torch.device | str | None = None,
+        attention_tp: tuple[int, int] = (0, 1),
     ):
         """
         dtype: activations and non-FP8 weights (bf16 in production, fp32 for references).
@@ -732,6 +762,9 @@ class Transformer(nn.Module):
             False dequantizes an FP8 checkpoint into `dtype` at load time.
         fp8_impl: how FP8 products are computed (fp8.IMPLS).
         owned_experts: MoE layer -> routed experts this rank holds (default: all of them).
+        attention_tp: (t, n): this rank is rank t of an attention tensor-parallel group of n and
+            holds its heads only (`MLA`); its forward then gives partial sums (the EP runtime
+            reduces them over the group). (0, 1): whole attention.
         """
         super().__init__()
         self.args = args
@@ -749,7 +782,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, D, dtype=dtype, device=device)  # embed_tokens
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            Block(args, i, owned.get(i, ()), dtype=dtype, fp8=self.fp8, device=device)
+            Block(args, i, owned.get(i, ()), dtype=dtype, fp8=self.fp8, device=device, tp=attention_tp)
             for i in range(args.num_hidden_layers)
         )
         self.norm = RMSNorm(D, args.rms_norm_eps, dtype, device)
@@ -774,7 +807,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """Empty attention state for `batch` sequences of up to `max_len` positions."""
-        return KVCache(self.args, self.attn_impl, batch, max_len, self.dtype, self.embed.weight.device)
+        return KVCache(self.args, self.attn_impl, batch, max_len, self.dtype, self.embed.weight.device,
+                       self.layers[0].attn.n_heads)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
@@ -784,6 +818,9 @@ class Transformer(nn.Module):
         step's K/V (or latent) is written at start_pos.. and attention reads positions 0..end.
         """
         B, S = tokens.shape
+        if self.layers[0].attn.n_heads != self.args.num_attention_heads:
+            raise ValueError("this model holds one rank's share of the attention heads (attention TP): its forward "
+                             "gives partial sums; the EP runtime runs it")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs the cache that holds the earlier positions")
         if cache is not None and cache.impl != self.attn_impl:

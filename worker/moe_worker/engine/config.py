@@ -73,6 +73,9 @@ class EngineConfig:
     rendezvous_timeout_s: float = 600.0
     """How long ranks wait for each other to start and load (pods start minutes apart)."""
     model_name: str = "deepseek-v3"
+    attention_tp: int = 1
+    """Attention tensor-parallel degree: ranks [g * n, (g + 1) * n) split the attention heads and
+    serve the same sequences (`attention_tp`); it must divide the group's ranks and the heads."""
     threads: int | None = None
     """torch intra-op threads in this process (None: leave torch's default)."""
 
@@ -112,7 +115,7 @@ _LIMITS: dict[str, tuple[float, bool]] = {
     "max_new_tokens": (1, False), "max_prefill_tokens": (1, False), "kv_cache_tokens": (0, False),
     "max_queue": (1, False), "idle_heartbeat_s": (0.001, True), "map_poll_s": (0, True),
     "dist_timeout_s": (0.001, True), "peer_lost_s": (0.5, True), "rendezvous_timeout_s": (0.001, True),
-    "threads": (1, False),
+    "threads": (1, False), "attention_tp": (1, False),
 }
 """Range checks of the numeric `EngineConfig` fields (a zero or negative limit hangs or breaks a rank)."""
 
@@ -127,6 +130,7 @@ _ENV_FIELDS: dict[str, str] = {
     "dist_backend": "MOE_DIST_BACKEND", "dist_timeout_s": "MOE_DIST_TIMEOUT_S",
     "peer_lost_s": "MOE_PEER_LOST_S",
     "rendezvous_timeout_s": "MOE_RENDEZVOUS_TIMEOUT_S", "model_name": "MOE_MODEL_NAME", "threads": "MOE_THREADS",
+    "attention_tp": "MOE_ATTENTION_TP",
 }
 
 
@@ -196,7 +200,8 @@ class RankConfig:
         MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
         MOE_MAX_PREFILL_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
-        MOE_DIST_TIMEOUT_S, MOE_PEER_LOST_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS (`_ENV_FIELDS`);
+        MOE_DIST_TIMEOUT_S, MOE_PEER_LOST_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS, MOE_ATTENTION_TP
+        (`_ENV_FIELDS`);
         MOE_RANK_KEY_FILE (the group's secret, at least 16 bytes). Every number is
         range-checked: a ValueError names the variable. Other MOE_* variables (ports, node) are the server's."""
         env = os.environ if env is None else env

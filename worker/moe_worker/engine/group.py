@@ -379,7 +379,7 @@ class GroupEngine:
         return StepPlan(self.step, [[] for _ in range(self.world)], [[] for _ in range(self.world)])
 
     def _count(self, plan: StepPlan) -> None:
-        rows = sum(len(w) for w in plan.work)
+        rows = sum(len(w) for w in plan.work[::self.scheduler.tp])  # (a TP group's ranks share one list)
         if rows:
             self.stats["steps"] += 1
             self.stats["rows"] += rows

@@ -265,9 +265,10 @@ class _Membership:
     """
 
     def __init__(self, store: Any, rank: int, backend: str, device: torch.device, timeout: datetime.timedelta,
-                 peer_lost_s: float = 2.0):
+                 peer_lost_s: float = 2.0, attention_tp: int = 1):
         self.store, self.rank, self.backend, self.device, self.timeout = store, rank, backend, device, timeout
         self.peer_lost_s = peer_lost_s
+        self.attention_tp = attention_tp
         self.epoch = 0
         self.members: tuple[int, ...] = ()
         self.heartbeat: _Heartbeat | None = None
@@ -312,7 +313,28 @@ class _Membership:
             self.heartbeat.watch_ranks({r: self.store.get(f"{prefix}/incarnation/{r}").decode()
                                         for r in members if r != self.rank})
         whole = members == tuple(range(world))
-        return ParallelContext(self.rank, world, group, None if whole else members), control_group
+        tp_group = self._tp_groups(members, world)
+        return (ParallelContext(self.rank, world, group, None if whole else members, self.attention_tp, tp_group),
+                control_group)
+
+    def _tp_groups(self, members: tuple[int, ...], world: int) -> Any:
+        """The process groups of the attention TP groups (ranks [g * tp, (g + 1) * tp)) whose
+        ranks are all members; every member creates every one, in the same order (torch's rule).
+        Returns this rank's, or None (tp 1, or a rank of its TP group is lost: it then serves
+        experts only until the group is whole again)."""
+        tp = self.attention_tp
+        if tp == 1:
+            return None
+        if world % tp:
+            raise EngineError(f"EP group of {world} ranks: attention TP {tp} must divide it")
+        mine = None
+        for base in range(0, world, tp):
+            block = range(base, base + tp)
+            if all(r in members for r in block):
+                g = dist.new_group([members.index(r) for r in block], timeout=self.timeout)
+                if self.rank in block:
+                    mine = g
+        return mine
 
     def _prove(self, members: tuple[int, ...], prefix: str, control_group: Any) -> None:
         """Every member shows it holds the group's secret (`auth.membership_proof`), before the

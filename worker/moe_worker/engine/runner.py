@@ -19,6 +19,7 @@ from ..expertmap import ExpertMap, MapSwitcher, Staged
 from ..fp8 import resolve_impl
 from ..model import KVCache, MoE, PagedLatentCache, PagedSeq, ParallelContext, Segment, Transformer
 from ..sampling import sample, token_seed
+from .attention_tp import AttentionTP
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
 from .steps import SeqWork, StepPlan, StepReply
 
@@ -89,6 +90,8 @@ class RankRunner:
         broken group); None: plain waits."""
         if ctx.world_size > 1:
             self.dispatcher = Dispatcher(ctx, emap, device=device, config=dispatch_config(model, cfg), metrics=metrics)
+        self.tp: AttentionTP | None = None
+        """This rank's attention TP group's collectives (None: whole attention on every rank)."""
         self.switcher = MapSwitcher(
             emap, ctx.rank, model.args, plan_path=plan_path, load_experts=self._read_experts,
             poll_interval_s=cfg.map_poll_s, background=cfg.background_load, on_error=self._map_error,
@@ -106,6 +109,7 @@ class RankRunner:
         self.ctx = ctx
         self.model.ctx = ctx
         self.wait_work = wait_work or self.wait_work
+        self.tp = AttentionTP(ctx, self.wait_work) if ctx.tp > 1 else None
         if self.dispatcher is not None:
             self.dispatcher.ctx = ctx
             self.dispatcher.group = ctx.group
@@ -116,6 +120,7 @@ class RankRunner:
         """Serve in a process group of a different size from now on (after a resize switch)."""
         self.ctx = ctx
         self.model.ctx = ctx
+        self.tp = AttentionTP(ctx, self.wait_work) if ctx.tp > 1 else None
         self.dispatcher = None
         if ctx.world_size > 1:
             self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
@@ -130,6 +135,10 @@ class RankRunner:
         caches stay; `regroup` follows once the new process group is formed."""
         if self.emap.generation != generation:
             self._switch(generation, -1)
+        tp = self.ctx.tp
+        if tp > 1 and lost & set(range(self.rank - self.rank % tp, self.rank - self.rank % tp + tp)):
+            for seq in list(self.seqs):  # its TP group cannot attend: rank 0 recomputes them elsewhere
+                self._drop(seq)
         self._hold_exactly(self.switcher.lose(lost), reading="the lost ranks' sole copies")
         log.info("rank %d: serving generation %d without ranks %s", self.rank, generation, sorted(self.emap.lost))
 
@@ -308,15 +317,24 @@ class RankRunner:
         else:
             x = torch.zeros(0, D, dtype=m.dtype, device=dev)
         exchange = self.dispatcher.start if self.dispatcher is not None else None
+        tp = self.tp if chunks else None
         for i, block in enumerate(m.layers):
             if chunks:
                 segments = [Segment(c.start, n, self.pool.view(c.cache, i) if isinstance(c.cache, PagedSeq)
                                     else c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
-                x = x + block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl)
+                attn = block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl)
             elif not isinstance(block.ffn, MoE):
                 continue
-            # An MoE layer joins the exchange even with no tokens, so every rank's collectives match.
-            x = yield from block.ffn_stages(x, exchange)
+            if tp is None:
+                x = x + attn if chunks else x
+                # An MoE layer joins the exchange even with no tokens, so every rank's collectives match.
+                x = yield from block.ffn_stages(x, exchange)
+            else:  # attention TP: the heads' partial sums reduced onto 1/tp of the rows each, the FFN on those
+                h = x[tp.rows(len(x))] + tp.reduce_scatter(attn)
+                h = yield from block.ffn_stages(h, exchange)
+                x = tp.all_gather(h, len(x))
+        if self.tp is not None and self.ctx.tp_rank != 0:
+            return  # the TP group's first rank samples (the others hold the same logits)
         last = []
         for c, h in zip(chunks, torch.split(x, sizes), strict=True):
             if c.want_logits:
@@ -360,6 +378,14 @@ def split_micro_batches(chunks: list[_Chunk], n: int) -> list[list[_Chunk]]:
     return [a, b]
 
 
+def check_attention_tp(tp: int, world: int, heads: int) -> int:
+    """`tp`, when a group of `world` ranks can split `heads` attention heads that way."""
+    if world % tp or heads % tp:
+        raise ValueError(f"attention TP {tp} (MOE_ATTENTION_TP) must divide the group's {world} ranks and the "
+                         f"model's {heads} attention heads")
+    return tp
+
+
 def dispatch_config(model: Transformer, cfg: EngineConfig) -> DispatchConfig:
     fp8 = cfg.dispatch_fp8 == "on"
     if cfg.dispatch_fp8 == "auto":
@@ -398,10 +424,12 @@ def build_runner(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ckpt = Checkpoint(checkpoint)
+    tp = check_attention_tp(cfg.attention_tp, ctx.world_size, ckpt.args.num_attention_heads)
     fp8 = False if cfg.precision == "bf16" else None
     model = Transformer(
         ckpt.args, dtype=resolve_dtype(cfg.dtype, device), attn_impl=cfg.attn_impl, fp8=fp8,
-        fp8_impl=cfg.fp8_impl, owned_experts=emap.owned(ctx.rank), ctx=ctx, device=device,
+        fp8_impl=cfg.fp8_impl, owned_experts=emap.owned(ctx.rank), ctx=replace(ctx, tp=tp), device=device,
+        attention_tp=(ctx.rank % tp, tp),
     )
     ckpt.load(model)
     return RankRunner(model, ckpt, emap, cfg, ctx=ctx, device=device, plan_path=plan_path, metrics=metrics,

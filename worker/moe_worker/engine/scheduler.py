@@ -75,6 +75,7 @@ class _Ticket:
 class _Running:
     ticket: _Ticket
     rank: int
+    """The rank that runs it (with attention TP: the first rank of the TP group that does)."""
     pos: int = 0  # positions in the KV cache
     work: SeqWork | None = None
     """The work sent for it whose token has not arrived yet (a step that broke: sent again)."""
@@ -82,11 +83,16 @@ class _Running:
 
 
 class Scheduler:
-    """Rank 0's view of all requests: queue, the sequences on each rank, step plans."""
+    """Rank 0's view of all requests: queue, the sequences on each rank, step plans.
+
+    With attention tensor parallelism (`cfg.attention_tp` = n) the unit of scheduling is a TP
+    group, ranks [g * n, (g + 1) * n): its sequences are counted on its first rank and sent to
+    every rank of it (`_expand`); a group with a lost rank takes none."""
 
     def __init__(self, world_size: int, cfg: EngineConfig, info: ModelInfo, metrics: Any = None):
         self.world = world_size
         self.cfg = cfg
+        self.tp = cfg.attention_tp
         self.info = info
         self.metrics = metrics
         self.waiting: deque[_Ticket] = deque()
@@ -138,10 +144,10 @@ class Scheduler:
                     break
                 kv = len(t.req.prompt_ids) + t.req.max_tokens
                 if t.want_logits:
-                    rank = 0 if self._has_room(0, kv) else None
+                    rank = 0 if self._has_room(0, kv) and self._serves(0) else None
                 else:
-                    free = [r for r in range(self.world)
-                            if self._has_room(r, kv) and r not in self.draining and r not in self.lost]
+                    free = [r for r in range(0, self.world, self.tp)
+                            if self._has_room(r, kv) and r not in self.draining and self._serves(r)]
                     # Least loaded first; among equals, round-robin from the last pick, so that a
                     # few requests spread over every node instead of piling onto the first one
                     # (tokens prefer expert replicas on their own node).
@@ -165,9 +171,22 @@ class Scheduler:
                 budget -= n
                 admitted += 1
             release, self.release = self.release, [[] for _ in range(self.world)]
+        self._expand(work)
+        self._expand(release)
         busiest = max(sum(len(w.tokens) for w in ws) for ws in work)
         mb = {"on": 2, "off": 1}.get(self.overlap, 2 if busiest >= self.cfg.overlap_min_tokens else 1)
         return StepPlan(step, work, release, micro_batches=mb, switch_to=switch_to)
+
+    def _serves(self, rank: int) -> bool:
+        """The TP group that starts at `rank` has all its ranks (it can attend)."""
+        return not any(r in self.lost for r in range(rank, rank + self.tp))
+
+    def _expand(self, per_rank: list[list]) -> None:
+        """Give every rank of a TP group its first rank's list (attention TP: they run the same
+        sequences)."""
+        for first in range(0, self.world, self.tp):
+            for r in range(first + 1, first + self.tp):
+                per_rank[r] = per_rank[first]
 
     def _has_room(self, rank: int, kv: int) -> bool:
         """Rank `rank` can take one more sequence of `kv` cache positions."""
@@ -206,7 +225,7 @@ class Scheduler:
         every running sequence runs its uncommitted work again (`_Running.work`)."""
         with self.lock:
             for r, seqs in enumerate(plan.release):
-                if r < self.world and r not in self.lost:
+                if r < self.world and r % self.tp == 0 and self._serves(r):
                     self.release[r][:0] = seqs
 
     def lose(self, ranks: set[int]) -> int:
@@ -215,11 +234,12 @@ class Scheduler:
         rank from prompt + the tokens generated so far. Returns how many."""
         with self.lock:
             self.lost |= ranks
-            moved = [self.running.pop(seq).ticket for seq in sorted(self.running) if self.running[seq].rank in ranks]
+            groups = {r - r % self.tp for r in ranks}  # a TP group that lost a rank loses its sequences
+            moved = [self.running.pop(seq).ticket for seq in sorted(self.running) if self.running[seq].rank in groups]
             for t in moved:
                 t.recomputed += 1
             self.waiting.extendleft(reversed(moved))
-            for r in ranks:
+            for r in ranks | groups:
                 self.per_rank[r] = 0
                 self.kv_used[r] = 0
                 self.release[r] = []
@@ -240,6 +260,7 @@ class Scheduler:
         """The group now has `world` ranks; returns the releases pending for the old ranks."""
         with self.lock:
             release, self.release = self.release, [[] for _ in range(world)]
+            self._expand(release)
             if any(r.rank >= world for r in self.running.values()):
                 raise RuntimeError("resize below a rank that still runs sequences")
             self.per_rank = (self.per_rank + [0] * world)[:world]

@@ -159,7 +159,7 @@ def start_rank(
     device = resolve_device(cfg.device, rc.rank)
     backend = dist_backend(cfg.dist_backend, device)
     membership = _Membership(store, rc.rank, backend, device, datetime.timedelta(seconds=cfg.dist_timeout_s),
-                             cfg.peer_lost_s)
+                             cfg.peer_lost_s, cfg.attention_tp)
     membership.start_heartbeat()
     resizable = rc.expert_map is not None  # the group follows the plan file's ranks
     world = rc.world_size

@@ -1,0 +1,228 @@
+"""Attention tensor parallelism: consecutive ranks split the MLA heads of the sequences they serve
+together, reduce-scatter the partial sums onto slices of the tokens for the feed-forward and the
+EP exchange, and all-gather them back (`engine.attention_tp`).
+
+The EP groups here generate the same greedy tokens, logit sums and prompt logits as the
+single-process reference (`test_ep_engine.Reference`), with TP 2 and 4, overlap off and on, across
+an expert-map switch, and when a rank of a TP group dies. Two checkpoints: the tiny-ep16
+architecture in bf16 (every shard exact), and an FP8 one with 8 heads of v_head_dim 64, whose
+o_proj columns split at 128-column blocks for TP 2 and 4, so the FP8 activation quantization sees
+the same groups as unsharded (the tiny model's 4 x 32 columns cannot: see `fp8.Shard`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from test_ep_engine import (
+    ENGINE,
+    Reference,
+    check_group,
+    plan_doc,
+    requests,
+    standard_phases,
+    tiny_ep16_config,
+)
+
+from moe_worker.checkpoint import Checkpoint, make_checkpoint
+from moe_worker.engine import EngineConfig, RankConfig
+from moe_worker.engine.scheduler import Scheduler, _Ticket
+from moe_worker.engine_api import GenerationRequest, ModelInfo
+from moe_worker.expertmap import write_plan_files
+from moe_worker.fp8 import Linear, quantize_weight
+from moe_worker.launch import Job, Phase, run_local
+from moe_worker.model import Transformer
+
+
+def tp_fp8_config() -> dict:
+    cfg = tiny_ep16_config()
+    cfg.update(num_attention_heads=8, num_key_value_heads=8, v_head_dim=64)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory):
+    return make_checkpoint(tiny_ep16_config(), tmp_path_factory.mktemp("tp") / "bf16", dtype="bf16", seed=2)
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    return make_checkpoint(tp_fp8_config(), tmp_path_factory.mktemp("tp") / "fp8", dtype="fp8", seed=3)
+
+
+@pytest.fixture(scope="module")
+def bf16_ref(bf16_ckpt):
+    return Reference(bf16_ckpt)
+
+
+@pytest.fixture(scope="module")
+def fp8_ref(fp8_ckpt):
+    return Reference(fp8_ckpt)
+
+
+def run_tp(ckpt, world: int, tp: int, tmp_path, phases, **job_kw):
+    plan = write_plan_files(tmp_path / "plan", plan_doc(world, replicas=False, shift=0), 1)
+    return run_local(ckpt, world, Job(phases, **job_kw), engine=replace(ENGINE, attention_tp=tp), expert_map=plan,
+                     timeout_s=300)
+
+
+# ---- one layer's attention, in process ----------------------------------------------------------
+
+
+def _attention(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """Layer 0's attention output for x (1, S, D), causal, no cache."""
+    S = x.shape[1]
+    rope = model.rotary(torch.arange(S))
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    return model.layers[0].attn(x, rope, 0, mask, None, model.attn_impl)
+
+
+@pytest.mark.parametrize("which", ["bf16", "fp8"])
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_the_shards_partial_sums_add_up_to_the_whole_attention(which, impl, bf16_ckpt, fp8_ckpt):
+    ckpt = Checkpoint(bf16_ckpt if which == "bf16" else fp8_ckpt)
+    whole = ckpt.build(dtype=torch.float32, attn_impl=impl)
+    x = torch.randn(1, 7, whole.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = _attention(whole, x)
+    for tp in (2, 4):
+        shards = [ckpt.build(dtype=torch.float32, attn_impl=impl, attention_tp=(t, tp)) for t in range(tp)]
+        assert all(s.layers[0].attn.n_heads == whole.args.num_attention_heads // tp for s in shards)
+        got = sum(_attention(s, x) for s in shards)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (which, impl, tp)
+        # Each shard alone is far from the whole: the sum is what the test checks.
+        assert (_attention(shards[0], x) - want).abs().max() > 1e-2 * want.abs().max()
+        with pytest.raises(ValueError, match="partial sums"):
+            shards[0](torch.tensor([[1, 2]]))
+
+
+def test_fp8_row_and_column_shards_use_the_checkpoints_own_blocks():
+    # Rows 40..100 of a (300, 384) FP8 weight: stored as rows 0..128 (whole blocks), cut after
+    # the product: exactly the unsharded product's rows. Columns 128..256: an aligned shard, the
+    # same activation groups: its partial sums add up with the other columns' to the whole.
+    g = torch.Generator().manual_seed(1)
+    q, s = quantize_weight(torch.randn(300, 384, generator=g))
+    whole = Linear(384, 300, fp8=True)
+    whole.weight.data, whole.scale.data = q, s
+    x = torch.randn(5, 384, generator=g)
+    want = whole(x)
+    rows = Linear(384, 300, fp8=True, shard=(0, 40, 100))
+    assert rows.weight.shape == (128, 384)
+    rows.weight.data, rows.scale.data = q[:128], s[:1]
+    assert torch.equal(rows(x), want[:, 40:100])
+    assert rows.dequantized_weight().shape == (60, 384)
+    parts = []
+    for lo, hi in ((0, 128), (128, 256), (256, 384)):
+        col = Linear(384, 300, fp8=True, shard=(1, lo, hi))
+        col.weight.data, col.scale.data = q[:, lo:hi], s[:, lo // 128:hi // 128]
+        parts.append(col(x[:, lo:hi]))
+    assert (sum(parts) - want).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(ValueError, match="shard"):
+        Linear(384, 300, shard=(1, 300, 400))
+
+
+def test_the_loader_reads_only_the_shard(bf16_ckpt, fp8_ckpt):
+    for path in (bf16_ckpt, fp8_ckpt):
+        ckpt = Checkpoint(path)
+        whole = ckpt.build(dtype=torch.float32)
+        half = ckpt.build(dtype=torch.float32, attention_tp=(1, 2))
+        a, b = whole.layers[1].attn, half.layers[1].attn
+        H, V = whole.args.num_attention_heads, whole.args.v_head_dim
+        assert torch.equal(b.wo.dequantized_weight(), a.wo.dequantized_weight()[:, H // 2 * V:])
+        nv = whole.args.qk_nope_head_dim + V
+        assert torch.equal(b.wkv_b.dequantized_weight(), a.wkv_b.dequantized_weight()[H // 2 * nv:])
+        assert torch.equal(b.wkv_a.weight, a.wkv_a.weight)  # the latent projection stays whole
+
+
+# ---- rank 0's scheduling -------------------------------------------------------------------------
+
+
+def _scheduler(world: int, tp: int) -> Scheduler:
+    info = ModelInfo(name="m", vocab_size=512, max_context=64, max_new_tokens=8, eos_token_id=None)
+    return Scheduler(world, EngineConfig(attention_tp=tp, max_seqs_per_rank=4), info)
+
+
+def _ticket(i: int) -> _Ticket:
+    return _Ticket(GenerationRequest(f"r{i}", (1, 2, 3), max_tokens=4))
+
+
+def test_rank_0_schedules_per_tp_group_and_sends_its_sequences_to_every_rank_of_it():
+    sched = _scheduler(8, 2)
+    for i in range(6):
+        sched.add(_ticket(i))
+    plan = sched.build(0, None)
+    groups = [[w.seq for w in plan.work[r]] for r in range(8)]
+    assert all(groups[r] == groups[r + 1] for r in range(0, 8, 2))  # a TP group's ranks: the same sequences
+    assert sorted(s for r in range(0, 8, 2) for s in groups[r]) == list(range(6))
+    assert {r.rank for r in sched.running.values()} <= {0, 2, 4, 6}
+    # A finished sequence is released on every rank of its group.
+    seq = groups[2][0]
+    sched._finish(seq, "length")
+    plan = sched.build(1, None)
+    assert plan.release[2] == plan.release[3] == [seq] and not plan.release[0]
+    # Rank 5 lost: TP group (4, 5) loses its sequences to the queue and takes no new ones.
+    on_45 = [s for s, r in sched.running.items() if r.rank == 4]
+    assert sched.lose({5}) == len(on_45) > 0
+    plan = sched.build(2, None)
+    assert not plan.work[4] and not plan.work[5]
+    assert all(sched.running[s].rank in (0, 2, 6) for s in sched.running)
+
+
+# ---- EP groups on CPU (gloo) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("world", "tp", "which"), [(4, 2, "bf16"), (4, 4, "fp8"), (8, 2, "fp8")])
+def test_ep_groups_with_attention_tp_generate_the_references_tokens(world, tp, which, request, tmp_path):
+    ckpt, ref = request.getfixturevalue(f"{which}_ckpt"), request.getfixturevalue(f"{which}_ref")
+    res = run_tp(ckpt, world, tp, tmp_path, standard_phases(world))
+    check_group(res, ref, world, switch_phase=2, switch_gen=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_sixteen_ranks_with_attention_tp(tp, fp8_ckpt, fp8_ref, tmp_path):
+    res = run_tp(fp8_ckpt, 16, tp, tmp_path, standard_phases(16))
+    check_group(res, fp8_ref, 16, switch_phase=2, switch_gen=2)
+
+
+def test_a_dead_rank_takes_its_tp_groups_sequences_elsewhere(fp8_ckpt, fp8_ref, tmp_path):
+    # Rank 3 (TP group 2..3) exits mid-generation. Rank 2 can no longer attend (it lacks rank 3's
+    # heads): it drops its caches and serves experts only; rank 0 recomputes the group's two
+    # sequences on TP group 0..1 from prompt + tokens so far. Every answer equals the reference.
+    res = run_tp(fp8_ckpt, 4, 2, tmp_path, [Phase(requests("x"), overlap="on"), Phase(requests("after"))],
+                 exit_rank_at_step=(3, 3))
+    for ph in res.phases:
+        fp8_ref.check(ph, "4 ranks TP2, rank 3 lost")
+    (step, lost, moved, took), = res.recoveries
+    assert lost == [3] and moved == 2, res.recoveries
+
+
+def test_generate_cli_with_attention_tp_equals_one_rank(fp8_ckpt):
+    def generate(*extra: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-m", "moe_worker.cli", "generate", "--checkpoint", str(fp8_ckpt),
+                              "--prompt-ids", "5,6,7", "--max-new-tokens", "5", "--json", *extra],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout)["output_ids"]
+
+    assert generate("--world-size", "4", "--attention-tp", "2") == generate()
+    bad = subprocess.run([sys.executable, "-m", "moe_worker.cli", "generate", "--checkpoint", str(fp8_ckpt),
+                          "--prompt-ids", "1", "--world-size", "4", "--attention-tp", "3"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--attention-tp 3 must be >= 1 and divide --world-size 4" in bad.stderr
+
+
+def test_a_tp_that_does_not_divide_the_heads_is_refused_by_name(fp8_ckpt):
+    env = {"MOE_CHECKPOINT": str(fp8_ckpt), "WORLD_SIZE": "16", "MOE_ATTENTION_TP": "16"}
+    assert RankConfig.from_env(env).engine.attention_tp == 16
+    with pytest.raises(ValueError, match="env MOE_ATTENTION_TP=.0.: expected an integer >= 1"):
+        RankConfig.from_env({**env, "MOE_ATTENTION_TP": "0"})
+    from moe_worker.engine.runner import check_attention_tp
+
+    with pytest.raises(ValueError, match=r"attention TP 16 \(MOE_ATTENTION_TP\) must divide the group's 16 ranks "
+                                         r"and the model's 8 attention heads"):
+        check_attention_tp(16, 16, 8)
+
