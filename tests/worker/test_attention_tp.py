@@ -4,10 +4,11 @@ EP exchange, and all-gather them back (`engine.attention_tp`).
 
 The EP groups here generate the same greedy tokens, logit sums and prompt logits as the
 single-process reference (`test_ep_engine.Reference`), with TP 2 and 4, overlap off and on, across
-an expert-map switch, and when a rank of a TP group dies. Two checkpoints: the tiny-ep16
-architecture in bf16 (every shard exact), and an FP8 one with 8 heads of v_head_dim 64, whose
-o_proj columns split at 128-column blocks for TP 2 and 4, so the FP8 activation quantization sees
-the same groups as unsharded (the tiny model's 4 x 32 columns cannot: see `fp8.Shard`).
+an expert-map switch, and when a rank of a TP group dies. Three checkpoints: the tiny-ep16
+architecture in bf16 and in FP8, and an FP8 one with 8 heads of v_head_dim 64. The last splits
+o_proj by head at 128-column blocks for TP 2 and 4 (the reduce-scatter path, DeepSeek-V3's case);
+the tiny FP8 model's 4 x 32 columns cannot be split without changing the FP8 rounding, so its
+ranks keep o_proj whole and gather the heads' values (`MLA.o_split`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def fp8_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_fp8_ckpt(tmp_path_factory):
+    return make_checkpoint(tiny_ep16_config(), tmp_path_factory.mktemp("tp") / "tiny-fp8", dtype="fp8", seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_ref(tiny_fp8_ckpt):
+    return Reference(tiny_fp8_ckpt)
+
+
+@pytest.fixture(scope="module")
 def bf16_ref(bf16_ckpt):
     return Reference(bf16_ckpt)
 
@@ -82,20 +93,30 @@ def _attention(model: Transformer, x: torch.Tensor) -> torch.Tensor:
     return model.layers[0].attn(x, rope, 0, mask, None, model.attn_impl)
 
 
-@pytest.mark.parametrize("which", ["bf16", "fp8"])
+def _tp_attention(shards: list[Transformer], x: torch.Tensor) -> torch.Tensor:
+    """What the group computes: the shards' partial sums added up, or (o_proj whole) their heads'
+    values put side by side through o_proj."""
+    outs = [_attention(s, x) for s in shards]
+    a = shards[0].layers[0].attn
+    return sum(outs) if a.o_split else a.wo(torch.cat(outs, dim=-1))
+
+
+@pytest.mark.parametrize("which", ["bf16", "fp8", "tiny_fp8"])
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
-def test_the_shards_partial_sums_add_up_to_the_whole_attention(which, impl, bf16_ckpt, fp8_ckpt):
-    ckpt = Checkpoint(bf16_ckpt if which == "bf16" else fp8_ckpt)
+def test_the_shards_add_up_to_the_whole_attention(which, impl, request):
+    ckpt = Checkpoint(request.getfixturevalue(f"{which}_ckpt"))
     whole = ckpt.build(dtype=torch.float32, attn_impl=impl)
     x = torch.randn(1, 7, whole.args.hidden_size, generator=torch.Generator().manual_seed(0))
     want = _attention(whole, x)
     for tp in (2, 4):
         shards = [ckpt.build(dtype=torch.float32, attn_impl=impl, attention_tp=(t, tp)) for t in range(tp)]
         assert all(s.layers[0].attn.n_heads == whole.args.num_attention_heads // tp for s in shards)
-        got = sum(_attention(s, x) for s in shards)
+        assert shards[0].layers[0].attn.o_split == (which != "tiny_fp8")
+        got = _tp_attention(shards, x)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (which, impl, tp)
-        # Each shard alone is far from the whole: the sum is what the test checks.
-        assert (_attention(shards[0], x) - want).abs().max() > 1e-2 * want.abs().max()
+        # One shard alone is far from the whole: the combination is what the test checks.
+        alone = _attention(shards[0], x)
+        assert alone.shape != want.shape or (alone - want).abs().max() > 1e-2 * want.abs().max()
         with pytest.raises(ValueError, match="partial sums"):
             shards[0](torch.tensor([[1, 2]]))
 
@@ -123,6 +144,8 @@ def test_fp8_row_and_column_shards_use_the_checkpoints_own_blocks():
     assert (sum(parts) - want).abs().max() <= 1e-5 * want.abs().max()
     with pytest.raises(ValueError, match="shard"):
         Linear(384, 300, shard=(1, 300, 400))
+    with pytest.raises(ValueError, match="FP8 column shard 64:128 of 384 is not whole 128-column blocks"):
+        Linear(384, 300, fp8=True, shard=(1, 64, 128))
 
 
 def test_the_loader_reads_only_the_shard(bf16_ckpt, fp8_ckpt):
@@ -175,7 +198,8 @@ def test_rank_0_schedules_per_tp_group_and_sends_its_sequences_to_every_rank_of_
 # ---- EP groups on CPU (gloo) ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("world", "tp", "which"), [(4, 2, "bf16"), (4, 4, "fp8"), (8, 2, "fp8")])
+@pytest.mark.parametrize(("world", "tp", "which"), [(4, 2, "bf16"), (4, 4, "fp8"), (8, 2, "fp8"),
+                                                    (4, 2, "tiny_fp8")])
 def test_ep_groups_with_attention_tp_generate_the_references_tokens(world, tp, which, request, tmp_path):
     ckpt, ref = request.getfixturevalue(f"{which}_ckpt"), request.getfixturevalue(f"{which}_ref")
     res = run_tp(ckpt, world, tp, tmp_path, standard_phases(world))

@@ -484,13 +484,11 @@ class Shard:
     """The part of a full (out, in) weight that one rank of a tensor-parallel group holds: along
     `dim` (0: output rows, 1: input columns) entries [start, stop) of `full`.
 
-    The rank stores [lo, hi): the range widened to whole blocks of `block` (128 for FP8 weights,
-    1 otherwise), so that it multiplies with the checkpoint's own 128x128 block scales. The
-    widened rows are cut from the output (exact: an output row depends on its own weight row
-    only); the widened columns meet zero inputs. When a column shard is not block-aligned, an
-    FP8 product quantizes the rank's activations per 128 columns with the other ranks' columns
-    as zeros, so its rounding differs from the unsharded product's (DeepSeek-V3's shards are
-    aligned: o_proj's 16384 columns over TP 2-8 cut at multiples of 2048)."""
+    A row shard stores [lo, hi): the range widened to whole blocks of `block` (128 for FP8
+    weights, 1 otherwise), so that it multiplies with the checkpoint's own 128x128 block scales;
+    the widened rows are cut from the output (exact: an output row depends on its own weight row
+    only). An FP8 column shard must be whole blocks: FP8 quantizes the input per 128 columns, and
+    a group cut between ranks would round differently from the unsharded product (`MLA.o_split`)."""
 
     dim: int
     start: int
@@ -546,6 +544,8 @@ class Linear(nn.Module):
             if dim not in (0, 1) or not 0 <= start < stop <= full:
                 raise ValueError(f"shard {shard} of a ({out_features}, {in_features}) weight")
             self.shard = Shard(dim, start, stop, full, FP8_BLOCK if fp8 else 1)
+            if dim == 1 and self.shard.widened:
+                raise ValueError(f"FP8 column shard {start}:{stop} of {full} is not whole {FP8_BLOCK}-column blocks")
             part = self.shard.hi - self.shard.lo
             rows, cols = (part, cols) if dim == 0 else (rows, part)
         wdtype = FP8_DTYPE if fp8 else dtype
@@ -562,10 +562,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shard
-        if s is not None and s.dim == 1 and s.widened:
-            x = F.pad(x, (s.start - s.lo, s.hi - s.stop))
         y = linear(x, self.weight, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
-        if s is not None and s.dim == 0 and s.widened:
+        if s is not None and s.widened:  # (rows only)
             y = y[..., s.start - s.lo:s.stop - s.lo]
         return y
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_common.model_args import ModelArgs
+from moe_common.model_args import FP8_BLOCK, ModelArgs
 
 from .fp8 import Linear
 
@@ -285,7 +285,13 @@ class MLA(nn.Module):
     With attention tensor parallelism `tp` = (t, n) this rank holds heads [t * H/n, (t+1) * H/n):
     their rows of q_b_proj and kv_b_proj and their columns of o_proj; q_a, kv_a and the latent
     cache are whole on every rank of the group. Its output is then this rank's partial sum of
-    o_proj over its heads: the sum over the group's ranks is the attention output."""
+    o_proj over its heads: the sum over the group's ranks is the attention output.
+
+    Unless (`o_split` False) o_proj is FP8 and a rank's columns are not whole 128-column blocks:
+    FP8 quantizes o_proj's input per token per 128 columns, and a group cut between ranks would
+    round differently from the unsharded model. Then every rank holds o_proj whole and the output
+    is this rank's heads' values before it, (..., H/n * V): the group gathers them and applies
+    o_proj to its rows (DeepSeek-V3 splits: 16384 columns over TP 2-8; tiny test models may not)."""
 
     def __init__(self, args: ModelArgs, *, dtype: torch.dtype, fp8: bool, device=None, tp: tuple[int, int] = (0, 1)):
         super().__init__()
@@ -312,7 +318,9 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)  # kv_a_layernorm
         nv = args.qk_nope_head_dim + args.v_head_dim
         self.wkv_b = Linear(args.kv_lora_rank, H * nv, **lin, shard=heads(nv))  # kv_b_proj
-        self.wo = Linear(H * args.v_head_dim, D, **lin, shard=heads(args.v_head_dim, dim=1))  # o_proj
+        self.o_split = n == 1 or not fp8 or self.n_heads * args.v_head_dim % FP8_BLOCK == 0
+        self.wo = Linear(H * args.v_head_dim, D, **lin,
+                         shard=heads(args.v_head_dim, dim=1) if self.o_split else None)  # o_proj
         self.softmax_scale = args.softmax_scale
 
     def forward(
@@ -344,7 +352,7 @@ class MLA(nn.Module):
             out = self._absorb(q_nope, q_pe, kv, k_pe, start_pos, mask, cache)
         else:
             raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
-        return self.wo(out.flatten(2))  # (B, S, H * V) -> (B, S, D)
+        return self._out(out.flatten(2))  # (B, S, H * V) -> (B, S, D)
 
     def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
         """Reference path: expand the latent to per-head K and V, attend over full K/V."""
@@ -421,7 +429,7 @@ class MLA(nn.Module):
             outs = [self._naive(q_nope[:, o:o + g.length], q_pe[:, o:o + g.length], kv[:, o:o + g.length],
                                 k_pe[:, o:o + g.length], g.start, causal_mask(g.start, g.length, x.device), g.cache)
                     for g, o in zip(segments, offsets, strict=False)]
-            return self.wo(torch.cat(outs, dim=1).flatten(2))[0]
+            return self._out(torch.cat(outs, dim=1).flatten(2))[0]
         if impl != "absorb":
             raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
         wkv_b, q_lat = self._absorbed_query(q_nope)  # (1, T, H, C)
@@ -440,7 +448,11 @@ class MLA(nn.Module):
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
                                                [g for _, g in decode])
         out = torch.bmm(out.transpose(0, 1), wkv_b[:, N:].transpose(1, 2)).transpose(0, 1)  # (T, H, V)
-        return self.wo(out.flatten(1)[None])[0]
+        return self._out(out.flatten(1)[None])[0]
+
+    def _out(self, heads: torch.Tensor) -> torch.Tensor:
+        """The heads' values (..., H * V) through o_proj (or as they are: see `o_split`)."""
+        return self.wo(heads) if self.o_split else heads
 
     def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment]) -> torch.Tensor:
         """One new token for each of B sequences: q_lat (B, H, C), q_pe (B, H, R), their latent kv

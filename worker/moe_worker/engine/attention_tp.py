@@ -13,6 +13,10 @@ Together they move one all-reduce's bytes, 2 (tp - 1) / tp x T x hidden per rank
 instead would leave every rank with all T rows and the MoE would either run tp times over or need
 the same slicing and gather anyway. DeepSeek runs its prefill with attention TP4 plus sequence
 parallelism the same way (notes/deepseek-v3.md).
+
+Where o_proj cannot be split by head (FP8 with fewer than 128 columns per rank: tiny models, not
+DeepSeek-V3) every rank keeps it whole, `gather_heads` collects the heads' values instead of
+reducing sums, and each rank applies o_proj to its own rows: the same numbers as unsharded.
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ class AttentionTP:
         self._wait(dist.reduce_scatter_tensor(out, padded, group=self.group, async_op=True))
         rows = self.rows(T)
         return out[: rows.stop - rows.start]
+
+    def gather_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        """heads (T, H/tp * V), this rank's heads' values before o_proj -> (T, H * V), every
+        head's, in head order (for an o_proj every rank holds whole: `MLA.o_split`)."""
+        self._check()
+        T, W = heads.shape
+        buf = heads.new_empty(self.size * T, W)
+        self._wait(dist.all_gather_into_tensor(buf, heads.contiguous(), group=self.group, async_op=True))
+        return buf.view(self.size, T, W).transpose(0, 1).reshape(T, self.size * W)
 
     def all_gather(self, mine: torch.Tensor, tokens: int) -> torch.Tensor:
         """mine (rows(tokens), D) from every rank of the group -> (tokens, D) on each."""

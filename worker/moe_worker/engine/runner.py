@@ -330,7 +330,11 @@ class RankRunner:
                 # An MoE layer joins the exchange even with no tokens, so every rank's collectives match.
                 x = yield from block.ffn_stages(x, exchange)
             else:  # attention TP: the heads' partial sums reduced onto 1/tp of the rows each, the FFN on those
-                h = x[tp.rows(len(x))] + tp.reduce_scatter(attn)
+                rows = tp.rows(len(x))
+                if block.attn.o_split:
+                    h = x[rows] + tp.reduce_scatter(attn)
+                else:  # o_proj is whole here: gather every head's values, project this rank's rows
+                    h = x[rows] + block.attn.wo(tp.gather_heads(attn)[rows])
                 h = yield from block.ffn_stages(h, exchange)
                 x = tp.all_gather(h, len(x))
         if self.tp is not None and self.ctx.tp_rank != 0:
