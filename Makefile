@@ -44,7 +44,7 @@ test: venv testbin lint
 
 demo: venv testbin
 	bash hack/system-deps.sh
-	$(PY) -m moe_operator.localdev.demo
+	$(PY) -m moe_operator.localdev.demo $(MANIFEST)
 
 clean-cluster: venv
 	$(VENV)/bin/moe cluster down

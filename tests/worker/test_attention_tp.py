@@ -22,7 +22,10 @@ import pytest
 import torch
 from test_ep_engine import (
     ENGINE,
+    PROMPTS,
     Reference,
+    _front_rank,
+    _rejoin_rank,
     check_group,
     plan_doc,
     requests,
@@ -36,7 +39,7 @@ from moe_worker.engine.scheduler import Scheduler, _Ticket
 from moe_worker.engine_api import GenerationRequest, ModelInfo
 from moe_worker.expertmap import write_plan_files
 from moe_worker.fp8 import Linear, quantize_weight
-from moe_worker.launch import Job, Phase, run_local
+from moe_worker.launch import Job, Phase, run_local, spawn_ranks
 from moe_worker.model import Transformer
 
 
@@ -223,6 +226,26 @@ def test_a_dead_rank_takes_its_tp_groups_sequences_elsewhere(fp8_ckpt, fp8_ref, 
         fp8_ref.check(ph, "4 ranks TP2, rank 3 lost")
     (step, lost, moved, took), = res.recoveries
     assert lost == [3] and moved == 2, res.recoveries
+
+
+def test_a_replacement_rank_makes_its_tp_group_whole_again(fp8_ckpt, fp8_ref, tmp_path):
+    # Rank 3 dies mid-generation and its replacement process joins the running group: TP group
+    # 2..3 is formed again and rank 0 schedules sequences to it again; all answers as the reference.
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
+    out = spawn_ranks(4, _rejoin_rank, (str(fp8_ckpt), str(plan_dir), replace(ENGINE, attention_tp=2)), timeout_s=300)
+    want = [fp8_ref.gen[p][0] for p in PROMPTS]
+    assert out["first"] == want and out["second"] == want
+    (_, lost, moved, _), = out["recoveries"]
+    assert lost == [3] and moved >= 1
+    assert out["busy"] == [0, 2], out["busy"]  # both TP groups serve again
+
+
+def test_the_others_join_a_new_rank_0_with_attention_tp(fp8_ckpt, fp8_ref, tmp_path):
+    plan_dir = tmp_path / "plan"
+    write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
+    out = spawn_ranks(4, _front_rank, (str(fp8_ckpt), str(plan_dir), replace(ENGINE, attention_tp=2)), timeout_s=300)
+    assert out["outputs"] == [fp8_ref.gen[p][0] for p in PROMPTS]
 
 
 def test_generate_cli_with_attention_tp_equals_one_rank(fp8_ckpt):

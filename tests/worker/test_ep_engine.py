@@ -310,7 +310,7 @@ def test_a_running_group_grows_and_shrinks_without_restarting(fp8_ckpt, fp8_ref,
     assert [g for _, g in out["switches"]] == [2, 3] and out["generation"] == 3
 
 
-def _first_life(rank: int, world: int, port: int, ckpt: str, plan: str) -> None:
+def _first_life(rank: int, world: int, port: int, ckpt: str, plan: str, engine: EngineConfig = ENGINE) -> None:
     """The first process of a rank that dies (exit 17) at its second step with work."""
     import os as _os
 
@@ -323,11 +323,12 @@ def _first_life(rank: int, world: int, port: int, ckpt: str, plan: str) -> None:
         if seen[0] >= 2:
             _os._exit(17)
 
-    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=engine)
     start_rank(rc, before_step=die).run()
 
 
-def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
+def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str,
+                 engine: EngineConfig = ENGINE) -> dict | None:
     """Rank 3 runs its first life in a child process that dies mid-generation, then starts again
     in this process, as the operator's replacement pod would, and joins the running group."""
     import os as _os
@@ -335,12 +336,12 @@ def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> 
     from moe_worker.engine import RankConfig, start_rank
 
     plan = str(Path(plan_dir) / "plan.json")
-    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=engine)
     if rank == 3:
         pid = _os.fork()  # (a daemonic process cannot start a multiprocessing child; this one has no threads yet)
         if pid == 0:
             try:
-                _first_life(rank, world, port, ckpt, plan)
+                _first_life(rank, world, port, ckpt, plan, engine)
             finally:
                 _os._exit(1)
         _, status = _os.waitpid(pid, 0)
@@ -358,10 +359,16 @@ def _rejoin_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> 
         while eng.runner.emap.lost or len(eng.control.live) != world:
             assert time.monotonic() < deadline and eng.failure is None, (eng.failure, eng.recoveries)
             time.sleep(0.05)
-        second = [eng._wait(t, 120).output_ids for t in [eng.submit(q) for q in requests("whole")]]
+        tickets = [eng.submit(q) for q in requests("whole")]
+        busy: set[int] = set()  # the ranks (TP groups) rank 0 scheduled the second batch to
+        while not all(t.done.is_set() for t in tickets):
+            with eng.scheduler.lock:
+                busy |= {r_.rank for r_ in eng.scheduler.running.values()}
+            time.sleep(0.005)
+        second = [eng._wait(t, 120).output_ids for t in tickets]
         hosts = {r_: eng.runner.emap.owned(r_) for r_ in range(world)}
         return {"first": first, "second": second, "recoveries": list(eng.recoveries), "resizes": list(eng.resizes),
-                "hosts": hosts, "map": eng.runner.emap.digest}
+                "hosts": hosts, "map": eng.runner.emap.digest, "busy": sorted(busy)}
     finally:
         eng.shutdown()
 
@@ -380,13 +387,13 @@ def test_a_replacement_rank_rejoins_the_running_group(fp8_ckpt, fp8_ref, tmp_pat
     assert out["map"] == full.digest and out["hosts"] == {r: full.owned(r) for r in range(4)}
 
 
-def _front_first_life(world: int, port: int, ckpt: str, plan: str) -> None:
+def _front_first_life(world: int, port: int, ckpt: str, plan: str, engine: EngineConfig = ENGINE) -> None:
     """The first rank-0 process: starts serving, and dies (exit 17) once the first token is out."""
     import os as _os
 
     from moe_worker.engine import RankConfig, start_rank
 
-    rc = RankConfig(rank=0, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    rc = RankConfig(rank=0, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=engine)
     eng = start_rank(rc).engine
     tickets = [eng.submit(q) for q in requests("doomed")]
     deadline = time.monotonic() + 120
@@ -395,7 +402,8 @@ def _front_first_life(world: int, port: int, ckpt: str, plan: str) -> None:
     _os._exit(17)
 
 
-def _front_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> dict | None:
+def _front_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str,
+                engine: EngineConfig = ENGINE) -> dict | None:
     """Rank 0 runs a first life that dies mid-generation, then a second, as the operator's
     replacement pod would; ranks 1..3 keep their processes and join the new rank 0's group."""
     import os as _os
@@ -403,14 +411,14 @@ def _front_rank(rank: int, world: int, port: int, ckpt: str, plan_dir: str) -> d
     from moe_worker.engine import RankConfig, start_rank
 
     plan = str(Path(plan_dir) / "plan.json")
-    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=ENGINE)
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan, engine=engine)
     if rank != 0:
         start_rank(rc).run()
         return None
     pid = _os.fork()  # (a daemonic process cannot start a multiprocessing child; this one has no threads yet)
     if pid == 0:
         try:
-            _front_first_life(world, port, ckpt, plan)
+            _front_first_life(world, port, ckpt, plan, engine)
         finally:
             _os._exit(1)
     _, status = _os.waitpid(pid, 0)

@@ -3,8 +3,11 @@
 1. the local control plane (etcd, kube-apiserver, scheduler, controller-manager, KWOK) with 40
    GPU nodes x 8 GPUs in 5 racks;
 2. the CRD, and the operator installed with Helm (its pods run as processes by the local runner);
-3. the tiny EP16 MoEDeployment from manifests/, reconciled into 16 rank pods;
-4. the placement: node, GPU slot and experts per MoE layer for every rank.
+3. the tiny EP16 MoEDeployment from manifests/ (or the manifest named as the argument, e.g.
+   `make demo MANIFEST=manifests/tiny-ep16-tp2.yaml` for attention TP2), reconciled into 16 rank pods;
+4. the same request over HTTP and gRPC through a router, checked against the single-process
+   reference (`moe-worker generate --world-size 1` on the same checkpoint);
+5. the placement: node, GPU slot and experts per MoE layer for every rank.
 
 It ends cleanly (operator stopped, cluster left running for you to explore, `moe cluster down`
 stops it) or with one clear error.
@@ -97,7 +100,17 @@ def ask(ip: str, prompt: list[int], max_tokens: int) -> tuple[list[int], list[in
     return a, b
 
 
-def expert_load(kube: Kube, plan: dict) -> list[list[float]]:
+def reference(prompt: list[int], max_tokens: int) -> list[int]:
+    """The single-process answer on the demo's checkpoint (greedy)."""
+    out = subprocess.run([sys.executable, "-m", "moe_worker.cli", "generate", "--checkpoint", str(CHECKPOINT),
+                          "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(max_tokens), "--json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise DemoError(f"moe-worker generate failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)["output_ids"]
+
+
+def expert_load(kube: Kube, plan: dict, name: str) -> list[list[float]]:
     """(layers, experts) routed tokens, scraped from every rank's /metrics."""
     import urllib.request
 
@@ -106,7 +119,7 @@ def expert_load(kube: Kube, plan: dict) -> list[list[float]]:
     n_layers = len(plan["expert_map"])
     n_experts = 1 + max(e for layer in plan["expert_map"] for cell in layer for e in cell)
     load = [[0.0] * n_experts for _ in range(n_layers)]
-    for p in kube.list("Pod", NAMESPACE, labels="moe.dev/deployment=tiny-ep16"):
+    for p in kube.list("Pod", NAMESPACE, labels=f"moe.dev/deployment={name}"):
         ip = (p.get("status") or {}).get("podIP")
         with urllib.request.urlopen(f"http://{ip}:9400/metrics", timeout=5) as r:
             for (_, layer, e), v in parse_expert_tokens(r.read().decode()).items():
@@ -146,7 +159,9 @@ def figure(plan: dict, load: list[list[float]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    manifest = Path(args[0]) if args else REPO / "manifests" / "tiny-ep16.yaml"
     t0 = time.monotonic()
     try:
         step("local control plane (first run builds Kubernetes from the Go module proxy: 15-30 min cold)")
@@ -162,7 +177,11 @@ def main() -> int:
             60, "40 nodes Ready")
         print(kubectl(kc, "get", "nodes", "-l", "moe.dev/pool in (demo,demo-run)", "-L",
                       "moe.dev/rack,moe.dev/nvlink-domain", "--no-headers").count("\n"), "nodes Ready")
-        obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
+        obj = yaml.safe_load(manifest.read_text())
+        name = obj["metadata"]["name"]
+        if obj["spec"]["model"]["checkpoint"].get("hostPath") != str(CHECKPOINT):
+            raise DemoError(f"{manifest}: the demo writes its checkpoint to hostPath {CHECKPOINT}; the manifest "
+                            "names another")
         step(f"random FP8 checkpoint of the tiny DeepSeek-V3-shaped model in {CHECKPOINT}")
         make_checkpoint(obj)
         step("CRD and namespace")
@@ -170,10 +189,11 @@ def main() -> int:
         kubectl(kc, "wait", "--for=condition=Established", "crd/moedeployments.serving.moe.dev", "--timeout=60s")
         if not _ns_exists(kc):
             kubectl(kc, "create", "namespace", NAMESPACE)
-        if kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) is not None:
-            step("removing the previous run's tiny-ep16 (its ranks run the code of that time)")
-            kubectl(kc, "delete", "moed", "tiny-ep16", "-n", NAMESPACE, "--wait=true")
-            wait(lambda: not kube.list("Pod", NAMESPACE, labels="moe.dev/deployment=tiny-ep16"), 120,
+        for old in kube.list("MoEDeployment", NAMESPACE):
+            was = old["metadata"]["name"]
+            step(f"removing the previous run's {was} (its ranks run the code of that time)")
+            kubectl(kc, "delete", "moed", was, "-n", NAMESPACE, "--wait=true")
+            wait(lambda was=was: not kube.list("Pod", NAMESPACE, labels=f"moe.dev/deployment={was}"), 120,
                  "the previous rank pods to go")
         step("helm upgrade --install moe-operator charts/moe-operator (2 replicas, one leads; on the runner nodes)")
         helm = str(devcluster.testbin() / "helm")
@@ -187,23 +207,24 @@ def main() -> int:
                       .get("spec", {}).get("holderIdentity")), 60, "an operator replica to take the Lease")
         leader = kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NAMESPACE}/leases/moe-operator")
         print(f"   leader: {leader['spec']['holderIdentity']}")
-        step("kubectl apply -f manifests/tiny-ep16.yaml (nodeSelector moe.dev/pool=demo-run)")
+        step(f"kubectl apply -f {manifest.relative_to(REPO) if manifest.is_relative_to(REPO) else manifest} "
+             "(nodeSelector moe.dev/pool=demo-run)")
         obj["spec"].setdefault("placement", {})["nodeSelector"] = {devcluster.POOL_LABEL: "demo-run"}
         obj["spec"]["worker"]["env"] = [{"name": "MOE_THREADS", "value": "1"}]
         kubectl(kc, "apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(obj))
 
         def ready():
-            o = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
+            o = kube.get("MoEDeployment", name, NAMESPACE) or {}
             st = o.get("status") or {}
             if st.get("phase") == "Failed":
-                raise DemoError(f"tiny-ep16 failed: {st.get('reason')}")
+                raise DemoError(f"{name} failed: {st.get('reason')}")
             current = st.get("observedGeneration") == o.get("metadata", {}).get("generation")
             return st if current and st.get("phase") == "Ready" else None
 
-        st = wait(ready, 300, "tiny-ep16 Ready (16 rank processes loading the model)")
+        st = wait(ready, 300, f"{name} Ready (16 rank processes loading the model)")
         print(kubectl(kc, "get", "moed", "-n", NAMESPACE))
-        ip = wait(lambda: ready_router(kube), 120, "a Ready router (tiny-ep16-router)")
-        front = (kube.get("Pod", "tiny-ep16-g0-r0", NAMESPACE) or {}).get("status", {}).get("podIP")
+        ip = wait(lambda: ready_router(kube, name), 120, f"a Ready router ({name}-router)")
+        front = (kube.get("Pod", f"{name}-g0-r0", NAMESPACE) or {}).get("status", {}).get("podIP")
         prompt = [1, 2, 3, 4, 5, 6, 7, 8]
         step(f"tritonclient -> a router at {ip} (KServe v2; it forwards to rank 0 at {front}): "
              f"input_ids {prompt}, max_tokens 8")
@@ -211,17 +232,21 @@ def main() -> int:
         print(f"   HTTP: {via_http}\n   gRPC: {via_grpc}")
         if via_http != via_grpc:
             raise DemoError("HTTP and gRPC answers differ")
+        ref = reference(prompt, 8)
+        print(f"   single process (moe-worker generate --world-size 1): {ref}")
+        if via_http != ref:
+            raise DemoError(f"the group's answer {via_http} differs from the single-process reference {ref}")
         for k in range(8):  # some traffic for the load figure
             ask(ip, [(k * 37 + j) % 500 for j in range(12)], 4)
-        cm = kube.get("ConfigMap", "tiny-ep16-g0-plan", NAMESPACE)
+        cm = kube.get("ConfigMap", f"{name}-g0-plan", NAMESPACE)
         plan = json.loads(cm["data"]["plan.json"])
         step(f"placement (expert-map generation {cm['data']['generation']}, {st['nodesUsed']} nodes): rank, node, "
              "GPU slot, expert per MoE layer")
         show_plan(plan)
-        load = expert_load(kube, plan)
+        load = expert_load(kube, plan, name)
         png = devcluster.state_dir() / "demo-placement.png"
         figure(plan, load, png)
-        o = kube.get("MoEDeployment", "tiny-ep16", NAMESPACE) or {}
+        o = kube.get("MoEDeployment", name, NAMESPACE) or {}
         imb = (o.get("status") or {}).get("imbalance")
         print(f"   imbalance (max/mean rank load, as the operator measured it): {imb if imb is not None else 'n/a yet'}")
         pred = st.get("prediction") or {}
@@ -230,7 +255,7 @@ def main() -> int:
         step(f"done in {time.monotonic() - t0:.0f}s. Next:")
         print(f"   figure: {png}")
         print(f"   export KUBECONFIG={kc}")
-        print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide; kubectl describe moed -n {NAMESPACE} tiny-ep16")
+        print(f"   kubectl get moed,pods -n {NAMESPACE} -o wide; kubectl describe moed -n {NAMESPACE} {name}")
         print(f"   container logs (the local runner keeps them; no kubectl logs here): "
               f"{devcluster.state_dir() / 'runner' / 'pods'}/<namespace>_<pod>_*/container.log")
         print(f"   curl http://{front}:9400/metrics | grep moe_expert_tokens_total")
@@ -246,10 +271,10 @@ def main() -> int:
         return 1
 
 
-def ready_router(kube: Kube) -> str | None:
-    """The address of a Ready router pod of tiny-ep16 (the client Service's endpoints; the local
-    cluster has no Service proxy)."""
-    for p in kube.list("Pod", NAMESPACE, labels="moe.dev/router=tiny-ep16"):
+def ready_router(kube: Kube, name: str) -> str | None:
+    """The address of a Ready router pod of deployment `name` (the client Service's endpoints;
+    the local cluster has no Service proxy)."""
+    for p in kube.list("Pod", NAMESPACE, labels=f"moe.dev/router={name}"):
         st = p.get("status") or {}
         if any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []):
             return st.get("podIP")
