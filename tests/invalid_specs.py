@@ -50,8 +50,11 @@ CASES: list[tuple[str, dict, str]] = [
     ("attention-dp-tp-mismatch", {"parallelism.attentionDataParallel": 8}, "spec.parallelism.attentionDataParallel"),
     ("attention-tp-not-dividing", {"parallelism.attentionTensorParallel": 3},
      "spec.parallelism.attentionTensorParallel"),
-    # divides 16, but the worker runs data-parallel attention only (issue 21)
-    ("attention-tp-unsupported", {"parallelism.attentionTensorParallel": 2},
+    # divides EP16 and the 8 GPUs per node, not the tiny model's 4 heads
+    ("attention-tp-not-dividing-heads", {"parallelism.attentionTensorParallel": 8},
+     "spec.parallelism.attentionTensorParallel"),
+    # divides EP16 and the 4 heads, but a TP group of 4 cannot fill nodes of 6 GPUs
+    ("attention-tp-not-dividing-gpus-per-node", {"parallelism.attentionTensorParallel": 4, "placement.gpusPerNode": 6},
      "spec.parallelism.attentionTensorParallel"),
     ("hidden-zero", {"model.architecture.hiddenSize": 0}, "spec.model.architecture.hiddenSize"),
     ("layers-negative", {"model.architecture.numHiddenLayers": -1}, "spec.model.architecture.numHiddenLayers"),
@@ -104,8 +107,8 @@ CASES: list[tuple[str, dict, str]] = [
 # Words the error of some cases must also contain, where naming the field does not say enough.
 MESSAGES: dict[str, str] = {
     "attention-tp-not-dividing": "attentionTensorParallel must divide expertParallelSize",
-    "attention-tp-unsupported": "attentionTensorParallel > 1 is not supported yet: the worker runs "
-                                "data-parallel attention only (issue 21); use 1",
+    "attention-tp-not-dividing-heads": "attentionTensorParallel must divide model.architecture.numAttentionHeads",
+    "attention-tp-not-dividing-gpus-per-node": "attentionTensorParallel must divide placement.gpusPerNode",
 }
 
 

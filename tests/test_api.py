@@ -46,16 +46,26 @@ def test_invalid_spec_names_the_field(case, changes, field):
     assert MESSAGES.get(case, "") in e.value.message
 
 
-def test_attention_tp_is_refused_in_a_spec_but_modelled_as_a_what_if():
-    spec = invalid_spec({"parallelism.attentionTensorParallel": 4})
-    with pytest.raises(api.SpecError, match="not supported yet"):
-        api.parse_spec(spec)
-    par = api.parse_spec(spec, what_if=True).parallelism
-    assert (par.attention_tensor_parallel, par.attention_dp) == (4, 4)
-    # the what-if keeps the other rules
-    with pytest.raises(api.SpecError, match="must divide"):
-        api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": 3}), what_if=True)
-    assert api.parse_spec(tiny_spec(), what_if=True) == api.parse_spec(tiny_spec())
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_attention_tp_dividing_ep_heads_and_node_is_accepted(tp):
+    """The tiny model (EP16, 4 heads, 8 GPUs per node) runs attention TP 1, 2 and 4; attention DP
+    defaults to EP / TP, and an explicit one must agree."""
+    par = api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": tp})).parallelism
+    assert (par.attention_tensor_parallel, par.attention_dp) == (tp, 16 // tp)
+    explicit = invalid_spec({"parallelism.attentionTensorParallel": tp, "parallelism.attentionDataParallel": 16 // tp})
+    assert api.parse_spec(explicit).parallelism.attention_dp == 16 // tp
+
+
+def test_attention_tp_errors_say_the_numbers():
+    with pytest.raises(api.SpecError) as e:
+        api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": 8}))
+    assert e.value.message == (f"{api.ATTENTION_TP_HEADS} (4 heads, attentionTensorParallel 8)")
+    with pytest.raises(api.SpecError) as e:
+        api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": 4, "placement.gpusPerNode": 6}))
+    assert e.value.message == f"{api.ATTENTION_TP_NODE} (6 GPUs per node, attentionTensorParallel 4)"
+    # TP 4 with 4 GPUs per node: a TP group fills a node
+    spec = api.parse_spec(invalid_spec({"parallelism.attentionTensorParallel": 4, "placement.gpusPerNode": 4}))
+    assert spec.parallelism.attention_tensor_parallel == 4
 
 
 def test_there_are_at_least_25_distinct_invalid_cases():

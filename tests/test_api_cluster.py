@@ -58,6 +58,18 @@ def test_invalid_specs_are_rejected_naming_the_field(custom, namespace):
     assert len(CASES) >= 25
 
 
+def test_attention_tp_layouts_are_accepted(custom, namespace):
+    """TP 2 and 4 divide the tiny model's EP16, its 4 heads and its 8 GPUs per node; TP 4 fills
+    nodes of 4 GPUs too. (TP 3, 8 and a TP that leaves part of a node are in CASES.)"""
+    for name, changes in (("tp2", {"parallelism.attentionTensorParallel": 2}),
+                          ("tp4", {"parallelism.attentionTensorParallel": 4}),
+                          ("tp4-node4", {"parallelism.attentionTensorParallel": 4, "placement.gpusPerNode": 4})):
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body(name, invalid_spec(changes)),
+                                               field_validation="Strict")
+        got = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        assert got["spec"]["parallelism"]["attentionTensorParallel"] == changes["parallelism.attentionTensorParallel"]
+
+
 def test_unusable_names_are_rejected_and_the_longest_usable_one_accepted(custom, namespace):
     from kubernetes import client
 

@@ -19,6 +19,7 @@ from moe_operator.placement import (
     RankSlot,
     evaluate,
     expert_load,
+    keep_rank_numbers,
     moved_experts,
     optimal_counts,
     plan,
@@ -26,6 +27,7 @@ from moe_operator.placement import (
     rebalanced_counts,
     round_robin_plan,
     select_ranks,
+    tp_group_problem,
     validate_plan,
 )
 from moe_operator.placement.eplb import eplb_plan, rebalance_experts, replicate_experts
@@ -326,6 +328,99 @@ def test_new_node_experts_count_as_moves() -> None:
     assert bigger.num_ranks == 40
     # The 8 new GPUs load one expert each in each layer; old GPUs keep theirs unless counts moved.
     assert moved_experts(p, bigger) >= 8 * SMALL.moe_layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention tensor parallelism: ranks [g*N, (g+1)*N) are TP group g and must share a node
+
+
+def tp_group_nodes(p: Plan, tp: int) -> list[set[str]]:
+    """The nodes each TP group's ranks are on (one set per group)."""
+    return [{r.node for r in p.ranks[g * tp : (g + 1) * tp]} for g in range(p.num_ranks // tp)]
+
+
+# Free GPUs per node. SMALL needs 32 ranks: some shapes hold 32 whole groups of 8, some do not.
+TP_CLUSTERS = [[8] * 4, [8, 6, 8, 6, 8], [3, 5, 7, 8, 8, 8], [4] * 8, [16, 8, 8, 4], [8] * 6]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("gpus", TP_CLUSTERS, ids=lambda g: "-".join(map(str, g)))
+def test_attention_tp_groups_never_straddle_nodes(gpus: list[int], tp: int) -> None:
+    topo = Topology.synthetic(len(gpus), gpus, nodes_per_domain=2)
+    w = lognormal_load(SMALL, seed=5)
+    whole = sum(g // tp * tp for g in gpus)  # slots in whole TP groups
+    if whole < 32:
+        with pytest.raises(PlacementError, match=f"a TP group's {tp} ranks must share one node"):
+            plan(SMALL, topo, w, redundant=0, attention_tp=tp)
+        return
+    p = plan(SMALL, topo, w, redundant=0, attention_tp=tp)
+    validate_plan(p, SMALL, 1)
+    assert p.num_ranks == 32 and [r.rank for r in p.ranks] == list(range(32))
+    assert all(len(nodes) == 1 for nodes in tp_group_nodes(p, tp)), tp_group_nodes(p, tp)
+    assert tp_group_problem(p, tp) is None
+    assert np.array_equal(p.replica_counts(), optimal_counts(w, 32))  # the constraint costs no balance
+    if tp == 1:  # the same plan as without the parameter
+        q = plan(SMALL, topo, w, redundant=0)
+        assert q.ranks == p.ranks and np.array_equal(q.expert_map, p.expert_map)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("lost_index", [0, 2, 4])
+def test_node_loss_re_places_whole_tp_groups(tp: int, lost_index: int) -> None:
+    """Node 1 has 6 free GPUs (a partial group at TP4 and TP8), node 4 is partly used and node 5 is
+    spare: a lost node's TP groups land whole on free blocks (node 4's rest, node 5), never split
+    between a surviving node and a new one, and no surviving rank moves."""
+    topo = Topology.synthetic(6, [8, 6, 8, 8, 8, 8])
+    w = lognormal_load(SMALL, seed=7)
+    p = plan(SMALL, topo, w, redundant=0, attention_tp=tp)
+    lost = topo.nodes[lost_index].name
+    assert lost in p.nodes
+    q = keep_rank_numbers(plan(SMALL, topo.without_nodes([lost]), w, previous=p, redundant=0, attention_tp=tp), p, tp)
+    validate_plan(q, SMALL, 1)
+    assert lost not in q.nodes and q.num_ranks == 32
+    assert all(len(nodes) == 1 for nodes in tp_group_nodes(q, tp)), tp_group_nodes(q, tp)
+    for g in range(32 // tp):
+        group = range(g * tp, (g + 1) * tp)
+        stayed = [q.ranks[r].node == p.ranks[r].node for r in group]
+        # a surviving group stays whole where it was; a lost one is placed whole elsewhere
+        assert all(stayed) == (p.ranks[g * tp].node != lost) and (all(stayed) or not any(stayed)), (g, stayed)
+    new_nodes = {q.ranks[r].node for r in range(32) if p.ranks[r].node == lost}
+    if tp < 8 and lost != "node-4":  # node-4 keeps its group(s) and takes whole new ones beside them
+        assert new_nodes == {"node-4", "node-5"}
+    else:
+        assert new_nodes == {"node-5"}
+
+
+def test_node_loss_fails_clearly_when_whole_tp_groups_do_not_fit() -> None:
+    shape = MoEShape(moe_layers=2, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    topo = Topology.synthetic(4, [8, 6, 6, 6])
+    p = plan(shape, topo, None, redundant=0, attention_tp=4)
+    assert [len(n) for n in tp_group_nodes(p, 4)] == [1] * 4
+    smaller = topo.without_nodes(["node-0"])  # 18 free GPUs, but only 3 whole groups of 4
+    with pytest.raises(PlacementError, match=r"attention TP 4: a TP group's 4 ranks must share one node, so only 12 "
+                                             r"of the 18 free GPU slots can hold whole TP groups"):
+        plan(shape, smaller, None, previous=p, redundant=0, attention_tp=4)
+    plan(shape, smaller, None, previous=p, redundant=0)  # without TP the same loss is fine
+
+
+def test_tp_group_problem_names_the_split_group() -> None:
+    shape = MoEShape(moe_layers=2, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    p = plan(shape, Topology.synthetic(3, 6), None, redundant=0)  # ranks 0-5, 6-11, 12-15 by node
+    assert tp_group_problem(p, 1) is None and tp_group_problem(p, 2) is None
+    assert tp_group_problem(p, 4) == ("attention TP group 1 (ranks 4-7) spans nodes node-0, node-1; "
+                                      "a TP group's ranks must share one node")
+    assert tp_group_problem(p, 3) == "16 ranks do not form whole attention TP groups of 3"
+    with pytest.raises(PlacementError, match="do not form whole attention TP groups of 3"):
+        plan(shape, Topology.synthetic(3, 6), None, redundant=0, attention_tp=3)
+    with pytest.raises(PlacementError, match="attention_tp must be a positive integer"):
+        plan(shape, Topology.synthetic(3, 6), None, redundant=0, attention_tp=0)
+    # A previous plan whose groups straddle nodes (TP changed) is re-placed in whole groups: 3 nodes
+    # of 6 hold only 3 groups of 4, a fourth node makes room; the ranks of node-0's whole group stay.
+    with pytest.raises(PlacementError, match="only 12 of the 18 free GPU slots"):
+        plan(shape, Topology.synthetic(3, 6), None, previous=p, redundant=0, attention_tp=4)
+    q = keep_rank_numbers(plan(shape, Topology.synthetic(4, 6), None, previous=p, redundant=0, attention_tp=4), p, 4)
+    assert tp_group_problem(q, 4) is None and [len(n) for n in tp_group_nodes(q, 4)] == [1] * 4
+    assert [r.node for r in q.ranks[:4]] == ["node-0"] * 4
 
 
 # ----------------------------------------------------------------------------------------------

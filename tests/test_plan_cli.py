@@ -99,7 +99,7 @@ def _bad(tmp_path, name: str, text: str) -> str:
 @pytest.mark.parametrize("case", [
     "unknown-hardware", "missing-file", "bad-yaml", "not-a-mapping", "invalid-spec", "no-moedeployment",
     "bad-sweep", "bad-hardware-file", "missing-hardware-file", "plot-without-sweep", "no-file", "bad-cache-hit",
-    "attention-tp-in-manifest", "attention-tp-not-dividing",
+    "attention-tp-beyond-a-node", "attention-tp-not-dividing",
 ])
 def test_errors_are_one_line_on_stderr(capsys, tmp_path, case):
     argv = {
@@ -117,7 +117,7 @@ def test_errors_are_one_line_on_stderr(capsys, tmp_path, case):
         "plot-without-sweep": ["-f", EP288, "--plot", str(tmp_path / "x.png")],
         "no-file": [],
         "bad-cache-hit": ["-f", EP288, "--cache-hit", "1.5"],
-        "attention-tp-in-manifest": ["-f", _bad(tmp_path, "f.yaml", yaml.safe_dump(_with_tp(EP320, 4)))],
+        "attention-tp-beyond-a-node": ["-f", _bad(tmp_path, "f.yaml", yaml.safe_dump(_with_tp(EP320, 16)))],
         "attention-tp-not-dividing": ["-f", EP320, "--attention-tp", "3"],
     }[case]
     rc, out, err = plan(capsys, *argv)
@@ -131,9 +131,9 @@ def test_errors_are_one_line_on_stderr(capsys, tmp_path, case):
         "bad-sweep": "--sweep-ep", "bad-hardware-file": "unknown hardware field(s) hbm_gb",
         "missing-hardware-file": "no such hardware profile file", "plot-without-sweep": "--plot needs --sweep-ep",
         "no-file": "-f DEPLOYMENT.yaml is required", "bad-cache-hit": "--cache-hit",
-        "attention-tp-in-manifest": "spec.parallelism.attentionTensorParallel: attentionTensorParallel > 1 is not "
-                                    "supported yet: the worker runs data-parallel attention only (issue 21); use 1 "
-                                    "(to estimate that layout anyway: set 1 and pass --attention-tp N)",
+        "attention-tp-beyond-a-node": "spec.parallelism.attentionTensorParallel: parallelism.attentionTensorParallel "
+                                      "must divide placement.gpusPerNode (a TP group's ranks share one node, and its "
+                                      "NVLink) (8 GPUs per node, attentionTensorParallel 16)",
         "attention-tp-not-dividing": "--attention-tp 3: attentionTensorParallel must divide expertParallelSize",
     }[case]
     assert expect in lines[0], lines[0]
@@ -145,23 +145,24 @@ def _with_tp(path: str, tp: int) -> dict:
     return dep
 
 
-def test_attention_tp_is_a_what_if_flag_not_a_manifest_field(capsys):
-    """DeepSeek's decode layout (EP320, attention TP4): the API refuses it until the worker runs it
-    (issue 21), so `moe plan` models it only when asked with --attention-tp, and says so."""
-    rc, out, err = plan(capsys, "-f", EP320, "--hardware", "h800", "--json", "--attention-tp", "4")
+def test_attention_tp_in_the_manifest_or_the_flag_is_the_same_plan(capsys, tmp_path):
+    """DeepSeek's decode layout (EP320, attention TP4 x DP80), set in the manifest or with
+    --attention-tp 4 on the DP manifest: one plan, with the TP collective and 4x the KV cache per
+    sequence of DP attention."""
+    rc, flag, err = plan(capsys, "-f", EP320, "--hardware", "h800", "--json", "--attention-tp", "4")
     assert rc == 0 and err == ""
-    d = json.loads(out)
-    assert d["what_if"] == {"attention_tensor_parallel": 4}
+    tp4_manifest = _bad(tmp_path, "tp4.yaml", yaml.safe_dump(_with_tp(EP320, 4)))
+    rc, manifest, err = plan(capsys, "-f", tp4_manifest, "--hardware", "h800", "--json")
+    assert rc == 0 and err == ""
+    d = json.loads(flag)
+    assert d == json.loads(manifest) and "what_if" not in d
     spec = api.parse_deployment(yaml.safe_load(open(EP320))).spec
     dp = perfmodel.plan(spec, perfmodel.hardware("h800"))
     tp4 = perfmodel.plan(perfmodel.with_attention_tp(spec, 4), perfmodel.hardware("h800"))
     assert d["decode"]["max_batch_per_gpu"] == tp4.decode.batch < dp.decode.batch  # 4x the KV cache per sequence
     assert any(o["name"] == "attention_tp_comm" for lc in d["decode"]["estimate"]["layers"] for o in lc["ops"])
-    rc, out, _ = plan(capsys, "-f", EP320, "--hardware", "h800", "--attention-tp", "4")
-    assert rc == 0 and "attention TP4 x DP80" in out
-    assert "what-if: attention TP4 is modelled, but the operator refuses it" in out
-    rc, out, _ = plan(capsys, "-f", EP320, "--hardware", "h800", "--json")
-    assert rc == 0 and "what_if" not in json.loads(out)
+    rc, out, _ = plan(capsys, "-f", tp4_manifest, "--hardware", "h800")
+    assert rc == 0 and "attention TP4 x DP80" in out and "what-if" not in out
 
 
 def test_registered_as_moe_plan(capsys):

@@ -674,3 +674,68 @@ def test_changing_the_router_count_or_nodes_restarts_no_rank(world):
     assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in after} == ranks
     assert {p["metadata"]["annotations"][resources.A_SPEC_HASH] for p in after} == hashes
     assert not [r for _, _, r, _ in kube.events if r == "RollingOut"]
+
+
+# --- attention tensor parallelism: TP groups placed, passed and re-placed whole -----------------------
+
+def tiny_tp2() -> dict:
+    obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16-tp2.yaml").read_text())
+    obj["metadata"] = {"name": "tiny"}
+    return obj
+
+
+def stored_ranks(kube: FakeKube) -> list[str]:
+    """The node of each rank in the published plan."""
+    return [r["node"] for r in yaml.safe_load(plan_cm(kube)["data"]["plan.json"])["ranks"]]
+
+
+def test_a_tp2_deployment_keeps_each_tp_group_on_one_node_through_a_node_loss(monkeypatch):
+    # Nine nodes of 3 GPUs: a TP group of 2 fits once per node, so the 8 groups take 8 nodes (the
+    # third GPU of each stays free) and node-008 is spare.
+    kube, rec, clock = fake_cluster(monkeypatch, 9, 3)
+    kube.add_deployment(tiny_tp2(), NS)
+    rec.reconcile(NS, "tiny")
+    kube.bind_all(NS)
+    assert rec.reconcile(NS, "tiny").status.phase == "Ready"
+    nodes = stored_ranks(kube)
+    assert [nodes[2 * g] == nodes[2 * g + 1] for g in range(8)] == [True] * 8 and len(set(nodes)) == 8
+    for pod in kube.list("Pod", NS):
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["MOE_ATTENTION_TP"] == "2"
+    # node-003 goes: its TP group (both ranks) moves whole to the spare node; no other pod is touched
+    lost = nodes.index("node-003")
+    before = uids(kube)
+    kube.delete("Node", "node-003")
+    clock.t += 5
+    rec.reconcile(NS, "tiny")
+    after_nodes = stored_ranks(kube)
+    assert after_nodes[lost] == after_nodes[lost + 1] == "node-008"
+    assert [n for i, n in enumerate(after_nodes) if i not in (lost, lost + 1)] == \
+           [n for i, n in enumerate(nodes) if i not in (lost, lost + 1)]
+    kube.bind_all(NS)
+    rec.reconcile(NS, "tiny")
+    after = uids(kube)
+    assert {k for k in before if before[k] != after.get(k)} == {f"tiny-g0-r{lost}", f"tiny-g0-r{lost + 1}"}
+    # one more node lost: 7 nodes hold 7 whole groups of 2 (14 GPUs free besides), not 8: Pending, saying why
+    kube.delete("Node", "node-005")
+    clock.t += 5
+    out = rec.reconcile(NS, "tiny")
+    assert out.status.phase == "Pending"
+    assert "a TP group's 2 ranks must share one node, so only 14 of the 21 free GPU slots" in out.status.reason
+
+
+def test_turning_attention_tp_on_re_places_groups_that_straddle_nodes(monkeypatch):
+    # TP1 on nodes of 3 GPUs puts ranks 2 and 3 on different nodes; TP2 needs them together.
+    kube, rec, clock = fake_cluster(monkeypatch, 8, 3)
+    ready_deployment(kube, rec)
+    nodes = stored_ranks(kube)
+    assert nodes[2] != nodes[3]
+    obj = kube.objects[("MoEDeployment", NS, "tiny")]
+    obj["spec"]["parallelism"]["attentionTensorParallel"] = 2
+    obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+    clock.t += 5
+    rec.reconcile(NS, "tiny")
+    nodes = stored_ranks(kube)
+    assert [nodes[2 * g] == nodes[2 * g + 1] for g in range(8)] == [True] * 8
+    assert any("attention TP changed: attention TP group 1 (ranks 2-3) spans nodes" in m
+               for _, _, r, m in kube.events if r == "Planned")

@@ -71,6 +71,24 @@ def test_a_hung_rank_is_killed_soon_and_a_slow_start_is_not_taken_for_a_hang():
     assert live["failureThreshold"] >= 2 and live["timeoutSeconds"] >= 2
 
 
+def test_rank_pods_carry_the_attention_tp_and_a_change_restarts_them():
+    """MOE_ATTENTION_TP on every rank (1 included): the worker splits heads over ranks [g*N, (g+1)*N)
+    as the planner placed them; a new degree is a new pod spec hash, so the groups restart."""
+    hashes = set()
+    for tp in (1, 2, 4):
+        raw = tiny_spec()
+        raw["parallelism"]["attentionTensorParallel"] = tp
+        spec = api.parse_spec(raw)
+        p = plan(shape_of(spec), Topology.synthetic(2, 8), redundant=4, attention_tp=tp)
+        h = resources.pod_spec_hash(spec)
+        hashes.add(h)
+        for rank in range(p.num_ranks):
+            env = _env(resources.rank_pod(OWNER, spec, p, 0, rank, h, None))
+            assert [v for n, v in env if n == resources.ENV_ATTENTION_TP] == [str(tp)]
+            assert ("WORLD_SIZE", "16") in env
+    assert resources.ENV_ATTENTION_TP == "MOE_ATTENTION_TP" and len(hashes) == 3
+
+
 # --- the routers in front of the front ranks -------------------------------------------------------
 
 def _spec(**changes) -> api.MoEDeploymentSpec:

@@ -11,15 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from moe_common.model_args import ConfigError, ModelArgs
@@ -165,14 +157,6 @@ class ModelSource(_Model):
     precision: Literal["fp8", "bf16"] = Field("fp8", description="Routed expert weight precision: fp8 (128x128 block scales) or bf16.")
 
 
-# Validation context key of `parse_spec(..., what_if=True)`: also accept layouts the performance
-# model estimates but the worker cannot run yet (attention TP > 1, `ATTENTION_TP_UNSUPPORTED`).
-WHAT_IF = "what_if"
-
-ATTENTION_TP_UNSUPPORTED = ("attentionTensorParallel > 1 is not supported yet: the worker runs data-parallel "
-                            "attention only (issue 21); use 1")
-
-
 class Parallelism(_Model):
     """How one EP group is split over GPUs, and how many groups run."""
 
@@ -186,16 +170,13 @@ class Parallelism(_Model):
         {"rule": "self.expertParallelSize % self.attentionTensorParallel == 0",
          "message": "attentionTensorParallel must divide expertParallelSize",
          "fieldPath": ".attentionTensorParallel"},
-        # CEL rather than `maximum: 1`, whose error would not say why
-        {"rule": "self.attentionTensorParallel == 1", "message": ATTENTION_TP_UNSUPPORTED,
-         "fieldPath": ".attentionTensorParallel"},
     ]
 
     expert_parallel_size: Pos = Field(288, le=names.MAX_EXPERT_PARALLEL, description="GPUs in one expert-parallel group (one pod per GPU). With one expert per GPU it must equal routed + redundant experts.")
     max_experts_per_gpu: Pos = Field(1, description="Most experts one GPU hosts per MoE layer; 1 is the large-EP layout.")
     redundant_experts: NonNeg = Field(32, description="Extra physical expert slots per layer that hold replicas of hot experts.")
     attention_data_parallel: Pos | None = Field(None, description="Attention data-parallel degree; default expertParallelSize / attentionTensorParallel.")
-    attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree inside one data-parallel attention group. Only 1 is accepted: the worker runs data-parallel attention only (issue 21).")
+    attention_tensor_parallel: Pos = Field(1, description="Attention tensor-parallel degree: ranks [g*N, (g+1)*N) form TP group g, split the attention heads and serve the same sequences (each keeps the group's whole latent KV cache). Must divide expertParallelSize, model.architecture.numAttentionHeads and placement.gpusPerNode: a TP group's ranks share one node.")
     replicas: Pos = Field(1, le=names.MAX_REPLICAS, description="Independent EP groups serving the same model.")
     allow_small_expert_parallel: bool = Field(False, description="Allow expertParallelSize below 16 (tests and tiny demos).")
 
@@ -204,7 +185,7 @@ class Parallelism(_Model):
         return self.attention_data_parallel or self.expert_parallel_size // self.attention_tensor_parallel
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> Parallelism:
+    def _check(self) -> Parallelism:
         f = "spec.parallelism"
         if self.expert_parallel_size < 16 and not self.allow_small_expert_parallel:
             raise SpecError(f"{f}.expertParallelSize", "expertParallelSize must be >= 16 (large expert parallelism); set allowSmallExpertParallel for smaller groups")
@@ -213,8 +194,6 @@ class Parallelism(_Model):
             raise SpecError(f"{f}.attentionDataParallel", "attentionDataParallel * attentionTensorParallel must equal expertParallelSize")
         if self.expert_parallel_size % self.attention_tensor_parallel:
             raise SpecError(f"{f}.attentionTensorParallel", "attentionTensorParallel must divide expertParallelSize")
-        if self.attention_tensor_parallel != 1 and not (info.context or {}).get(WHAT_IF):
-            raise SpecError(f"{f}.attentionTensorParallel", ATTENTION_TP_UNSUPPORTED)
         return self
 
 
@@ -427,6 +406,13 @@ class Serving(_Model):
         return self
 
 
+# Attention TP rules that need two parts of the spec (CEL on the spec, and `MoEDeploymentSpec._check`).
+ATTENTION_TP_HEADS = ("parallelism.attentionTensorParallel must divide model.architecture.numAttentionHeads "
+                      "(each rank of a TP group computes numAttentionHeads / attentionTensorParallel heads)")
+ATTENTION_TP_NODE = ("parallelism.attentionTensorParallel must divide placement.gpusPerNode (a TP group's "
+                     "ranks share one node, and its NVLink)")
+
+
 class MoEDeploymentSpec(_Model):
     """Desired state of one MoE model deployment."""
 
@@ -443,6 +429,10 @@ class MoEDeploymentSpec(_Model):
         {"rule": "self.loadBalancing.maxReplicasPerExpert <= self.parallelism.expertParallelSize",
          "message": "loadBalancing.maxReplicasPerExpert must be <= parallelism.expertParallelSize",
          "fieldPath": ".loadBalancing.maxReplicasPerExpert"},
+        {"rule": "self.model.architecture.numAttentionHeads % self.parallelism.attentionTensorParallel == 0",
+         "message": ATTENTION_TP_HEADS, "fieldPath": ".parallelism.attentionTensorParallel"},
+        {"rule": "self.placement.gpusPerNode % self.parallelism.attentionTensorParallel == 0",
+         "message": ATTENTION_TP_NODE, "fieldPath": ".parallelism.attentionTensorParallel"},
     ]
 
     model: ModelSource = Field(description="The model: checkpoint, architecture, precision.")
@@ -471,6 +461,13 @@ class MoEDeploymentSpec(_Model):
         if self.load_balancing.max_replicas_per_expert > p.expert_parallel_size:
             raise SpecError("spec.loadBalancing.maxReplicasPerExpert",
                             "loadBalancing.maxReplicasPerExpert must be <= parallelism.expertParallelSize")
+        if a.num_attention_heads % p.attention_tensor_parallel:
+            raise SpecError("spec.parallelism.attentionTensorParallel", f"{ATTENTION_TP_HEADS} "
+                            f"({a.num_attention_heads} heads, attentionTensorParallel {p.attention_tensor_parallel})")
+        if self.placement.gpus_per_node % p.attention_tensor_parallel:
+            raise SpecError("spec.parallelism.attentionTensorParallel", f"{ATTENTION_TP_NODE} "
+                            f"({self.placement.gpus_per_node} GPUs per node, attentionTensorParallel "
+                            f"{p.attention_tensor_parallel})")
         return self
 
 
@@ -503,9 +500,9 @@ class Prediction(_Model):
     memory_per_gpu_gib: float = Field(0.0, description="Predicted memory use per GPU, GiB.")
     decode_tokens_per_second_per_gpu: float = Field(0.0, description="Predicted decode output tokens/s per GPU.")
     time_per_output_token_ms: float = Field(0.0, description="Predicted time per output token, ms.")
-    kv_cache_tokens_per_rank: int = Field(0, description="KV cache positions one rank may hold over all its sequences: GPU memory after weights, buffers and activations, per latent-cache token (rank pods' MOE_KV_CACHE_TOKENS).")
+    kv_cache_tokens_per_rank: int = Field(0, description="KV cache positions one rank may hold over all its sequences: GPU memory after weights, buffers and activations, per latent-cache token (rank pods' MOE_KV_CACHE_TOKENS). With attention TP, over its TP group's sequences, whose whole cache every rank of the group holds.")
     max_context: int = Field(0, description="Prompt + generated tokens one request may have: the model's context, clamped to kvCacheTokensPerRank when that is smaller (MOE_MAX_CONTEXT).")
-    max_sequences_per_rank: int = Field(0, description="Sequences one rank serves at once (MOE_MAX_SEQS_PER_RANK).")
+    max_sequences_per_rank: int = Field(0, description="Sequences one rank serves at once (MOE_MAX_SEQS_PER_RANK); with attention TP, one TP group.")
 
 
 class MissingRank(_Model):
@@ -606,15 +603,10 @@ class MoEDeployment(BaseModel):
         return self
 
 
-def parse_spec(spec: dict[str, Any], *, what_if: bool = False) -> MoEDeploymentSpec:
-    """Parse a spec dict; raise SpecError naming the field for the first problem.
-
-    `what_if`: also accept layouts the performance model estimates but the worker cannot run yet
-    (attention TP > 1), for `moe plan` what-if questions and the calibration; never for a spec
-    that is to be deployed.
-    """
+def parse_spec(spec: dict[str, Any]) -> MoEDeploymentSpec:
+    """Parse a spec dict; raise SpecError naming the field for the first problem."""
     try:
-        return MoEDeploymentSpec.model_validate(spec, context={WHAT_IF: True} if what_if else None)
+        return MoEDeploymentSpec.model_validate(spec)
     except ValidationError as e:
         raise spec_error_from(e, prefix="spec") from None
 

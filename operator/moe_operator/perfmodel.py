@@ -200,10 +200,12 @@ def expert_bytes(hidden: int, inter: int, dtype: str) -> int:
     return 2 * linear_bytes(inter, hidden, dtype) + linear_bytes(hidden, inter, dtype)
 
 
-def _attention_shapes(a: api.Architecture) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(out, in) of MLA projections: replicated across attention TP ranks, and split by heads."""
+def _attention_shapes(a: api.Architecture, tp: int = 1) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(out, in) of one rank's MLA projections with attention TP `tp`, as the worker shards them:
+    replicated on every rank of a TP group (q_a, kv_a: the latent is shared by all heads), and
+    split by heads (rows of q_b and kv_b, columns of o_proj: nh / tp heads each)."""
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    nh = a.num_attention_heads
+    nh = a.num_attention_heads // tp
     replicated = [(a.kv_lora_rank + a.qk_rope_head_dim, a.hidden_size)]  # kv_a_proj_with_mqa
     split = [(nh * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),  # kv_b_proj
              (a.hidden_size, nh * a.v_head_dim)]  # o_proj
@@ -342,8 +344,8 @@ def weight_bytes(spec: api.MoEDeploymentSpec) -> dict[str, float]:
     tp = p.attention_tensor_parallel
     slots = math.ceil(spec.physical_experts / p.expert_parallel_size)
     h = a.hidden_size
-    rep, split = _attention_shapes(a)
-    attn_linear = sum(linear_bytes(o, i, dt) for o, i in rep) + sum(linear_bytes(o // tp, i, dt) for o, i in split)
+    rep, split = _attention_shapes(a, tp)
+    attn_linear = sum(linear_bytes(o, i, dt) for o, i in rep + split)
     # q_a_layernorm, kv_a_layernorm (BF16)
     attn_norms = 2 * (a.kv_lora_rank + (a.q_lora_rank or 0))
     return {
@@ -353,8 +355,8 @@ def weight_bytes(spec: api.MoEDeploymentSpec) -> dict[str, float]:
         "attention": a.num_hidden_layers * (attn_linear + attn_norms),
         # Dense MLPs are replicated (DeepSeek: "dense MLPs in the shallow layers use TP1").
         "dense_mlp": a.first_k_dense_replace * expert_bytes(h, a.intermediate_size, dt),
-        # Vocabulary-parallel over the attention TP group, BF16.
-        "embeddings": 2 * 2 * math.ceil(a.vocab_size / tp) * h,
+        # Token embedding and LM head, BF16, whole on every rank (attention TP splits only the heads).
+        "embeddings": 2 * 2 * a.vocab_size * h,
         # Router weight BF16 + FP32 correction bias per MoE layer; two RMSNorms per layer + final (BF16).
         "router_and_norms": a.moe_layers * (2 * a.n_routed_experts * h + 4 * a.n_routed_experts)
                             + 2 * (2 * a.num_hidden_layers + 1) * h,
@@ -373,7 +375,8 @@ def _activation_bytes(a: api.Architecture, w: Workload, lay: _Layout) -> float:
     """Peak live activations in one layer for the whole step batch (both micro-batches)."""
     h, b, nh = a.hidden_size, w.batch, a.num_attention_heads
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    residual = b * h * 2 * 3  # residual stream, normed input, layer output (BF16)
+    # residual stream, normed input, layer output (BF16): attention runs on the TP group's t*b tokens
+    residual = lay.tp * b * h * 2 * 3
     if w.phase == "decode":
         # absorbed MLA: per head a latent query and a latent output; t*b tokens x nh/t heads
         attn = b * nh * (2 * a.kv_lora_rank + a.qk_rope_head_dim) * 2
@@ -387,7 +390,8 @@ def _activation_bytes(a: api.Architecture, w: Workload, lay: _Layout) -> float:
     moe = b * a.num_experts_per_tok * lay.imbalance * pair
     di = a.intermediate_size
     dense = b * (2 * di * 2 + di + 2 * h)
-    logits = sequences * a.vocab_size * 4  # FP32 logits for sampling, vocabulary-parallel: t*seq x V/t
+    # FP32 logits for sampling; with attention TP the group's first rank samples all t*seq of its sequences
+    logits = lay.tp * sequences * a.vocab_size * 4
     return residual + max(attn, moe, dense) + logits
 
 
@@ -545,11 +549,11 @@ def _layer_ops(spec: api.MoEDeploymentSpec, hw: Hardware, w: Workload, lay: _Lay
     wb = weight_bytes(spec)
     ops: list[Op] = []
 
-    # MLA projections: with attention TP each rank computes t*m tokens with 1/t of the heads, which is
-    # m tokens' worth of FLOPs, and reads its shard of the weights.
-    rep, split = _attention_shapes(a)
+    # MLA projections: with attention TP each rank computes the TP group's t*m tokens, the latent
+    # projections whole and its 1/t of the heads, and reads its shard of the weights.
+    rep, split = _attention_shapes(a, lay.tp)
     attn_w = wb["attention"] / a.num_hidden_layers
-    ops.append(_gemm("attention_proj", hw, m, rep + split, dt, attn_w))
+    ops.append(_gemm("attention_proj", hw, lay.tp * m, rep + split, dt, attn_w))
     if w.phase == "decode":
         # Absorbed MLA over the latent cache (BF16): scores over kv_lora+rope, output over kv_lora.
         ctx = w.context
@@ -563,10 +567,15 @@ def _layer_ops(spec: api.MoEDeploymentSpec, hw: Hardware, w: Workload, lay: _Lay
         c = w.cache_hit * s
         expand = m / (1 - w.cache_hit) * 2 * nh * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank
         attn = m * 2 * nh * (c + s) / 2 * (qk + a.v_head_dim)
-        hbm = (m / (1 - w.cache_hit)) * (nh * (qk + a.v_head_dim) * 2 + (a.kv_lora_rank + a.qk_rope_head_dim) * KV_BYTES)
+        hbm = (m / (1 - w.cache_hit)) * (nh * (qk + a.v_head_dim) * 2
+                                         + lay.tp * (a.kv_lora_rank + a.qk_rope_head_dim) * KV_BYTES)
         ops.append(_roofline("attention_core", hw, expand + attn, hbm, "bf16"))
     if lay.tp > 1:
-        # all-gather before and reduce-scatter after the TP attention, over NVLink (t*m tokens, BF16)
+        # As the worker does it: a reduce-scatter of o_proj's partial sums (T = t*m tokens x hidden,
+        # BF16) leaves each rank its m tokens for the FFN (the MoE sees no token twice), and an
+        # all-gather of the FFN's output puts the T rows back for the next attention. Per rank each
+        # moves (t - 1)/t x T x hidden x 2 bytes over NVLink (a TP group shares a node): together
+        # one all-reduce's worth, 2 (t - 1) m hidden x 2 bytes.
         nbytes = 2 * (lay.tp - 1) * m * h * 2
         ops.append(Op("attention_tp_comm", nbytes / hw.nvlink_rate, "nvlink", 0.0, nbytes))
 
@@ -671,7 +680,8 @@ def step(spec: api.MoEDeploymentSpec, hw: Hardware, w: Workload | None = None) -
         t = c + x if w.micro_batches == 1 else w.micro_batches * max(c * slow, x)
         layers.append(LayerCost(kind, count, tuple(ops), tuple(comm), t))
     # LM head once for the step batch: decode samples every sequence; prefill only each prompt's last token.
-    seqs = w.batch if w.phase == "decode" else w.batch / (w.context * (1 - w.cache_hit))
+    # With attention TP the group's first rank runs it for the group's t x that (the others wait).
+    seqs = lay.tp * (w.batch if w.phase == "decode" else w.batch / (w.context * (1 - w.cache_hit)))
     head = _roofline("lm_head", hw, seqs * 2 * a.vocab_size * a.hidden_size,
                      weight_bytes(spec)["embeddings"] / 2, "bf16").time
     total = sum(lc.count * lc.layer_time for lc in layers) + head
@@ -798,11 +808,14 @@ def plan(spec: api.MoEDeploymentSpec, hw: Hardware, *, context: int = DEFAULT_CO
 class KvAdmission:
     """What one rank may admit, from the memory model; set on rank pods as MOE_KV_CACHE_TOKENS,
     MOE_MAX_CONTEXT and MOE_MAX_SEQS_PER_RANK (the worker admits a sequence while its rank holds
-    fewer than `max_seqs` and the sum of their cache positions stays within `cache_tokens`)."""
+    fewer than `max_seqs` and the sum of their cache positions stays within `cache_tokens`).
 
-    cache_tokens: int  # latent-cache positions one rank may hold over all its sequences
+    With attention TP the worker counts a TP group's sequences on its first rank, and every rank of
+    the group holds all of their cache: both limits are then the TP group's."""
+
+    cache_tokens: int  # latent-cache positions one rank may hold over all its (its TP group's) sequences
     max_context: int  # prompt + generated tokens of one sequence: the model's, at most `cache_tokens`
-    max_seqs: int  # sequences per rank: the batch the memory for activations and buffers is sized for
+    max_seqs: int  # sequences per rank (per TP group): tp x the per-GPU batch activations and buffers are sized for
     model_context: int  # what the model (or the spec's MOE_MAX_CONTEXT) allows, before the budget
 
     @property
@@ -814,12 +827,14 @@ def kv_admission(spec: api.MoEDeploymentSpec, hw: Hardware, *, max_seqs: int | N
                  max_context: int | None = None, typical_context: int = DEFAULT_CONTEXT) -> KvAdmission:
     """Per-rank KV budget: GPU memory left after weights, buffers and activations for `max_seqs`
     sequences and the runtime reserve, divided by the latent cache's bytes per token
-    ((kv_lora_rank + qk_rope_head_dim) x BF16 x layers); with attention TP every rank of a TP group
-    holds the group's whole cache, so a rank's own sequences get 1/tp of it.
+    ((kv_lora_rank + qk_rope_head_dim) x BF16 x layers). With attention TP `tp` every rank of a TP
+    group holds the group's whole cache and the group serves `max_seqs` sequences together (tp x
+    a DP rank's per-GPU batch, whose tokens the FFN splits over the group's ranks), so the budget
+    and the count are the group's, as the worker's scheduler counts them.
 
     `max_seqs` (the spec's, when it sets one) default: as many sequences of `typical_context`
-    tokens as the budget holds (the largest decode batch that fits in memory, which sizes the
-    activations and buffers too), at least 1 and at most MAX_SEQS_PER_RANK. `max_context` (the
+    tokens as the budget holds (tp x the largest per-GPU decode batch that fits in memory, which
+    sizes the activations and buffers too), at least tp and at most tp x MAX_SEQS_PER_RANK. `max_context` (the
     spec's) default: max_position_embeddings; clamped to the budget when the budget is smaller
     (`clamped`). The budget is at most max_seqs x max_context: beyond that the count binds first.
     Raises PerfModelError when it holds not even two positions (`check_fits` refuses such a
@@ -828,12 +843,13 @@ def kv_admission(spec: api.MoEDeploymentSpec, hw: Hardware, *, max_seqs: int | N
     a = spec.model.architecture
     model_context = min(max_context or a.max_position_embeddings, a.max_position_embeddings)
     typical = max(1, min(typical_context, model_context))
+    tp = spec.parallelism.attention_tensor_parallel
     if max_seqs is None:
         lim = max_batch(spec, hw, "decode", context=typical, tpot_target=None, cap=MAX_SEQS_PER_RANK)
-        max_seqs = max(1, lim.batch)
-    fixed = memory(spec, hw, Workload("decode", max_seqs, 1, micro_batches=2))
+        max_seqs = tp * max(1, lim.batch)
+    fixed = memory(spec, hw, Workload("decode", max_seqs / tp, 1, micro_batches=2))  # per-GPU batch
     free = fixed.capacity - (fixed.total - fixed.kv_cache)
-    tokens = int(free // (kv_bytes_per_token(a) * spec.parallelism.attention_tensor_parallel))
+    tokens = int(free // kv_bytes_per_token(a))
     if tokens < 2:
         raise PerfModelError(f"no GPU memory left for the KV cache on {hw.name}: {free / GB:.1f} GB after weights, "
                              f"buffers and activations for {max_seqs} sequences")
@@ -878,17 +894,17 @@ def with_layout(spec: api.MoEDeploymentSpec, gpus: int, experts_per_gpu: int) ->
                redundantExperts=gpus * experts_per_gpu - e, allowSmallExpertParallel=True)
     lb = d.setdefault("loadBalancing", {})
     lb["maxReplicasPerExpert"] = min(lb.get("maxReplicasPerExpert", 4), gpus)
-    return api.parse_spec(d, what_if=True)
+    return api.parse_spec(d)
 
 
 def with_attention_tp(spec: api.MoEDeploymentSpec, tp: int) -> api.MoEDeploymentSpec:
-    """The spec with attention TP `tp` (and attention DP EP / tp): a what-if the model estimates
-    though the worker runs TP1 only (issue 21), so the API refuses it in a spec to deploy.
-    SpecError when `tp` does not divide the EP size."""
+    """The spec with attention TP `tp` (and attention DP EP / tp) instead of its own (`moe plan
+    --attention-tp`). SpecError when the API refuses that layout (`tp` must divide the EP size,
+    the attention heads and the GPUs per node)."""
     d = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     d["parallelism"].pop("attentionDataParallel", None)
     d["parallelism"]["attentionTensorParallel"] = tp
-    return api.parse_spec(d, what_if=True)
+    return api.parse_spec(d)
 
 
 def sweep_ep(spec: api.MoEDeploymentSpec, hw: Hardware, ep_sizes: list[int], *, context: int = DEFAULT_CONTEXT,
@@ -1053,7 +1069,7 @@ class CalibrationRow:
 def calibrate(cases: tuple[CalibrationCase, ...] = CALIBRATION) -> list[CalibrationRow]:
     rows = []
     for c in cases:
-        spec = api.parse_spec(c.spec, what_if=True)  # decode-ep320-tp4 is DeepSeek's layout, not ours yet
+        spec = api.parse_spec(c.spec)
         hw = hardware(c.hardware)
         if c.batch is None:
             lim = max_batch(spec, hw, c.phase, context=c.context, tpot_target=c.tpot_target, imbalance=c.imbalance)

@@ -1,7 +1,7 @@
 """`moe plan`: what a MoEDeployment will cost and deliver, from the performance model.
 
     moe plan -f DEPLOYMENT.yaml [--hardware NAME|PROFILE.yaml] [--json] [--sweep-ep 16,32,64] [--plot CURVE.png]
-             [--attention-tp 4]   # what-if: a layout the operator refuses until the worker runs it
+             [--attention-tp 4]   # the spec with attention TP 4 instead of its own
     moe plan --calibration      # the model against DeepSeek's and SGLang's published figures
 """
 
@@ -60,20 +60,13 @@ def load_spec(path: str) -> tuple[str, api.MoEDeploymentSpec]:
             try:
                 dep = api.parse_deployment(doc)
             except api.SpecError as e:
-                raise PlanError(f"{path}: invalid MoEDeployment: {_with_hint(e)}") from None
+                raise PlanError(f"{path}: invalid MoEDeployment: {e}") from None
             return dep.metadata.name or Path(path).stem, dep.spec
         try:
             return Path(path).stem, api.parse_spec(doc.get("spec", doc))
         except api.SpecError as e:
-            raise PlanError(f"{path}: invalid MoEDeployment spec: {_with_hint(e)}") from None
+            raise PlanError(f"{path}: invalid MoEDeployment spec: {e}") from None
     raise PlanError(f"{path}: no {api.KIND} in the file")
-
-
-def _with_hint(e: api.SpecError) -> str:
-    """The error, and for attention TP > 1 (refused until the worker runs it) how to estimate it anyway."""
-    if e.message == api.ATTENTION_TP_UNSUPPORTED:
-        return f"{e} (to estimate that layout anyway: set 1 and pass --attention-tp N)"
-    return str(e)
 
 
 def load_hardware(value: str) -> perfmodel.Hardware:
@@ -138,8 +131,6 @@ def render_text(name: str, spec: api.MoEDeploymentSpec, p: perfmodel.Plan) -> st
         f"  EP{par.expert_parallel_size} on {nodes} nodes x {gpn} GPUs; {slots} routed expert(s) per GPU per layer "
         f"({a.n_routed_experts} routed + {par.redundant_experts} redundant); attention TP{par.attention_tensor_parallel}"
         f" x DP{par.attention_dp}; {spec.model.precision}; load imbalance {imb:.2f} (max/mean per GPU)",
-        *([f"  what-if: attention TP{par.attention_tensor_parallel} is modelled, but the operator refuses it until "
-           f"the worker runs it (issue 21)"] if par.attention_tensor_parallel > 1 else []),
         f"  {hw.fp8_tflops:g} FP8 / {hw.bf16_tflops:g} BF16 TFLOPS at {hw.mfu:.0%}; {hw.memory_gb:g} GB at "
         f"{hw.memory_tbs:g} TB/s at {hw.memory_efficiency:.0%}; NVLink {hw.nvlink_gbs:g} GB/s, network "
         f"{hw.network_gbs:g} GB/s per GPU per direction at {hw.link_efficiency:.0%}",
@@ -236,8 +227,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--cache-hit", type=float, default=0.0, help="prefill: fraction of prompt tokens in the prefix cache")
     s.add_argument("--micro-batches", type=int, choices=(1, 2), default=2, help="2: two-micro-batch overlap (default)")
     s.add_argument("--attention-tp", type=int, metavar="N",
-                   help="what-if: model attention tensor parallelism N (attention DP = EP / N); the API refuses "
-                        "N > 1 in a MoEDeployment until the worker implements it (issue 21)")
+                   help="model the spec with attention tensor parallelism N instead of its own (attention DP = EP / N)")
     s.add_argument("--imbalance", type=float, help="max/mean routed tokens per GPU (default: 1.11 with load "
                                                    "balancing and redundant experts, else 2.56)")
     s.add_argument("--calibration", action="store_true", help="print the calibration table (markdown) and exit")
@@ -307,8 +297,6 @@ def _run(args: argparse.Namespace) -> int:
             raise PlanError(f"--plot {args.plot}: cannot write ({e.strerror or e})") from None
     if args.json:
         out = {"name": name, **p.to_dict()}
-        if spec.parallelism.attention_tensor_parallel > 1:  # not a layout the operator deploys (issue 21)
-            out["what_if"] = {"attention_tensor_parallel": spec.parallelism.attention_tensor_parallel}
         if rows is not None:
             out["sweep"] = [r.to_dict() for r in rows]
         print(json.dumps(out, indent=2))

@@ -33,7 +33,7 @@ from moe_operator import api, names, perfmodel
 from moe_operator.controller import metrics, resources, scaling
 from moe_operator.controller.kube import Kube, KubeError, LeaderOnly
 from moe_operator.controller.resources import Owner
-from moe_operator.placement import MoEShape, PlacementError, Plan, RankSlot
+from moe_operator.placement import MoEShape, PlacementError, Plan, keep_rank_numbers, tp_group_problem
 from moe_operator.placement import plan as make_plan
 from moe_operator.topology import Topology, TopologyLabels, gpus_used_by_pods, pinned_node
 
@@ -61,37 +61,6 @@ def shape_of(spec: api.MoEDeploymentSpec) -> MoEShape:
     a = spec.model.architecture
     return MoEShape(moe_layers=a.moe_layers, n_routed_experts=a.n_routed_experts, n_group=a.n_group,
                     topk_group=a.topk_group, num_experts_per_tok=a.num_experts_per_tok)
-
-
-def keep_rank_numbers(new: Plan, previous: Plan | None) -> Plan:
-    """Renumber `new`'s ranks so that a node that hosted rank r before still hosts rank r.
-
-    Pods are named by rank and pinned to a node, so a rank that changes node means a new pod.
-    The planner numbers ranks in topology order; after a node loss that would shift every later
-    rank. Matching by node keeps every surviving pod where it is. When the group grows, the old
-    ranks keep their numbers and the new ones come after them; when it shrinks, the numbers that
-    remain are the lowest (the ranks beyond the new size are the ones that leave).
-    """
-    if previous is None:
-        return new
-    prev_by_node: dict[str, list[int]] = {}
-    for r in previous.ranks:
-        if r.rank < new.num_ranks:
-            prev_by_node.setdefault(r.node, []).append(r.rank)
-    order = [-1] * new.num_ranks  # order[new rank] = final rank number
-    taken: set[int] = set()
-    for r in new.ranks:
-        olds = prev_by_node.get(r.node)
-        if olds:
-            order[r.rank] = olds.pop(0)
-            taken.add(order[r.rank])
-    free = iter(i for i in range(new.num_ranks) if i not in taken)
-    for i in range(new.num_ranks):
-        if order[i] < 0:
-            order[i] = next(free)
-    inv = np.argsort(order)  # inv[final rank] = new rank
-    ranks = tuple(RankSlot(rank=k, node=new.ranks[int(j)].node, gpu=new.ranks[int(j)].gpu) for k, j in enumerate(inv))
-    return Plan(ranks=ranks, expert_map=new.expert_map[:, inv, :], metrics=new.metrics, shape=new.shape)
 
 
 def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str, message: str,
@@ -564,13 +533,14 @@ class Reconciler:
                             previous=prev if prev is not None and prev.num_layers == shape.moe_layers else None,
                             redundant=par.expert_parallel_size * par.max_experts_per_gpu - shape.n_routed_experts
                             if par.max_experts_per_gpu > 1 else par.redundant_experts,
-                            max_experts_per_gpu=par.max_experts_per_gpu)
+                            max_experts_per_gpu=par.max_experts_per_gpu,
+                            attention_tp=par.attention_tensor_parallel)
         except PlacementError as e:
             return self._pending(p, group, str(e))
         metrics.PLAN_SECONDS.observe(time.perf_counter() - t1)
         if new.num_ranks != p.ep:
             return self._pending(p, group, f"planner used {new.num_ranks} ranks, expected {p.ep}")
-        return keep_rank_numbers(new, prev)
+        return keep_rank_numbers(new, prev, par.attention_tensor_parallel)
 
     def _plan_load(self, p: _Pass) -> None:
         """Load-driven changes (rebalance, scale-out, scale-in, restore) from measured per-expert
@@ -588,7 +558,8 @@ class Reconciler:
         cfg = scaling.Config(threshold=lb.imbalance_threshold, window_s=lb.window_seconds,
                              cooldown_s=lb.cooldown_seconds, max_replicas_per_expert=lb.max_replicas_per_expert,
                              min_tokens=float(os.environ.get("MOE_REBALANCE_MIN_TOKENS", "1000")),
-                             base_ranks=p.ep, max_extra_gpus=lb.max_extra_gpus)
+                             base_ranks=p.ep, max_extra_gpus=lb.max_extra_gpus,
+                             attention_tp=p.spec.parallelism.attention_tensor_parallel)
         imbalances, hot = [], []
         try:
             for g, plan in enumerate(p.plans):
@@ -605,7 +576,7 @@ class Reconciler:
                 metrics.IMBALANCE_THRESHOLD.labels(owner.namespace, owner.name).set(lb.imbalance_threshold)
                 metrics.RANKS.labels(owner.namespace, owner.name, str(g)).set(plan.num_ranks)
                 if d.action != "none" and d.plan is not None:
-                    new = keep_rank_numbers(d.plan, plan)
+                    new = keep_rank_numbers(d.plan, plan, cfg.attention_tp)
                     size = f"; {plan.num_ranks} -> {new.num_ranks} ranks" if new.num_ranks != plan.num_ranks else ""
                     reason = {"scale-out": "ScaledOut", "scale-in": "ScaledIn", "restore": "Restored"}.get(
                         d.action, "Rebalanced")
@@ -852,6 +823,9 @@ class Reconciler:
         extra = spec.load_balancing.max_extra_gpus if spec.load_balancing.enabled else 0
         if not ep <= prev.num_ranks <= ep + extra or prev.num_layers != shape.moe_layers:
             return "size changed"
+        split = tp_group_problem(prev, spec.parallelism.attention_tensor_parallel)
+        if split:
+            return f"attention TP changed: {split}"
         free = {n.name: n.gpus for n in topo.nodes}
         per_node: dict[str, int] = {}
         for r in prev.ranks:

@@ -106,6 +106,10 @@ ENV_MAX_CONTEXT = "MOE_MAX_CONTEXT"
 ENV_MAX_SEQS = "MOE_MAX_SEQS_PER_RANK"
 ENV_RANK_KEY_FILE = "MOE_RANK_KEY_FILE"
 ENV_API_KEY_FILE = "MOE_API_KEY_FILE"
+# Attention TP degree N (spec.parallelism.attentionTensorParallel): ranks [g*N, (g+1)*N) split the
+# attention heads; set on every rank, 1 included. In the pod spec hash (spec.parallelism), so a
+# change restarts the ranks.
+ENV_ATTENTION_TP = "MOE_ATTENTION_TP"
 
 # Namespaces carry their own name in this label (set by the API server since Kubernetes 1.21).
 L_NAMESPACE_NAME = "kubernetes.io/metadata.name"
@@ -290,6 +294,7 @@ def rank_pod(owner: Owner, spec: api.MoEDeploymentSpec, plan: Plan, group: int, 
         {"name": "MOE_GROUP", "value": str(group)},
         {"name": "MOE_CHECKPOINT", "value": f"{MODEL_MOUNT}/{ckpt.sub_path}".rstrip("/")},
         {"name": "MOE_PRECISION", "value": spec.model.precision},
+        {"name": ENV_ATTENTION_TP, "value": str(spec.parallelism.attention_tensor_parallel)},
         {"name": "MOE_EXPERT_MAP", "value": f"{PLAN_MOUNT}/plan.json"},
         {"name": "MOE_EXPERT_MAP_CONFIGMAP", "value": plan_configmap_name(owner, group)},
         {"name": "MOE_MODEL_NAME", "value": s.model_name},

@@ -138,6 +138,7 @@ class Config:
     base_ranks: int = 0  # the spec's expertParallelSize (0: the current plan's size, no scaling)
     max_extra_gpus: int = 0  # ranks scale-out may add beyond base_ranks
     scale_in_margin: float = 0.9  # scale in only when the base-size plan is predicted <= this x threshold
+    attention_tp: int = 1  # ranks come in attention TP groups of this many on one node: scale-out adds whole groups
 
 
 @dataclass
@@ -179,7 +180,7 @@ def base_topology(current: Plan, base: int, topo: Topology) -> Topology:
 
 def _planned(shape: MoEShape, topo: Topology, load: np.ndarray | None, previous: Plan | None, redundant: int,
              cfg: Config) -> Plan:
-    new = make_plan(shape, topo, load=load, previous=previous, redundant=redundant)
+    new = make_plan(shape, topo, load=load, previous=previous, redundant=redundant, attention_tp=cfg.attention_tp)
     return _cap_replicas(new, cfg.max_replicas_per_expert, shape.n_routed_experts)
 
 
@@ -229,10 +230,10 @@ def _scale_out(state: State, cfg: Config, now: float, shape: MoEShape, current: 
                logical: np.ndarray, redundant: int, imb: float, predicted: float, now_pred: float) -> Decision | None:
     """The fewest extra ranks on `wide`'s free GPUs predicted inside the band (<= `scale_in_margin`
     x threshold), else the best within the budget; None unless it gains `min_gain` over both the
-    current map and a same-size rebalance (`predicted`)."""
+    current map and a same-size rebalance (`predicted`). With attention TP, whole TP groups only."""
     budget = (cfg.base_ranks or current.num_ranks) + cfg.max_extra_gpus - current.num_ranks
     best = None
-    for k in range(1, budget + 1):
+    for k in range(cfg.attention_tp, budget + 1, cfg.attention_tp):
         try:
             bigger = _planned(shape, wide, logical + 1e-9, current, redundant + k, cfg)
         except PlacementError:

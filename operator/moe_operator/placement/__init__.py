@@ -11,6 +11,7 @@ from moe_operator.placement.planner import (
     Evaluation,
     evaluate,
     expert_load,
+    keep_rank_numbers,
     local_first_load,
     moved_experts,
     optimal_counts,
@@ -20,7 +21,14 @@ from moe_operator.placement.planner import (
     round_robin_plan,
     select_ranks,
 )
-from moe_operator.placement.schema import MoEShape, PlacementError, Plan, RankSlot, validate_plan
+from moe_operator.placement.schema import (
+    MoEShape,
+    PlacementError,
+    Plan,
+    RankSlot,
+    tp_group_problem,
+    validate_plan,
+)
 
 __all__ = [
     "DEFAULT_BALANCE_TOLERANCE",
@@ -32,6 +40,7 @@ __all__ = [
     "RankSlot",
     "evaluate",
     "expert_load",
+    "keep_rank_numbers",
     "local_first_load",
     "moved_experts",
     "optimal_counts",
@@ -40,5 +49,6 @@ __all__ = [
     "rebalanced_counts",
     "round_robin_plan",
     "select_ranks",
+    "tp_group_problem",
     "validate_plan",
 ]

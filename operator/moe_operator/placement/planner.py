@@ -57,7 +57,14 @@ from typing import Any
 
 import numpy as np
 
-from moe_operator.placement.schema import MoEShape, PlacementError, Plan, RankSlot, counts_of
+from moe_operator.placement.schema import (
+    MoEShape,
+    PlacementError,
+    Plan,
+    RankSlot,
+    counts_of,
+    tp_group_problem,
+)
 from moe_operator.topology import Topology
 
 DEFAULT_BALANCE_TOLERANCE = 0.005
@@ -133,6 +140,7 @@ def select_ranks(
     redundant: int | None = None,
     max_experts_per_gpu: int = 1,
     previous: Plan | None = None,
+    attention_tp: int = 1,
 ) -> tuple[tuple[RankSlot, ...], np.ndarray]:
     """The GPU slots the plan uses, in topology order, and experts per rank ``caps`` (G,) int64.
 
@@ -140,30 +148,63 @@ def select_ranks(
     Otherwise, only if ``max_experts_per_gpu > 1``: every slot, ``E + redundant`` experts spread
     as evenly as possible (``redundant=None``: enough to give every GPU the same number).
     Slots that ``previous`` used are preferred, so a re-plan keeps its GPUs.
+
+    ``attention_tp`` N > 1: slots are taken N at a time from one node, so that ranks [g*N, (g+1)*N)
+    (TP group g) share a node (``tp_group_problem``); a node's free slots beyond a multiple of N
+    stay unused. A block that holds a slot of ``previous`` is preferred, so after a node loss the
+    surviving TP groups stay and only whole new groups are placed.
     """
-    _check_rank_args(redundant, max_experts_per_gpu)
+    _check_rank_args(redundant, max_experts_per_gpu, attention_tp)
     n_slots = topology.num_slots
     if n_slots == 0:
         why = topology.describe_skipped()
         raise PlacementError("no schedulable GPU slots in the topology" + (f": {why}" if why else ""))
-    caps = _experts_per_rank(
-        shape.n_routed_experts, n_slots, redundant, max_experts_per_gpu, topology
-    )  # (G,)
-    slots = topology.slots
+    tp = int(attention_tp)
+    usable = sum(n.gpus // tp * tp for n in topology.nodes)  # slots in whole TP groups
+    if usable == 0:
+        raise PlacementError(f"no whole attention TP group fits: {_tp_slots_note(topology, tp, usable)}")
+    try:
+        caps = _experts_per_rank(shape.n_routed_experts, usable, redundant, max_experts_per_gpu, topology)  # (G,)
+    except PlacementError as e:
+        if usable == n_slots:
+            raise
+        try:  # would the GPUs do without the TP constraint? Then say only that.
+            G = _experts_per_rank(shape.n_routed_experts, n_slots, redundant, max_experts_per_gpu, topology).size
+        except PlacementError:
+            raise PlacementError(f"{e}; {_tp_slots_note(topology, tp, usable)}") from None
+        raise PlacementError(f"cannot place {G} ranks in whole attention TP groups: "
+                             f"{_tp_slots_note(topology, tp, usable)}") from None
     G = caps.size
-    if previous is None:
-        chosen = list(range(G))
-    else:
-        prev_keys = {(r.node, r.gpu) for r in previous.ranks}
-        chosen = sorted(range(len(slots)), key=lambda i: ((slots[i].node, slots[i].gpu) not in prev_keys, i))[
-            :G
-        ]
-        chosen.sort()
+    if G % tp:
+        raise PlacementError(f"{G} ranks ({shape.n_routed_experts} routed experts + {G - shape.n_routed_experts} "
+                             f"redundant) do not form whole attention TP groups of {tp}")
+    slots = topology.slots
+    prev_keys = set() if previous is None else {(r.node, r.gpu) for r in previous.ranks}
+    # Blocks of tp slots of one node: its slots in `previous` first, then its others in order.
+    blocks: list[tuple[bool, int, list[int]]] = []  # (holds no previous slot, first slot, slots)
+    first = 0
+    for node in topology.nodes:
+        idx = sorted(range(first, first + node.gpus), key=lambda i: (slots[i].node, slots[i].gpu) not in prev_keys)
+        first += node.gpus
+        for b in range(node.gpus // tp):
+            block = idx[b * tp : (b + 1) * tp]
+            blocks.append((all((slots[i].node, slots[i].gpu) not in prev_keys for i in block), min(block), block))
+    blocks.sort(key=lambda blk: blk[:2])
+    chosen = sorted(i for _, _, block in blocks[: G // tp] for i in block)
     ranks = tuple(RankSlot(rank=k, node=slots[i].node, gpu=slots[i].gpu) for k, i in enumerate(chosen))
     return ranks, caps
 
 
-def _check_rank_args(redundant: int | None, max_experts_per_gpu: int) -> None:
+def _tp_slots_note(topology: Topology, tp: int, usable: int) -> str:
+    """Why fewer slots than the topology's free GPUs can be used with attention TP ``tp``."""
+    short = [f"{n.name}: {n.gpus}" for n in topology.nodes if n.gpus % tp]
+    more = f", and {len(short) - 5} more" if len(short) > 5 else ""
+    return (f"attention TP {tp}: a TP group's {tp} ranks must share one node, so only {usable} of the "
+            f"{topology.num_slots} free GPU slots can hold whole TP groups (free GPUs not a multiple of {tp}: "
+            f"{', '.join(short[:5])}{more})")
+
+
+def _check_rank_args(redundant: int | None, max_experts_per_gpu: int, attention_tp: int = 1) -> None:
     if (
         isinstance(max_experts_per_gpu, bool)
         or not isinstance(max_experts_per_gpu, (int, np.integer))
@@ -174,6 +215,8 @@ def _check_rank_args(redundant: int | None, max_experts_per_gpu: int) -> None:
         isinstance(redundant, bool) or not isinstance(redundant, (int, np.integer)) or redundant < 0
     ):
         raise PlacementError(f"redundant must be a non-negative integer, got {redundant!r}")
+    if isinstance(attention_tp, bool) or not isinstance(attention_tp, (int, np.integer)) or attention_tp < 1:
+        raise PlacementError(f"attention_tp must be a positive integer, got {attention_tp!r}")
 
 
 def _experts_per_rank(
@@ -326,6 +369,7 @@ def plan(
     group_affinity: float = DEFAULT_GROUP_AFFINITY,
     max_swaps: int = DEFAULT_MAX_SWAPS,
     max_pack_swaps: int | None = None,
+    attention_tp: int = 1,
 ) -> Plan:
     """Place ``shape``'s experts on ``topology``'s GPU slots for the measured ``load``.
 
@@ -334,6 +378,8 @@ def plan(
       matched by (node, gpu), not by rank number, so ranks may be renumbered.
     - ``redundant``: replicas per layer (None: fill every free slot).
     - ``max_experts_per_gpu`` > 1 allows packing when there are fewer GPUs than experts.
+    - ``attention_tp``: ranks [g*N, (g+1)*N) form attention TP group g and share a node
+      (``select_ranks``); PlacementError when the free GPUs do not hold enough whole groups.
 
     Re-planning trade-offs (only with ``previous``):
     - ``balance_tolerance``: how far above the best busiest-GPU load the plan may stay rather
@@ -353,7 +399,7 @@ def plan(
     w = expert_load(shape, load)  # (L, E)
     if previous is not None:
         _check_previous(previous, shape)
-    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu, previous)
+    ranks, caps = select_ranks(shape, topology, redundant, max_experts_per_gpu, previous, attention_tp)
     G, P, L, E = len(ranks), int(caps.sum()), shape.moe_layers, shape.n_routed_experts
     rank_of_cell, node_of_cell = _cell_layout(ranks, caps)  # (P,) each
 
@@ -393,7 +439,56 @@ def plan(
     metrics["redundant"] = P - E
     if previous is not None:
         metrics["moved_experts"] = moved_experts(previous, out)
+    problem = tp_group_problem(out, attention_tp)
+    if problem:  # select_ranks places whole TP groups; this would be a bug
+        raise PlacementError(problem)
     return Plan(ranks=ranks, expert_map=expert_map, shape=shape, metrics=metrics)
+
+
+def keep_rank_numbers(new: Plan, previous: Plan | None, attention_tp: int = 1) -> Plan:
+    """Renumber ``new``'s ranks so that a node that hosted rank r before still hosts rank r.
+
+    Pods are named by rank and pinned to a node, so a rank that changes node means a new pod.
+    The planner numbers ranks in topology order; after a node loss that would shift every later
+    rank. Matching by node keeps every surviving pod where it is. When the group grows, the old
+    ranks keep their numbers and the new ones come after them; when it shrinks, the numbers that
+    remain are the lowest (the ranks beyond the new size are the ones that leave).
+
+    With ``attention_tp`` N > 1 whole TP groups (ranks [g*N, (g+1)*N), on one node in ``new``,
+    as ``select_ranks`` places them) are renumbered as units: a node keeps the group numbers it
+    had, and the groups placed anew (a lost node's) take the free numbers, so no TP group is ever
+    split between a surviving node and a new one. PlacementError if the result breaks the rule.
+    """
+    if previous is None:
+        return new
+    tp = int(attention_tp)
+    if new.num_ranks % tp:
+        raise PlacementError(f"{new.num_ranks} ranks do not form whole attention TP groups of {tp}")
+    groups = new.num_ranks // tp
+    prev_by_node: dict[str, list[int]] = {}  # node -> previous TP groups wholly on it (number < groups)
+    for g in range(min(previous.num_ranks // tp, groups)):
+        nodes = {r.node for r in previous.ranks[g * tp : (g + 1) * tp]}
+        if len(nodes) == 1:
+            prev_by_node.setdefault(nodes.pop(), []).append(g)
+    order = [-1] * groups  # order[new group] = final group number
+    taken: set[int] = set()
+    for g in range(groups):
+        olds = prev_by_node.get(new.ranks[g * tp].node)
+        if olds:
+            order[g] = olds.pop(0)
+            taken.add(order[g])
+    free = iter(i for i in range(groups) if i not in taken)
+    for g in range(groups):
+        if order[g] < 0:
+            order[g] = next(free)
+    final = np.array([order[k // tp] * tp + k % tp for k in range(new.num_ranks)])  # final rank of new rank k
+    inv = np.argsort(final)  # inv[final rank] = new rank
+    ranks = tuple(RankSlot(rank=k, node=new.ranks[int(j)].node, gpu=new.ranks[int(j)].gpu) for k, j in enumerate(inv))
+    out = Plan(ranks=ranks, expert_map=new.expert_map[:, inv, :], metrics=new.metrics, shape=new.shape)
+    problem = tp_group_problem(out, tp)
+    if problem:
+        raise PlacementError(problem)
+    return out
 
 
 def _check_plan_args(

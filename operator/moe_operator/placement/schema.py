@@ -241,6 +241,25 @@ def validate_plan(
 
 
 
+def tp_group_problem(p: Plan, attention_tp: int) -> str | None:
+    """Why ``p`` cannot run attention tensor parallelism ``attention_tp``, or None when it can.
+
+    TP group g is ranks [g * tp, (g + 1) * tp) (the worker's ``MOE_ATTENTION_TP``): its ranks
+    exchange a reduce-scatter and an all-gather in every attention layer, so they must share a node
+    (and its NVLink), and the ranks must come in whole groups."""
+    tp = int(attention_tp)
+    if tp < 1:
+        return f"attention TP must be >= 1, got {tp}"
+    if p.num_ranks % tp:
+        return f"{p.num_ranks} ranks do not form whole attention TP groups of {tp}"
+    for g in range(p.num_ranks // tp):
+        nodes = list(dict.fromkeys(r.node for r in p.ranks[g * tp : (g + 1) * tp]))
+        if len(nodes) > 1:
+            return (f"attention TP group {g} (ranks {g * tp}-{(g + 1) * tp - 1}) spans nodes {', '.join(nodes)}; "
+                    f"a TP group's ranks must share one node")
+    return None
+
+
 def counts_of(ids: np.ndarray, n: int) -> np.ndarray:
     """(rows, n) int64 occurrences of each id 0..n-1 per row of ``ids`` (rows, k); -1 ignored."""
     rows = ids.shape[0]
