@@ -136,6 +136,21 @@ def test_attention_tp_weights_and_collective_are_what_the_worker_runs(tp):
     assert not any(o.name == "attention_tp_comm" for lc in tp1.layers for o in lc.compute_ops)
 
 
+def test_an_fp8_o_proj_that_would_cut_a_128_block_stays_whole_under_attention_tp():
+    """The tiny model's o_proj has 4 heads x 32 = 128 columns: at TP2 a rank's 64 would cut its one
+    FP8 block, so the worker keeps it whole on every rank (BF16 splits it)."""
+    hw = perfmodel.hardware("h100")
+    hidden, layers, q_lora, kv_lora, nope, rope, v = 128, 4, 64, 32, 32, 16, 32
+    for precision, o_cols in (("fp8", 4 * v), ("bf16", 2 * v)):
+        raw = yaml.safe_load((REPO / "manifests" / "tiny-ep16-tp2.yaml").read_text())["spec"]
+        raw["model"]["precision"] = precision
+        spec = api.parse_spec(raw)
+        lin = fp8_linear if precision == "fp8" else (lambda o, i: 2 * o * i)
+        mla = (lin(q_lora, hidden) + lin(kv_lora + rope, hidden) + lin(2 * (nope + rope), q_lora)
+               + lin(2 * (nope + v), kv_lora) + lin(hidden, o_cols) + 2 * (q_lora + kv_lora))
+        assert perfmodel.memory(spec, hw).attention == layers * mla, precision
+
+
 def test_admission_refuses_what_cannot_fit_with_the_breakdown():
     hw = perfmodel.hardware("brief")
     ok, msg = perfmodel.check_fits(manifest_spec("deepseek-v3-ep288"), hw)

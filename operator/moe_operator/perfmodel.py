@@ -200,21 +200,31 @@ def expert_bytes(hidden: int, inter: int, dtype: str) -> int:
     return 2 * linear_bytes(inter, hidden, dtype) + linear_bytes(hidden, inter, dtype)
 
 
-def _attention_shapes(a: api.Architecture, tp: int = 1) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _attention_shapes(a: api.Architecture, tp: int = 1,
+                      o_split: bool = True) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(out, in) of one rank's MLA projections with attention TP `tp`, as the worker shards them:
     replicated on every rank of a TP group (q_a, kv_a: the latent is shared by all heads), and
-    split by heads (rows of q_b and kv_b, columns of o_proj: nh / tp heads each)."""
+    split by heads (rows of q_b and kv_b, columns of o_proj: nh / tp heads each; o_proj whole
+    unless `o_split`, see `_o_proj_split`)."""
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     nh = a.num_attention_heads // tp
     replicated = [(a.kv_lora_rank + a.qk_rope_head_dim, a.hidden_size)]  # kv_a_proj_with_mqa
     split = [(nh * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),  # kv_b_proj
-             (a.hidden_size, nh * a.v_head_dim)]  # o_proj
+             (a.hidden_size, (nh if o_split else a.num_attention_heads) * a.v_head_dim)]  # o_proj
     if a.q_lora_rank:
         replicated.append((a.q_lora_rank, a.hidden_size))  # q_a_proj
         split.append((nh * qk, a.q_lora_rank))  # q_b_proj
     else:
         split.append((nh * qk, a.hidden_size))  # q_proj
     return replicated, split
+
+
+def _o_proj_split(a: api.Architecture, tp: int, dtype: str) -> bool:
+    """Whether the worker splits o_proj's columns over a TP group: not when it is FP8 and a rank's
+    columns are not whole 128-column blocks (its FP8 input blocks would straddle ranks); such an
+    o_proj stays whole on every rank, which then projects its 1/tp of the tokens (the same FLOPs).
+    DeepSeek-V3's 16,384 columns split at TP 2-8; tiny test models may not."""
+    return tp == 1 or dtype != "fp8" or a.num_attention_heads // tp * a.v_head_dim % FP8_BLOCK == 0
 
 
 def attention_params(a: api.Architecture) -> int:
@@ -344,7 +354,7 @@ def weight_bytes(spec: api.MoEDeploymentSpec) -> dict[str, float]:
     tp = p.attention_tensor_parallel
     slots = math.ceil(spec.physical_experts / p.expert_parallel_size)
     h = a.hidden_size
-    rep, split = _attention_shapes(a, tp)
+    rep, split = _attention_shapes(a, tp, _o_proj_split(a, tp, dt))
     attn_linear = sum(linear_bytes(o, i, dt) for o, i in rep + split)
     # q_a_layernorm, kv_a_layernorm (BF16)
     attn_norms = 2 * (a.kv_lora_rank + (a.q_lora_rank or 0))
