@@ -38,7 +38,7 @@ from torch import nn
 
 from moe_common.model_args import FP8_BLOCK, ModelArgs
 
-from .fp8 import Linear
+from .fp8 import Linear, linear
 
 AttnImpl = Literal["naive", "absorb"]
 
@@ -90,9 +90,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one op, bitwise the same in fp32
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (x itself when it is: `.float()` costs a dispatch even then, ~70 per token)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 class Rotary(nn.Module):
@@ -121,33 +128,53 @@ class Rotary(nn.Module):
             self.attention_factor = y.attention_factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (S,) int -> cos, sin (S, R/2) fp32."""
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (S,) int -> the rotation (S, R/2) complex64: (cos + i sin) x attention factor."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return torch.complex(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, [H,] R) by angles cos/sin (S, R/2); computed in fp32,
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, S, [H,] R) by `rot` (S, R/2) (`Rotary`); computed in fp32,
     as a complex product (pair (a, b) times cos + i sin: a cos - b sin, a sin + b cos)."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + (cos.shape[1],)  # (S, [1,] R/2)
-    rot = torch.complex(cos, sin).view(shape)
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., R/2)
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    rot = rot.view((rot.shape[0],) + (1,) * (x.dim() - 3) + (rot.shape[1],))  # (S, [1,] R/2)
+    xc = torch.view_as_complex(_fp32(x).unflatten(-1, (-1, 2)).contiguous())  # (..., R/2)
+    out = torch.view_as_real(xc * rot).flatten(-2)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers, the shared expert and every routed expert."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers, the shared expert and every routed expert.
+
+    w1 and w3 are the two halves of one (2 x inter, dim) weight (their parameters are views of it,
+    which the loader fills in place), so both take one GEMM. With FP8 weights that needs whole
+    128-row blocks per half (the scales then stack too); otherwise they stay two GEMMs."""
 
     def __init__(self, dim: int, inter_dim: int, *, dtype: torch.dtype, fp8: bool, device=None):
         super().__init__()
         self.w1 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # gate_proj
         self.w2 = Linear(inter_dim, dim, dtype=dtype, fp8=fp8, device=device)  # down_proj
         self.w3 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # up_proj
+        self.w13: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        if not fp8 or inter_dim % FP8_BLOCK == 0:
+            self.w13 = self._stack("weight"), self._stack("scale") if fp8 else None
+
+    def _stack(self, name: str) -> torch.Tensor:
+        """One tensor for w1's and w3's `name`, which become views of its two halves."""
+        a = getattr(self.w1, name)
+        both = torch.empty((a.shape[0] * 2, *a.shape[1:]), dtype=a.dtype, device=a.device)
+        setattr(self.w1, name, nn.Parameter(both[: a.shape[0]], requires_grad=False))
+        setattr(self.w3, name, nn.Parameter(both[a.shape[0]:], requires_grad=False))
+        return both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.w1(x).float()) * self.w3(x).float()  # (..., inter) in fp32, as the reference
-        return self.w2(h.to(x.dtype))
+        if self.w13 is not None:
+            w, s = self.w13
+            gate, up = _fp32(linear(x, w, s, impl=self.w1.impl, scale_fmt=self.w1.scale_fmt)).chunk(2, dim=-1)
+        else:
+            gate, up = _fp32(self.w1(x)), _fp32(self.w3(x))
+        h = F.silu(gate) * up  # (..., inter) in fp32, as the reference
+        return self.w2(h if x.dtype == torch.float32 else h.to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +353,7 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         start_pos: int,
         mask: torch.Tensor | None,
         cache: LayerCache | None,
@@ -340,9 +367,9 @@ class MLA(nn.Module):
         q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, H, N + R)
         q_nope, q_pe = q.split([N, R], dim=-1)  # (B, S, H, N), (B, S, H, R)
-        q_pe = apply_rope(q_pe, *rope)
+        q_pe = apply_rope(q_pe, rope)
         kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, R], dim=-1)  # (B, S, C), (B, S, R)
-        k_pe = apply_rope(k_pe, *rope)
+        k_pe = apply_rope(k_pe, rope)
         kv = self.kv_norm(kv)
         if cache is not None and end > cache.length:
             raise ValueError(f"KV cache holds {cache.length} positions, step needs {end}")
@@ -386,7 +413,8 @@ class MLA(nn.Module):
         # As in DeepSeek's reference, the absorbed form multiplies by the dequantized weight, so with
         # FP8 "emulate" products it skips the latent's 1x128 activation rounding that naive applies.
         wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype).view(H, -1, C)  # (H, N + V, C)
-        return wkv_b, torch.einsum("...hn,hnc->...hc", q_nope, wkv_b[:, :N])
+        q = q_nope.reshape(-1, H, N).transpose(0, 1)  # (H, tokens, N)
+        return wkv_b, torch.bmm(q, wkv_b[:, :N]).transpose(0, 1).reshape(*q_nope.shape[:-1], C)  # (..., H, C)
 
     def _latent_attention(self, q_lat, q_pe, kv, k_pe, start_pos, mask, cache):
         """q_lat (B, S, H, C), q_pe (B, S, H, R) over the latent keys -> (B, S, H, C)."""
@@ -402,7 +430,7 @@ class MLA(nn.Module):
         probs = _softmax(scores, mask)
         return torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
 
-    def forward_packed(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
+    def forward_packed(self, x: torch.Tensor, rope: torch.Tensor, segments: list[Segment],
                        impl: AttnImpl) -> torch.Tensor:
         """Attention for the tokens of many sequences packed together: x (T, D), rope for each
         token's position, `segments` in x's order (each sequence's tokens, its first position, its
@@ -416,9 +444,9 @@ class MLA(nn.Module):
         xb = x[None]  # (1, T, D)
         q = self.wq(xb) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(xb)))
         q_nope, q_pe = q.view(1, T, H, N + R).split([N, R], dim=-1)
-        q_pe = apply_rope(q_pe, *rope)
+        q_pe = apply_rope(q_pe, rope)
         kv, k_pe = self.wkv_a(xb).split([C, R], dim=-1)
-        k_pe = apply_rope(k_pe, *rope)
+        k_pe = apply_rope(k_pe, rope)
         kv = self.kv_norm(kv)
         offsets = [0]
         for seg in segments:
@@ -491,7 +519,7 @@ class MLA(nn.Module):
             pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
         # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here)
         scores = (torch.bmm(q_lat, keys.transpose(1, 2)) + torch.bmm(q_pe, pes.transpose(1, 2))) * self.softmax_scale
-        scores = scores.float()
+        scores = _fp32(scores)
         if pad is not None:
             scores = scores.masked_fill(pad[:, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(q_lat.dtype)
@@ -544,7 +572,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> (weights (T, K) fp32, expert ids (T, K) int64)."""
         a = self.args
-        scores = F.linear(x.float(), self.weight).sigmoid()  # (T, E)
+        scores = F.linear(_fp32(x), self.weight).sigmoid()  # (T, E)
         return route(scores, self.bias, a)
 
 
@@ -623,6 +651,15 @@ def run_local_experts(
     """
     T, K = topk_ids.shape
     y = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    if T == 1:  # one token (a lone decode): its experts in id order, no grouping
+        for k, eid in sorted(enumerate(topk_ids[0].tolist()), key=lambda p: p[1]):
+            if skip is not None and eid == skip:
+                continue
+            expert = experts.get(eid)
+            if expert is None:
+                raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
+            y += _fp32(expert(x)) * topk_weights[:, k:k + 1]
+        return y.to(x.dtype)
     flat = topk_ids.reshape(-1)  # (T * K,)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one
     ids, counts = torch.unique_consecutive(flat[order], return_counts=True)
@@ -636,7 +673,7 @@ def run_local_experts(
         if expert is None:
             raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
         tok = slots // K  # (n,) token of each slot
-        out = expert(x[tok]).float() * topk_weights.reshape(-1)[slots, None]  # (n, D)
+        out = _fp32(expert(x[tok])) * topk_weights.reshape(-1)[slots, None]  # (n, D)
         y.index_add_(0, tok, out)
     return y.to(x.dtype)
 
@@ -845,4 +882,4 @@ class Transformer(nn.Module):
         h = self.embed(tokens)  # (B, S, D)
         for i, block in enumerate(self.layers):
             h = block(h, rope, start_pos, mask, None if cache is None else cache.layers[i], self.attn_impl)
-        return self.head(self.norm(h)).float()  # (B, S, vocab)
+        return _fp32(self.head(self.norm(h)))  # (B, S, vocab)
