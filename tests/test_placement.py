@@ -220,6 +220,28 @@ def test_many_copies_still_on_distinct_nodes() -> None:
     assert plan_metrics(p, w)["node_load_max_mean"] < 1.05
 
 
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "load"),
+    [
+        # Group 1's second copy of expert 2 is group 0's filler: both runs dealt it to node 1 in
+        # one round, since neither saw the other's copy (hypothesis found it).
+        (3, 3, [[1, 0, 3, 2, 3, 1, 0, 1], [2, 1, 3, 0, 2, 0, 0, 1]]),
+        # The same, found by a wider random search.
+        (5, 5, [[3, 1, 2, 3, 2, 3, 1, 2]]),
+        (8, 2, [[0, 387, 0, 546, 0, 0, 0, 0]]),
+    ],
+)
+def test_copies_dealt_by_two_groups_on_distinct_nodes(nodes: int, gpus: int, load: list[list[int]]) -> None:
+    """Equal nodes, one expert per GPU: every expert's copies sit on distinct nodes (always
+    possible there: deal the copies, expert by expert, to the nodes in turn)."""
+    shape = MoEShape(moe_layers=len(load), n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=1)
+    p = plan(shape, Topology.synthetic(nodes, gpus), np.array(load, dtype=float))
+    validate_plan(p, shape, 1)
+    counts = p.replica_counts()
+    assert (counts > 1).any(1).all()  # every layer has an expert with copies to spread
+    assert np.array_equal(distinct_nodes_per_expert(p), np.minimum(counts, nodes))
+
+
 def test_packing_spreads_copies_over_nodes_and_stays_as_balanced_as_eplb() -> None:
     shape = MoEShape(moe_layers=2)
     topo = Topology.synthetic(16, 8)  # EP128, three experts per GPU

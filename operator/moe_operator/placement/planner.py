@@ -1155,8 +1155,9 @@ def _deal_groups(w: np.ndarray, counts: np.ndarray, node_of_cell: np.ndarray, n_
     Dealing. Rounds of longest-processing-time-first per (layer, run), vectorised over both: a
     round pairs the run's next heaviest copies with its nodes in order of the load per quota cell
     they would reach with the heaviest copy left (a node more than a copy ahead sits the round
-    out). A copy never joins a node that holds its expert: it takes another node of its run that
-    no copy took this round, or waits; if no node of its run with room lacks the expert, the
+    out). A copy never joins a node that holds its expert, nor one that another run gives a copy
+    of its expert in the same round: it takes another node of its run that no copy took this
+    round, or waits; if no node of its run with room lacks the expert, the
     earliest-finishing free cell of another run of its layer, else the global rounds.
 
     Arrays are per run: one row per (layer, group), ``runs = L * n_group``, layer-major.
@@ -1379,6 +1380,7 @@ class _RunDealer:
         self.first_expert = first_expert  # (runs,) layer * E: flat (layer, expert) of expert 0
         self.n_nodes = n_nodes
         self.n_group = n_group
+        self.group_size = n_experts // n_group
         self.item_node = np.full((runs, M), -1, dtype=np.int64)  # (runs, M) node dealt to, -1
         self.done = item_e < 0  # (runs, M)
         self.n_items = (~self.done).sum(1)  # (runs,) items are a prefix of each row
@@ -1432,9 +1434,24 @@ class _RunDealer:
         if clash.any():
             run, item, h, stranded = self._reroute(run, item, h, e, clash, has_room, finish)
             e = self.item_e[run, item]
-        self._commit(run, item, h, e)
+        go = self._one_copy_per_node(run, h, e)
+        self._commit(run[go], item[go], h[go], e[go])
         for r0, i0 in zip(stranded[0].tolist(), stranded[1].tolist(), strict=True):
             self._place_stranded(r0, i0)
+
+    def _one_copy_per_node(self, run: np.ndarray, h: np.ndarray, e: np.ndarray) -> np.ndarray:
+        """(deals,) bool: the round's deals that go ahead. The runs of a layer share nodes, and a
+        group's copies beyond one per node are other runs' filler, so two runs can send copies of
+        one expert to one node in the same round (``holds`` shows neither yet): the copy of the
+        run's own group goes first, the others wait a round and then avoid that node."""
+        key = self._holds_at(self.first_expert[run], e, self.run_nodes[run, h])  # (deals,)
+        filler = e // self.group_size != run % self.n_group
+        order = np.lexsort((np.arange(key.size), filler, key))  # by key, own group first
+        first = np.ones(key.size, dtype=bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        go = np.zeros(key.size, dtype=bool)
+        go[order[first]] = True
+        return go
 
     def _reroute(
         self,
