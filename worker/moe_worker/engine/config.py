@@ -47,6 +47,10 @@ class EngineConfig:
     max_new_tokens: int = 1024
     max_prefill_tokens: int = 8192
     """New prompt tokens admitted per step over the group (at least one request is always admitted)."""
+    max_step_tokens: int = 2048
+    """Tokens one rank runs in a step: its sequences' decode tokens first, then chunks of the
+    prompts it is prefilling (chunked prefill), so a long prompt delays the others' next tokens by
+    at most one such step."""
     kv_cache_tokens: int = 0
     """KV cache positions one rank may hold over all its sequences (each sequence takes prompt +
     max_tokens); a request waits while its rank has no room. 0: max_seqs_per_rank x max_context.
@@ -112,7 +116,7 @@ class ConfigFieldError(ValueError):
 _LIMITS: dict[str, tuple[float, bool]] = {
     # field: (lowest allowed value, float field)
     "overlap_min_tokens": (0, False), "max_seqs_per_rank": (1, False), "max_context": (2, False),
-    "max_new_tokens": (1, False), "max_prefill_tokens": (1, False), "kv_cache_tokens": (0, False),
+    "max_new_tokens": (1, False), "max_prefill_tokens": (1, False), "max_step_tokens": (1, False), "kv_cache_tokens": (0, False),
     "max_queue": (1, False), "idle_heartbeat_s": (0.001, True), "map_poll_s": (0, True),
     "dist_timeout_s": (0.001, True), "peer_lost_s": (0.5, True), "rendezvous_timeout_s": (0.001, True),
     "threads": (1, False), "attention_tp": (1, False),
@@ -126,6 +130,7 @@ _ENV_FIELDS: dict[str, str] = {
     "overlap": "MOE_OVERLAP", "overlap_min_tokens": "MOE_OVERLAP_MIN_TOKENS",
     "max_seqs_per_rank": "MOE_MAX_SEQS_PER_RANK", "max_context": "MOE_MAX_CONTEXT",
     "max_new_tokens": "MOE_MAX_NEW_TOKENS", "max_prefill_tokens": "MOE_MAX_PREFILL_TOKENS",
+    "max_step_tokens": "MOE_MAX_STEP_TOKENS",
     "kv_cache_tokens": "MOE_KV_CACHE_TOKENS", "max_queue": "MOE_MAX_QUEUE", "map_poll_s": "MOE_MAP_POLL_S",
     "dist_backend": "MOE_DIST_BACKEND", "dist_timeout_s": "MOE_DIST_TIMEOUT_S",
     "peer_lost_s": "MOE_PEER_LOST_S",
@@ -199,7 +204,7 @@ class RankConfig:
         MOE_PRECISION, MOE_MODEL_NAME. Optional `EngineConfig` knobs: MOE_DTYPE, MOE_DEVICE,
         MOE_ATTN, MOE_FP8_IMPL, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
-        MOE_MAX_PREFILL_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
+        MOE_MAX_PREFILL_TOKENS, MOE_MAX_STEP_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
         MOE_DIST_TIMEOUT_S, MOE_PEER_LOST_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS, MOE_ATTENTION_TP
         (`_ENV_FIELDS`);
         MOE_RANK_KEY_FILE (the group's secret, at least 16 bytes). Every number is

@@ -287,7 +287,7 @@ class RankRunner:
     def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
         """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
         chunks = [
-            _Chunk(w.seq, list(w.tokens), w.start, self.seqs[w.seq].cache, True, self.seqs[w.seq].want_logits)
+            _Chunk(w.seq, list(w.tokens), w.start, self.seqs[w.seq].cache, w.sample, self.seqs[w.seq].want_logits)
             for w in work
         ]
         batches = split_micro_batches(chunks, micro_batches)

@@ -78,8 +78,11 @@ class _Running:
     """The rank that runs it (with attention TP: the first rank of the TP group that does)."""
     pos: int = 0  # positions in the KV cache
     work: SeqWork | None = None
-    """The work sent for it whose token has not arrived yet (a step that broke: sent again)."""
+    """The work sent for it whose step has not completed yet (a step that broke: sent again)."""
     kv: int = 0  # KV cache positions the rank allocated for it (prompt + max_tokens)
+    prefill: list[int] | None = None
+    """The tokens it was admitted with (prompt, plus the output so far when recomputed), while
+    some of them are not in its cache yet (`pos` < len): chunked prefill continues."""
 
 
 class Scheduler:
@@ -120,17 +123,33 @@ class Scheduler:
             return not self.waiting and not self.running
 
     def build(self, step: int, switch_to: int | None) -> StepPlan:
-        """The next step: every running sequence decodes one token; queued requests are admitted
-        to the least-loaded ranks with room, their whole prompts prefilled in this step."""
+        """The next step, within `max_step_tokens` per rank: every decoding sequence runs one
+        token, then prompts being prefilled run their next chunk, then queued requests are
+        admitted to the least-loaded ranks with room, their prompts' first chunks in this step
+        (continuous batching with chunked prefill: a long prompt never holds up the others'
+        decoding by more than a step of `max_step_tokens`)."""
         work: list[list[SeqWork]] = [[] for _ in range(self.world)]
+        room = [self.cfg.max_step_tokens] * self.world  # tokens each rank may still take this step
         with self.lock:
+            prefilling = []
             for seq, r in list(self.running.items()):
                 if r.ticket.cancelled:
                     self._finish(seq, "cancelled")
-                    continue
-                if r.work is None:
+                elif r.work is not None:  # sent again after a broken step
+                    work[r.rank].append(r.work)
+                    room[r.rank] -= len(r.work.tokens)
+                elif r.prefill is not None:
+                    prefilling.append((seq, r))
+                else:
                     r.work = SeqWork(seq, [r.ticket.output[-1]], r.pos)
-                work[r.rank].append(r.work)
+                    work[r.rank].append(r.work)
+                    room[r.rank] -= 1
+            for seq, r in prefilling:  # (the rank set the sequence up with its first chunk)
+                n = min(len(r.prefill) - r.pos, room[r.rank])
+                if n > 0:
+                    r.work = SeqWork(seq, r.prefill[r.pos:r.pos + n], r.pos, sample=r.pos + n == len(r.prefill))
+                    work[r.rank].append(r.work)
+                    room[r.rank] -= n
             budget = self.cfg.max_prefill_tokens
             admitted = 0
             while self.waiting:
@@ -143,11 +162,11 @@ class Scheduler:
                 if admitted and n > budget:
                     break
                 kv = len(t.req.prompt_ids) + t.req.max_tokens
-                if t.want_logits:
+                if t.want_logits:  # prompt logits: the whole prompt in one step, on rank 0
                     rank = 0 if self._has_room(0, kv) and self._serves(0) else None
                 else:
                     free = [r for r in range(0, self.world, self.tp)
-                            if self._has_room(r, kv) and r not in self.draining and self._serves(r)]
+                            if self._has_room(r, kv) and room[r] > 0 and r not in self.draining and self._serves(r)]
                     # Least loaded first; among equals, round-robin from the last pick, so that a
                     # few requests spread over every node instead of piling onto the first one
                     # (tokens prefer expert replicas on their own node).
@@ -162,12 +181,14 @@ class Scheduler:
                 seq = self._next_seq
                 self._next_seq += 1
                 req = t.req
-                w = SeqWork(seq, tokens, 0, new=True, max_len=kv, temperature=req.temperature, seed=t.seed,
-                            want_logits=t.want_logits, drawn=len(t.output), top_p=req.top_p)
-                self.running[seq] = _Running(t, rank, 0, w, kv)
+                first = n if t.want_logits else min(n, room[rank])
+                w = SeqWork(seq, tokens[:first], 0, new=True, max_len=kv, temperature=req.temperature, seed=t.seed,
+                            want_logits=t.want_logits, drawn=len(t.output), top_p=req.top_p, sample=first == n)
+                self.running[seq] = _Running(t, rank, 0, w, kv, tokens if first < n else None)
                 self.per_rank[rank] += 1
                 self.kv_used[rank] += kv
                 work[rank].append(w)
+                room[rank] -= first
                 budget -= n
                 admitted += 1
             release, self.release = self.release, [[] for _ in range(self.world)]
@@ -196,6 +217,10 @@ class Scheduler:
         """Apply the tokens the ranks sampled; finish requests that are done."""
         now = time.monotonic()
         with self.lock:
+            for r in self.running.values():  # prompt chunks that draw no token: in the cache now
+                if r.work is not None and not r.work.sample:
+                    r.pos += len(r.work.tokens)
+                    r.work = None
             for reply in replies:
                 for seq, why in reply.failed.items():
                     if seq in self.running:
@@ -207,6 +232,7 @@ class Scheduler:
                     t = r.ticket
                     r.pos += len(r.work.tokens) if r.work is not None else 0
                     r.work = None
+                    r.prefill = None
                     t.output.append(tok)
                     t.logit_sums.append(lsum)
                     if t.first is None:

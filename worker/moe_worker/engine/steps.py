@@ -36,6 +36,9 @@ class SeqWork:
     """With `new`: tokens the sequence already generated (a sequence recomputed after a fault
     from prompt + output: its next draw is number `drawn`)."""
     top_p: float = 1.0
+    sample: bool = True
+    """`tokens` end what the sequence has so far: draw its next token. False: a chunk of a prompt
+    prefilled over several steps (chunked prefill), more of it follows."""
 
 
 @dataclass
@@ -84,7 +87,7 @@ def encode_plan(plan: StepPlan) -> bytes:
         "step": plan.step, "micro_batches": plan.micro_batches, "switch_to": plan.switch_to,
         "resize": plan.resize, "stop": plan.stop, "release": plan.release,
         "work": [[[w.seq, w.tokens, w.start, w.new, w.max_len, w.temperature, w.seed, w.want_logits, w.drawn,
-                   w.top_p]
+                   w.top_p, w.sample]
                   for w in ws] for ws in plan.work],
     }
     return _dump(doc)
@@ -174,13 +177,13 @@ def _float(v: Any, where: str) -> float:
 def _seq_work(item: Any, where: str) -> SeqWork:
     # Every rank decodes every sequence of every step: plain type() checks, one branch for the
     # common case, the detailed message only for a bad item.
-    if type(item) is not list or len(item) != 10:
+    if type(item) is not list or len(item) != 11:
         raise WireError(f"{where} must be [seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn, "
-                        f"top_p]")
-    seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn, top_p = item
+                        f"top_p, sample]")
+    seq, tokens, start, new, max_len, temperature, seed, want_logits, drawn, top_p, sample = item
     ok = (type(seq) is int and type(start) is int and type(max_len) is int and type(drawn) is int
           and min(seq, start, max_len, drawn) >= 0 and max(seq, start, max_len, drawn) < 2**63
-          and type(new) is bool and type(want_logits) is bool
+          and type(new) is bool and type(want_logits) is bool and type(sample) is bool
           and (seed is None or (type(seed) is int and -(2**63) <= seed < 2**63))
           and type(tokens) is list and tokens and all(type(t) is int for t in tokens)
           and min(tokens) >= 0 and max(tokens) < 2**63
@@ -189,8 +192,9 @@ def _seq_work(item: Any, where: str) -> SeqWork:
     if not ok:
         raise WireError(f"{where} must be [seq >= 0, non-empty tokens (integers >= 0), start >= 0, new (bool), "
                         f"max_len >= 0, temperature (finite, >= 0), seed (integer or null), want_logits (bool), "
-                        f"drawn >= 0, top_p in (0, 1]], got {str(item)[:200]}")
-    return SeqWork(seq, tokens, start, new, max_len, float(temperature), seed, want_logits, drawn, float(top_p))
+                        f"drawn >= 0, top_p in (0, 1], sample (bool)], got {str(item)[:200]}")
+    return SeqWork(seq, tokens, start, new, max_len, float(temperature), seed, want_logits, drawn, float(top_p),
+                   sample)
 
 
 class _Fields:
