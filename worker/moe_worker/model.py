@@ -436,8 +436,9 @@ class MLA(nn.Module):
         token's position, `segments` in x's order (each sequence's tokens, its first position, its
         cache) -> (T, D). The projections run once over all T tokens; with the absorbed form every
         single-token (decode) segment attends in one batched call over its latent cache (keys
-        padded to the longest, padding masked), and each longer (prefill) segment in a call of its
-        own with its causal mask. Same values as `forward` per sequence, up to the order of sums."""
+        padded to the longest, padding masked), and the longer (prefill) segments in another (their
+        queries and keys padded, causal masks per segment). Same values as `forward` per sequence,
+        up to the order of sums."""
         a = self.args
         T = x.shape[0]
         H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
@@ -463,14 +464,17 @@ class MLA(nn.Module):
         wkv_b, q_lat = self._absorbed_query(q_nope)  # (1, T, H, C)
         out = torch.empty(T, H, C, dtype=q_lat.dtype, device=x.device)
         decode = [(i, g) for i, g in enumerate(segments) if g.length == 1]
-        for i, g in enumerate(segments):
-            if g.length > 1:
-                o = offsets[i]
-                sl = slice(o, o + g.length)
-                g.cache.write(g.start, kv[0, sl], k_pe[0, sl])
-                keys, pes = g.cache.read(g.start + g.length)
-                out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
-                                                 causal_mask(g.start, g.length, x.device), None)[0]
+        prefill = [(offsets[i], g) for i, g in enumerate(segments) if g.length > 1]
+        for o, g in prefill:
+            g.cache.write(g.start, kv[0, o:o + g.length], k_pe[0, o:o + g.length])
+        if len(prefill) == 1:  # one prompt: nothing to pad
+            (o, g), = prefill
+            keys, pes = g.cache.read(g.start + g.length)
+            sl = slice(o, o + g.length)
+            out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
+                                             causal_mask(g.start, g.length, x.device), None)[0]
+        elif prefill:
+            self._prefill_attention(q_lat[0], q_pe[0], prefill, out)
         if decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
@@ -481,6 +485,33 @@ class MLA(nn.Module):
     def _out(self, heads: torch.Tensor) -> torch.Tensor:
         """The heads' values (..., H * V) through o_proj (or as they are: see `o_split`)."""
         return self.wo(heads) if self.o_split else heads
+
+    def _prefill_attention(self, q_lat: torch.Tensor, q_pe: torch.Tensor, prefill: list[tuple[int, Segment]],
+                           out: torch.Tensor) -> None:
+        """Several prompt chunks in one batched call: q_lat (T, H, C), q_pe (T, H, R) of the packed
+        tokens; `prefill` (row offset, segment) with their latents already in their caches. Each
+        segment's queries (padded to the longest chunk) attend over its keys so far (padded to
+        the longest), causally; the result goes to `out`'s rows (T, H, C)."""
+        dev = q_lat.device
+        keys, pes = zip(*(g.cache.read(g.start + g.length) for _, g in prefill), strict=True)
+        pad = torch.nn.utils.rnn.pad_sequence
+        K, P = pad(list(keys), batch_first=True), pad(list(pes), batch_first=True)  # (B, Tk, C), (B, Tk, R)
+        Q = pad([q_lat[o:o + g.length] for o, g in prefill], batch_first=True)  # (B, S, H, C)
+        Qp = pad([q_pe[o:o + g.length] for o, g in prefill], batch_first=True)  # (B, S, H, R)
+        B, S, H, C = Q.shape
+        Tk = K.shape[1]
+        starts = torch.tensor([g.start for _, g in prefill], device=dev)
+        lengths = torch.tensor([g.length for _, g in prefill], device=dev)
+        # query s of segment b sees keys t <= start + s; padded queries see key 0 only (no NaN), dropped after
+        s_idx, t_idx = torch.arange(S, device=dev), torch.arange(Tk, device=dev)
+        visible = t_idx[None, None, :] <= (starts[:, None] + s_idx[None, :])[..., None]  # (B, S, Tk)
+        visible &= (s_idx[None, :] < lengths[:, None])[..., None] | (t_idx == 0)[None, None, :]
+        scores = (torch.einsum("bshc,btc->bsht", Q, K) + torch.einsum("bshr,btr->bsht", Qp, P)) * self.softmax_scale
+        scores = _fp32(scores).masked_fill(~visible[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(Q.dtype)
+        o = torch.einsum("bsht,btc->bshc", probs, K)  # (B, S, H, C)
+        for b, (row, g) in enumerate(prefill):
+            out[row:row + g.length] = o[b, :g.length]
 
     def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment]) -> torch.Tensor:
         """One new token for each of B sequences: q_lat (B, H, C), q_pe (B, H, R), their latent kv
