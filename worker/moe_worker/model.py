@@ -267,6 +267,31 @@ class PagedSeq:
     max_len: int
 
 
+@dataclass
+class DecodeRows:
+    """Where the decode tokens of a micro-batch sit in the paged pools, the same for every layer
+    (so the engine computes it once per step): `new` (B,) the row each new token's latent goes to;
+    `keys` (B, longest) the rows of each sequence's keys so far, padded with row 0; `pad` (B,
+    longest) True at the padding (None for one sequence: no padding)."""
+
+    new: torch.Tensor
+    keys: torch.Tensor
+    pad: torch.Tensor | None
+
+    @classmethod
+    def of(cls, slots: list[torch.Tensor], starts: list[int]) -> DecodeRows:
+        """For sequences with rows `slots` (`PagedSeq.slots`) each decoding position starts[b]."""
+        device = slots[0].device
+        new = torch.stack([q[p] for q, p in zip(slots, starts, strict=True)])
+        if len(slots) == 1:
+            return cls(new, slots[0][: starts[0] + 1][None], None)
+        ends = torch.tensor(starts, device=device) + 1
+        keys = torch.nn.utils.rnn.pad_sequence([q[: p + 1] for q, p in zip(slots, starts, strict=True)],
+                                               batch_first=True)
+        pad = torch.arange(keys.shape[1], device=device)[None, :] >= ends[:, None]
+        return cls(new, keys, pad)
+
+
 class PagedView:
     """One sequence's positions in one layer's pools (the LayerCache write/read interface)."""
 
@@ -431,14 +456,15 @@ class MLA(nn.Module):
         return torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
 
     def forward_packed(self, x: torch.Tensor, rope: torch.Tensor, segments: list[Segment],
-                       impl: AttnImpl) -> torch.Tensor:
+                       impl: AttnImpl, decode_rows: DecodeRows | None = None) -> torch.Tensor:
         """Attention for the tokens of many sequences packed together: x (T, D), rope for each
         token's position, `segments` in x's order (each sequence's tokens, its first position, its
         cache) -> (T, D). The projections run once over all T tokens; with the absorbed form every
         single-token (decode) segment attends in one batched call over its latent cache (keys
         padded to the longest, padding masked), and the longer (prefill) segments in another (their
         queries and keys padded, causal masks per segment). Same values as `forward` per sequence,
-        up to the order of sums."""
+        up to the order of sums. `decode_rows`: the decode segments' rows in their (one) paged pool,
+        when the caller computed them for all layers at once."""
         a = self.args
         T = x.shape[0]
         H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
@@ -478,7 +504,7 @@ class MLA(nn.Module):
         if decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
-                                               [g for _, g in decode])
+                                               [g for _, g in decode], decode_rows)
         out = torch.bmm(out.transpose(0, 1), wkv_b[:, N:].transpose(1, 2)).transpose(0, 1)  # (T, H, V)
         return self._out(out.flatten(1)[None])[0]
 
@@ -513,35 +539,34 @@ class MLA(nn.Module):
         for b, (row, g) in enumerate(prefill):
             out[row:row + g.length] = o[b, :g.length]
 
-    def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment]) -> torch.Tensor:
+    def _decode_attention(self, q_lat, q_pe, kv, k_pe, segments: list[Segment],
+                          rows: DecodeRows | None = None) -> torch.Tensor:
         """One new token for each of B sequences: q_lat (B, H, C), q_pe (B, H, R), their latent kv
         (B, C) and rotated key (B, R) -> (B, H, C). Each token's latent goes into its cache; the
         keys of all B are gathered, padded to the longest, into one batched attention."""
         B = len(segments)
-        ends = [g.start + 1 for g in segments]
         views = [g.cache for g in segments]
         paged = all(isinstance(v, PagedView) and v.kv is views[0].kv for v in views)
         if paged:  # one pool: one scatter of the new rows, one gather of every key (padding: row 0, masked)
+            rows = rows or DecodeRows.of([v.slots for v in views], [g.start for g in segments])
             pool_kv, pool_pe = views[0].kv, views[0].pe
-            new_rows = torch.stack([v.slots[g.start] for v, g in zip(views, segments, strict=True)])
-            pool_kv[new_rows] = kv
-            pool_pe[new_rows] = k_pe
+            pool_kv[rows.new] = kv
+            pool_pe[rows.new] = k_pe
+            keys, pes, pad = pool_kv[rows.keys], pool_pe[rows.keys], rows.pad
+            if pad is not None:
+                # The padding reads row 0 of the pool, whatever it holds (a failed sequence's NaN):
+                # zero it, since masked scores still multiply those rows by 0 in the last product.
+                keys = keys.masked_fill(pad[..., None], 0)
+                pes = pes.masked_fill(pad[..., None], 0)
+        elif B == 1:  # attend over the sequence's own keys: nothing to pad
+            g = segments[0]
+            g.cache.write(g.start, kv, k_pe)
+            keys, pes = (t[None] for t in g.cache.read(g.start + 1))
+            pad = None
         else:
             for b, g in enumerate(segments):
                 g.cache.write(g.start, kv[b:b + 1], k_pe[b:b + 1])
-        if B == 1:  # attend over the sequence's own keys: nothing to pad
-            keys, pes = (t[None] for t in views[0].read(ends[0]))
-            pad = None
-        elif paged:
-            rows = torch.nn.utils.rnn.pad_sequence([v.slots[:e] for v, e in zip(views, ends, strict=True)],
-                                                   batch_first=True)  # (B, longest)
-            longest = rows.shape[1]
-            pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
-            # The padding reads row 0 of the pool, whatever it holds (a failed sequence's NaN):
-            # zero it, since masked scores still multiply those rows by 0 in the last product.
-            keys = pool_kv[rows].masked_fill(pad[..., None], 0)
-            pes = pool_pe[rows].masked_fill(pad[..., None], 0)
-        else:
+            ends = [g.start + 1 for g in segments]
             longest = max(ends)
             keys = kv.new_zeros(B, longest, kv.shape[-1])
             pes = k_pe.new_zeros(B, longest, k_pe.shape[-1])

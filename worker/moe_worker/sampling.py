@@ -15,8 +15,7 @@ def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | N
     fewest most likely tokens whose probabilities reach top_p (the most likely one always; ties
     in id order). Non-finite logits fail the sequence."""
     if not bool(torch.isfinite(row).all()):
-        bad = int((~torch.isfinite(row)).sum())
-        raise SequenceError(f"the model produced {bad} non-finite logits (NaN or inf) for this sequence")
+        raise _non_finite(row)
     if temperature <= 0:
         return int(torch.argmax(row))
     scaled = (row.double() - row.max().double()) / temperature
@@ -28,6 +27,19 @@ def sample(row: torch.Tensor, temperature: float, generator: torch.Generator | N
         keep[0] = True
         probs = torch.zeros_like(probs).scatter_(0, order[keep], ordered[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy(rows: torch.Tensor) -> list[int | SequenceError]:
+    """`sample` at temperature 0 for every row of rows (n, vocab) at once: the first maximum of
+    each, or the SequenceError of a row with non-finite logits."""
+    tokens = rows.argmax(dim=-1).tolist()
+    finite = torch.isfinite(rows).all(dim=-1).tolist()
+    return [tok if ok else _non_finite(row) for tok, ok, row in zip(tokens, finite, rows, strict=True)]
+
+
+def _non_finite(row: torch.Tensor) -> SequenceError:
+    bad = int((~torch.isfinite(row)).sum())
+    return SequenceError(f"the model produced {bad} non-finite logits (NaN or inf) for this sequence")
 
 
 _MASK64 = (1 << 64) - 1

@@ -17,8 +17,17 @@ from ..dispatch import DispatchConfig, Dispatcher, interleave
 from ..engine_api import SequenceError
 from ..expertmap import ExpertMap, MapSwitcher, Staged
 from ..fp8 import resolve_impl
-from ..model import KVCache, MoE, PagedLatentCache, PagedSeq, ParallelContext, Segment, Transformer
-from ..sampling import sample, token_seed
+from ..model import (
+    DecodeRows,
+    KVCache,
+    MoE,
+    PagedLatentCache,
+    PagedSeq,
+    ParallelContext,
+    Segment,
+    Transformer,
+)
+from ..sampling import greedy, sample, token_seed
 from .attention_tp import AttentionTP
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
 from .steps import SeqWork, StepPlan, StepReply
@@ -224,12 +233,7 @@ class RankRunner:
         if plan.has_work():
             t0 = time.perf_counter()
             mine = [w for w in plan.work[self.rank] if not (w.new and self._admit(w, failed))]
-            logits = self.forward(mine, plan.micro_batches)
-            for seq, row in logits.items():
-                try:
-                    out[seq] = self._sample(self.seqs[seq], row), float(row.sum())
-                except SequenceError as e:
-                    failed[seq] = str(e)
+            self._sample_all(self.forward(mine, plan.micro_batches), out, failed)
             if self.dispatcher is not None:
                 self.dispatcher.flush_metrics()
             if self.metrics is not None:
@@ -245,6 +249,31 @@ class RankRunner:
             self._drop(seq)
             self.kept_logits.pop(seq, None)
         return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
+
+    def _sample_all(self, logits: dict[int, torch.Tensor], out: dict[int, tuple[int, float]],
+                    failed: dict[int, str]) -> None:
+        """Every sequence's next token and logit sum into `out` (a failure into `failed`): the
+        greedy ones in one argmax over their rows, the others one draw each."""
+        if not logits:
+            return
+        seqs = list(logits)
+        rows = torch.stack([logits[s] for s in seqs])  # (n, vocab)
+        sums = rows.sum(dim=-1).tolist()
+        greedy_at = [i for i, s in enumerate(seqs) if self.seqs[s].temperature <= 0]
+        picks: dict[int, int | SequenceError] = {}
+        if greedy_at:
+            picks = dict(zip(greedy_at, greedy(rows[greedy_at]), strict=True))
+        for i, seq in enumerate(seqs):
+            try:
+                pick = picks[i] if i in picks else self._sample(self.seqs[seq], rows[i])
+                if isinstance(pick, SequenceError):
+                    raise pick
+            except SequenceError as e:
+                failed[seq] = str(e)
+                continue
+            if i in picks:
+                self.seqs[seq].drawn += 1
+            out[seq] = pick, sums[i]
 
     def _sample(self, st: _SeqState, row: torch.Tensor) -> int:
         """The sequence's next token; a draw (temperature > 0) is seeded by (seed, token index)."""
@@ -318,11 +347,13 @@ class RankRunner:
             x = torch.zeros(0, D, dtype=m.dtype, device=dev)
         exchange = self.dispatcher.start if self.dispatcher is not None else None
         tp = self.tp if chunks else None
+        decoding = [c for c, n in zip(chunks, sizes, strict=True) if n == 1 and isinstance(c.cache, PagedSeq)]
+        at = DecodeRows.of([c.cache.slots for c in decoding], [c.start for c in decoding]) if decoding else None
         for i, block in enumerate(m.layers):
             if chunks:
                 segments = [Segment(c.start, n, self.pool.view(c.cache, i) if isinstance(c.cache, PagedSeq)
                                     else c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
-                attn = block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl)
+                attn = block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl, at)
             elif not isinstance(block.ffn, MoE):
                 continue
             if tp is None:
