@@ -1,6 +1,6 @@
 """Decode throughput of the engine a pod serves vs Hugging Face transformers, same model, same device, same run.
 
-    python bench/decode.py [--batches 1,16,64] [--new 32] [--prompt 8] [--threads 1] [--dtype fp32|bf16]
+    python bench/decode.py [--batches 1,16,64] [--new 32] [--prompt 8] [--threads 1] [--dtype fp32|bf16] [--device cpu|cuda]
 
 The model: a random DeepSeek-V3-shaped model (4 layers, 1 dense + 3 MoE, 16 experts, MLA), built
 with transformers' own `DeepseekV3ForCausalLM` and saved in its format (as the HF-parity tests do),
@@ -42,12 +42,13 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def hf_tokens_per_s(path: Path, dtype, batch: int, new: int, length: int) -> tuple[float, list[list[int]]]:
+def hf_tokens_per_s(path: Path, dtype, batch: int, new: int, length: int,
+                    device: str = "cpu") -> tuple[float, list[list[int]]]:
     import torch
     import transformers
 
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor(prompts(batch, length, model.config.vocab_size))
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+    ids = torch.tensor(prompts(batch, length, model.config.vocab_size), device=device)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         model.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
@@ -57,12 +58,14 @@ def hf_tokens_per_s(path: Path, dtype, batch: int, new: int, length: int) -> tup
     return batch * new / wall, out[:, length:].tolist()
 
 
-def ours_tokens_per_s(path: Path, dtype: str, batch: int, new: int, length: int, threads: int) -> tuple[float, list, dict]:
+def ours_tokens_per_s(path: Path, dtype: str, batch: int, new: int, length: int, threads: int,
+                      device: str = "cpu") -> tuple[float, list, dict]:
     from moe_worker.engine import EngineConfig, RankConfig, start_rank
     from moe_worker.engine_api import GenerationRequest
 
     cfg = EngineConfig(model_name="bench", max_context=length + new + 1, max_new_tokens=new, threads=threads,
-                       max_seqs_per_rank=max(batch, 1), dtype=dtype, max_prefill_tokens=max(batch * length, 64))
+                       max_seqs_per_rank=max(batch, 1), dtype=dtype, max_prefill_tokens=max(batch * length, 64),
+                       device=device)
     engine = start_rank(RankConfig(0, 1, str(path), engine=cfg)).engine
     try:
         ps = prompts(batch, length, engine.info.vocab_size)
@@ -85,6 +88,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (hack/gpu-check.sh)")
     a = ap.parse_args()
     import torch
 
@@ -95,14 +99,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         path = build_model(Path(tmp) / "tiny-deepseek-v3")
         for b in batches:
-            hf, hf_out = hf_tokens_per_s(path, tdtype, b, a.new, a.prompt)
-            ours, our_out, stats = ours_tokens_per_s(path, a.dtype, b, a.new, a.prompt, a.threads)
+            hf, hf_out = hf_tokens_per_s(path, tdtype, b, a.new, a.prompt, a.device)
+            ours, our_out, stats = ours_tokens_per_s(path, a.dtype, b, a.new, a.prompt, a.threads, a.device)
             same = sum(x == y for x, y in zip(hf_out, our_out, strict=True)) / b
             rows.append((b, hf, ours, same, stats))
             print(f"batch {b}: transformers {hf:.1f} tok/s, ours {ours:.1f} tok/s ({ours / hf:.2f}x), "
                   f"greedy sequences equal {same:.2f}; engine stats {stats}", file=sys.stderr, flush=True)
     base = next((ours for b, _, ours, _, _ in rows if b == 1), None)
-    print(f"\n{a.dtype}, {a.threads} thread(s), prompt {a.prompt}, {a.new} new tokens per sequence, greedy")
+    print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), prompt {a.prompt}, {a.new} new tokens per sequence, greedy")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ours / HF':>10} {'ours / ours@1':>14} "
           f"{'same tokens':>12}")
     for b, hf, ours, same, _ in rows:

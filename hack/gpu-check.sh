@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one short run (about 5 minutes on an H200): the CUDA tests of
+# The checks that need a CUDA GPU, in one short run (about 9 minutes on an H200): the CUDA tests of
 # the worker (blockwise FP8 torch._scaled_mm, the model and engine ranks on the device), the expert
-# benchmark in TFLOPS (eager and CUDA graphs) and the Triton FP8 GEMM sweep (bench/fp8_gemm.py).
+# benchmark in TFLOPS (eager and CUDA graphs), the Triton FP8 GEMM sweep (bench/fp8_gemm.py) and
+# whole-model decode against transformers (bench/decode.py --device cuda).
 # Uses the machine's own python3 with torch; nothing is installed.
 # Logs go to $OUT (or ./gpu-check-out). Usage: bash hack/gpu-check.sh
 set -uo pipefail
@@ -72,4 +73,8 @@ timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 2>&1 |
 timeout 120 python3 bench/expert.py --tokens 1,16,128,512,4096 --rounds 7 --graphs --impls scaled_mm \
   2>&1 | tee "$out/expert-graphs.log" || rc=1
 timeout 170 python3 bench/fp8_gemm.py --budget-s 110 2>&1 | tee "$out/fp8_gemm.log" || rc=1
+# Whole-model decode on the GPU vs transformers' DeepseekV3ForCausalLM, same weights, same run (issue
+# 19's "3x transformers"); needs transformers importable. Eager: the engine captures no CUDA graphs yet.
+timeout 240 python3 bench/decode.py --device cuda --dtype bf16 --batches 1,16,64 --new 32 2>&1 \
+  | tee "$out/decode.log" || rc=1
 exit $rc
