@@ -10,8 +10,10 @@ so both sides load the same weights (bf16 on disk, computed in `--dtype`).
 - ours: the engine `moe-worker serve` runs (`GroupEngine`, one rank), B requests submitted at once
   (continuous batching: one step decodes every running sequence), each greedy for `--new` tokens.
 
-tokens/s = B x new / wall time (prefill of the short prompts included on both sides); ratios
-ours / transformers per batch size, and ours at batch B / ours at batch 1. The engine's step-time
+tokens/s = B x new / wall time (prefill of the short prompts included on both sides). Each side is
+loaded once per batch size, then timed `--rounds` times in turns (HF, ours, HF, ours, ...), since
+the speed of a shared machine drifts by 2x over minutes; the table gives medians, the median of the
+per-round ratios ours / transformers and their range, and ours at batch B / ours at batch 1. The engine's step-time
 breakdown (prefill vs decode step means) comes from its forward stats. On 2 cores the engine's
 own thread and the step loop share the CPU with torch's: threads are pinned to `--threads`.
 """
@@ -42,43 +44,55 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def hf_tokens_per_s(path: Path, dtype, batch: int, new: int, length: int,
-                    device: str = "cpu") -> tuple[float, list[list[int]]]:
-    import torch
-    import transformers
+class HF:
+    """transformers' model, loaded once; `run()` times one batched greedy `generate`."""
 
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
-    ids = torch.tensor(prompts(batch, length, model.config.vocab_size), device=device)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    def __init__(self, path: Path, dtype, batch: int, new: int, length: int, device: str):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+        self.ids = torch.tensor(prompts(batch, length, self.model.config.vocab_size), device=device)
+        self.batch, self.new, self.length = batch, new, length
+        with torch.no_grad():
+            self.model.generate(self.ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+
+    def run(self) -> tuple[float, list[list[int]]]:
+        kw = dict(max_new_tokens=self.new, min_new_tokens=self.new, do_sample=False, use_cache=True, pad_token_id=0)
+        with self.torch.no_grad():
+            t = time.perf_counter()
+            out = self.model.generate(self.ids, attention_mask=self.torch.ones_like(self.ids), **kw)
+            wall = time.perf_counter() - t
+        return self.batch * self.new / wall, out[:, self.length:].tolist()
+
+
+class Ours:
+    """The engine a rank pod serves (one rank), started once; `run()` times B requests at once."""
+
+    def __init__(self, path: Path, dtype: str, batch: int, new: int, length: int, threads: int, device: str):
+        from moe_worker.engine import EngineConfig, RankConfig, start_rank
+        from moe_worker.engine_api import GenerationRequest
+
+        cfg = EngineConfig(model_name="bench", max_context=length + new + 1, max_new_tokens=new, threads=threads,
+                           max_seqs_per_rank=max(batch, 1), dtype=dtype, max_prefill_tokens=max(batch * length, 64),
+                           device=device)
+        self.engine = start_rank(RankConfig(0, 1, str(path), engine=cfg)).engine
+        ps = prompts(batch, length, self.engine.info.vocab_size)
+        self.reqs = [GenerationRequest(f"r{i}", tuple(p), new) for i, p in enumerate(ps)]
+        self.engine.run([GenerationRequest("warm", tuple(ps[0]), 2)])
+
+    def run(self) -> tuple[float, list[list[int]], dict]:
+        before = dict(self.engine.stats)
         t = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        results = self.engine.run(self.reqs, timeout=3600)
         wall = time.perf_counter() - t
-    return batch * new / wall, out[:, length:].tolist()
-
-
-def ours_tokens_per_s(path: Path, dtype: str, batch: int, new: int, length: int, threads: int,
-                      device: str = "cpu") -> tuple[float, list, dict]:
-    from moe_worker.engine import EngineConfig, RankConfig, start_rank
-    from moe_worker.engine_api import GenerationRequest
-
-    cfg = EngineConfig(model_name="bench", max_context=length + new + 1, max_new_tokens=new, threads=threads,
-                       max_seqs_per_rank=max(batch, 1), dtype=dtype, max_prefill_tokens=max(batch * length, 64),
-                       device=device)
-    engine = start_rank(RankConfig(0, 1, str(path), engine=cfg)).engine
-    try:
-        ps = prompts(batch, length, engine.info.vocab_size)
-        engine.run([GenerationRequest("warm", tuple(ps[0]), 2)])
-        before = dict(engine.stats)
-        t = time.perf_counter()
-        results = engine.run([GenerationRequest(f"r{i}", tuple(p), new) for i, p in enumerate(ps)], timeout=3600)
-        wall = time.perf_counter() - t
-        after = dict(engine.stats)
+        after = self.engine.stats
         stats = {"steps": after["steps"] - before["steps"], "rows": after["rows"] - before["rows"]}
         return sum(len(r.output_ids) for r in results) / wall, [r.output_ids for r in results], stats
-    finally:
-        engine.shutdown()
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
 def main() -> int:
@@ -89,7 +103,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (hack/gpu-check.sh)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed runs of each side, taken in turns")
     a = ap.parse_args()
+    import statistics
+
     import torch
 
     torch.set_num_threads(a.threads)
@@ -99,19 +116,33 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         path = build_model(Path(tmp) / "tiny-deepseek-v3")
         for b in batches:
-            hf, hf_out = hf_tokens_per_s(path, tdtype, b, a.new, a.prompt, a.device)
-            ours, our_out, stats = ours_tokens_per_s(path, a.dtype, b, a.new, a.prompt, a.threads, a.device)
+            hf, ours = HF(path, tdtype, b, a.new, a.prompt, a.device), Ours(path, a.dtype, b, a.new, a.prompt,
+                                                                             a.threads, a.device)
+            try:
+                runs = []
+                for _ in range(a.rounds):  # in turns, so drifts of a shared machine's speed hit both sides
+                    h, hf_out = hf.run()
+                    o, our_out, stats = ours.run()
+                    runs.append((h, o))
+            finally:
+                ours.close()
+            hf_tps = statistics.median(h for h, _ in runs)
+            our_tps = statistics.median(o for _, o in runs)
+            ratio = statistics.median(o / h for h, o in runs)
             same = sum(x == y for x, y in zip(hf_out, our_out, strict=True)) / b
-            rows.append((b, hf, ours, same, stats))
-            print(f"batch {b}: transformers {hf:.1f} tok/s, ours {ours:.1f} tok/s ({ours / hf:.2f}x), "
-                  f"greedy sequences equal {same:.2f}; engine stats {stats}", file=sys.stderr, flush=True)
-    base = next((ours for b, _, ours, _, _ in rows if b == 1), None)
-    print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), prompt {a.prompt}, {a.new} new tokens per sequence, greedy")
-    print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ours / HF':>10} {'ours / ours@1':>14} "
-          f"{'same tokens':>12}")
-    for b, hf, ours, same, _ in rows:
-        scale = f"{ours / base:.2f}" if base else "-"
-        print(f"{b:>5} {hf:>19.1f} {ours:>11.1f} {ours / hf:>10.2f} {scale:>14} {same:>12.2f}")
+            rows.append((b, hf_tps, our_tps, ratio, same, [o / h for h, o in runs]))
+            print(f"batch {b}: transformers {hf_tps:.1f} tok/s, ours {our_tps:.1f} tok/s (median ratio {ratio:.2f}x "
+                  f"of {a.rounds} runs in turns: {' '.join(f'{o / h:.2f}' for h, o in runs)}), greedy sequences "
+                  f"equal {same:.2f}; engine stats {stats}", file=sys.stderr, flush=True)
+    base = next((ours for b, _, ours, _, _, _ in rows if b == 1), None)
+    print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), prompt {a.prompt}, {a.new} new tokens per sequence, greedy, "
+          f"medians of {a.rounds} runs per side in turns")
+    print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ours / HF':>10} {'range':>11} "
+          f"{'ours / ours@1':>14} {'same tokens':>12}")
+    for b, hf_tps, our_tps, ratio, same, each in rows:
+        scale = f"{our_tps / base:.2f}" if base else "-"
+        spread = f"{min(each):.2f}-{max(each):.2f}"
+        print(f"{b:>5} {hf_tps:>19.1f} {our_tps:>11.1f} {ratio:>10.2f} {spread:>11} {scale:>14} {same:>12.2f}")
     return 0
 
 
