@@ -79,9 +79,9 @@ def fp8_ref(fp8_ckpt):
     return Reference(fp8_ckpt)
 
 
-def run_tp(ckpt, world: int, tp: int, tmp_path, phases, **job_kw):
+def run_tp(ckpt, world: int, tp: int, tmp_path, phases, engine: EngineConfig = ENGINE, **job_kw):
     plan = write_plan_files(tmp_path / "plan", plan_doc(world, replicas=False, shift=0), 1)
-    return run_local(ckpt, world, Job(phases, **job_kw), engine=replace(ENGINE, attention_tp=tp), expert_map=plan,
+    return run_local(ckpt, world, Job(phases, **job_kw), engine=replace(engine, attention_tp=tp), expert_map=plan,
                      timeout_s=300)
 
 
@@ -151,11 +151,24 @@ def test_fp8_row_and_column_shards_use_the_checkpoints_own_blocks():
         Linear(384, 300, fp8=True, shard=(1, 64, 128))
 
 
-def test_the_loader_reads_only_the_shard(bf16_ckpt, fp8_ckpt):
+def test_the_loader_reads_only_the_shard(bf16_ckpt, fp8_ckpt, monkeypatch):
+    parts = {}
+    read = Checkpoint.read
+
+    def spy(self, name, shape=None, dtypes=None, part=None):
+        parts[name] = part
+        return read(self, name, shape, dtypes, part)
+
     for path in (bf16_ckpt, fp8_ckpt):
         ckpt = Checkpoint(path)
         whole = ckpt.build(dtype=torch.float32)
+        monkeypatch.setattr(Checkpoint, "read", spy)
         half = ckpt.build(dtype=torch.float32, attention_tp=(1, 2))
+        monkeypatch.undo()
+        # Only the rank's part is read from the file (FP8: whole 128-row blocks of it).
+        o_proj = parts["model.layers.1.self_attn.o_proj.weight"]
+        assert o_proj[0] == 1 and o_proj[2] - o_proj[1] < whole.layers[1].attn.wo.in_features
+        assert parts["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] is None
         a, b = whole.layers[1].attn, half.layers[1].attn
         H, V = whole.args.num_attention_heads, whole.args.v_head_dim
         assert torch.equal(b.wo.dequantized_weight(), a.wo.dequantized_weight()[:, H // 2 * V:])
@@ -246,6 +259,55 @@ def test_the_others_join_a_new_rank_0_with_attention_tp(fp8_ckpt, fp8_ref, tmp_p
     write_plan_files(plan_dir, plan_doc(4, replicas=False, shift=0), 1)
     out = spawn_ranks(4, _front_rank, (str(fp8_ckpt), str(plan_dir), replace(ENGINE, attention_tp=2)), timeout_s=300)
     assert out["outputs"] == [fp8_ref.gen[p][0] for p in PROMPTS]
+
+
+def test_chunked_prefill_with_attention_tp(fp8_ckpt, fp8_ref, tmp_path):
+    # Prompts prefilled over several 4-token steps, decode beside them, overlapped micro-batches.
+    res = run_tp(fp8_ckpt, 4, 2, tmp_path, standard_phases(4)[:2], engine=replace(ENGINE, max_step_tokens=4))
+    for ph in res.phases:
+        fp8_ref.check(ph, "4 ranks TP2, 4 tokens per step")
+
+
+def _one_rank_cannot_admit(rank: int, world: int, port: int, ckpt: str, plan: str) -> dict | None:
+    """TP group 0..1; rank 1 fails to set up sequence 0 (as if out of memory), rank 0 does not."""
+    from moe_worker.engine import start_rank
+
+    rc = RankConfig(rank=rank, world_size=world, checkpoint=ckpt, master_port=port, expert_map=plan,
+                    engine=replace(ENGINE, attention_tp=2))
+    r = start_rank(rc)
+    if rank == 1:
+        admit = r.runner._admit
+
+        def failing(w, failed):
+            if w.seq == 0:
+                failed[w.seq] = "rank 1: injected: no memory for its KV cache"
+                return True
+            return admit(w, failed)
+
+        r.runner._admit = failing
+        r.run()
+        return None
+    eng = r.engine
+    try:
+        out = []
+        for t in [eng.submit(q) for q in requests("x")[:2]]:
+            try:
+                out.append(eng._wait(t, 120).output_ids)
+            except Exception as e:  # noqa: BLE001 - the failed request's error is the result
+                out.append(str(e))
+        return {"out": out, "recoveries": list(eng.recoveries)}
+    finally:
+        eng.shutdown()
+
+
+def test_a_sequence_one_rank_of_a_tp_group_cannot_set_up_fails_alone(fp8_ckpt, fp8_ref, tmp_path):
+    # The group agrees which new sequences to drop, so its ranks run the same tokens: the
+    # sequence fails, the other is answered, and the group never breaks.
+    plan = write_plan_files(tmp_path / "plan", plan_doc(2, replicas=False, shift=0), 1)
+    res = spawn_ranks(2, _one_rank_cannot_admit, (str(fp8_ckpt), str(plan)), timeout_s=300)
+    failed, answered = res["out"]
+    assert "attention TP group could not set the sequence up" in failed or "injected" in failed, failed
+    assert answered == fp8_ref.gen[PROMPTS[1]][0] and res["recoveries"] == []
 
 
 def test_generate_cli_with_attention_tp_equals_one_rank(fp8_ckpt):

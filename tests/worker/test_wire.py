@@ -23,7 +23,7 @@ from moe_worker.engine.steps import (
 )
 
 PLAN = StepPlan(step=7, work=[[SeqWork(3, [1, 2, 3], 0, new=True, max_len=9, temperature=0.7, seed=42)],
-                              [SeqWork(4, [5], 12)]],
+                              [SeqWork(4, [5], 12), SeqWork(6, [7, 8], 4, sample=False)]],
                 release=[[1, 2], []], micro_batches=2, switch_to=5)
 REPLY = StepReply(rank=1, tokens={4: (17, -3.25)}, staged=(5, "abc123"), generation=4, errors=["map error"],
                   failed={9: "no memory for a KV cache"})
@@ -69,6 +69,7 @@ def _plan_doc() -> dict:
     (lambda d: d["work"][0][0].__setitem__(3, 1), "new \\(bool\\)"),
     (lambda d: d["work"][0][0].__setitem__(1, [1, True]), "got \\[3, \\[1, True\\]"),
     (lambda d: d["work"][0][0].__setitem__(6, "42"), "seed \\(integer or null\\)"),
+    (lambda d: d["work"][0][0].__setitem__(10, 0), "sample \\(bool\\)"),
     (lambda d: d.update(release=[["x"], []]), "release\\[0\\]: expected an integer"),
     (lambda d: d.update(stop="no"), "stop: expected a boolean"),
 ])

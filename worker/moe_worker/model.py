@@ -91,7 +91,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one op, bitwise the same in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one call; on CPU bitwise the same
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -168,8 +168,8 @@ class MLP(nn.Module):
         return both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            w, s = self.w13
+        if self.w13 is not None and self.w1.weight.data_ptr() == self.w13[0].data_ptr():
+            w, s = self.w13  # (w1 re-pointed elsewhere, by .to() or an assignment: the two GEMMs below)
             gate, up = _fp32(linear(x, w, s, impl=self.w1.impl, scale_fmt=self.w1.scale_fmt)).chunk(2, dim=-1)
         else:
             gate, up = _fp32(self.w1(x)), _fp32(self.w3(x))
@@ -493,14 +493,19 @@ class MLA(nn.Module):
         prefill = [(offsets[i], g) for i, g in enumerate(segments) if g.length > 1]
         for o, g in prefill:
             g.cache.write(g.start, kv[0, o:o + g.length], k_pe[0, o:o + g.length])
-        if len(prefill) == 1:  # one prompt: nothing to pad
-            (o, g), = prefill
-            keys, pes = g.cache.read(g.start + g.length)
-            sl = slice(o, o + g.length)
-            out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
-                                             causal_mask(g.start, g.length, x.device), None)[0]
-        elif prefill:
+        # One batched call unless padding would more than double the scores (a long chunk deep
+        # into its prompt beside short ones): then one call per chunk, as a varlen kernel would.
+        real = sum(g.length * (g.start + g.length) for _, g in prefill)
+        padded = len(prefill) * max((g.length for _, g in prefill), default=0) * max(
+            (g.start + g.length for _, g in prefill), default=0)
+        if len(prefill) > 1 and padded <= 2 * real:
             self._prefill_attention(q_lat[0], q_pe[0], prefill, out)
+        else:
+            for o, g in prefill:
+                keys, pes = g.cache.read(g.start + g.length)
+                sl = slice(o, o + g.length)
+                out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
+                                                 causal_mask(g.start, g.length, x.device), None)[0]
         if decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
@@ -933,7 +938,7 @@ class Transformer(nn.Module):
         if cache is not None and B > cache.batch:
             raise ValueError(f"batch {B} exceeds the cache's {cache.batch}")
         positions = torch.arange(start_pos, start_pos + S, device=tokens.device)
-        rope = self.rotary(positions)  # cos, sin (S, R/2)
+        rope = self.rotary(positions)  # (S, R/2) complex rotation
         mask = causal_mask(start_pos, S, tokens.device)  # (S, T) or None
         h = self.embed(tokens)  # (B, S, D)
         for i, block in enumerate(self.layers):

@@ -9,15 +9,19 @@ group, following a new rank 0).
 
 One process per rank (one GPU each in production). Rank 0 owns the scheduler. Every step:
 
-1. Rank 0 builds a `StepPlan`: which sequences each rank runs (data-parallel attention), with
-   their new tokens and positions (whole prompts for new requests, one token for running ones),
-   sequences to free, whether to split into two micro-batches, and an agreed expert-map switch.
+1. Rank 0 builds a `StepPlan`: which sequences each rank runs (data-parallel attention; with
+   attention TP the same ones on every rank of a TP group), with their new tokens and positions
+   (one token for running ones, then prompt chunks within `max_step_tokens` per rank), sequences
+   to free, whether to split into two micro-batches, and an agreed expert-map switch.
    It is broadcast to all ranks as a small JSON frame with a fixed schema (`steps`; never pickled).
-2. Every rank takes the switch first (if any), then runs its share: attention per sequence on its
-   own KV caches, and for each MoE layer the dispatch -> experts -> combine exchange. Every rank
-   joins every exchange, with zero tokens if it has none, so collectives always match.
-3. Each rank samples the next token of its sequences and sends (token, logits row sum), plus the
-   expert-map generation it has staged, to rank 0 (a gathered JSON frame). Rank 0 updates requests.
+2. Every rank takes the switch first (if any), then runs its share: batched attention over its
+   paged latent cache (with attention TP its heads, then a reduce-scatter and an all-gather in
+   its TP group: `attention_tp`), and for each MoE layer the dispatch -> experts -> combine
+   exchange. Every rank joins every exchange, with zero tokens if it has none, so collectives
+   always match.
+3. Each rank (with TP: each TP group's first rank) samples the next token of its sequences whose
+   tokens ended this step and sends (token, logits row sum), plus the expert-map generation it
+   has staged, to rank 0 (a gathered JSON frame). Rank 0 updates requests.
 
 While idle, rank 0 sends an empty plan every `idle_heartbeat_s`, so a lost rank is noticed and
 map switches happen even without traffic; an empty step runs no forward on any rank.
@@ -33,8 +37,8 @@ survivor releases its process group and checks in; rank 0 counts as lost every m
 not checked in and is silent, and publishes the decision. Every survivor then serves the degraded
 map (`expertmap.degrade`: the lost ranks' sole expert copies read from the checkpoint by one
 survivor each), re-forms the process group without the lost ranks on a fresh store prefix (if a
-member dies meanwhile, forming fails and rank 0 decides again), and goes on; no process restarts
-and no KV cache is dropped. Rank 0 queues the lost ranks' sequences for recomputation on
+member dies meanwhile, forming fails and rank 0 decides again), and goes on; no process restarts,
+and no KV cache is dropped but those of a TP group that lost a rank (its sequences move too). Rank 0 queues the lost ranks' sequences for recomputation on
 survivors (a prefill of prompt + tokens generated so far; draws are seeded by (seed, token
 index), so the answer is the one the client would have got) and sends the broken step's work
 again. A replacement rank (the operator replaces the failed pod) joins like a rank added by a

@@ -34,7 +34,9 @@ from ..model import ParallelContext
 class AttentionTP:
     """Reduce-scatter and all-gather over this rank's TP group, on token rows."""
 
-    def __init__(self, ctx: ParallelContext, wait_work: Callable[[Any], None] | None = None):
+    def __init__(self, ctx: ParallelContext, wait_work: Callable[[Any], None] | None = None,
+                 device: torch.device | None = None):
+        self.device = device
         self.size = ctx.tp
         self.rank = ctx.tp_rank
         self.group = ctx.tp_group
@@ -75,6 +77,15 @@ class AttentionTP:
         self._wait(dist.all_gather_into_tensor(buf, F.pad(mine, (0, 0, 0, c - mine.shape[0])).contiguous(),
                                                group=self.group, async_op=True))
         return buf[:tokens]
+
+    def any_failed(self, failed: list[bool]) -> list[bool]:
+        """Per new sequence of the step (the same list on every rank of the group): whether any
+        rank of the group failed to set it up. The group must drop the same ones, or its
+        collectives would get different token counts."""
+        self._check()
+        flags = torch.tensor([int(f) for f in failed], dtype=torch.int32, device=self.device)
+        self._wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return [bool(f) for f in flags.tolist()]
 
     def _check(self) -> None:
         if self.group is None:

@@ -50,7 +50,8 @@ class EngineConfig:
     max_step_tokens: int = 2048
     """Tokens one rank runs in a step: its sequences' decode tokens first, then chunks of the
     prompts it is prefilling (chunked prefill), so a long prompt delays the others' next tokens by
-    at most one such step."""
+    at most one such step. (A prompt-logits request runs whole, and a broken step's work is sent
+    again as it was.)"""
     kv_cache_tokens: int = 0
     """KV cache positions one rank may hold over all its sequences (each sequence takes prompt +
     max_tokens); a request waits while its rank has no room. 0: max_seqs_per_rank x max_context.

@@ -118,7 +118,7 @@ class RankRunner:
         self.ctx = ctx
         self.model.ctx = ctx
         self.wait_work = wait_work or self.wait_work
-        self.tp = AttentionTP(ctx, self.wait_work) if ctx.tp > 1 else None
+        self.tp = AttentionTP(ctx, self.wait_work, self.device) if ctx.tp > 1 else None
         if self.dispatcher is not None:
             self.dispatcher.ctx = ctx
             self.dispatcher.group = ctx.group
@@ -129,7 +129,7 @@ class RankRunner:
         """Serve in a process group of a different size from now on (after a resize switch)."""
         self.ctx = ctx
         self.model.ctx = ctx
-        self.tp = AttentionTP(ctx, self.wait_work) if ctx.tp > 1 else None
+        self.tp = AttentionTP(ctx, self.wait_work, self.device) if ctx.tp > 1 else None
         self.dispatcher = None
         if ctx.world_size > 1:
             self.dispatcher = Dispatcher(ctx, self.emap, device=self.device,
@@ -233,6 +233,8 @@ class RankRunner:
         if plan.has_work():
             t0 = time.perf_counter()
             mine = [w for w in plan.work[self.rank] if not (w.new and self._admit(w, failed))]
+            if self.tp is not None and any(w.new for w in plan.work[self.rank]):  # (same list on the whole group)
+                mine = self._agree_admissions(plan.work[self.rank], mine, failed)
             self._sample_all(self.forward(mine, plan.micro_batches), out, failed)
             if self.dispatcher is not None:
                 self.dispatcher.flush_metrics()
@@ -249,6 +251,16 @@ class RankRunner:
             self._drop(seq)
             self.kept_logits.pop(seq, None)
         return StepReply(self.rank, out, self.switcher.staged_key(), self.emap.generation, errors, failed)
+
+    def _agree_admissions(self, work: list[SeqWork], mine: list[SeqWork], failed: dict[int, str]) -> list[SeqWork]:
+        """Attention TP: a new sequence that another rank of the TP group could not set up is
+        dropped here too (the group's ranks must run the same tokens)."""
+        news = [w.seq for w in work if w.new]
+        for seq, bad in zip(news, self.tp.any_failed([s in failed for s in news]), strict=True):
+            if bad and seq not in failed:
+                self._drop(seq)
+                failed[seq] = f"another rank of rank {self.rank}'s attention TP group could not set the sequence up"
+        return [w for w in mine if w.seq not in failed]
 
     def _sample_all(self, logits: dict[int, torch.Tensor], out: dict[int, tuple[int, float]],
                     failed: dict[int, str]) -> None:
@@ -314,7 +326,8 @@ class RankRunner:
             self.pool.release(st.cache)
 
     def forward(self, work: list[SeqWork], micro_batches: int) -> dict[int, torch.Tensor]:
-        """Run this rank's share -> seq -> last-position logits (vocab,) fp32."""
+        """Run this rank's share -> seq -> last-position logits (vocab,) fp32 of the sequences that
+        draw a token this step (none on TP ranks other than the group's first)."""
         chunks = [
             _Chunk(w.seq, list(w.tokens), w.start, self.seqs[w.seq].cache, w.sample, self.seqs[w.seq].want_logits)
             for w in work

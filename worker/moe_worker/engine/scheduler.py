@@ -162,8 +162,13 @@ class Scheduler:
                 if admitted and n > budget:
                     break
                 kv = len(t.req.prompt_ids) + t.req.max_tokens
+                if t.want_logits and not self._serves(0):  # would wait until the group is whole: say so now
+                    self.waiting.popleft()
+                    t.fail(SequenceError("prompt logits are computed on rank 0, whose attention TP group lost a "
+                                         "rank; retry once the group is whole"))
+                    continue
                 if t.want_logits:  # prompt logits: the whole prompt in one step, on rank 0
-                    rank = 0 if self._has_room(0, kv) and self._serves(0) else None
+                    rank = 0 if self._has_room(0, kv) else None
                 else:
                     free = [r for r in range(0, self.world, self.tp)
                             if self._has_room(r, kv) and room[r] > 0 and r not in self.draining and self._serves(r)]
