@@ -1,6 +1,6 @@
 """Faults under steady load: what an EP16 group survives, and what each fault costs (issue 16).
 
-    python bench/faults.py [--only rank-kill,front-kill] [--clients 3]
+    python bench/faults.py [--only rank-kill,front-kill] [--clients 3] [--manifest manifests/tiny-ep16-tp2.yaml]
 
 A local control plane of its own (the bench cluster), four runner nodes of 8 GPUs: the tiny EP16
 model's 16 rank processes on two of them, two spare, and the deployment's two routers. Two
@@ -61,7 +61,8 @@ FAULTS = ["rank-kill", "rank-stop", "front-kill", "router-kill", "node-delete", 
 
 
 class Bench:
-    def __init__(self, clients: int):
+    def __init__(self, clients: int, manifest: Path = REPO / "manifests" / "tiny-ep16.yaml"):
+        self.manifest = manifest
         os.environ.setdefault("MOE_CLUSTER_DIR", str(devcluster.cache_dir() / "bench-cluster"))
         self.c = devcluster.up(quiet=True)
         self.kc = str(self.c.kubeconfig)
@@ -82,7 +83,7 @@ class Bench:
 
     def setup(self) -> None:
         self.sh("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
-        obj = yaml.safe_load((REPO / "manifests" / "tiny-ep16.yaml").read_text())
+        obj = yaml.safe_load(self.manifest.read_text())
         (self.work / "config.json").write_text(json.dumps(api.parse_deployment(obj).spec.model.architecture.hf_config()))
         self.ckpt = self.work / "ckpt"
         subprocess.run([sys.executable, "-m", "moe_worker.cli", "make-checkpoint", "--config",
@@ -256,11 +257,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(FAULTS), help=f"comma-separated faults, from {FAULTS}")
     ap.add_argument("--clients", type=int, default=3)
+    ap.add_argument("--manifest", type=Path, default=REPO / "manifests" / "tiny-ep16.yaml",
+                    help="a variant of the tiny EP16 model, e.g. manifests/tiny-ep16-tp2.yaml (attention TP2)")
     a = ap.parse_args()
     faults = [f for f in a.only.split(",") if f]
     if bad := [f for f in faults if f not in FAULTS]:
         raise SystemExit(f"unknown faults {bad}; known: {FAULTS}")
-    b = Bench(a.clients)
+    b = Bench(a.clients, a.manifest)
     try:
         b.setup()
         rows = b.run(faults)
