@@ -385,17 +385,8 @@ class MLA(nn.Module):
         impl: AttnImpl,
     ) -> torch.Tensor:
         """x (B, S, D) at positions start_pos.. -> (B, S, D). mask (S, T) additive, T = start_pos + S."""
-        a = self.args
-        B, S, _ = x.shape
-        H, N, R = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
-        end = start_pos + S
-        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, S, H, N + R)
-        q_nope, q_pe = q.split([N, R], dim=-1)  # (B, S, H, N), (B, S, H, R)
-        q_pe = apply_rope(q_pe, rope)
-        kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, R], dim=-1)  # (B, S, C), (B, S, R)
-        k_pe = apply_rope(k_pe, rope)
-        kv = self.kv_norm(kv)
+        end = start_pos + x.shape[1]
+        q_nope, q_pe, kv, k_pe = self._project(x, rope)
         if cache is not None and end > cache.length:
             raise ValueError(f"KV cache holds {cache.length} positions, step needs {end}")
         if impl == "naive":
@@ -405,6 +396,17 @@ class MLA(nn.Module):
         else:
             raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
         return self._out(out.flatten(2))  # (B, S, H * V) -> (B, S, D)
+
+    def _project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, S, D) -> the queries q_nope (B, S, H, N) and q_pe (B, S, H, R) rotated, and the
+        tokens' normalised latent kv (B, S, C) and rotated key k_pe (B, S, R)."""
+        a = self.args
+        B, S, _ = x.shape
+        H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, S, H, N + R).split([N, R], dim=-1)
+        kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)
+        return q_nope, apply_rope(q_pe, rope), self.kv_norm(kv), apply_rope(k_pe, rope)
 
     def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
         """Reference path: expand the latent to per-head K and V, attend over full K/V."""
@@ -465,16 +467,9 @@ class MLA(nn.Module):
         queries and keys padded, causal masks per segment). Same values as `forward` per sequence,
         up to the order of sums. `decode_rows`: the decode segments' rows in their (one) paged pool,
         when the caller computed them for all layers at once."""
-        a = self.args
         T = x.shape[0]
-        H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
-        xb = x[None]  # (1, T, D)
-        q = self.wq(xb) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(xb)))
-        q_nope, q_pe = q.view(1, T, H, N + R).split([N, R], dim=-1)
-        q_pe = apply_rope(q_pe, rope)
-        kv, k_pe = self.wkv_a(xb).split([C, R], dim=-1)
-        k_pe = apply_rope(k_pe, rope)
-        kv = self.kv_norm(kv)
+        H, N, C = self.n_heads, self.args.qk_nope_head_dim, self.args.kv_lora_rank
+        q_nope, q_pe, kv, k_pe = self._project(x[None], rope)  # (1, T, ...)
         offsets = [0]
         for seg in segments:
             if seg.start + seg.length > seg.cache.length:
@@ -529,18 +524,15 @@ class MLA(nn.Module):
         K, P = pad(list(keys), batch_first=True), pad(list(pes), batch_first=True)  # (B, Tk, C), (B, Tk, R)
         Q = pad([q_lat[o:o + g.length] for o, g in prefill], batch_first=True)  # (B, S, H, C)
         Qp = pad([q_pe[o:o + g.length] for o, g in prefill], batch_first=True)  # (B, S, H, R)
-        B, S, H, C = Q.shape
-        Tk = K.shape[1]
+        S, Tk = Q.shape[1], K.shape[1]
         starts = torch.tensor([g.start for _, g in prefill], device=dev)
         lengths = torch.tensor([g.length for _, g in prefill], device=dev)
         # query s of segment b sees keys t <= start + s; padded queries see key 0 only (no NaN), dropped after
         s_idx, t_idx = torch.arange(S, device=dev), torch.arange(Tk, device=dev)
         visible = t_idx[None, None, :] <= (starts[:, None] + s_idx[None, :])[..., None]  # (B, S, Tk)
         visible &= (s_idx[None, :] < lengths[:, None])[..., None] | (t_idx == 0)[None, None, :]
-        scores = (torch.einsum("bshc,btc->bsht", Q, K) + torch.einsum("bshr,btr->bsht", Qp, P)) * self.softmax_scale
-        scores = _fp32(scores).masked_fill(~visible[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(Q.dtype)
-        o = torch.einsum("bsht,btc->bshc", probs, K)  # (B, S, H, C)
+        mask = torch.zeros(visible.shape, device=dev).masked_fill_(~visible, float("-inf"))
+        o = self._latent_attention(Q, Qp, K, P, 0, mask, None)  # (B, S, H, C)
         for b, (row, g) in enumerate(prefill):
             out[row:row + g.length] = o[b, :g.length]
 
@@ -598,10 +590,11 @@ class Segment:
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """scores (B, S, H, T) + mask (S, T) -> probabilities in fp32, cast to the scores' dtype."""
+    """scores (B, S, H, T) + mask (S, T), or one per sequence (B, S, T) -> probabilities in fp32,
+    cast to the scores' dtype."""
     dtype = scores.dtype
     if mask is not None:
-        scores = scores + mask[None, :, None, :]  # fp32 mask: promotes, the softmax is fp32 anyway
+        scores = scores + mask.unsqueeze(-2)  # fp32 mask: promotes, the softmax is fp32 anyway
     return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
 
@@ -716,10 +709,7 @@ def run_local_experts(
         for k, eid in sorted(enumerate(topk_ids[0].tolist()), key=lambda p: p[1]):
             if skip is not None and eid == skip:
                 continue
-            expert = experts.get(eid)
-            if expert is None:
-                raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
-            y += _fp32(expert(x)) * topk_weights[:, k:k + 1]
+            y += _fp32(_expert(experts, eid, layer_id)(x)) * topk_weights[:, k:k + 1]
         return y.to(x.dtype)
     flat = topk_ids.reshape(-1)  # (T * K,)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one
@@ -730,13 +720,17 @@ def run_local_experts(
         start += n
         if skip is not None and eid == skip:
             continue
-        expert = experts.get(eid)
-        if expert is None:
-            raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
         tok = slots // K  # (n,) token of each slot
-        out = _fp32(expert(x[tok])) * topk_weights.reshape(-1)[slots, None]  # (n, D)
+        out = _fp32(_expert(experts, eid, layer_id)(x[tok])) * topk_weights.reshape(-1)[slots, None]  # (n, D)
         y.index_add_(0, tok, out)
     return y.to(x.dtype)
+
+
+def _expert(experts: Mapping[int, MLP], eid: int, layer_id: int) -> MLP:
+    expert = experts.get(eid)
+    if expert is None:
+        raise KeyError(f"layer {layer_id}: tokens routed to expert {eid}, which this rank does not hold")
+    return expert
 
 
 class MoE(nn.Module):
