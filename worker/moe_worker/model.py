@@ -66,9 +66,19 @@ class ParallelContext:
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
+    @property
+    def tp_ranks(self) -> range:
+        return tp_group(self.rank, self.tp)
+
     def live(self) -> tuple[int, ...]:
         """The ranks in the process group, ascending."""
         return self.members if self.members is not None else tuple(range(self.world_size))
+
+
+def tp_group(rank: int, tp: int) -> range:
+    """The ranks of `rank`'s attention TP group: the block of `tp` consecutive ranks it is in."""
+    first = rank - rank % tp
+    return range(first, first + tp)
 
 
 def all_experts(args: ModelArgs) -> dict[int, range]:

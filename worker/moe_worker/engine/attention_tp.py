@@ -45,15 +45,19 @@ class AttentionTP:
         """How to wait for a collective (in slices, watching for a broken group); None: plainly."""
 
     def rows(self, tokens: int) -> slice:
-        """This rank's token rows of `tokens`: chunks of ceil(tokens / tp), the last ones short or empty."""
-        c = -(-tokens // self.size)
+        """This rank's token rows of `tokens`: chunks of `chunk(tokens)`, the last ones short or empty."""
+        c = self.chunk(tokens)
         return slice(min(self.rank * c, tokens), min((self.rank + 1) * c, tokens))
+
+    def chunk(self, tokens: int) -> int:
+        """Rows per rank of `tokens` rows: ceil(tokens / tp) (the collectives pad to tp of them)."""
+        return -(-tokens // self.size)
 
     def reduce_scatter(self, part: torch.Tensor) -> torch.Tensor:
         """part (T, D), this rank's partial sum -> the group's sum at this rank's `rows(T)`."""
         self._check()
         T, D = part.shape
-        c = -(-T // self.size)
+        c = self.chunk(T)
         padded = F.pad(part, (0, 0, 0, c * self.size - T)).contiguous()
         out = part.new_empty(c, D)
         self._wait(dist.reduce_scatter_tensor(out, padded, group=self.group, async_op=True))
@@ -72,7 +76,7 @@ class AttentionTP:
     def all_gather(self, mine: torch.Tensor, tokens: int) -> torch.Tensor:
         """mine (rows(tokens), D) from every rank of the group -> (tokens, D) on each."""
         self._check()
-        c = -(-tokens // self.size)
+        c = self.chunk(tokens)
         buf = mine.new_empty(c * self.size, mine.shape[1])
         self._wait(dist.all_gather_into_tensor(buf, F.pad(mine, (0, 0, 0, c - mine.shape[0])).contiguous(),
                                                group=self.group, async_op=True))

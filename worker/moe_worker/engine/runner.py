@@ -144,8 +144,7 @@ class RankRunner:
         caches stay; `regroup` follows once the new process group is formed."""
         if self.emap.generation != generation:
             self._switch(generation, -1)
-        tp = self.ctx.tp
-        if tp > 1 and lost & set(range(self.rank - self.rank % tp, self.rank - self.rank % tp + tp)):
+        if self.ctx.tp > 1 and not lost.isdisjoint(self.ctx.tp_ranks):
             for seq in list(self.seqs):  # its TP group cannot attend: rank 0 recomputes them elsewhere
                 self._drop(seq)
         self._hold_exactly(self.switcher.lose(lost), reading="the lost ranks' sole copies")
@@ -272,30 +271,23 @@ class RankRunner:
         rows = torch.stack([logits[s] for s in seqs])  # (n, vocab)
         sums = rows.sum(dim=-1).tolist()
         greedy_at = [i for i, s in enumerate(seqs) if self.seqs[s].temperature <= 0]
-        picks: dict[int, int | SequenceError] = {}
-        if greedy_at:
-            picks = dict(zip(greedy_at, greedy(rows[greedy_at]), strict=True))
+        picks: dict[int, int | SequenceError] = dict(zip(greedy_at, greedy(rows[greedy_at]), strict=True)) if greedy_at else {}
         for i, seq in enumerate(seqs):
+            st = self.seqs[seq]
             try:
-                pick = picks[i] if i in picks else self._sample(self.seqs[seq], rows[i])
-                if isinstance(pick, SequenceError):
-                    raise pick
+                pick = picks[i] if i in picks else self._draw(st, rows[i])
             except SequenceError as e:
-                failed[seq] = str(e)
+                pick = e
+            if isinstance(pick, SequenceError):
+                failed[seq] = str(pick)
                 continue
-            if i in picks:
-                self.seqs[seq].drawn += 1
+            st.drawn += 1
             out[seq] = pick, sums[i]
 
-    def _sample(self, st: _SeqState, row: torch.Tensor) -> int:
-        """The sequence's next token; a draw (temperature > 0) is seeded by (seed, token index)."""
-        gen = None
-        if st.temperature > 0:
-            gen = self._rng
-            gen.manual_seed(token_seed(st.seed, st.drawn))
-        tok = sample(row, st.temperature, gen, st.top_p)
-        st.drawn += 1
-        return tok
+    def _draw(self, st: _SeqState, row: torch.Tensor) -> int:
+        """A sampled sequence's next token (temperature > 0), seeded by (seed, token index)."""
+        self._rng.manual_seed(token_seed(st.seed, st.drawn))
+        return sample(row, st.temperature, self._rng, st.top_p)
 
     def _admit(self, w: SeqWork, failed: dict[int, str]) -> bool:
         """Set up a new sequence (KV cache, sampler); False when it fits, True when it failed

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..engine_api import GenerationRequest, GenerationResult, ModelInfo, SequenceError
+from ..model import tp_group
 from .config import EngineConfig, kv_budget
 from .steps import SeqWork, StepPlan, StepReply
 
@@ -205,7 +206,7 @@ class Scheduler:
 
     def _serves(self, rank: int) -> bool:
         """The TP group that starts at `rank` has all its ranks (it can attend)."""
-        return not any(r in self.lost for r in range(rank, rank + self.tp))
+        return self.lost.isdisjoint(tp_group(rank, self.tp))
 
     def _expand(self, per_rank: list[list]) -> None:
         """Give every rank of a TP group its first rank's list (attention TP: they run the same
@@ -265,7 +266,7 @@ class Scheduler:
         rank from prompt + the tokens generated so far. Returns how many."""
         with self.lock:
             self.lost |= ranks
-            groups = {r - r % self.tp for r in ranks}  # a TP group that lost a rank loses its sequences
+            groups = {tp_group(r, self.tp).start for r in ranks}  # a TP group that lost a rank loses its sequences
             moved = [self.running.pop(seq).ticket for seq in sorted(self.running) if self.running[seq].rank in groups]
             for t in moved:
                 t.recomputed += 1
