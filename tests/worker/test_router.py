@@ -100,8 +100,8 @@ class StubFront:
 
 
 @contextlib.asynccontextmanager
-async def router(port: int, fronts: list[str], retry_s: float = 5.0):
-    cfg = RouterConfig(fronts=fronts, http_port=port, grpc_port=free_port(), metrics_port=0, host=ROUTER,
+async def router(port: int, fronts: list[str], retry_s: float = 5.0, grpc_port: int | None = None):
+    cfg = RouterConfig(fronts=fronts, http_port=port, grpc_port=grpc_port or free_port(), metrics_port=0, host=ROUTER,
                        retry_s=retry_s)
     stop = asyncio.Event()
     bound: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -335,24 +335,19 @@ def test_grpc_calls_are_forwarded_and_unavailable_ones_tried_again(mode, monkeyp
         cfg_port = free_port()
         ga, sa = await grpc_front(FRONT_A, cfg_port, "A", mode)
         gb, sb = await grpc_front(FRONT_B, cfg_port, "B", "ok")
-        cfg = RouterConfig(fronts=[FRONT_A, FRONT_B], http_port=port, grpc_port=cfg_port, metrics_port=0, host=ROUTER,
-                           retry_s=5.0)
-        stop = asyncio.Event()
-        bound: asyncio.Future = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run(cfg, stop, bound, drain_s=0.0))
         try:
-            _, gport, _ = await asyncio.wait_for(asyncio.shield(bound), 10)
-            await wait_ready(f"http://{ROUTER}:{port}")
-            async with grpc.aio.insecure_channel(f"{ROUTER}:{gport}") as ch:
-                call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-                answers, errors = [], []
-                for i in range(6):
-                    try:
-                        answers.append(await call(f"q{i}".encode(), metadata=(("authorization", "Bearer k"),),
-                                                  timeout=10))
-                    except grpc.aio.AioRpcError as e:
-                        errors.append(e)
-                    await asyncio.sleep(0.6)
+            async with router(port, [FRONT_A, FRONT_B], grpc_port=cfg_port) as (_, (_, gport, _)):
+                await wait_ready(f"http://{ROUTER}:{port}")
+                async with grpc.aio.insecure_channel(f"{ROUTER}:{gport}") as ch:
+                    call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+                    answers, errors = [], []
+                    for i in range(6):
+                        try:
+                            answers.append(await call(f"q{i}".encode(), metadata=(("authorization", "Bearer k"),),
+                                                      timeout=10))
+                        except grpc.aio.AioRpcError as e:
+                            errors.append(e)
+                        await asyncio.sleep(0.6)
             assert sa.calls, "front A was never tried"
             if mode == "unavailable":
                 assert not errors
@@ -363,8 +358,6 @@ def test_grpc_calls_are_forwarded_and_unavailable_ones_tried_again(mode, monkeyp
                 assert all(e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details() == "bad input" for e in errors)
                 assert len(answers) == sb.calls == 6 - sa.calls
         finally:
-            stop.set()
-            await task
             for s in (ga, gb):
                 await s.stop(0)
             await ha.stop()
@@ -526,25 +519,19 @@ def test_a_grpc_stream_tried_again_gets_the_messages_sent_after_the_failure(monk
             srv.add_insecure_port(f"{host}:{gport}")
             await srv.start()
             servers.append(srv)
-        cfg = RouterConfig(fronts=[FRONT_A, FRONT_B], http_port=port, grpc_port=gport, metrics_port=0, host=ROUTER)
-        stop = asyncio.Event()
-        bound: asyncio.Future = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run(cfg, stop, bound, drain_s=0.0))
         try:
-            _, rport, _ = await asyncio.wait_for(asyncio.shield(bound), 10)
-            await wait_ready(f"http://{ROUTER}:{port}")
-            async with grpc.aio.insecure_channel(f"{ROUTER}:{rport}") as ch:
-                call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(timeout=20)
-                await call.write(b"m1")
-                first = await call.read()
-                await call.write(b"m2")
-                await call.done_writing()
-                second = await call.read()
+            async with router(port, [FRONT_A, FRONT_B], retry_s=30.0, grpc_port=gport) as (_, (_, rport, _)):
+                await wait_ready(f"http://{ROUTER}:{port}")
+                async with grpc.aio.insecure_channel(f"{ROUTER}:{rport}") as ch:
+                    call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(timeout=20)
+                    await call.write(b"m1")
+                    first = await call.read()
+                    await call.write(b"m2")
+                    await call.done_writing()
+                    second = await call.read()
             assert (first, second) == (b"B:m1", b"B:m2")
             assert stubs["A"].seen == [b"m1"] and stubs["B"].seen == [b"m1", b"m2"]
         finally:
-            stop.set()
-            await task
             for srv in servers:
                 await srv.stop(0)
             await ha.stop()
