@@ -70,6 +70,15 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+def o_proj_splits(num_attention_heads: int, v_head_dim: int, attention_tp: int, fp8: bool) -> bool:
+    """Whether attention TP `attention_tp` splits o_proj's columns by head over a TP group (the
+    worker's `MLA.o_split`, the performance model's memory): always, except an FP8 o_proj whose
+    columns per rank are not whole 128-column blocks. FP8 quantizes o_proj's input per token per
+    128 columns, and a block cut between ranks would round differently from the unsharded model,
+    so such an o_proj stays whole on every rank. DeepSeek-V3's 16384 columns split at TP 2-8."""
+    return attention_tp == 1 or not fp8 or num_attention_heads // attention_tp * v_head_dim % FP8_BLOCK == 0
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """A DeepSeek-V3-class MoE transformer. Field names are those of the HF `config.json`."""

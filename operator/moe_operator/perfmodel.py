@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from moe_common.model_args import o_proj_splits
 from moe_operator import api
 
 GB = 1e9
@@ -220,11 +221,9 @@ def _attention_shapes(a: api.Architecture, tp: int = 1,
 
 
 def _o_proj_split(a: api.Architecture, tp: int, dtype: str) -> bool:
-    """Whether the worker splits o_proj's columns over a TP group: not when it is FP8 and a rank's
-    columns are not whole 128-column blocks (its FP8 input blocks would straddle ranks); such an
-    o_proj stays whole on every rank, which then projects its 1/tp of the tokens (the same FLOPs).
-    DeepSeek-V3's 16,384 columns split at TP 2-8; tiny test models may not."""
-    return tp == 1 or dtype != "fp8" or a.num_attention_heads // tp * a.v_head_dim % FP8_BLOCK == 0
+    """Whether the worker splits o_proj's columns over a TP group (`o_proj_splits`); an o_proj
+    kept whole on every rank projects that rank's 1/tp of the tokens (the same FLOPs)."""
+    return o_proj_splits(a.num_attention_heads, a.v_head_dim, tp, dtype == "fp8")
 
 
 def attention_params(a: api.Architecture) -> int:

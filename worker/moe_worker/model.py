@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_common.model_args import FP8_BLOCK, ModelArgs
+from moe_common.model_args import FP8_BLOCK, ModelArgs, o_proj_splits
 
 from .fp8 import Linear, linear
 
@@ -380,7 +380,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)  # kv_a_layernorm
         nv = args.qk_nope_head_dim + args.v_head_dim
         self.wkv_b = Linear(args.kv_lora_rank, H * nv, **lin, shard=heads(nv))  # kv_b_proj
-        self.o_split = n == 1 or not fp8 or self.n_heads * args.v_head_dim % FP8_BLOCK == 0
+        self.o_split = o_proj_splits(H, args.v_head_dim, n, fp8)
         self.wo = Linear(H * args.v_head_dim, D, **lin,
                          shard=heads(args.v_head_dim, dim=1) if self.o_split else None)  # o_proj
         self.softmax_scale = args.softmax_scale
