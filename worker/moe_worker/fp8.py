@@ -509,6 +509,16 @@ class Shard:
         return (self.lo, self.hi) != (self.start, self.stop)
 
 
+def new_weight(rows: int, cols: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """An empty (rows, cols) = (out, in) weight. An fp32 weight on the CPU is stored column-major
+    (its transpose is contiguous): MKL multiplies a few rows by it faster than by a row-major
+    one, as decode does (`bench/decode.py --layout` measures both), and as fast at large M. The
+    loader fills weights in place, so the layout stays; the values and shape do not change."""
+    if dtype == torch.float32 and torch.device(device or "cpu").type == "cpu":
+        return torch.empty(cols, rows, dtype=dtype, device=device).t()
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
 class Linear(nn.Module):
     """y = x W^T without bias. Holds `weight` (out, in) and, for e4m3 weights, `scale` = weight_scale_inv.
 
@@ -549,7 +559,7 @@ class Linear(nn.Module):
             part = self.shard.hi - self.shard.lo
             rows, cols = (part, cols) if dim == 0 else (rows, part)
         wdtype = FP8_DTYPE if fp8 else dtype
-        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=wdtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(new_weight(rows, cols, wdtype, device), requires_grad=False)
         if fp8:
             self.scale = nn.Parameter(torch.empty(scale_shape(rows, cols), dtype=torch.float32, device=device),
                                       requires_grad=False)
@@ -561,11 +571,17 @@ class Linear(nn.Module):
         return self.weight.dtype == FP8_DTYPE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.shard
-        y = linear(x, self.weight, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
+        w, s = self.weight, self.shard
+        if w.dtype != FP8_DTYPE and s is None:
+            return F.linear(x, w)  # (the common case, straight)
+        y = linear(x, w, self.scale, impl=self.impl, scale_fmt=self.scale_fmt)
         if s is not None and s.widened:  # (rows only)
             y = y[..., s.start - s.lo:s.stop - s.lo]
         return y
+
+    __call__ = forward
+    """Called straight, without nn.Module's call machinery (hooks): a leaf that runs ~50 times per
+    decoded token, where that machinery costs about as much as a small product."""
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out, in) weight in `dtype` (default: the activation dtype for float weights, fp32 for

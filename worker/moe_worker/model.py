@@ -38,7 +38,7 @@ from torch import nn
 
 from moe_common.model_args import FP8_BLOCK, ModelArgs, o_proj_splits
 
-from .fp8 import Linear, linear
+from .fp8 import Linear, linear, new_weight
 
 AttnImpl = Literal["naive", "absorb"]
 
@@ -100,11 +100,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one call; on CPU bitwise the same
+        w = self.weight  # (a module attribute costs a lookup each time it is read)
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.eps)  # one call; on CPU bitwise the same
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return w * h.to(x.dtype)
+
+    __call__ = forward  # a leaf: called straight, without nn.Module's call machinery (as fp8.Linear)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +150,12 @@ class Rotary(nn.Module):
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, S, [H,] R) by `rot` (S, R/2) (`Rotary`); computed in fp32,
     as a complex product (pair (a, b) times cos + i sin: a cos - b sin, a sin + b cos)."""
-    rot = rot.view((rot.shape[0],) + (1,) * (x.dim() - 3) + (rot.shape[1],))  # (S, [1,] R/2)
-    xc = torch.view_as_complex(_fp32(x).unflatten(-1, (-1, 2)).contiguous())  # (..., R/2)
+    if x.dim() > 3:
+        rot = rot.view(rot.shape[0], *(1,) * (x.dim() - 3), rot.shape[1])  # (S, 1, R/2)
+    pairs = _fp32(x).unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()  # (a complex view needs every pair at an even offset)
+    xc = torch.view_as_complex(pairs)  # (..., R/2)
     out = torch.view_as_real(xc * rot).flatten(-2)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -172,19 +179,23 @@ class MLP(nn.Module):
     def _stack(self, name: str) -> torch.Tensor:
         """One tensor for w1's and w3's `name`, which become views of its two halves."""
         a = getattr(self.w1, name)
-        both = torch.empty((a.shape[0] * 2, *a.shape[1:]), dtype=a.dtype, device=a.device)
+        both = (new_weight(a.shape[0] * 2, a.shape[1], a.dtype, a.device) if name == "weight"
+                else torch.empty((a.shape[0] * 2, *a.shape[1:]), dtype=a.dtype, device=a.device))
         setattr(self.w1, name, nn.Parameter(both[: a.shape[0]], requires_grad=False))
         setattr(self.w3, name, nn.Parameter(both[a.shape[0]:], requires_grad=False))
         return both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None and self.w1.weight.data_ptr() == self.w13[0].data_ptr():
-            w, s = self.w13  # (w1 re-pointed elsewhere, by .to() or an assignment: the two GEMMs below)
-            gate, up = _fp32(linear(x, w, s, impl=self.w1.impl, scale_fmt=self.w1.scale_fmt)).chunk(2, dim=-1)
+        w1, w13 = self.w1, self.w13
+        if w13 is not None and w1.weight.data_ptr() == w13[0].data_ptr():
+            w, s = w13  # (w1 re-pointed elsewhere, by .to() or an assignment: the two GEMMs below)
+            gate, up = _fp32(linear(x, w, s, impl=w1.impl, scale_fmt=w1.scale_fmt)).chunk(2, dim=-1)
         else:
-            gate, up = _fp32(self.w1(x)), _fp32(self.w3(x))
+            gate, up = _fp32(w1(x)), _fp32(self.w3(x))
         h = F.silu(gate) * up  # (..., inter) in fp32, as the reference
         return self.w2(h if x.dtype == torch.float32 else h.to(x.dtype))
+
+    __call__ = forward  # called straight, as fp8.Linear: ~20 times per decoded token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +427,8 @@ class MLA(nn.Module):
         q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, S, H, N + R).split([N, R], dim=-1)
         kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)
-        return q_nope, apply_rope(q_pe, rope), self.kv_norm(kv), apply_rope(k_pe, rope)
+        pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), rope)  # the key as one more head: one rotation
+        return q_nope, pe[:, :, :H], self.kv_norm(kv), pe[:, :, H]
 
     def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache):
         """Reference path: expand the latent to per-head K and V, attend over full K/V."""
@@ -493,9 +505,9 @@ class MLA(nn.Module):
         if impl != "absorb":
             raise ValueError(f"attention impl {impl!r}: expected 'naive' or 'absorb'")
         wkv_b, q_lat = self._absorbed_query(q_nope)  # (1, T, H, C)
-        out = torch.empty(T, H, C, dtype=q_lat.dtype, device=x.device)
         decode = [(i, g) for i, g in enumerate(segments) if g.length == 1]
         prefill = [(offsets[i], g) for i, g in enumerate(segments) if g.length > 1]
+        out = torch.empty(T, H, C, dtype=q_lat.dtype, device=x.device) if prefill else None
         for o, g in prefill:
             g.cache.write(g.start, kv[0, o:o + g.length], k_pe[0, o:o + g.length])
         # One batched call unless padding would more than double the scores (a long chunk deep
@@ -511,7 +523,9 @@ class MLA(nn.Module):
                 sl = slice(o, o + g.length)
                 out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
                                                  causal_mask(g.start, g.length, x.device), None)[0]
-        if decode:
+        if decode and not prefill:  # a decode-only step: its rows are the packed rows, in order
+            out = self._decode_attention(q_lat[0], q_pe[0], kv[0], k_pe[0], segments, decode_rows)
+        elif decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
                                                [g for _, g in decode], decode_rows)
@@ -629,7 +643,7 @@ class Gate(nn.Module):
         super().__init__()
         self.args = args
         E, D = args.n_routed_experts, args.hidden_size
-        self.weight = nn.Parameter(torch.empty(E, D, dtype=torch.float32, device=device), requires_grad=False)
+        self.weight = nn.Parameter(new_weight(E, D, torch.float32, device), requires_grad=False)
         # e_score_correction_bias: fp32 (E,), load-balancing bias added to the scores for selection.
         self.bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
 
@@ -716,10 +730,10 @@ def run_local_experts(
     T, K = topk_ids.shape
     y = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
     if T == 1:  # one token (a lone decode): its experts in id order, no grouping
-        for k, eid in sorted(enumerate(topk_ids[0].tolist()), key=lambda p: p[1]):
+        for eid, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist(), strict=True)):
             if skip is not None and eid == skip:
                 continue
-            y += _fp32(_expert(experts, eid, layer_id)(x)) * topk_weights[:, k:k + 1]
+            y.add_(_fp32(_expert(experts, eid, layer_id)(x)), alpha=w)
         return y.to(x.dtype)
     flat = topk_ids.reshape(-1)  # (T * K,)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one
