@@ -189,7 +189,8 @@ class MLP(nn.Module):
         w1, w13 = self.w1, self.w13
         if w13 is not None and w1.weight.data_ptr() == w13[0].data_ptr():
             w, s = w13  # (w1 re-pointed elsewhere, by .to() or an assignment: the two GEMMs below)
-            gate, up = _fp32(linear(x, w, s, impl=w1.impl, scale_fmt=w1.scale_fmt)).chunk(2, dim=-1)
+            both = F.linear(x, w) if s is None else linear(x, w, s, impl=w1.impl, scale_fmt=w1.scale_fmt)
+            gate, up = _fp32(both).chunk(2, dim=-1)
         else:
             gate, up = _fp32(w1(x)), _fp32(self.w3(x))
         h = F.silu(gate) * up  # (..., inter) in fp32, as the reference
@@ -594,13 +595,15 @@ class MLA(nn.Module):
             for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
                 keys[b, :end], pes[b, :end] = g.cache.read(end)
             pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
-        # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here)
-        scores = (torch.bmm(q_lat, keys.transpose(1, 2)) + torch.bmm(q_pe, pes.transpose(1, 2))) * self.softmax_scale
+        # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here);
+        # scale * (q_lat k + q_pe pe) as one bmm and one baddbmm
+        scale = self.softmax_scale
+        scores = torch.baddbmm(torch.bmm(q_lat, keys.transpose(1, 2)), q_pe, pes.transpose(1, 2), beta=scale, alpha=scale)
         scores = _fp32(scores)
         if pad is not None:
             scores = scores.masked_fill(pad[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(q_lat.dtype)
-        return torch.bmm(probs, keys)  # (B, H, C)
+        probs = scores.softmax(dim=-1)
+        return torch.bmm(probs if probs.dtype == q_lat.dtype else probs.to(q_lat.dtype), keys)  # (B, H, C)
 
 
 @dataclass
@@ -738,15 +741,15 @@ def run_local_experts(
     flat = topk_ids.reshape(-1)  # (T * K,)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one
     ids, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    tokens = torch.div(order, K, rounding_mode="floor")  # (T * K,) the token of each grouped slot
+    weights = topk_weights.reshape(-1)[order, None]  # (T * K, 1)
     start = 0
     for eid, n in zip(ids.tolist(), counts.tolist(), strict=True):
-        slots = order[start : start + n]
+        tok, w = tokens[start:start + n], weights[start:start + n]
         start += n
         if skip is not None and eid == skip:
             continue
-        tok = slots // K  # (n,) token of each slot
-        out = _fp32(_expert(experts, eid, layer_id)(x[tok])) * topk_weights.reshape(-1)[slots, None]  # (n, D)
-        y.index_add_(0, tok, out)
+        y.index_add_(0, tok, _fp32(_expert(experts, eid, layer_id)(x[tok])) * w)  # (n, D) into their tokens
     return y.to(x.dtype)
 
 
