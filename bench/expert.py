@@ -19,6 +19,7 @@ times CUDA-graph replays instead (the GPU's own time, as a rank that captures it
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -98,7 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default=None, help="fp8 paths to time (default: emulate,weight_only [+scaled_mm on CUDA])")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--graphs", action="store_true", help="CUDA: time CUDA-graph replays (GPU time, no launch overhead)")
+    p.add_argument("--decode-gemm", choices=fp8.DECODE_GEMMS, default="auto",
+                   help="CUDA scaled_mm path up to fp8.DECODE_ROWS tokens: cuBLAS, our Triton kernel, or the faster")
     a = p.parse_args(argv)
+    fp8.set_decode_gemm(a.decode_gemm)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger(fp8.__name__).setLevel(logging.INFO)  # its decode-GEMM choices, with their times
     device = torch.device(a.device)
     impls = a.impls.split(",") if a.impls else ["emulate", "weight_only"]
     if a.impls is None and fp8.scaled_mm_supported(device):
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
     if a.graphs and device.type != "cuda":
         p.error("--graphs needs a CUDA device")
     mode = ", CUDA-graph replays" if a.graphs else (", eager calls" if device.type == "cuda" else "")
-    print(f"device: {device} ({torch.get_num_threads()} threads{mode})  torch {torch.__version__}")
+    print(f"device: {device} ({torch.get_num_threads()} threads{mode})  torch {torch.__version__}  "
+          f"decode GEMM {a.decode_gemm}")
     print(
         f"bytes per expert: bf16 {bf16_bytes / 1e6:.2f} MB, fp8 {fp8_bytes / 1e6:.2f} MB "
         f"(weights + weight_scale_inv) = {fp8_bytes / bf16_bytes:.4f}x"

@@ -48,11 +48,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def _no_fallback():
-    """Any warning (the scaled_mm -> emulate fallback warns) fails the test."""
+    """Any warning (the scaled_mm -> emulate fallback warns) fails the test. cuBLAS for every
+    scaled_mm product, unless a test chooses otherwise (`test_decode_gemm_choice`)."""
     fp8._SCALED_MM_BROKEN.clear()
+    fp8.set_decode_gemm("cublas")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield
+    fp8.set_decode_gemm("auto")
     assert not fp8._SCALED_MM_BROKEN
 
 
@@ -233,3 +236,23 @@ def test_triton_fp8_gemm_on_the_gpu(tokens, cfg, shape):
     ref = fp8.linear(x.float(), q, s, impl="emulate")
     y = fp8_gemm(xq, xs, q, s, tokens, torch.float32, block_m=block_m, block_n=block_n, split_k=split_k)
     assert rel(y, ref) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["triton", "auto"])
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("shape", [(2048, 7168), (7168, 2048), (576, 7168)])
+def test_decode_gemm_choice(mode, tokens, shape):
+    """fp8.linear's decode-sized products (MOE_FP8_DECODE_GEMM): "triton" takes our split-K kernel
+    (it agrees with the exact product), "auto" whichever of it and cuBLAS it timed faster; both
+    equal the exact product within cuBLAS's own bound, and the choice is kept per key."""
+    fp8.set_decode_gemm(mode)
+    g = torch.Generator().manual_seed(tokens + shape[0])
+    q, s = fp8.quantize_weight(torch.randn(*shape, generator=g) / shape[1] ** 0.5)
+    q, s = q.cuda(), s.cuda()
+    x = torch.randn(tokens, shape[1], generator=g).to("cuda", torch.bfloat16)
+    y = fp8.linear(x, q, s, impl="scaled_mm")
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, shape[0])
+    assert rel(y, fp8.linear(x.float(), q, s, impl="emulate")) < 8e-3
+    (choice,) = fp8._DECODE_CHOICE.values()
+    assert choice == "triton" if mode == "triton" else choice in ("triton", "cublas")
+    assert torch.equal(fp8.linear(x, q, s, impl="scaled_mm"), y)  # the kept choice, deterministic

@@ -289,3 +289,46 @@ def test_zero_tokens(impl):
     q, s = fp8.quantize_weight(randn(64, 256))
     y = fp8.linear(torch.zeros(0, 256, dtype=torch.bfloat16), q, s, impl=impl)
     assert y.shape == (0, 64) and y.dtype == torch.bfloat16
+
+
+# ---- the decode-sized product on CUDA: cuBLAS or the Triton kernel (fp8._decode_product) ----
+
+
+def test_choose_fastest_takes_the_fastest_correct_candidate():
+    ref = torch.ones(4, 8)
+    cands = {"slow": lambda: ref.clone(), "fast_wrong": lambda: ref * 1.1, "fast": lambda: ref + 1e-5,
+             "broken": lambda: (_ for _ in ()).throw(RuntimeError("no kernel image"))}
+    times = {"slow": 3.0, "fast_wrong": 1.0, "fast": 2.0, "broken": 0.5}
+    timer = lambda fn: times[next(k for k, f in cands.items() if f is fn)]  # noqa: E731
+    pick, report = fp8.choose_fastest(cands, ref, 1e-3, timer, default="slow")
+    assert pick == "fast"
+    assert report["fast_wrong"].startswith("wrong") and report["broken"].startswith("failed: RuntimeError")
+    assert report["slow"] == "3000000.0 us"
+
+
+def test_choose_fastest_without_a_correct_candidate_keeps_the_default():
+    ref = torch.ones(3)
+    assert fp8.choose_fastest({"triton": lambda: ref * 2}, ref, 8e-3, None, default="cublas")[0] == "cublas"
+    assert fp8.choose_fastest({"triton": lambda: ref * torch.nan}, ref, 8e-3, None, default="cublas")[0] == "cublas"
+    assert fp8.choose_fastest({"triton": lambda: ref}, ref, 8e-3, None, default="cublas")[0] == "triton"
+
+
+def test_decode_split_k_fills_the_gpu():
+    # DeepSeek-V3's expert on an H100/H200 (132 SMs): w1/w3 (2048 x 7168) at one token has 64 output
+    # tiles, so it splits K four ways; w2 (7168 x 2048) has 224 and does not split.
+    assert fp8.decode_split_k(1, 2048, 7168, 132) == 4
+    assert fp8.decode_split_k(1, 7168, 2048, 132) == 1
+    assert fp8.decode_split_k(64, 2048, 7168, 132) == 1
+    assert fp8.decode_split_k(1, 576, 7168, 132) == 8  # kv_a: 18 tiles, at most 8 splits
+    assert fp8.decode_split_k(1, 64, 256, 132) == 1  # two K blocks: no split leaves each fewer than two
+
+
+def test_decode_gemm_setting():
+    try:
+        fp8.set_decode_gemm("triton")
+        x, (q, s) = torch.randn(2, 512), fp8.quantize_weight(torch.randn(64, 512))
+        assert fp8._decode_product(x, q, s, None) is None  # on the CPU: never
+        with pytest.raises(ValueError, match="FP8 decode GEMM 'fast'"):
+            fp8.set_decode_gemm("fast")
+    finally:
+        fp8.set_decode_gemm("auto")

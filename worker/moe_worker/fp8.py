@@ -29,9 +29,12 @@ a small scratch tile and multiply tile by tile, so an FP8 expert keeps holding h
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +45,8 @@ from torch import nn
 from moe_common.model_args import FP8_BLOCK
 
 from . import fp8_cpu
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -424,6 +429,9 @@ def _emulate(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_
 
 
 def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
+    y = _decode_product(x2, weight, scale, scale_fmt)
+    if y is not None:
+        return y
     out_f, in_f = weight.shape
     key = (str(x2.device), out_f, in_f)
     if key not in _SCALED_MM_BROKEN and in_f % SCALED_MM_K == 0 and out_f % 16 == 0:
@@ -463,6 +471,121 @@ def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
         out_dtype=torch.float32 if x2.dtype == torch.float32 else torch.bfloat16,
     )
     return (y[:T] if y.shape[0] != T else y).to(x2.dtype)
+
+
+# ---- decode-sized products on CUDA: cuBLAS or our split-K Triton kernel, whichever is faster ----
+
+DECODE_ROWS = 64
+"""CUDA FP8 products of at most this many token rows may run `fp8_triton.fp8_gemm` (split-K) instead
+of cuBLAS's blockwise GEMM, which leaves most of the GPU idle at such sizes."""
+DECODE_GEMMS = ("auto", "cublas", "triton")
+_DECODE_GEMM = ["auto"]
+_DECODE_CHOICE: dict[tuple, str] = {}
+"""(device, N, K, token bucket, activation dtype) -> "triton" or "cublas": the product that
+`_decode_product` took the first time it met that key."""
+
+
+def set_decode_gemm(mode: str) -> None:
+    """How decode-sized FP8 products run on CUDA (EngineConfig.fp8_decode_gemm, MOE_FP8_DECODE_GEMM):
+    "cublas": always torch._scaled_mm; "triton": our kernel wherever it agrees with the exact product;
+    "auto": the first product of each weight shape and token bucket times both, keeps the faster."""
+    if mode not in DECODE_GEMMS:
+        raise ValueError(f"FP8 decode GEMM {mode!r}: expected one of {DECODE_GEMMS}")
+    _DECODE_GEMM[0] = mode
+    _DECODE_CHOICE.clear()
+
+
+def _decode_product(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    scale_fmt: str | None) -> torch.Tensor | None:
+    """x2 W^T by the Triton kernel when that is this key's choice; None: the caller uses cuBLAS."""
+    T, (N, K) = x2.shape[0], weight.shape
+    mode = _DECODE_GEMM[0]
+    if mode == "cublas" or T > DECODE_ROWS or not x2.is_cuda or _triton_act_quant() is None:
+        return None
+    key = (str(x2.device), N, K, 1 << (T - 1).bit_length(), x2.dtype)
+    choice = _DECODE_CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # nothing can be timed inside a CUDA-graph capture: cuBLAS this time
+        choice = _DECODE_CHOICE[key] = _choose_decode_gemm(key, x2, weight, scale, scale_fmt, mode)
+    return _triton_product(x2, weight, scale, scale_fmt) if choice == "triton" else None
+
+
+def _choose_decode_gemm(key: tuple, x2, weight, scale, scale_fmt, mode: str) -> str:
+    """Check the Triton product against the exact one (`_emulate`) and, in "auto", time it against
+    cuBLAS (or against the emulated product where cuBLAS refuses the shape, see SCALED_MM_K)."""
+    N, K = weight.shape
+    cublas_ok = (str(x2.device), N, K) not in _SCALED_MM_BROKEN and K % SCALED_MM_K == 0 and N % 16 == 0
+    candidates: dict[str, Callable[[], torch.Tensor]] = {"triton": lambda: _triton_product(x2, weight, scale, scale_fmt)}
+    if mode == "auto":
+        other = _scaled_mm_blockwise if cublas_ok else _emulate
+        candidates["cublas"] = lambda: other(x2, weight, scale, scale_fmt)
+    reference = _emulate(x2.float(), weight, scale, scale_fmt)
+    tol = 1e-3 if x2.dtype == torch.float32 else 8e-3  # as cuBLAS's own (tests/worker/test_worker_cuda.py)
+    pick, report = choose_fastest(candidates, reference, tol, _cuda_time if mode == "auto" else None, default="cublas")
+    log.info("FP8 decode GEMM %dx%d, up to %d tokens, %s: %s (%s)", N, K, key[3], x2.dtype, pick,
+             ", ".join(f"{k} {v}" for k, v in report.items()))
+    return pick
+
+
+def choose_fastest(candidates: dict[str, Callable[[], torch.Tensor]], reference: torch.Tensor, tol: float,
+                   timer: Callable[[Callable[[], torch.Tensor]], float] | None, default: str) -> tuple[str, dict[str, str]]:
+    """The name of the fastest candidate whose result is within relative error `tol` of `reference`
+    (by `timer(fn)` seconds; without a timer the first correct one), or `default` when none is;
+    with what was found of each, for the log."""
+    ok: dict[str, float] = {}
+    report: dict[str, str] = {}
+    for name, fn in candidates.items():
+        try:
+            y = fn().float()
+            err = float((y - reference).norm() / reference.norm().clamp_min(1e-30))
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build or run is not taken
+            report[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            continue
+        if not err <= tol:
+            report[name] = f"wrong: relative error {err:.2e}"
+            continue
+        ok[name] = timer(fn) if timer is not None else 0.0
+        report[name] = f"{ok[name] * 1e6:.1f} us" if timer is not None else "agrees"
+    if not ok:
+        return default, report
+    return min(ok, key=ok.__getitem__), report
+
+
+def _cuda_time(fn: Callable[[], torch.Tensor], runs: int = 20) -> float:
+    """Median seconds of `fn` on the current CUDA stream (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def _triton_product(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    """x2 W^T by `fp8_triton`: the one-kernel activation quantizer, then the split-K blockwise GEMM
+    (fp32 output for fp32 activations, else bf16, cast back to x2's dtype)."""
+    from .fp8_triton import BLOCK_T, fp8_gemm
+
+    T = x2.shape[0]
+    xq, xs = _triton_act_quant()(x2, scale_fmt, BLOCK_T, ACT_AMAX_FLOOR, FP8_MAX)
+    out = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
+    split = decode_split_k(T, *weight.shape, torch.cuda.get_device_properties(x2.device).multi_processor_count)
+    return fp8_gemm(xq, xs, weight, scale.contiguous(), T, out, split_k=split).to(x2.dtype)
+
+
+def decode_split_k(tokens: int, n: int, k: int, sms: int, block_m: int = 16, block_n: int = 32) -> int:
+    """K splits for `fp8_gemm` so that about two programs run per SM: the output tiles alone are
+    too few for a GPU at decode sizes (an expert's 2048 x 7168 w1 at one token: 64 tiles for 132
+    SMs). At most 8 splits, and at least two 128-wide K blocks each."""
+    tiles = -(-tokens // block_m) * -(-n // block_n)
+    blocks = -(-k // FP8_BLOCK)
+    return max(1, min(8, blocks // 2, round(2 * sms / tiles)))
 
 
 _TRITON_ACT_QUANT: list = []

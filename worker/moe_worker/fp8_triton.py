@@ -1,5 +1,6 @@
 """Triton kernels for the CUDA FP8 path: one-pass activation quantization (used by `fp8.linear`)
-and a blockwise FP8 GEMM for decode-sized batches (`fp8_gemm`, not used by `fp8.linear` yet).
+and a blockwise FP8 GEMM for decode-sized batches (`fp8_gemm`, which `fp8.linear` takes for up to
+`fp8.DECODE_ROWS` tokens where it is faster than cuBLAS: `fp8.set_decode_gemm`).
 
 `fp8.act_quant` in plain PyTorch is about ten kernel launches per linear (cast, pad, abs, amax,
 clamp, divide, clamp, cast, copy, transpose of the scales); at decode sizes those launches, not the
@@ -17,8 +18,9 @@ and the layout can be checked there.
 
 `fp8_gemm`: a first version (16 x 32 tiles, no K split) passed the CUDA tests on an H200 but was
 slower than cuBLAS at decode sizes (docs/gpu-h200.md). This version splits K over
-more programs; `bench/fp8_gemm.py` sweeps its tiles and splits against cuBLAS and bf16, and
-`fp8.linear` should take it only for the token counts where that sweep shows it faster.
+more programs (`fp8.decode_split_k`); `bench/fp8_gemm.py` sweeps its tiles and splits against
+cuBLAS and bf16. `fp8.linear` times it against cuBLAS at the first product of each weight shape and
+token bucket and keeps the faster (not yet run on a GPU).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint
 from ..dispatch import DispatchConfig, Dispatcher, interleave
 from ..engine_api import SequenceError
 from ..expertmap import ExpertMap, MapSwitcher, Staged
-from ..fp8 import resolve_impl
+from ..fp8 import resolve_impl, set_decode_gemm
 from ..model import (
     DecodeRows,
     KVCache,
@@ -472,5 +472,6 @@ def build_runner(
         attention_tp=(ctx.rank % tp, tp),
     )
     ckpt.load(model)
+    set_decode_gemm(cfg.fp8_decode_gemm)
     return RankRunner(model, ckpt, emap, cfg, ctx=ctx, device=device, plan_path=plan_path, metrics=metrics,
                       before_step=before_step, resizable=resizable)
