@@ -303,6 +303,9 @@ class DecodeRows:
     @classmethod
     def of(cls, slots: list[torch.Tensor], starts: list[int]) -> DecodeRows:
         """For sequences with rows `slots` (`PagedSeq.slots`) each decoding position starts[b]."""
+        for q, p in zip(slots, starts, strict=True):
+            if p >= q.shape[0]:
+                raise ValueError(f"KV cache holds {q.shape[0]} positions, step needs {p + 1}")
         device = slots[0].device
         new = torch.stack([q[p] for q, p in zip(slots, starts, strict=True)])
         if len(slots) == 1:
@@ -524,7 +527,7 @@ class MLA(nn.Module):
                 sl = slice(o, o + g.length)
                 out[sl] = self._latent_attention(q_lat[:, sl], q_pe[:, sl], keys[None], pes[None], g.start,
                                                  causal_mask(g.start, g.length, x.device), None)[0]
-        if decode and not prefill:  # a decode-only step: its rows are the packed rows, in order
+        if decode and not prefill:  # its rows are the packed rows, in order
             out = self._decode_attention(q_lat[0], q_pe[0], kv[0], k_pe[0], segments, decode_rows)
         elif decode:
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
@@ -532,6 +535,17 @@ class MLA(nn.Module):
                                                [g for _, g in decode], decode_rows)
         out = torch.bmm(out.transpose(0, 1), wkv_b[:, N:].transpose(1, 2)).transpose(0, 1)  # (T, H, V)
         return self._out(out.flatten(1)[None])[0]
+
+    def forward_decode(self, x: torch.Tensor, rope: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
+                       rows: DecodeRows) -> torch.Tensor:
+        """Absorbed attention for one new token of each of B sequences whose latents are in one
+        layer's paged pools (`PagedLatentCache.kv[layer]`, `.pe[layer]`) at `rows`: x (B, D),
+        rope (B, R/2) -> (B, D). The decode step's path: no per-sequence work at all."""
+        q_nope, q_pe, kv, k_pe = self._project(x[None], rope)  # (1, B, ...)
+        wkv_b, q_lat = self._absorbed_query(q_nope)
+        out = self._paged_attention(q_lat[0], q_pe[0], kv[0], k_pe[0], kv_pool, pe_pool, rows)  # (B, H, C)
+        out = torch.bmm(out.transpose(0, 1), wkv_b[:, self.args.qk_nope_head_dim:].transpose(1, 2)).transpose(0, 1)
+        return self._out(out.flatten(1)[None])[0]  # (B, H * V) -> (B, D)
 
     def _out(self, heads: torch.Tensor) -> torch.Tensor:
         """The heads' values (..., H * V) through o_proj (or as they are: see `o_split`)."""
@@ -568,19 +582,10 @@ class MLA(nn.Module):
         keys of all B are gathered, padded to the longest, into one batched attention."""
         B = len(segments)
         views = [g.cache for g in segments]
-        paged = all(isinstance(v, PagedView) and v.kv is views[0].kv for v in views)
-        if paged:  # one pool: one scatter of the new rows, one gather of every key (padding: row 0, masked)
+        if all(isinstance(v, PagedView) and v.kv is views[0].kv for v in views):  # one pool
             rows = rows or DecodeRows.of([v.slots for v in views], [g.start for g in segments])
-            pool_kv, pool_pe = views[0].kv, views[0].pe
-            pool_kv[rows.new] = kv
-            pool_pe[rows.new] = k_pe
-            keys, pes, pad = pool_kv[rows.keys], pool_pe[rows.keys], rows.pad
-            if pad is not None:
-                # The padding reads row 0 of the pool, whatever it holds (a failed sequence's NaN):
-                # zero it, since masked scores still multiply those rows by 0 in the last product.
-                keys = keys.masked_fill(pad[..., None], 0)
-                pes = pes.masked_fill(pad[..., None], 0)
-        elif B == 1:  # attend over the sequence's own keys: nothing to pad
+            return self._paged_attention(q_lat, q_pe, kv, k_pe, views[0].kv, views[0].pe, rows)
+        if B == 1:  # attend over the sequence's own keys: nothing to pad
             g = segments[0]
             g.cache.write(g.start, kv, k_pe)
             keys, pes = (t[None] for t in g.cache.read(g.start + 1))
@@ -595,6 +600,25 @@ class MLA(nn.Module):
             for b, (g, end) in enumerate(zip(segments, ends, strict=True)):
                 keys[b, :end], pes[b, :end] = g.cache.read(end)
             pad = torch.arange(longest, device=q_lat.device)[None, :] >= torch.tensor(ends, device=q_lat.device)[:, None]
+        return self._attend_keys(q_lat, q_pe, keys, pes, pad)
+
+    def _paged_attention(self, q_lat, q_pe, kv, k_pe, pool_kv: torch.Tensor, pool_pe: torch.Tensor,
+                         rows: DecodeRows) -> torch.Tensor:
+        """`_decode_attention` over one layer's paged pools: one scatter of the B new rows, one
+        gather of every sequence's keys (padding: row 0, masked) -> (B, H, C)."""
+        pool_kv[rows.new] = kv
+        pool_pe[rows.new] = k_pe
+        keys, pes, pad = pool_kv[rows.keys], pool_pe[rows.keys], rows.pad
+        if pad is not None:
+            # The padding reads row 0 of the pool, whatever it holds (a failed sequence's NaN):
+            # zero it, since masked scores still multiply those rows by 0 in the last product.
+            keys = keys.masked_fill(pad[..., None], 0)
+            pes = pes.masked_fill(pad[..., None], 0)
+        return self._attend_keys(q_lat, q_pe, keys, pes, pad)
+
+    def _attend_keys(self, q_lat, q_pe, keys, pes, pad: torch.Tensor | None) -> torch.Tensor:
+        """q_lat (B, H, C), q_pe (B, H, R) over keys (B, T, C), pes (B, T, R), True in `pad` (B, T)
+        masked -> (B, H, C)."""
         # (B, H, C) x (B, C, T): batched matmuls (einsum's parsing costs more than the products here);
         # scale * (q_lat k + q_pe pe) as one bmm and one baddbmm
         scale = self.softmax_scale
@@ -736,7 +760,7 @@ def run_local_experts(
         for eid, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist(), strict=True)):
             if skip is not None and eid == skip:
                 continue
-            y.add_(_fp32(_expert(experts, eid, layer_id)(x)), alpha=w)
+            y += _fp32(_expert(experts, eid, layer_id)(x)) * w  # (product, then sum: as the grouped path rounds)
         return y.to(x.dtype)
     flat = topk_ids.reshape(-1)  # (T * K,)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within one

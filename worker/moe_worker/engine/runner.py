@@ -354,9 +354,13 @@ class RankRunner:
         tp = self.tp if chunks else None
         decoding = [c for c, n in zip(chunks, sizes, strict=True) if n == 1 and isinstance(c.cache, PagedSeq)]
         at = DecodeRows.of([c.cache.slots for c in decoding], [c.start for c in decoding]) if decoding else None
+        only_decode = bool(chunks) and len(decoding) == len(chunks)  # then no per-sequence work per layer
+        pool = self.pool
         for i, block in enumerate(m.layers):
-            if chunks:
-                segments = [Segment(c.start, n, self.pool.view(c.cache, i) if isinstance(c.cache, PagedSeq)
+            if only_decode:
+                attn = block.attn.forward_decode(block.attn_norm(x), rope, pool.kv[i], pool.pe[i], at)
+            elif chunks:
+                segments = [Segment(c.start, n, pool.view(c.cache, i) if isinstance(c.cache, PagedSeq)
                                     else c.cache.layers[i]) for c, n in zip(chunks, sizes, strict=True)]
                 attn = block.attn.forward_packed(block.attn_norm(x), rope, segments, m.attn_impl, at)
             elif not isinstance(block.ffn, MoE):
