@@ -246,6 +246,8 @@ class GroupEngine:
 
     def _loop(self) -> None:
         sched = self.scheduler
+        if self.runner.device.type == "cuda":  # a thread starts on device 0: Triton launches on the current one
+            torch.cuda.set_device(self.runner.device)
         try:
             while True:
                 with self._wake:
