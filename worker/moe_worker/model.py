@@ -160,39 +160,64 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+@dataclass
+class Stacked:
+    """Linears that read the same input, as one product: their weights (and FP8 scales) are views
+    of one tensor stacked along the output rows, which the loader fills in place. With FP8 weights
+    every part but the last must be whole 128-row blocks (the scales then stack too)."""
+
+    first: Linear
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+
+    @classmethod
+    def of(cls, *linears: Linear) -> Stacked:
+        return cls(linears[0], _stack(linears, "weight"), _stack(linears, "scale") if linears[0].is_fp8 else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x through every part, outputs side by side; None when the parts' weights are no longer
+        views of the stack (re-pointed by `.to()` or an assignment): the caller runs them one by one."""
+        f = self.first
+        if f.weight.data_ptr() != self.weight.data_ptr():
+            return None
+        if self.scale is None:
+            return F.linear(x, self.weight)
+        return linear(x, self.weight, self.scale, impl=f.impl, scale_fmt=f.scale_fmt)
+
+
+def _stack(linears: tuple[Linear, ...], name: str) -> torch.Tensor:
+    """One tensor for the linears' `name` (weight or scale) stacked along dim 0; each linear's
+    becomes a view of its part."""
+    parts = [getattr(lin, name) for lin in linears]
+    a, rows = parts[0], sum(p.shape[0] for p in parts)
+    both = (new_weight(rows, a.shape[1], a.dtype, a.device) if name == "weight"
+            else torch.empty((rows, *a.shape[1:]), dtype=a.dtype, device=a.device))
+    start = 0
+    for lin, p in zip(linears, parts, strict=True):
+        setattr(lin, name, nn.Parameter(both[start:start + p.shape[0]], requires_grad=False))
+        start += p.shape[0]
+    return both
+
+
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers, the shared expert and every routed expert.
 
-    w1 and w3 are the two halves of one (2 x inter, dim) weight (their parameters are views of it,
-    which the loader fills in place), so both take one GEMM. With FP8 weights that needs whole
-    128-row blocks per half (the scales then stack too); otherwise they stay two GEMMs."""
+    w1 and w3 are the two halves of one (2 x inter, dim) weight (`Stacked`), so both take one GEMM.
+    With FP8 weights that needs whole 128-row blocks per half; otherwise they stay two GEMMs."""
 
     def __init__(self, dim: int, inter_dim: int, *, dtype: torch.dtype, fp8: bool, device=None):
         super().__init__()
         self.w1 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # gate_proj
         self.w2 = Linear(inter_dim, dim, dtype=dtype, fp8=fp8, device=device)  # down_proj
         self.w3 = Linear(dim, inter_dim, dtype=dtype, fp8=fp8, device=device)  # up_proj
-        self.w13: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        if not fp8 or inter_dim % FP8_BLOCK == 0:
-            self.w13 = self._stack("weight"), self._stack("scale") if fp8 else None
-
-    def _stack(self, name: str) -> torch.Tensor:
-        """One tensor for w1's and w3's `name`, which become views of its two halves."""
-        a = getattr(self.w1, name)
-        both = (new_weight(a.shape[0] * 2, a.shape[1], a.dtype, a.device) if name == "weight"
-                else torch.empty((a.shape[0] * 2, *a.shape[1:]), dtype=a.dtype, device=a.device))
-        setattr(self.w1, name, nn.Parameter(both[: a.shape[0]], requires_grad=False))
-        setattr(self.w3, name, nn.Parameter(both[a.shape[0]:], requires_grad=False))
-        return both
+        self.w13 = Stacked.of(self.w1, self.w3) if not fp8 or inter_dim % FP8_BLOCK == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, w13 = self.w1, self.w13
-        if w13 is not None and w1.weight.data_ptr() == w13[0].data_ptr():
-            w, s = w13  # (w1 re-pointed elsewhere, by .to() or an assignment: the two GEMMs below)
-            both = F.linear(x, w) if s is None else linear(x, w, s, impl=w1.impl, scale_fmt=w1.scale_fmt)
+        both = self.w13(x) if self.w13 is not None else None
+        if both is not None:
             gate, up = _fp32(both).chunk(2, dim=-1)
         else:
-            gate, up = _fp32(w1(x)), _fp32(self.w3(x))
+            gate, up = _fp32(self.w1(x)), _fp32(self.w3(x))
         h = F.silu(gate) * up  # (..., inter) in fp32, as the reference
         return self.w2(h if x.dtype == torch.float32 else h.to(x.dtype))
 
@@ -393,6 +418,8 @@ class MLA(nn.Module):
             self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim, **lin, shard=heads(args.qk_head_dim))  # q_b_proj
         self.wkv_a = Linear(D, args.kv_lora_rank + args.qk_rope_head_dim, **lin)  # kv_a_proj_with_mqa
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)  # kv_a_layernorm
+        self.wqkv_a = (Stacked.of(self.wq_a, self.wkv_a)  # one product of x for both (and one FP8 quantization)
+                       if args.q_lora_rank is not None and (not fp8 or args.q_lora_rank % FP8_BLOCK == 0) else None)
         nv = args.qk_nope_head_dim + args.v_head_dim
         self.wkv_b = Linear(args.kv_lora_rank, H * nv, **lin, shard=heads(nv))  # kv_b_proj
         self.o_split = o_proj_splits(H, args.v_head_dim, n, fp8)
@@ -428,9 +455,14 @@ class MLA(nn.Module):
         a = self.args
         B, S, _ = x.shape
         H, N, R, C = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
-        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        both = self.wqkv_a(x) if self.wqkv_a is not None else None
+        if both is not None:
+            q_a, kv_a = both.split([a.q_lora_rank, C + R], dim=-1)
+        else:
+            q_a, kv_a = self.wq_a(x) if a.q_lora_rank is not None else None, self.wkv_a(x)
+        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(self.q_norm(q_a))
         q_nope, q_pe = q.view(B, S, H, N + R).split([N, R], dim=-1)
-        kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)
+        kv, k_pe = kv_a.split([C, R], dim=-1)
         pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), rope)  # the key as one more head: one rotation
         return q_nope, pe[:, :, :H], self.kv_norm(kv), pe[:, :, H]
 
