@@ -71,13 +71,14 @@ class HF:
 class Ours:
     """The engine a rank pod serves (one rank), started once; `run()` times B requests at once."""
 
-    def __init__(self, path: Path, dtype: str, batch: int, new: int, length: int, threads: int, device: str):
+    def __init__(self, path: Path, dtype: str, batch: int, new: int, length: int, threads: int, device: str,
+                 cuda_graphs: str = "auto"):
         from moe_worker.engine import EngineConfig, RankConfig, start_rank
         from moe_worker.engine_api import GenerationRequest
 
         cfg = EngineConfig(model_name="bench", max_context=length + new + 1, max_new_tokens=new, threads=threads,
                            max_seqs_per_rank=max(batch, 1), dtype=dtype, max_prefill_tokens=max(batch * length, 64),
-                           device=device)
+                           device=device, cuda_graphs=cuda_graphs)
         self.engine = start_rank(RankConfig(0, 1, str(path), engine=cfg)).engine
         ps = prompts(batch, length, self.engine.info.vocab_size)
         self.reqs = [GenerationRequest(f"r{i}", tuple(p), new) for i, p in enumerate(ps)]
@@ -104,6 +105,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (hack/gpu-check.sh)")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                    help="ours: decode steps as CUDA graphs (auto: on CUDA; see engine.graphs)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds of each side, taken in turns")
     ap.add_argument("--repeat", type=int, default=3, help="runs per side per round; a round takes the best")
     a = ap.parse_args()
@@ -119,7 +122,7 @@ def main() -> int:
         path = build_model(Path(tmp) / "tiny-deepseek-v3")
         for b in batches:
             hf, ours = HF(path, tdtype, b, a.new, a.prompt, a.device), Ours(path, a.dtype, b, a.new, a.prompt,
-                                                                             a.threads, a.device)
+                                                                             a.threads, a.device, a.cuda_graphs)
             try:
                 runs = []
                 for _ in range(a.rounds):  # in turns, so drifts of a shared machine's speed hit both sides
@@ -137,7 +140,7 @@ def main() -> int:
                   f"of {a.rounds} runs in turns: {' '.join(f'{o / h:.2f}' for h, o in runs)}), greedy sequences "
                   f"equal {same:.2f}; engine stats {stats}", file=sys.stderr, flush=True)
     base = next((ours for b, _, ours, _, _, _ in rows if b == 1), None)
-    print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), prompt {a.prompt}, {a.new} new tokens per sequence, greedy, "
+    print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), cuda_graphs {a.cuda_graphs}, prompt {a.prompt}, {a.new} new tokens per sequence, greedy, "
           f"medians of {a.rounds} rounds in turns, each the best of {a.repeat} runs per side")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ours / HF':>10} {'range':>11} "
           f"{'ours / ours@1':>14} {'same tokens':>12}")

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default=None, help="fp8 paths to time (default: emulate,weight_only [+scaled_mm on CUDA])")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--graphs", action="store_true", help="CUDA: time CUDA-graph replays (GPU time, no launch overhead)")
-    p.add_argument("--decode-gemm", choices=fp8.DECODE_GEMMS, default="auto",
+    p.add_argument("--decode-gemm", choices=fp8.DECODE_GEMMS, default="cublas",
                    help="CUDA scaled_mm path up to fp8.DECODE_ROWS tokens: cuBLAS, our Triton kernel, or the faster")
     a = p.parse_args(argv)
     fp8.set_decode_gemm(a.decode_gemm)

@@ -49,13 +49,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _no_fallback():
     """Any warning (the scaled_mm -> emulate fallback warns) fails the test. cuBLAS for every
-    scaled_mm product, unless a test chooses otherwise (`test_decode_gemm_choice`)."""
+    scaled_mm product (the default) unless a test chooses otherwise (`test_decode_gemm_choice`)."""
     fp8._SCALED_MM_BROKEN.clear()
     fp8.set_decode_gemm("cublas")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield
-    fp8.set_decode_gemm("auto")
+    fp8.set_decode_gemm("cublas")
     assert not fp8._SCALED_MM_BROKEN
 
 
@@ -168,21 +168,23 @@ def test_model_on_cuda_matches_the_cpu_reference(fp8_ckpt128, monkeypatch):
     assert rel(torch.cat(steps), y_gpu) < 0.1
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_one_engine_rank_on_cuda(fp8_ckpt128, dtype):
-    """A group of one rank on the GPU: scheduler, KV cache, greedy decode."""
+@pytest.mark.parametrize(("dtype", "decode_gemm"), [("fp32", "cublas"), ("bf16", "cublas"), ("fp32", "triton")])
+def test_one_engine_rank_on_cuda(fp8_ckpt128, dtype, decode_gemm):
+    """A group of one rank on the GPU (its own process): scheduler, KV cache, greedy decode; with
+    "triton" the FP8 products of up to 64 tokens go through our split-K kernel, the reference's too."""
     from moe_worker.engine import EngineConfig
     from moe_worker.engine_api import GenerationRequest
     from moe_worker.launch import Job, Phase, run_local
 
     req = GenerationRequest("cuda-0", PROMPT, max_tokens=6)
-    cfg = EngineConfig(device="cuda", dtype=dtype)
+    cfg = EngineConfig(device="cuda", dtype=dtype, fp8_decode_gemm=decode_gemm)
     res = run_local(fp8_ckpt128, 1, Job([Phase([req], logits_prompt=PROMPT)]), engine=cfg)
     out, logits = res.phases[0].results[0], torch.from_numpy(res.phases[0].logits)
     assert len(out["output_ids"]) == 6 and all(0 <= t < 256 for t in out["output_ids"])
     assert out["output_ids"][0] == int(logits[-1].argmax())  # prefill's next-token argmax
     if dtype == "fp32":  # the engine computes what the model computes (same device and dtype)
         model = load_model(fp8_ckpt128, dtype=torch.float32, device="cuda")
+        fp8.set_decode_gemm(decode_gemm)
         assert rel(logits, model(torch.tensor([PROMPT], device="cuda"))[0]) < 1e-4
 
 
@@ -256,3 +258,26 @@ def test_decode_gemm_choice(mode, tokens, shape):
     (choice,) = fp8._DECODE_CHOICE.values()
     assert choice == "triton" if mode == "triton" else choice in ("triton", "cublas")
     assert torch.equal(fp8.linear(x, q, s, impl="scaled_mm"), y)  # the kept choice, deterministic
+
+
+def test_decode_graphs_on_cuda(fp8_ckpt128):
+    """Decode steps as CUDA graphs (`engine.graphs`, the default on CUDA) give the eager steps'
+    tokens, while the batch shrinks through buckets and freed pages are reused; the graphs were
+    captured and their self-check kept them on."""
+    from moe_worker.engine import EngineConfig, RankConfig, start_rank
+    from moe_worker.engine_api import GenerationRequest
+
+    reqs = [GenerationRequest(f"g{i}", PROMPT[: 4 + i], max_tokens=4 + 3 * i) for i in range(6)]
+    outs = {}
+    for mode in ("off", "auto"):
+        cfg = EngineConfig(device="cuda", dtype="fp32", cuda_graphs=mode, max_seqs_per_rank=4, max_context=64)
+        engine = start_rank(RankConfig(0, 1, str(fp8_ckpt128), engine=cfg)).engine
+        try:
+            outs[mode] = [r.output_ids for r in engine.run(reqs, timeout=300)]
+            graphs = engine.runner.graphs
+            if mode == "auto":
+                assert graphs is not None and graphs.enabled
+                assert sum(len(b.graphs) for b in graphs._buckets.values()) >= 2 * len(engine.runner.model.layers)
+        finally:
+            engine.shutdown()
+    assert outs["auto"] == outs["off"]

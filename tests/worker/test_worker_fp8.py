@@ -331,4 +331,4 @@ def test_decode_gemm_setting():
         with pytest.raises(ValueError, match="FP8 decode GEMM 'fast'"):
             fp8.set_decode_gemm("fast")
     finally:
-        fp8.set_decode_gemm("auto")
+        fp8.set_decode_gemm("cublas")

@@ -478,8 +478,8 @@ def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
 DECODE_ROWS = 64
 """CUDA FP8 products of at most this many token rows may run `fp8_triton.fp8_gemm` (split-K) instead
 of cuBLAS's blockwise GEMM, which leaves most of the GPU idle at such sizes."""
-DECODE_GEMMS = ("auto", "cublas", "triton")
-_DECODE_GEMM = ["auto"]
+DECODE_GEMMS = ("cublas", "auto", "triton")
+_DECODE_GEMM = ["cublas"]
 _DECODE_CHOICE: dict[tuple, str] = {}
 """(device, N, K, token bucket, activation dtype) -> "triton" or "cublas": the product that
 `_decode_product` took the first time it met that key."""
@@ -487,8 +487,11 @@ _DECODE_CHOICE: dict[tuple, str] = {}
 
 def set_decode_gemm(mode: str) -> None:
     """How decode-sized FP8 products run on CUDA (EngineConfig.fp8_decode_gemm, MOE_FP8_DECODE_GEMM):
-    "cublas": always torch._scaled_mm; "triton": our kernel wherever it agrees with the exact product;
-    "auto": the first product of each weight shape and token bucket times both, keeps the faster."""
+    "cublas" (the default until a GPU run has measured the others): always torch._scaled_mm;
+    "triton": our kernel wherever it agrees with the exact product; "auto": the first product of
+    each weight shape and token bucket times both and keeps the faster. "auto" decides per process
+    by timing, so two ranks may round the same product differently (ranks of an attention TP group
+    compute the same latent); "cublas" and "triton" give every rank the same kernel for a shape."""
     if mode not in DECODE_GEMMS:
         raise ValueError(f"FP8 decode GEMM {mode!r}: expected one of {DECODE_GEMMS}")
     _DECODE_GEMM[0] = mode
@@ -508,7 +511,15 @@ def _decode_product(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         if torch.cuda.is_current_stream_capturing():
             return None  # nothing can be timed inside a CUDA-graph capture: cuBLAS this time
         choice = _DECODE_CHOICE[key] = _choose_decode_gemm(key, x2, weight, scale, scale_fmt, mode)
-    return _triton_product(x2, weight, scale, scale_fmt) if choice == "triton" else None
+    if choice != "triton":
+        return None
+    try:  # (a token count of the bucket may compile another variant of the kernel)
+        return _triton_product(x2, weight, scale, scale_fmt)
+    except Exception as e:  # noqa: BLE001 - any failure of our kernel: cuBLAS for this key from now on
+        _DECODE_CHOICE[key] = "cublas"
+        warnings.warn(f"the Triton FP8 decode GEMM failed for a {N}x{K} weight at {T} tokens ({type(e).__name__}: "
+                      f"{e}); using cuBLAS for that shape and token bucket from now on", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _choose_decode_gemm(key: tuple, x2, weight, scale, scale_fmt, mode: str) -> str:
@@ -634,10 +645,10 @@ class Shard:
 
 def new_weight(rows: int, cols: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """An empty (rows, cols) = (out, in) weight. An fp32 weight on the CPU is stored column-major
-    (its transpose is contiguous): MKL multiplies a few rows by it faster than by a row-major
-    one, as decode does (`bench/decode.py --layout` measures both), and as fast at large M. The
-    loader fills weights in place, so the layout stays; the values and shape do not change."""
-    if dtype == torch.float32 and torch.device(device or "cpu").type == "cpu":
+    (its transpose is contiguous): MKL multiplies a few rows by it (decode) faster than by a
+    row-major one, and many rows as fast. The loader fills weights in place, so the layout stays;
+    the values and shape do not change."""
+    if dtype == torch.float32 and torch.device("cpu" if device is None else device).type == "cpu":
         return torch.empty(cols, rows, dtype=dtype, device=device).t()
     return torch.empty(rows, cols, dtype=dtype, device=device)
 

@@ -28,7 +28,7 @@ R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E routed experts, K top-k.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -273,8 +273,11 @@ class PagedLatentCache:
     def __init__(self, args: ModelArgs, pages: int, page_size: int, dtype: torch.dtype, device=None):
         if pages < 1 or page_size < 1:
             raise ValueError(f"a paged cache needs pages >= 1 and page_size >= 1, got {pages} x {page_size}")
-        rows = pages * page_size
+        rows = pages * page_size + 1
         self.page_size, self.pages = page_size, pages
+        self.scratch_row = rows - 1
+        """A row no sequence holds: where padding rows of a fixed-size decode batch (`DecodeGraphs`)
+        write and read their latent."""
         self.kv = [torch.empty(rows, args.kv_lora_rank, dtype=dtype, device=device)
                    for _ in range(args.num_hidden_layers)]
         self.pe = [torch.empty(rows, args.qk_rope_head_dim, dtype=dtype, device=device)
@@ -875,20 +878,28 @@ class MoE(nn.Module):
         each finish one collective; this generator yields while each is in flight (three yields,
         whatever the token count), and the shared expert runs during the second."""
         weights, ids = self.gate(x)  # (T, K) fp32, (T, K) int64
+        shared = self.shared_experts
+        y = yield from self.routed_stages(x, weights, ids, exchange, (lambda: shared(x)) if shared is not None else None)
+        return y
+
+    def routed_stages(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exchange: StartExchange | None,
+                      shared: Callable[[], torch.Tensor] | None) -> Stages:
+        """`stages` after the gate: the routed experts of x (T, D) for the gate's `weights` and
+        `ids`, plus `shared()` (the shared expert's output, computed while the rows are in flight)."""
         if exchange is None:
             y = self.routed(x, ids, weights, self.local_experts(), self.layer_id)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            both = shared() if shared is not None else None
         else:
             ex = exchange(x, ids, weights, self.local_experts(), self.layer_id)
             yield  # counts in flight
             ex.advance()
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            both = shared() if shared is not None else None
             yield  # rows in flight; the shared expert ran meanwhile
             ex.advance()
             yield  # partial sums in flight
             ex.advance()
             y = ex.result()
-        return y + shared if shared is not None else y
+        return y + both if both is not None else y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,14 @@ class EngineConfig:
     """"cpu", "cuda", "cuda:N", or "auto" (this rank's GPU if there is one)."""
     attn_impl: str = "absorb"
     fp8_impl: str = "auto"
-    fp8_decode_gemm: str = "auto"
+    fp8_decode_gemm: str = "cublas"
     """FP8 products of up to 64 tokens on CUDA (`fp8.set_decode_gemm`): "cublas", "triton" (our
     split-K kernel wherever it agrees with the exact product), or "auto" (each weight shape and
-    token bucket times both at its first product and keeps the faster)."""
+    token bucket times both at its first product and keeps the faster; per process, so ranks may
+    differ). cuBLAS stays the default until a GPU run has measured the others."""
+    cuda_graphs: str = "auto"
+    """Decode steps as CUDA graphs, per batch bucket (`engine.graphs`): "auto" (on CUDA), "off",
+    or "on" (on the CPU: the same fixed-shape segments, run eagerly, for tests)."""
     precision: str = "auto"
     """Routed/linear weights: "fp8" or "auto" (as the checkpoint), "bf16" (dequantize FP8 at load)."""
     dispatch_fp8: str = "auto"
@@ -94,7 +98,7 @@ class EngineConfig:
             "dtype": ("auto", *DTYPES), "attn_impl": ("absorb", "naive"), "precision": ("auto", "fp8", "bf16"),
             "dispatch_fp8": ("auto", "on", "off"), "combine_dtype": ("auto", *DTYPES),
             "overlap": ("auto", "on", "off"), "dist_backend": ("auto", "nccl", "gloo"),
-            "fp8_decode_gemm": DECODE_GEMMS,
+            "fp8_decode_gemm": DECODE_GEMMS, "cuda_graphs": ("auto", "on", "off"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -133,7 +137,7 @@ _LIMITS: dict[str, tuple[float, bool]] = {
 _ENV_FIELDS: dict[str, str] = {
     # EngineConfig field: the env variable of a rank pod that sets it
     "dtype": "MOE_DTYPE", "device": "MOE_DEVICE", "attn_impl": "MOE_ATTN", "fp8_impl": "MOE_FP8_IMPL",
-    "fp8_decode_gemm": "MOE_FP8_DECODE_GEMM",
+    "fp8_decode_gemm": "MOE_FP8_DECODE_GEMM", "cuda_graphs": "MOE_CUDA_GRAPHS",
     "precision": "MOE_PRECISION", "dispatch_fp8": "MOE_DISPATCH_FP8", "combine_dtype": "MOE_COMBINE_DTYPE",
     "overlap": "MOE_OVERLAP", "overlap_min_tokens": "MOE_OVERLAP_MIN_TOKENS",
     "max_seqs_per_rank": "MOE_MAX_SEQS_PER_RANK", "max_context": "MOE_MAX_CONTEXT",
@@ -210,7 +214,7 @@ class RankConfig:
         """A rank pod's env (what `resources.rank_pod` sets): RANK, WORLD_SIZE, MASTER_ADDR,
         MASTER_PORT, MOE_GROUP, MOE_CHECKPOINT (required), MOE_EXPERT_MAP (PLAN.json path),
         MOE_PRECISION, MOE_MODEL_NAME. Optional `EngineConfig` knobs: MOE_DTYPE, MOE_DEVICE,
-        MOE_ATTN, MOE_FP8_IMPL, MOE_FP8_DECODE_GEMM, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
+        MOE_ATTN, MOE_FP8_IMPL, MOE_FP8_DECODE_GEMM, MOE_CUDA_GRAPHS, MOE_DISPATCH_FP8, MOE_COMBINE_DTYPE, MOE_OVERLAP,
         MOE_OVERLAP_MIN_TOKENS, MOE_MAX_SEQS_PER_RANK, MOE_MAX_CONTEXT, MOE_MAX_NEW_TOKENS,
         MOE_MAX_PREFILL_TOKENS, MOE_MAX_STEP_TOKENS, MOE_KV_CACHE_TOKENS, MOE_MAX_QUEUE, MOE_MAP_POLL_S, MOE_DIST_BACKEND,
         MOE_DIST_TIMEOUT_S, MOE_PEER_LOST_S, MOE_RENDEZVOUS_TIMEOUT_S, MOE_THREADS, MOE_ATTENTION_TP

@@ -30,6 +30,7 @@ from ..model import (
 from ..sampling import greedy, sample, token_seed
 from .attention_tp import AttentionTP
 from .config import DTYPES, EngineConfig, kv_budget, resolve_device, resolve_dtype
+from .graphs import DecodeGraphs
 from .steps import SeqWork, StepPlan, StepReply
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class RankRunner:
         self.pool = new_pool(model, cfg, device)
         """The paged latent cache of every sequence (absorbed attention); None: per-sequence
         KVCaches (the naive reference attention)."""
+        self.graphs = new_graphs(model, self.pool, cfg, device)
+        """Decode steps' fixed-shape parts as CUDA graphs (or, on the CPU with cuda_graphs="on",
+        the same segments eagerly); None: off."""
         self.kept_logits: dict[int, torch.Tensor] = {}
         """seq -> (S, vocab) fp32 logits of `want_logits` sequences (read by rank 0's engine)."""
         self._errors: list[str] = []
@@ -327,13 +331,26 @@ class RankRunner:
         batches = split_micro_batches(chunks, micro_batches)
         results: dict[int, torch.Tensor] = {}
         full: dict[int, list[torch.Tensor]] = {}
-        interleave([self._mb_forward(b, results, full) for b in batches])
+        interleave([self._mb_forward(b, results, full, graphs=len(batches) == 1) for b in batches])
         for seq, parts in full.items():
             self.kept_logits[seq] = torch.cat(parts, dim=0)
         return results
 
+    def _graph_layer(self, i: int, block: Any, bucket: Any, rows: int, exchange: Any) -> Iterator[None]:
+        """Layer i of a decode batch of `rows` sequences in a `DecodeGraphs` bucket -> its output rows."""
+        outs = self.graphs.run(i, bucket)
+        if len(outs) == 1:  # a dense layer, whole
+            x = outs[0][:rows]
+        else:
+            h, xn, weights, ids, shared = (t[:rows] if t is not None else None for t in outs)
+            y = yield from block.ffn.routed_stages(xn, weights, ids, exchange, (lambda: shared) if shared is not None else None)
+            x = h + y
+        self.graphs.next_input(bucket, x)
+        return x
+
     def _mb_forward(
-        self, chunks: list[_Chunk], results: dict[int, torch.Tensor], full: dict[int, list[torch.Tensor]]
+        self, chunks: list[_Chunk], results: dict[int, torch.Tensor], full: dict[int, list[torch.Tensor]],
+        graphs: bool = False,
     ) -> Iterator[None]:
         """One micro-batch through every layer, its sequences' tokens packed into one (T, D)
         tensor: every layer's projections, norms and feed-forward run once over all of them, and
@@ -356,7 +373,12 @@ class RankRunner:
         at = DecodeRows.of([c.cache.slots for c in decoding], [c.start for c in decoding]) if decoding else None
         only_decode = bool(chunks) and len(decoding) == len(chunks)  # then no per-sequence work per layer
         pool = self.pool
+        bucket = (self.graphs.bucket(x, rope, at) if graphs and only_decode and tp is None and self.graphs is not None
+                  else None)
         for i, block in enumerate(m.layers):
+            if bucket is not None:  # the layer's fixed-shape part replayed (DecodeGraphs), the routed experts here
+                x = yield from self._graph_layer(i, block, bucket, len(chunks), exchange)
+                continue
             if only_decode:
                 attn = block.attn.forward_decode(block.attn_norm(x), rope, pool.kv[i], pool.pe[i], at)
             elif chunks:
@@ -450,6 +472,16 @@ def new_pool(model: Transformer, cfg: EngineConfig, device: torch.device) -> Pag
         return None
     pages = -(-kv_budget(cfg) // KV_PAGE) + cfg.max_seqs_per_rank
     return PagedLatentCache(model.args, pages, KV_PAGE, model.dtype, device)
+
+
+def new_graphs(model: Transformer, pool: PagedLatentCache | None, cfg: EngineConfig,
+               device: torch.device) -> DecodeGraphs | None:
+    """The rank's `DecodeGraphs`: captured on CUDA unless cuda_graphs is "off"; on the CPU only
+    with "on", as eager fixed-shape segments (to test them)."""
+    cuda = device.type == "cuda"
+    if pool is None or cfg.cuda_graphs == "off" or (cfg.cuda_graphs == "auto" and not cuda):
+        return None
+    return DecodeGraphs(model, pool, capture=cuda, max_positions=cfg.max_context)
 
 
 def build_runner(
