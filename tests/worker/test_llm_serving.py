@@ -240,6 +240,16 @@ def test_bad_requests_get_clear_errors(served):
 def test_a_cancelled_stream_frees_its_kv_cache_within_a_step(served):
     srv = served
     eng = srv.engine
+    # Steps of at least 20 ms here: the tiny model decodes its whole answer (24 tokens) in less time
+    # than a cancel takes to cross gRPC, and the test needs the cancel to arrive mid-answer.
+    eng.runner.before_step = lambda plan, rank: time.sleep(0.02)
+    try:
+        _cancel_a_stream_and_a_sse_client(srv, eng)
+    finally:
+        eng.runner.before_step = None
+
+
+def _cancel_a_stream_and_a_sse_client(srv, eng) -> None:
     c = tg.InferenceServerClient(srv.grpc_url)
     q: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: q.put((result, error)))
