@@ -75,13 +75,18 @@ _SCRATCH = threading.local()  # per-thread reusable decode buffers: fresh 8 MB b
 
 
 def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (rows, cols) buffer reused across calls on this thread (contents undefined)."""
+    """A (rows, cols) buffer reused across calls on this thread (contents undefined). A buffer
+    outgrown by a larger call is kept, not freed: a CUDA graph captured with it (`engine.graphs`)
+    still reads and writes that memory at every replay."""
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
+        _SCRATCH.outgrown = []
     key = (slot, dtype, str(device))
     buf = pool.get(key)
     if buf is None or buf.numel() < rows * cols:
+        if buf is not None and buf.is_cuda:
+            _SCRATCH.outgrown.append(buf)
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             buf = pool[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buf[: rows * cols].view(rows, cols)
