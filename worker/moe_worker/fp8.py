@@ -92,6 +92,12 @@ def _scratch(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
     return buf[: rows * cols].view(rows, cols)
 
 
+def scratch_buffers() -> list[torch.Tensor]:
+    """This thread's scratch buffers, outgrown ones included (a CUDA graph that used them keeps
+    a reference, so they outlive the thread)."""
+    return [*getattr(_SCRATCH, "pool", {}).values(), *getattr(_SCRATCH, "outgrown", [])]
+
+
 def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
     """Shape of `weight_scale_inv` for an (out, in) weight: one fp32 per 128x128 block."""
     return math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK)

@@ -16,11 +16,10 @@ gate and the shared expert (`_segment`). The routed experts stay outside, eager:
 data-dependent (`.tolist()`), and with expert parallelism the all-to-all's split sizes are too.
 The embedding, the final norm and the head also stay eager.
 
-Graphs of one bucket share one memory pool and are replayed in the order they were captured
-(layer order), as a shared pool requires; each bucket has its own. A segment is captured the first
+All graphs of a rank share one memory pool (see `DecodeGraphs.pool`). A segment is captured the first
 time its bucket is used, after a warm-up run on a side stream (Triton compiles, cuBLAS picks its
-kernels); the first replay is compared with that run, and a mismatch turns graphs off for the
-process (logged) rather than serve different numbers.
+kernels); the first replay is compared with that run, and a failure or a mismatch leaves that
+bucket eager (logged) rather than serve different numbers.
 
 On the CPU (`cuda_graphs="on"`, tests) the same fixed-shape segments run eagerly: the bucketing,
 the padding and the buffers are then checked against the plain decode path without a GPU.
@@ -39,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
 """Largest decode batch that runs in a bucket (more sequences: the eager path)."""
+MAX_POSITIONS = 4096
+"""Longest keys a bucket holds (longer: the eager path). A bucket's attention temporaries grow with
+rows x positions (about 2 KB per row per position for DeepSeek-V3) and stay reserved for its
+graphs, and past a few thousand positions the attention's own work outweighs the launches saved."""
 
 
 @dataclass
@@ -51,7 +54,8 @@ class _Bucket:
     rope: torch.Tensor
     decode: DecodeRows
     graphs: dict[int, tuple[object, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
-    pool: object = None
+    broken: bool = False
+    """A capture failed or differed: this bucket runs eagerly from now on."""
 
 
 def bucket_sizes(batch: int, longest: int, page: int) -> tuple[int, int]:
@@ -68,22 +72,35 @@ class DecodeGraphs:
         self.cache = cache
         self.capture = capture
         """True: CUDA graphs; False: the same segments, run eagerly (CPU)."""
-        self.max_positions = max_positions
-        self.enabled = True
+        self.max_positions = min(max_positions, MAX_POSITIONS)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        """One memory pool for every graph of the rank. Graphs run one after another on one stream
+        and each one's outputs are used before the next replays (`_graph_layer`), so a block one
+        graph only needs during its replay may serve as another's as well; the outputs stay
+        allocated (the graphs hold them)."""
+        self._kept: list[torch.Tensor] = []
+        """fp8's scratch buffers that captured graphs use (they belong to the capturing thread)."""
 
     def bucket(self, x: torch.Tensor, rope: torch.Tensor, rows: DecodeRows) -> _Bucket | None:
         """The bucket of this decode batch (x (B, D), rope (B, R/2), its cache rows), loaded with
         them; None when none fits (more than MAX_BATCH sequences, or graphs were turned off)."""
         B, T = rows.keys.shape
         Bp, Tp = bucket_sizes(B, T, self.cache.page_size)
-        if not self.enabled or Bp > MAX_BATCH or Tp > max(self.max_positions, self.cache.page_size):
+        if Bp > MAX_BATCH or Tp > max(self.max_positions, self.cache.page_size):
             return None
         b = self._buckets.get((Bp, Tp))
         if b is None:
             b = self._buckets[(Bp, Tp)] = self._new_bucket(Bp, Tp, x, rope)
+        if b.broken:
+            return None
         self._load(b, x, rope, rows)
         return b
+
+    @property
+    def captured(self) -> int:
+        """Graphs captured so far (all buckets)."""
+        return sum(len(b.graphs) for b in self._buckets.values())
 
     def _new_bucket(self, Bp: int, Tp: int, x: torch.Tensor, rope: torch.Tensor) -> _Bucket:
         dev, scratch = x.device, self.cache.scratch_row
@@ -92,8 +109,7 @@ class DecodeGraphs:
         decode = DecodeRows(torch.full((Bp,), scratch, dtype=torch.long, device=dev),
                             torch.full((Bp, Tp), scratch, dtype=torch.long, device=dev), pad)
         return _Bucket(Bp, Tp, torch.zeros(Bp, x.shape[1], dtype=x.dtype, device=dev),
-                       torch.zeros(Bp, rope.shape[1], dtype=rope.dtype, device=dev), decode,
-                       pool=torch.cuda.graph_pool_handle() if self.capture else None)
+                       torch.zeros(Bp, rope.shape[1], dtype=rope.dtype, device=dev), decode)
 
     def _load(self, b: _Bucket, x: torch.Tensor, rope: torch.Tensor, rows: DecodeRows) -> None:
         """This step's rows into the bucket's buffers; every padding row back to the scratch row
@@ -119,16 +135,19 @@ class DecodeGraphs:
         """The next layer's input rows (B, D) into the bucket."""
         b.x[: x.shape[0]] = x
 
-    def run(self, i: int, b: _Bucket) -> tuple[torch.Tensor, ...]:
-        """Layer i's fixed-shape part on the bucket's buffers: (x out,) for a dense layer, (h, xn,
-        weights, ids, shared or None) for an MoE layer, each with Bp rows."""
-        if not self.capture or not self.enabled:
+    def run(self, i: int, b: _Bucket, rows: int) -> tuple[torch.Tensor, ...]:
+        """Layer i's fixed-shape part on the bucket's buffers (`rows` of them this step's
+        sequences): (x out,) for a dense layer, (h, xn, weights, ids, shared or None) for an MoE
+        layer, each with Bp rows."""
+        if not self.capture or b.broken:
             return self._segment(i, b)
         entry = b.graphs.get(i)
         if entry is None:
-            entry = b.graphs[i] = self._capture(i, b)
-            if entry is None:
+            entry = self._capture(i, b, rows)
+            if entry is None:  # (this bucket is broken now)
                 return self._segment(i, b)
+            b.graphs[i] = entry
+            return entry[1]  # the capture's check replayed it: this step's outputs
         graph, outs = entry
         graph.replay()
         return outs
@@ -144,27 +163,38 @@ class DecodeGraphs:
         shared = block.ffn.shared_experts(xn) if block.ffn.shared_experts is not None else None
         return h, xn, weights, ids, shared
 
-    def _capture(self, i: int, b: _Bucket):
-        """Warm up layer i's segment on a side stream, capture it into the bucket's pool, replay it
-        once and compare with the warm-up; None (graphs off, logged) on any failure or mismatch."""
+    def _capture(self, i: int, b: _Bucket, rows: int):
+        """Warm up layer i's segment on a side stream, capture it into the rank's pool, replay it
+        once and compare this step's rows with the warm-up; None on any failure or mismatch (the
+        bucket then runs eagerly, logged)."""
+        from .. import fp8
+
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                ref = [t.clone() if t is not None else None for t in self._segment(i, b)]
+                ref = [t[:rows].clone() if t is not None else None for t in self._segment(i, b)]
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (a background expert load) do not void the capture
-            with torch.cuda.graph(graph, pool=b.pool, capture_error_mode="thread_local"):
-                outs = self._segment(i, b)
+            capture = torch.cuda.Stream()
+            with torch.cuda.stream(capture):  # (left even when the capture fails: the stream is restored)
+                # thread_local: CUDA calls of other threads (a background expert load) do not void it
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    outs = self._segment(i, b)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(capture)
             graph.replay()
             for r, o in zip(ref, outs, strict=True):
                 if r is not None and r.is_floating_point() and not torch.allclose(
-                        o.float(), r.float(), rtol=1e-3, atol=1e-3 * float(r.float().abs().max()), equal_nan=True):
+                        o[:rows].float(), r.float(), rtol=1e-3, atol=1e-3 * float(r.float().abs().max()), equal_nan=True):
                     raise RuntimeError(f"layer {i}: a replay differs from the same segment run eagerly")
+            self._kept = fp8.scratch_buffers()
             return graph, outs
-        except Exception as e:  # noqa: BLE001 - any capture failure: serve eagerly, say why once
-            self.enabled = False
-            log.error("CUDA graphs off for this rank (bucket %dx%d, layer %d): %s: %s", b.rows, b.positions, i,
-                      type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001 - any capture failure: this bucket serves eagerly, said once
+            b.broken = True
+            log.error("CUDA graphs off for decode bucket %dx%d of this rank (capturing layer %d): %s: %s", b.rows,
+                      b.positions, i, type(e).__name__, e)
             return None

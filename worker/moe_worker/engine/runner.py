@@ -338,7 +338,7 @@ class RankRunner:
 
     def _graph_layer(self, i: int, block: Any, bucket: Any, rows: int, exchange: Any) -> Iterator[None]:
         """Layer i of a decode batch of `rows` sequences in a `DecodeGraphs` bucket -> its output rows."""
-        outs = self.graphs.run(i, bucket)
+        outs = self.graphs.run(i, bucket, rows)
         if len(outs) == 1:  # a dense layer, whole
             x = outs[0][:rows]
         else:
@@ -480,6 +480,8 @@ def new_graphs(model: Transformer, pool: PagedLatentCache | None, cfg: EngineCon
     with "on", as eager fixed-shape segments (to test them)."""
     cuda = device.type == "cuda"
     if pool is None or cfg.cuda_graphs == "off" or (cfg.cuda_graphs == "auto" and not cuda):
+        return None
+    if cuda and cfg.fp8_impl == "weight_only":  # (its products read scales on the host: nothing to capture)
         return None
     return DecodeGraphs(model, pool, capture=cuda, max_positions=cfg.max_context)
 
