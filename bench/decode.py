@@ -14,14 +14,16 @@ tokens/s = B x new / wall time (prefill of the short prompts included on both si
 loaded once per batch size, then timed `--rounds` times in turns (HF, ours, HF, ours, ...), since
 the speed of a shared machine drifts by 2x over minutes; a round takes the best of `--repeat` runs
 of each side (a busy machine only ever slows a run down). The table gives medians, the median of
-the per-round ratios ours / transformers and their range, and ours at batch B / ours at batch 1. The engine's step-time
-breakdown (prefill vs decode step means) comes from its forward stats. On 2 cores the engine's
+the per-round ratios ours / transformers and their range, and ours at batch B / ours at batch 1. Then
+the step-time breakdown of one more (untimed) run of ours: prefill and decode step means, and in a
+decode step the time in attention, in the routed experts and in replayed graph segments. On 2 cores the engine's
 own thread and the step loop share the CPU with torch's: threads are pinned to `--threads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import tempfile
 import time
@@ -93,6 +95,55 @@ class Ours:
         stats = {"steps": after["steps"] - before["steps"], "rows": after["rows"] - before["rows"]}
         return sum(len(r.output_ids) for r in results) / wall, [r.output_ids for r in results], stats
 
+    def breakdown(self) -> dict[str, float]:
+        """One more run, with timers around each step and, inside decode steps, around attention,
+        the routed experts and replays of graphed segments (a GPU is synchronized around each, so
+        this run is not one of the timed ones): mean ms per step of each phase and part."""
+        import torch
+
+        r = self.engine.runner
+        sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
+        acc: dict[str, float] = collections.defaultdict(float)
+        steps: collections.Counter = collections.Counter()
+        phase = ["decode"]
+
+        def timed(part, fn):
+            def run(*args, **kw):
+                sync()
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    sync()
+                    acc[f"{phase[0]} {part}"] += time.perf_counter() - t
+            return run
+
+        def step(plan):
+            phase[0] = "prefill" if any(len(w.tokens) > 1 or w.new for ws in plan.work for w in ws) else "decode"
+            steps[phase[0]] += 1
+            return timed("step", run_step)(plan)
+
+        run_step = r.run_step
+        patched = [(r, "run_step", step)]
+        for block in r.model.layers:
+            patched += [(block.attn, name, timed("attention", getattr(block.attn, name)))
+                        for name in ("forward_decode", "forward_packed")]
+        patched += [(moe, "routed", timed("routed experts", moe.routed)) for moe in r.model.moe_layers()]
+        if r.graphs is not None:
+            patched.append((r.graphs, "run", timed("graphed segments", r.graphs.run)))
+        saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patched]
+        for obj, name, fn in patched:
+            setattr(obj, name, fn)
+        try:
+            self.engine.run(self.reqs, timeout=3600)
+        finally:
+            for obj, name, old in saved:
+                if old is None:
+                    delattr(obj, name)
+                else:
+                    setattr(obj, name, old)
+        return {k: v / steps[k.split()[0]] * 1e3 for k, v in acc.items() if steps[k.split()[0]]}
+
     def close(self) -> None:
         self.engine.shutdown()
 
@@ -129,25 +180,33 @@ def main() -> int:
                     h, hf_out = max((hf.run() for _ in range(a.repeat)), key=lambda r: r[0])
                     o, our_out, stats = max((ours.run() for _ in range(a.repeat)), key=lambda r: r[0])
                     runs.append((h, o))
+                parts = ours.breakdown()
             finally:
                 ours.close()
             hf_tps = statistics.median(h for h, _ in runs)
             our_tps = statistics.median(o for _, o in runs)
             ratio = statistics.median(o / h for h, o in runs)
             same = sum(x == y for x, y in zip(hf_out, our_out, strict=True)) / b
-            rows.append((b, hf_tps, our_tps, ratio, same, [o / h for h, o in runs]))
+            rows.append((b, hf_tps, our_tps, ratio, same, [o / h for h, o in runs], parts))
             print(f"batch {b}: transformers {hf_tps:.1f} tok/s, ours {our_tps:.1f} tok/s (median ratio {ratio:.2f}x "
                   f"of {a.rounds} runs in turns: {' '.join(f'{o / h:.2f}' for h, o in runs)}), greedy sequences "
                   f"equal {same:.2f}; engine stats {stats}", file=sys.stderr, flush=True)
-    base = next((ours for b, _, ours, _, _, _ in rows if b == 1), None)
+    base = next((ours for b, _, ours, *_ in rows if b == 1), None)
     print(f"\n{a.device}, {a.dtype}, {a.threads} thread(s), cuda_graphs {a.cuda_graphs}, prompt {a.prompt}, {a.new} new tokens per sequence, greedy, "
           f"medians of {a.rounds} rounds in turns, each the best of {a.repeat} runs per side")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'ours tok/s':>11} {'ours / HF':>10} {'range':>11} "
           f"{'ours / ours@1':>14} {'same tokens':>12}")
-    for b, hf_tps, our_tps, ratio, same, each in rows:
+    for b, hf_tps, our_tps, ratio, same, each, _ in rows:
         scale = f"{our_tps / base:.2f}" if base else "-"
         spread = f"{min(each):.2f}-{max(each):.2f}"
         print(f"{b:>5} {hf_tps:>19.1f} {our_tps:>11.1f} {ratio:>10.2f} {spread:>11} {scale:>14} {same:>12.2f}")
+    print("\nours, step time (one more run, timers around each part): mean ms per step; the decode step's parts "
+          "(graphed segments hold attention, which is counted in both where they run eagerly: the CPU)")
+    for b, *_, parts in rows:
+        dec = parts.get("decode step", 0.0)
+        share = ", ".join(f"{k.split(' ', 1)[1]} {v:.2f} ({100 * v / dec:.0f}%)" for k, v in parts.items()
+                          if k.startswith("decode ") and k != "decode step" and dec)
+        print(f"batch {b:>3}: prefill step {parts.get('prefill step', 0.0):.2f}, decode step {dec:.2f}: {share}")
     return 0
 
 
