@@ -16,7 +16,10 @@ gate and the shared expert (`_segment`). The routed experts stay outside, eager:
 data-dependent (`.tolist()`), and with expert parallelism the all-to-all's split sizes are too.
 The embedding, the final norm and the head also stay eager.
 
-All graphs of a rank share one memory pool (see `DecodeGraphs.pool`). A segment is captured the first
+All graphs of a rank share one memory pool (see `DecodeGraphs.pool`), and every segment copies its
+results into buffers that all layers of all buckets with the same Bp share (`_into`): what a rank
+holds for its graphs is then about one segment's temporaries at the largest bucket, not one set
+per bucket and layer. A segment is captured the first
 time its bucket is used, after a warm-up run on a side stream (Triton compiles, cuBLAS picks its
 kernels); the first replay is compared with that run, and a failure or a mismatch leaves that
 bucket eager (logged) rather than serve different numbers.
@@ -79,6 +82,8 @@ class DecodeGraphs:
         and each one's outputs are used before the next replays (`_graph_layer`), so a block one
         graph only needs during its replay may serve as another's as well; the outputs stay
         allocated (the graphs hold them)."""
+        self._outputs: dict[tuple[int, int], tuple[torch.Tensor | None, ...]] = {}
+        """(Bp, number of outputs) -> the buffers a segment's results go to (`_into`)."""
         self._kept: list[torch.Tensor] = []
         """fp8's scratch buffers that captured graphs use (they belong to the capturing thread)."""
 
@@ -140,17 +145,32 @@ class DecodeGraphs:
         sequences): (x out,) for a dense layer, (h, xn, weights, ids, shared or None) for an MoE
         layer, each with Bp rows."""
         if not self.capture or b.broken:
-            return self._segment(i, b)
+            return self._into(i, b)
         entry = b.graphs.get(i)
         if entry is None:
             entry = self._capture(i, b, rows)
             if entry is None:  # (this bucket is broken now)
-                return self._segment(i, b)
+                return self._into(i, b)
             b.graphs[i] = entry
             return entry[1]  # the capture's check replayed it: this step's outputs
         graph, outs = entry
         graph.replay()
         return outs
+
+    def _into(self, i: int, b: _Bucket) -> tuple[torch.Tensor, ...]:
+        """`_segment`, its results copied into the outputs every layer of every bucket with Bp rows
+        shares (valid until the next segment runs): a graph's own results are then temporaries of
+        the shared pool, not memory held per bucket and layer."""
+        outs = self._segment(i, b)
+        held = self._outputs.get((b.rows, len(outs)))
+        if held is None:
+            with torch.inference_mode(False):  # plain tensors, written in and out of inference mode
+                held = self._outputs[(b.rows, len(outs))] = tuple(
+                    torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None for t in outs)
+        for h, t in zip(held, outs, strict=True):
+            if h is not None:
+                h.copy_(t)
+        return held
 
     def _segment(self, i: int, b: _Bucket) -> tuple[torch.Tensor, ...]:
         block = self.model.layers[i]
@@ -173,7 +193,7 @@ class DecodeGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                ref = [t[:rows].clone() if t is not None else None for t in self._segment(i, b)]
+                ref = [t[:rows].clone() if t is not None else None for t in self._into(i, b)]
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -182,7 +202,7 @@ class DecodeGraphs:
                 # thread_local: CUDA calls of other threads (a background expert load) do not void it
                 graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
                 try:
-                    outs = self._segment(i, b)
+                    outs = self._into(i, b)
                 finally:
                     graph.capture_end()
             torch.cuda.current_stream().wait_stream(capture)
