@@ -12,8 +12,8 @@ so both sides load the same weights (bf16 on disk, computed in `--dtype`).
 
 tokens/s = B x new / wall time (prefill of the short prompts included on both sides). Each side is
 loaded once per batch size, then timed `--rounds` times in turns (HF, ours, HF, ours, ...), since
-the speed of a shared machine drifts by 2x over minutes; a round takes the best of `--repeat` runs
-of each side (a busy machine only ever slows a run down). The table gives medians, the median of
+the speed of a shared machine drifts by 2x over minutes; a round alternates `--repeat` runs of each
+side and takes the best of each (a busy machine only ever slows a run down). The table gives medians, the median of
 the per-round ratios ours / transformers and their range, and ours at batch B / ours at batch 1. Then
 the step-time breakdown of one more (untimed) run of ours: prefill and decode step means, and in a
 decode step the time in attention, in the routed experts and in replayed graph segments. On 2 cores the engine's
@@ -177,8 +177,9 @@ def main() -> int:
             try:
                 runs = []
                 for _ in range(a.rounds):  # in turns, so drifts of a shared machine's speed hit both sides
-                    h, hf_out = max((hf.run() for _ in range(a.repeat)), key=lambda r: r[0])
-                    o, our_out, stats = max((ours.run() for _ in range(a.repeat)), key=lambda r: r[0])
+                    pairs = [(hf.run(), ours.run()) for _ in range(a.repeat)]  # (alternating run by run)
+                    h, hf_out = max((p[0] for p in pairs), key=lambda r: r[0])
+                    o, our_out, stats = max((p[1] for p in pairs), key=lambda r: r[0])
                     runs.append((h, o))
                 parts = ours.breakdown()
             finally:
