@@ -116,7 +116,9 @@ def kubectl(kubeconfig):
 def crd_installed(kubectl):
     """The generated CRD, applied with server-side apply and Established."""
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/moedeployments.serving.moe.dev")
+    from moe_operator.localdev import devcluster
+
+    devcluster.wait_established(lambda *a: kubectl(*a).stdout, "moedeployments.serving.moe.dev")
     return True
 
 

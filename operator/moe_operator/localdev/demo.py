@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(obj)
         step("CRD and namespace")
         kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
-        kubectl(kc, "wait", "--for=condition=Established", "crd/moedeployments.serving.moe.dev", "--timeout=60s")
+        try:
+            devcluster.wait_established(lambda *a: kubectl(kc, *a), "moedeployments.serving.moe.dev")
+        except TimeoutError as e:
+            raise DemoError(str(e)) from None
         if not _ns_exists(kc):
             kubectl(kc, "create", "namespace", NAMESPACE)
         for old in kube.list("MoEDeployment", NAMESPACE):

@@ -279,6 +279,18 @@ def up(quiet: bool = False) -> Cluster:
     return c
 
 
+def wait_established(kubectl: Any, crd: str, timeout: float = 60.0) -> None:
+    """Until CRD `crd`'s Established condition is True; `kubectl(*args)` runs kubectl and returns
+    its output. (`kubectl wait --for=condition=Established` right after the apply fails instead of
+    waiting while the API server has written no condition yet: ".status.conditions accessor error".)"""
+    deadline = time.monotonic() + timeout
+    query = '{.status.conditions[?(@.type=="Established")].status}'
+    while kubectl("get", "crd", crd, "-o", f"jsonpath={query}").strip() != "True":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD {crd} not Established after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def runner_subnet(d: Path) -> int:
     """127.N.0.0/16 for this cluster's runner pods, N in 1..63, fixed by the state directory, so that
     clusters in different directories (the demo's, the tests') never share pod addresses."""
