@@ -529,7 +529,7 @@ class MLA(nn.Module):
         up to the order of sums. `decode_rows`: the decode segments' rows in their (one) paged pool,
         when the caller computed them for all layers at once."""
         T = x.shape[0]
-        H, N, C = self.n_heads, self.args.qk_nope_head_dim, self.args.kv_lora_rank
+        H, C = self.n_heads, self.args.kv_lora_rank
         q_nope, q_pe, kv, k_pe = self._project(x[None], rope)  # (1, T, ...)
         offsets = [0]
         for seg in segments:
@@ -568,8 +568,7 @@ class MLA(nn.Module):
             rows = torch.tensor([offsets[i] for i, _ in decode], device=x.device)
             out[rows] = self._decode_attention(q_lat[0, rows], q_pe[0, rows], kv[0, rows], k_pe[0, rows],
                                                [g for _, g in decode], decode_rows)
-        out = torch.bmm(out.transpose(0, 1), wkv_b[:, N:].transpose(1, 2)).transpose(0, 1)  # (T, H, V)
-        return self._out(out.flatten(1)[None])[0]
+        return self._values_out(out, wkv_b)
 
     def forward_decode(self, x: torch.Tensor, rope: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
                        rows: DecodeRows) -> torch.Tensor:
@@ -579,8 +578,13 @@ class MLA(nn.Module):
         q_nope, q_pe, kv, k_pe = self._project(x[None], rope)  # (1, B, ...)
         wkv_b, q_lat = self._absorbed_query(q_nope)
         out = self._paged_attention(q_lat[0], q_pe[0], kv[0], k_pe[0], kv_pool, pe_pool, rows)  # (B, H, C)
-        out = torch.bmm(out.transpose(0, 1), wkv_b[:, self.args.qk_nope_head_dim:].transpose(1, 2)).transpose(0, 1)
-        return self._out(out.flatten(1)[None])[0]  # (B, H * V) -> (B, D)
+        return self._values_out(out, wkv_b)
+
+    def _values_out(self, out: torch.Tensor, wkv_b: torch.Tensor) -> torch.Tensor:
+        """Packed rows' attention over the latent (T, H, C) -> W_UV (kv_b_proj's value part, of
+        `wkv_b` (H, N + V, C)) -> (T, H * V) -> o_proj (`_out`) -> (T, D)."""
+        v = torch.bmm(out.transpose(0, 1), wkv_b[:, self.args.qk_nope_head_dim:].transpose(1, 2)).transpose(0, 1)
+        return self._out(v.flatten(1)[None])[0]
 
     def _out(self, heads: torch.Tensor) -> torch.Tensor:
         """The heads' values (..., H * V) through o_proj (or as they are: see `o_split`)."""
