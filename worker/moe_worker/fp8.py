@@ -445,7 +445,7 @@ def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
         return y
     out_f, in_f = weight.shape
     key = (str(x2.device), out_f, in_f)
-    if key not in _SCALED_MM_BROKEN and in_f % SCALED_MM_K == 0 and out_f % 16 == 0:
+    if _scaled_mm_takes(*key):
         try:
             return _scaled_mm_blockwise(x2, weight, scale, scale_fmt)
         except (RuntimeError, NotImplementedError) as e:
@@ -457,6 +457,12 @@ def _scaled_mm_or_fallback(x2, weight, scale, scale_fmt):
                 stacklevel=3,
             )
     return _emulate(x2, weight, scale, scale_fmt)
+
+
+def _scaled_mm_takes(device: str, out_f: int, in_f: int) -> bool:
+    """Whether cuBLAS's blockwise GEMM serves an (out_f, in_f) weight on `device` (SCALED_MM_K; it
+    refused that shape there before: `_SCALED_MM_BROKEN`)."""
+    return (device, out_f, in_f) not in _SCALED_MM_BROKEN and in_f % SCALED_MM_K == 0 and out_f % 16 == 0
 
 
 def _scaled_mm_blockwise(x2, weight, scale, scale_fmt):
@@ -537,7 +543,7 @@ def _choose_decode_gemm(key: tuple, x2, weight, scale, scale_fmt, mode: str) -> 
     """Check the Triton product against the exact one (`_emulate`) and, in "auto", time it against
     cuBLAS (or against the emulated product where cuBLAS refuses the shape, see SCALED_MM_K)."""
     N, K = weight.shape
-    cublas_ok = (str(x2.device), N, K) not in _SCALED_MM_BROKEN and K % SCALED_MM_K == 0 and N % 16 == 0
+    cublas_ok = _scaled_mm_takes(str(x2.device), N, K)
     candidates: dict[str, Callable[[], torch.Tensor]] = {"triton": lambda: _triton_product(x2, weight, scale, scale_fmt)}
     if mode == "auto":
         other = _scaled_mm_blockwise if cublas_ok else _emulate
