@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import DecodeRows, MoE, PagedLatentCache, Transformer
+from ..model import DecodeRows, MoE, PagedLatentCache, Transformer, run_stages
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ class DecodeGraphs:
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         """One memory pool for every graph of the rank. Graphs run one after another on one stream
-        and each one's outputs are used before the next replays (`_graph_layer`), so a block one
-        graph only needs during its replay may serve as another's as well; the outputs stay
-        allocated (the graphs hold them)."""
+        and copy their results out of the pool (`_into`), so a block one graph only needs during
+        its replay may serve as another's as well."""
         self._outputs: dict[tuple[int, int], tuple[torch.Tensor | None, ...]] = {}
         """(Bp, number of outputs) -> the buffers a segment's results go to (`_into`)."""
         self._kept: list[torch.Tensor] = []
@@ -89,7 +88,8 @@ class DecodeGraphs:
 
     def bucket(self, x: torch.Tensor, rope: torch.Tensor, rows: DecodeRows) -> _Bucket | None:
         """The bucket of this decode batch (x (B, D), rope (B, R/2), its cache rows), loaded with
-        them; None when none fits (more than MAX_BATCH sequences, or graphs were turned off)."""
+        them; None when none fits (more than MAX_BATCH sequences or MAX_POSITIONS keys) or its
+        bucket is broken."""
         B, T = rows.keys.shape
         Bp, Tp = bucket_sizes(B, T, self.cache.page_size)
         if Bp > MAX_BATCH or Tp > max(self.max_positions, self.cache.page_size):
@@ -177,7 +177,7 @@ class DecodeGraphs:
         c = self.cache
         h = b.x + block.attn.forward_decode(block.attn_norm(b.x), b.rope, c.kv[i], c.pe[i], b.decode)
         if not isinstance(block.ffn, MoE):
-            return (h + block.ffn(block.ffn_norm(h)),)
+            return (run_stages(block.ffn_stages(h)),)  # (a dense FFN never yields)
         xn = block.ffn_norm(h)
         weights, ids = block.ffn.gate(xn)
         shared = block.ffn.shared_experts(xn) if block.ffn.shared_experts is not None else None
