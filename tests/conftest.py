@@ -118,7 +118,8 @@ def crd_installed(kubectl):
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
     from moe_operator.localdev import devcluster
 
-    devcluster.wait_established(lambda *a: kubectl(*a).stdout, "moedeployments.serving.moe.dev")
+    wait_for(lambda: devcluster.crd_established(lambda *a: kubectl(*a).stdout, "moedeployments.serving.moe.dev"),
+             60, "the CRD to be Established", interval=0.2)
     return True
 
 

@@ -186,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(obj)
         step("CRD and namespace")
         kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "moedeployment.yaml"))
-        try:
-            devcluster.wait_established(lambda *a: kubectl(kc, *a), "moedeployments.serving.moe.dev")
-        except TimeoutError as e:
-            raise DemoError(str(e)) from None
+        wait(lambda: devcluster.crd_established(lambda *a: kubectl(kc, *a), "moedeployments.serving.moe.dev"), 60,
+             "the CRD to be Established")
         if not _ns_exists(kc):
             kubectl(kc, "create", "namespace", NAMESPACE)
         for old in kube.list("MoEDeployment", NAMESPACE):
